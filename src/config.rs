@@ -1,0 +1,179 @@
+//! Settings: every one is a command-line flag and an environment variable (`FLUX_*`), with the
+//! defaults a Pusher user expects, so `flux` with no arguments serves one app on 127.0.0.1:6001.
+//!
+//! This module only describes and validates settings; nothing here touches a socket.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Gateway settings. `flux --help` lists them with their environment variables.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flux", version, about = "A Pusher-compatible WebSocket fan-out gateway")]
+pub struct Config {
+    /// Address to listen on, for WebSocket clients and the REST API alike.
+    #[arg(long, env = "FLUX_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port for WebSocket clients (/app/{key}) and the REST API (/apps/{id}/...).
+    #[arg(long, env = "FLUX_PORT", default_value_t = 6001)]
+    pub port: u16,
+
+    /// Port of the live dashboard and its JSON and Prometheus endpoints.
+    #[arg(long, env = "FLUX_DASHBOARD_PORT", default_value_t = 8080)]
+    pub dashboard_port: u16,
+
+    /// The app id used by the REST API (/apps/{id}).
+    #[arg(long, env = "FLUX_APP_ID", default_value = "app-id")]
+    pub app_id: String,
+
+    /// The app key clients connect with (/app/{key}).
+    #[arg(long, env = "FLUX_APP_KEY", default_value = "app-key")]
+    pub app_key: String,
+
+    /// The app secret that signs REST requests and channel authorizations.
+    #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
+    pub app_secret: String,
+
+    /// Frames each connection may have queued before new frames are dropped.
+    #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub ring_slots: u32,
+
+    /// A connection backpressured for longer than this is evicted (close code 4100).
+    #[arg(long, env = "FLUX_EVICT_AFTER_MS", default_value_t = 5000)]
+    pub evict_after_ms: u64,
+
+    /// Event-loop threads; connections are spread across them. Default: the number of cores.
+    #[arg(long, env = "FLUX_WORKERS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: Option<u16>,
+
+    /// Largest event `data`, in bytes, from a client or the REST API (Pusher's limit is 10 KiB).
+    #[arg(long, env = "FLUX_MAX_PAYLOAD", default_value_t = 10 * 1024)]
+    pub max_payload: usize,
+
+    /// Seconds of client silence before the server pings it; also told to clients.
+    #[arg(long, env = "FLUX_ACTIVITY_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub activity_timeout: u64,
+
+    /// Seconds to wait for a pong after a server ping before closing with 4201.
+    #[arg(long, env = "FLUX_PONG_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pong_timeout: u64,
+
+    /// Milliseconds a client has to complete its HTTP request or WebSocket handshake.
+    #[arg(long, env = "FLUX_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+
+    /// Milliseconds to flush close frames to clients on shutdown before exiting.
+    #[arg(long, env = "FLUX_SHUTDOWN_GRACE_MS", default_value_t = 2_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults live in the clap attributes; parsing no arguments yields them (the
+        // environment is ignored here so tests are not affected by the caller's FLUX_* vars).
+        Config {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 6001,
+            dashboard_port: 8080,
+            app_id: "app-id".into(),
+            app_key: "app-key".into(),
+            app_secret: "app-secret".into(),
+            ring_slots: 256,
+            evict_after_ms: 5000,
+            workers: None,
+            max_payload: 10 * 1024,
+            activity_timeout: 120,
+            pong_timeout: 30,
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 2_000,
+        }
+    }
+}
+
+/// Room for the JSON envelope around an event's `data` in one client WebSocket message
+/// (event name, channel name, quoting). Messages above `max_payload + this` are refused with 1009.
+pub const MESSAGE_ENVELOPE_BYTES: usize = 4 * 1024;
+
+/// Pusher lets one REST batch carry 10 events; a body may also escape its data. Bodies larger
+/// than this many times `max_payload` are refused with 413 before they are read.
+pub const BODY_PAYLOAD_FACTOR: usize = 24;
+
+impl Config {
+    /// The address the gateway listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    /// The dashboard's address.
+    pub fn dashboard_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.dashboard_port)
+    }
+
+    /// Number of worker threads to run.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// How long a connection may stay backpressured before it is evicted.
+    pub fn evict_after(&self) -> Duration {
+        Duration::from_millis(self.evict_after_ms)
+    }
+
+    /// Client silence before a server ping.
+    pub fn activity_timeout(&self) -> Duration {
+        Duration::from_secs(self.activity_timeout)
+    }
+
+    /// Wait for a pong before closing with 4201.
+    pub fn pong_timeout(&self) -> Duration {
+        Duration::from_secs(self.pong_timeout)
+    }
+
+    /// Deadline for a request or handshake to arrive complete.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// Time allowed to flush close frames at shutdown.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Largest WebSocket message accepted from a client.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_payload.saturating_add(MESSAGE_ENVELOPE_BYTES)
+    }
+
+    /// Largest REST request body accepted.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_payload.saturating_mul(BODY_PAYLOAD_FACTOR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_no_arguments_gives_the_documented_defaults() {
+        let parsed = Config::try_parse_from(["flux"]).expect("defaults parse");
+        let defaults = Config::default();
+        assert_eq!(parsed.listen_addr(), defaults.listen_addr());
+        assert_eq!(parsed.dashboard_port, 8080);
+        assert_eq!(parsed.ring_slots, 256);
+        assert_eq!(parsed.evict_after_ms, 5000);
+        assert_eq!(parsed.max_payload, 10 * 1024);
+        assert_eq!(parsed.activity_timeout, 120);
+        assert_eq!(parsed.app_key, "app-key");
+    }
+
+    #[test]
+    fn zero_ring_slots_is_refused() {
+        assert!(Config::try_parse_from(["flux", "--ring-slots", "0"]).is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! Flux: a Pusher Channels protocol 7 WebSocket fan-out gateway.
+//!
+//! The crate is laid out the way the gateway works:
+//!
+//! - [`server`]: the I/O shell. An acceptor thread hands sockets to worker threads; each worker
+//!   is one mio `Poll` loop that owns its connections and only dispatches readiness to them.
+//! - [`ws`] and [`http`]: the codecs (sans-IO). HTTP/1.1 requests on the shared port, WebSocket
+//!   frames in and out.
+//! - [`fanout`]: the frame pool, the per-connection outbound ring with its backpressure state
+//!   machine, the channel registry, and the node-wide channel directory (all sans-IO).
+//! - [`pusher`]: the Pusher protocol: messages, the per-connection session, the REST API and its
+//!   request signatures (sans-IO, driven by events and a clock).
+//! - [`gateway`]: the Pusher service on top of the shell, and [`gateway::Gateway`], a running node.
+//! - [`metrics`]: per-worker counters written without locks and read as snapshots.
+//! - [`config`]: settings, each a flag and an environment variable.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod fanout;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod pusher;
+pub mod server;
+pub mod ws;

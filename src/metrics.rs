@@ -1,0 +1,221 @@
+//! Per-worker metrics, written by their worker without locks and read from any thread.
+//!
+//! Each counter has one writer (its worker), so a relaxed atomic add is all the hot path pays;
+//! per-recipient work is counted once per broadcast, never once per recipient. Readers take a
+//! [`Counters`] snapshot and add the workers' snapshots together. The fan-out latency histogram
+//! is recorded by the worker in a private histogram and merged into the shared one about once a
+//! second, so its lock is never taken on the hot path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// A worker's live counters.
+        #[derive(Debug, Default)]
+        pub struct CounterCells {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of counters (one worker's, or a sum).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl CounterCells {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> Counters {
+                Counters { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl std::ops::Add for Counters {
+            type Output = Counters;
+            fn add(self, other: Counters) -> Counters {
+                Counters { $($name: self.$name + other.$name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// TCP connections open now (a gauge).
+    connections,
+    /// WebSocket sessions open now (a gauge).
+    websockets,
+    /// TCP connections accepted since start.
+    connections_total,
+    /// WebSocket messages received.
+    messages_in,
+    /// Frames fully written to clients (WebSocket frames and HTTP responses).
+    messages_out,
+    /// Bytes read from clients.
+    bytes_in,
+    /// Bytes written to clients.
+    bytes_out,
+    /// HTTP requests handled (REST calls and upgrades).
+    http_requests,
+    /// Broadcasts fanned out by this worker (one per channel per event).
+    broadcasts,
+    /// Frames queued into rings by broadcasts.
+    deliveries,
+    /// Times a connection entered backpressure.
+    backpressure_events,
+    /// Frames dropped because a ring was full.
+    drops,
+    /// Slow consumers evicted.
+    evictions,
+    /// Flushes that wrote everything queued at once.
+    writes_immediate,
+    /// Flushes that stopped at WouldBlock.
+    writes_would_block,
+    /// Times a connection's read budget for one loop turn ran out (a flooding client).
+    read_budget_exhausted,
+    /// Messages for another worker dropped because its inbox was full.
+    inbox_overflows,
+}
+
+impl Counters {
+    /// Share of flushes that completed without WouldBlock, in percent (100 when idle).
+    pub fn write_success_rate(&self) -> f64 {
+        let total = self.writes_immediate + self.writes_would_block;
+        if total == 0 {
+            100.0
+        } else {
+            100.0 * self.writes_immediate as f64 / total as f64
+        }
+    }
+}
+
+/// Fan-out times are recorded in microseconds, from 1 µs to 60 s.
+const FANOUT_MAX_MICROS: u64 = 60_000_000;
+
+/// One worker's metrics.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    /// The counters.
+    pub counters: CounterCells,
+    fanout_micros: Mutex<Histogram<u64>>,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics { counters: CounterCells::default(), fanout_micros: Mutex::new(new_histogram()) }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, 3 digits).
+    Histogram::new_with_bounds(1, FANOUT_MAX_MICROS, 3).expect("valid constant histogram bounds")
+}
+
+impl WorkerMetrics {
+    /// Adds `n` to a counter. Only the owning worker calls this.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts `n` from a gauge.
+    #[inline]
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Merges a worker-local histogram of fan-out times into the shared one and clears it.
+    pub fn publish_fanout(&self, local: &mut FanoutRecorder) {
+        if local.histogram.is_empty() {
+            return;
+        }
+        if let Ok(mut shared) = self.fanout_micros.lock() {
+            // Both histograms have the same bounds, so adding cannot fail.
+            let _ = shared.add(&local.histogram);
+        }
+        local.histogram.reset();
+    }
+
+    /// A copy of the fan-out histogram, for percentiles.
+    pub fn fanout_histogram(&self) -> Histogram<u64> {
+        self.fanout_micros.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram())
+    }
+}
+
+/// The worker-private side of the fan-out histogram.
+#[derive(Debug)]
+pub struct FanoutRecorder {
+    histogram: Histogram<u64>,
+}
+
+impl Default for FanoutRecorder {
+    fn default() -> Self {
+        FanoutRecorder { histogram: new_histogram() }
+    }
+}
+
+impl FanoutRecorder {
+    /// Records one broadcast's time from publish to its last ring.
+    pub fn record(&mut self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).clamp(1, FANOUT_MAX_MICROS);
+        let _ = self.histogram.record(micros);
+    }
+}
+
+/// Percentiles of a latency histogram recorded in microseconds, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Maximum, ms.
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram of microseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        LatencySummary {
+            count: histogram.len(),
+            p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            max_ms: ms(histogram.max()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_add_up() {
+        let a = WorkerMetrics::default();
+        let b = WorkerMetrics::default();
+        WorkerMetrics::add(&a.counters.drops, 2);
+        WorkerMetrics::add(&b.counters.drops, 3);
+        WorkerMetrics::add(&b.counters.writes_immediate, 19);
+        WorkerMetrics::add(&b.counters.writes_would_block, 1);
+        let sum = a.counters.snapshot() + b.counters.snapshot();
+        assert_eq!(sum.drops, 5);
+        assert_eq!(sum.write_success_rate(), 95.0);
+    }
+
+    #[test]
+    fn fanout_times_reach_the_shared_histogram() {
+        let metrics = WorkerMetrics::default();
+        let mut local = FanoutRecorder::default();
+        local.record(Duration::from_micros(250));
+        local.record(Duration::from_millis(3));
+        metrics.publish_fanout(&mut local);
+        let summary = LatencySummary::of(&metrics.fanout_histogram());
+        assert_eq!(summary.count, 2);
+        assert!((summary.max_ms - 3.0).abs() < 0.01);
+    }
+}

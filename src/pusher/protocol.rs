@@ -1,0 +1,321 @@
+//! The Pusher Channels protocol 7 vocabulary: socket ids, channel names, the messages a client
+//! sends, the messages the server sends, and the close and error codes.
+//!
+//! Everything here is a pure function of its input. Server messages are written straight into
+//! the caller's buffer, so a broadcast's JSON is produced once, in the frame it will travel in.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The protocol version Flux speaks. Pusher's protocol 5 and 6 use the same messages.
+pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 5..=7;
+
+/// Pusher's longest channel name.
+pub const MAX_CHANNEL_NAME_LEN: usize = 164;
+
+/// Pusher's longest event name.
+pub const MAX_EVENT_NAME_LEN: usize = 200;
+
+/// A channel's name, shared between the registry, the connections and in-flight broadcasts.
+pub type ChannelName = Arc<str>;
+
+/// Close codes and `pusher:error` codes from the Pusher protocol.
+pub mod code {
+    /// The app key is unknown.
+    pub const APP_NOT_FOUND: u16 = 4001;
+    /// The `protocol` query parameter is not a number.
+    pub const INVALID_VERSION_FORMAT: u16 = 4006;
+    /// The protocol version is not supported.
+    pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
+    /// No `protocol` query parameter.
+    pub const NO_PROTOCOL_VERSION: u16 = 4008;
+    /// Over capacity: used for slow consumers that are evicted; clients reconnect with backoff.
+    pub const OVER_CAPACITY: u16 = 4100;
+    /// The server is going away; reconnect immediately.
+    pub const RECONNECT_NOW: u16 = 4200;
+    /// The client did not answer a ping in time.
+    pub const PONG_NOT_RECEIVED: u16 = 4201;
+    /// Client event rejected by rate limit.
+    pub const CLIENT_EVENT_RATE_LIMIT: u16 = 4301;
+}
+
+/// A connection's public identifier, shown to clients as `"<high>.<low>"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId {
+    /// The first number: chosen per worker at random, so ids differ across restarts and nodes.
+    pub high: u32,
+    /// The second number: a per-worker sequence.
+    pub low: u32,
+}
+
+impl fmt::Display for SocketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.high, self.low)
+    }
+}
+
+/// A string that is not of the form `N.N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid socket_id {0:?}: expected two numbers joined by a dot")]
+pub struct InvalidSocketId(pub String);
+
+impl FromStr for SocketId {
+    type Err = InvalidSocketId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidSocketId(s.chars().take(64).collect());
+        let (high, low) = s.split_once('.').ok_or_else(invalid)?;
+        let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        if !digits(high) || !digits(low) {
+            return Err(invalid());
+        }
+        Ok(SocketId { high: high.parse().map_err(|_| invalid())?, low: low.parse().map_err(|_| invalid())? })
+    }
+}
+
+/// The kind of a channel, from its name's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// Anyone may subscribe.
+    Public,
+    /// `private-`: subscription needs a signature from the app's server.
+    Private,
+    /// `private-encrypted-`: like private; payloads are end-to-end encrypted by the clients.
+    PrivateEncrypted,
+    /// `presence-`: private, plus a member list.
+    Presence,
+}
+
+impl ChannelKind {
+    /// The kind of the channel named `name`.
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("private-encrypted-") {
+            ChannelKind::PrivateEncrypted
+        } else if name.starts_with("private-") {
+            ChannelKind::Private
+        } else if name.starts_with("presence-") {
+            ChannelKind::Presence
+        } else {
+            ChannelKind::Public
+        }
+    }
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelNameError {
+    /// Empty name.
+    #[error("channel name is empty")]
+    Empty,
+    /// Longer than Pusher allows.
+    #[error("channel name is longer than {MAX_CHANNEL_NAME_LEN} characters")]
+    TooLong,
+    /// A character outside Pusher's set.
+    #[error("channel name may contain only A-Z a-z 0-9 _ - = @ , . ;")]
+    InvalidCharacter,
+}
+
+/// Checks a channel name against Pusher's rules: 1 to 164 characters from `A-Za-z0-9_-=@,.;`.
+pub fn validate_channel_name(name: &str) -> Result<(), ChannelNameError> {
+    if name.is_empty() {
+        return Err(ChannelNameError::Empty);
+    }
+    if name.len() > MAX_CHANNEL_NAME_LEN {
+        return Err(ChannelNameError::TooLong);
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b);
+    if !name.bytes().all(allowed) {
+        return Err(ChannelNameError::InvalidCharacter);
+    }
+    Ok(())
+}
+
+/// A message from a client, before its `data` is interpreted.
+#[derive(Debug, Deserialize)]
+pub struct ClientMessage<'a> {
+    /// The event name.
+    #[serde(borrow)]
+    pub event: std::borrow::Cow<'a, str>,
+    /// The channel, for client events.
+    #[serde(default, borrow)]
+    pub channel: Option<std::borrow::Cow<'a, str>>,
+    /// The event's data, left unparsed until the event is known.
+    #[serde(default, borrow)]
+    pub data: Option<&'a RawValue>,
+}
+
+/// The `data` of `pusher:subscribe`.
+#[derive(Debug, Deserialize)]
+pub struct SubscribeData {
+    /// Channel to subscribe to.
+    pub channel: String,
+    /// `key:signature` for private and presence channels.
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// The member's JSON, for presence channels.
+    #[serde(default)]
+    pub channel_data: Option<String>,
+}
+
+/// The `data` of `pusher:unsubscribe`.
+#[derive(Debug, Deserialize)]
+pub struct UnsubscribeData {
+    /// Channel to leave.
+    pub channel: String,
+}
+
+/// Parses an event's `data`, which clients send either as an object or as a JSON string that
+/// holds one.
+pub fn parse_data<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Result<T, serde_json::Error> {
+    let raw = raw.map_or("null", RawValue::get);
+    if raw.trim_start().starts_with('"') {
+        let inner: String = serde_json::from_str(raw)?;
+        serde_json::from_str(&inner)
+    } else {
+        serde_json::from_str(raw)
+    }
+}
+
+/// An event as it travels to clients: `{"event":…,"channel":…,"data":…}`.
+#[derive(Debug, Serialize)]
+pub struct EventMessage<'a> {
+    /// Event name.
+    pub event: &'a str,
+    /// Channel it was published on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<&'a str>,
+    /// The data, a string (usually JSON) passed through unchanged.
+    pub data: &'a str,
+    /// The publishing member, on presence channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ErrorData<'a> {
+    code: Option<u16>,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct ObjectEvent<'a, T: Serialize> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    data: T,
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs of strings and numbers into a String cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// `pusher:connection_established`, whose `data` is a JSON string.
+pub fn connection_established(socket_id: SocketId, activity_timeout_secs: u64) -> String {
+    let data = format!(r#"{{"socket_id":"{socket_id}","activity_timeout":{activity_timeout_secs}}}"#);
+    to_json(&EventMessage { event: "pusher:connection_established", channel: None, data: &data, user_id: None })
+}
+
+/// `pusher:error`, with an optional code (Pusher sends `null` for errors that are not fatal).
+pub fn error(code: Option<u16>, message: &str) -> String {
+    to_json(&ObjectEvent { event: "pusher:error", channel: None, data: ErrorData { code, message } })
+}
+
+/// `pusher:pong`, the answer to a client's `pusher:ping`.
+pub fn pong() -> String {
+    r#"{"event":"pusher:pong","data":"{}"}"#.to_string()
+}
+
+/// `pusher:ping`, sent to a client that has been silent for the activity timeout.
+pub fn ping() -> String {
+    r#"{"event":"pusher:ping","data":"{}"}"#.to_string()
+}
+
+/// `pusher_internal:subscription_succeeded` for a channel without member data.
+pub fn subscription_succeeded(channel: &str) -> String {
+    to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: "{}", user_id: None })
+}
+
+#[derive(Serialize)]
+struct SubscriptionErrorData<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    error: &'a str,
+    status: u16,
+}
+
+/// `pusher:subscription_error`, which pusher-js hands to the channel's error callback.
+pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> String {
+    to_json(&ObjectEvent {
+        event: "pusher:subscription_error",
+        channel: Some(channel),
+        data: SubscriptionErrorData { kind, error: message, status },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_round_trip_and_reject_junk() {
+        let id = SocketId { high: 123, low: 4567 };
+        assert_eq!(id.to_string(), "123.4567");
+        assert_eq!("123.4567".parse::<SocketId>(), Ok(id));
+        for bad in ["", "1", "1.", ".1", "1.2.3", "a.b", "-1.2", "1.99999999999", " 1.2"] {
+            assert!(bad.parse::<SocketId>().is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn channel_names_follow_pushers_rules() {
+        for good in ["a", "my-channel", "private-x_y=z@a,b.c;d", "presence-room.1", &"c".repeat(164)] {
+            assert_eq!(validate_channel_name(good), Ok(()), "{good}");
+        }
+        assert_eq!(validate_channel_name(""), Err(ChannelNameError::Empty));
+        assert_eq!(validate_channel_name(&"c".repeat(165)), Err(ChannelNameError::TooLong));
+        for bad in ["a b", "a/b", "é", "a#b", "a\"b"] {
+            assert_eq!(validate_channel_name(bad), Err(ChannelNameError::InvalidCharacter), "{bad}");
+        }
+    }
+
+    #[test]
+    fn channel_kinds_come_from_prefixes() {
+        assert_eq!(ChannelKind::of("chat"), ChannelKind::Public);
+        assert_eq!(ChannelKind::of("private-chat"), ChannelKind::Private);
+        assert_eq!(ChannelKind::of("private-encrypted-chat"), ChannelKind::PrivateEncrypted);
+        assert_eq!(ChannelKind::of("presence-chat"), ChannelKind::Presence);
+    }
+
+    #[test]
+    fn data_may_be_an_object_or_a_string_holding_one() {
+        let as_object: ClientMessage = serde_json::from_str(r#"{"event":"pusher:subscribe","data":{"channel":"a"}}"#).unwrap();
+        let as_string: ClientMessage = serde_json::from_str(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"a\"}"}"#).unwrap();
+        assert_eq!(parse_data::<SubscribeData>(as_object.data).unwrap().channel, "a");
+        assert_eq!(parse_data::<SubscribeData>(as_string.data).unwrap().channel, "a");
+        assert!(parse_data::<SubscribeData>(None).is_err());
+    }
+
+    #[test]
+    fn server_messages_have_pushers_shapes() {
+        let established: serde_json::Value = serde_json::from_str(&connection_established(SocketId { high: 1, low: 2 }, 120)).unwrap();
+        assert_eq!(established["event"], "pusher:connection_established");
+        let data: serde_json::Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["socket_id"], "1.2");
+        assert_eq!(data["activity_timeout"], 120);
+
+        let err: serde_json::Value = serde_json::from_str(&error(Some(4001), "nope")).unwrap();
+        assert_eq!(err["data"]["code"], 4001);
+        assert_eq!(err["data"]["message"], "nope");
+
+        let ok: serde_json::Value = serde_json::from_str(&subscription_succeeded("c")).unwrap();
+        assert_eq!(ok["channel"], "c");
+
+        let event = serde_json::to_string(&EventMessage { event: "e", channel: Some("c"), data: "say \"hi\"", user_id: None }).unwrap();
+        assert_eq!(event, r#"{"event":"e","channel":"c","data":"say \"hi\""}"#);
+    }
+}

@@ -1,0 +1,196 @@
+//! Pusher's request signatures: the HMAC-SHA256 that signs REST API calls, exactly as the
+//! official server SDKs compute it, and its verification.
+//!
+//! The string to sign is `METHOD\nPATH\nQUERY`, where QUERY is every query parameter except
+//! `auth_signature`, keys lower-cased, sorted by key, joined as `key=value` with `&`, values
+//! unescaped. A request with a body also signs the body's MD5 as `body_md5`.
+
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use sha2::Sha256;
+
+use super::App;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How far a request's `auth_timestamp` may be from the server's clock, in seconds (Pusher's).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 600;
+
+/// Why a signed request was refused. All of them answer 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// A required `auth_*` parameter is absent.
+    #[error("missing query parameter {0}")]
+    Missing(&'static str),
+    /// `auth_key` is not this app's key.
+    #[error("unknown auth_key")]
+    UnknownKey,
+    /// `auth_version` is not `1.0`.
+    #[error("unsupported auth_version {0:?}: expected 1.0")]
+    Version(String),
+    /// `auth_timestamp` is not a number, or too far from now.
+    #[error("auth_timestamp {0:?} is not within {MAX_CLOCK_SKEW_SECS} s of the server's time")]
+    Timestamp(String),
+    /// `body_md5` does not match the body.
+    #[error("body_md5 does not match the request body")]
+    BodyMd5,
+    /// The signature is not hex, or does not match.
+    #[error("invalid auth_signature")]
+    Signature,
+}
+
+/// HMAC-SHA256 of `message` under `secret`, as lower-case hex.
+pub fn hmac_hex(secret: &str, message: &str) -> String {
+    hex::encode(new_mac(secret, message).finalize().into_bytes())
+}
+
+/// Checks `signature` (hex) against HMAC-SHA256 of `message`, in constant time.
+pub fn hmac_matches(secret: &str, message: &str, signature: &str) -> bool {
+    let Ok(expected) = hex::decode(signature) else { return false };
+    new_mac(secret, message).verify_slice(&expected).is_ok()
+}
+
+fn new_mac(secret: &str, message: &str) -> HmacSha256 {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(message.as_bytes());
+    mac
+}
+
+fn body_md5(body: &[u8]) -> String {
+    hex::encode(Md5::digest(body))
+}
+
+fn string_to_sign(method: &str, path: &str, params: &mut [(String, String)]) -> String {
+    params.sort();
+    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{method}\n{path}\n{}", query.join("&"))
+}
+
+/// The signed query string a Pusher server SDK would send for this request at `unix_now`.
+/// Used by our tests and the load tool; the server only verifies.
+pub fn sign_query(app: &App, method: &str, path: &str, body: &[u8], params: &[(&str, &str)], unix_now: u64) -> String {
+    let mut all: Vec<(String, String)> = vec![
+        ("auth_key".into(), app.key.clone()),
+        ("auth_timestamp".into(), unix_now.to_string()),
+        ("auth_version".into(), "1.0".into()),
+    ];
+    if !body.is_empty() {
+        all.push(("body_md5".into(), body_md5(body)));
+    }
+    all.extend(params.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())));
+    let signature = hmac_hex(&app.secret, &string_to_sign(method, path, &mut all));
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &all {
+        query.append_pair(k, v);
+    }
+    query.append_pair("auth_signature", &signature);
+    query.finish()
+}
+
+/// Verifies a REST request's signature: the key, version, timestamp, body MD5 and HMAC.
+pub fn verify(app: &App, method: &str, path: &str, query: &str, body: &[u8], unix_now: u64) -> Result<(), AuthError> {
+    let mut params: Vec<(String, String)> = Vec::new();
+    let mut signature = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let key = k.to_ascii_lowercase();
+        if key == "auth_signature" {
+            signature = Some(v.into_owned());
+        } else {
+            params.push((key, v.into_owned()));
+        }
+    }
+    let param = |name: &'static str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+
+    let key = param("auth_key").ok_or(AuthError::Missing("auth_key"))?;
+    if key != app.key {
+        return Err(AuthError::UnknownKey);
+    }
+    let version = param("auth_version").ok_or(AuthError::Missing("auth_version"))?;
+    if version != "1.0" {
+        return Err(AuthError::Version(version.chars().take(16).collect()));
+    }
+    let timestamp = param("auth_timestamp").ok_or(AuthError::Missing("auth_timestamp"))?;
+    match timestamp.parse::<u64>() {
+        Ok(t) if t.abs_diff(unix_now) <= MAX_CLOCK_SKEW_SECS => {}
+        _ => return Err(AuthError::Timestamp(timestamp.chars().take(24).collect())),
+    }
+    if !body.is_empty() {
+        let md5 = param("body_md5").ok_or(AuthError::Missing("body_md5"))?;
+        if !md5.eq_ignore_ascii_case(&body_md5(body)) {
+            return Err(AuthError::BodyMd5);
+        }
+    }
+    let signature = signature.ok_or(AuthError::Missing("auth_signature"))?;
+    if hmac_matches(&app.secret, &string_to_sign(method, path, &mut params), &signature) {
+        Ok(())
+    } else {
+        Err(AuthError::Signature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into() }
+    }
+
+    const NOW: u64 = 1_700_000_000;
+
+    #[test]
+    fn matches_the_example_in_pushers_documentation() {
+        // From Pusher's "REST API: generating authentication signatures" worked example.
+        let app = App { id: "3".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() };
+        let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        assert_eq!(body_md5(body), "ec365a775a4cd0599faeb73354201b6f");
+        let mut params = vec![
+            ("auth_key".to_string(), app.key.clone()),
+            ("auth_timestamp".to_string(), "1353088179".to_string()),
+            ("auth_version".to_string(), "1.0".to_string()),
+            ("body_md5".to_string(), body_md5(body)),
+        ];
+        let signed = string_to_sign("POST", "/apps/3/events", &mut params);
+        assert_eq!(hmac_hex(&app.secret, &signed), "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c");
+    }
+
+    #[test]
+    fn a_signed_query_verifies() {
+        let body = br#"{"name":"e","channels":["c"],"data":"{}"}"#;
+        let query = sign_query(&app(), "POST", "/apps/app-id/events", body, &[], NOW);
+        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &query, body, NOW + 5), Ok(()));
+        let query = sign_query(&app(), "GET", "/apps/app-id/channels", b"", &[("filter_by_prefix", "presence-")], NOW);
+        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Ok(()));
+    }
+
+    #[test]
+    fn tampering_is_refused() {
+        let body = br#"{"name":"e","channels":["c"],"data":"{}"}"#;
+        let query = sign_query(&app(), "POST", "/apps/app-id/events", body, &[], NOW);
+        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &query, b"{}", NOW), Err(AuthError::BodyMd5));
+        assert_eq!(verify(&app(), "POST", "/apps/other/events", &query, body, NOW), Err(AuthError::Signature));
+        assert_eq!(verify(&app(), "GET", "/apps/app-id/events", &query, body, NOW), Err(AuthError::Signature));
+        let wrong_secret = App { secret: "nope".into(), ..app() };
+        let forged = sign_query(&wrong_secret, "POST", "/apps/app-id/events", body, &[], NOW);
+        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &forged, body, NOW), Err(AuthError::Signature));
+        let added = format!("{query}&info=subscription_count");
+        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &added, body, NOW), Err(AuthError::Signature));
+    }
+
+    #[test]
+    fn stale_timestamps_keys_and_versions_are_refused() {
+        let query = sign_query(&app(), "GET", "/apps/app-id/channels", b"", &[], NOW);
+        assert!(matches!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 601), Err(AuthError::Timestamp(_))));
+        assert!(matches!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW - 601), Err(AuthError::Timestamp(_))));
+        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 600), Ok(()));
+        let other = App { key: "other".into(), ..app() };
+        let query = sign_query(&other, "GET", "/apps/app-id/channels", b"", &[], NOW);
+        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Err(AuthError::UnknownKey));
+        assert_eq!(verify(&app(), "GET", "/x", "", b"", NOW), Err(AuthError::Missing("auth_key")));
+        assert_eq!(
+            verify(&app(), "GET", "/x", "auth_key=app-key&auth_version=2.0", b"", NOW),
+            Err(AuthError::Version("2.0".into()))
+        );
+    }
+}

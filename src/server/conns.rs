@@ -1,0 +1,231 @@
+//! A worker's connections: each one a socket, the phase it is in (HTTP, open WebSocket,
+//! closing), and its outbound ring.
+//!
+//! [`Conns`] is the only way a [`Service`](super::Service) touches connections: it can queue
+//! frames, offer a broadcast frame, read and change sessions, and close. It never performs I/O;
+//! queued connections are marked dirty and the worker flushes them at the end of its loop turn,
+//! so everything queued to one socket in a turn leaves in one vectored write.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+use slab::Slab;
+
+use crate::fanout::pool::FramePool;
+use crate::fanout::ring::{Offer, Outbound};
+use crate::fanout::ConnId;
+use crate::http::RequestReader;
+use crate::metrics::WorkerMetrics;
+use crate::ws::{close_frame, Decoder};
+
+/// What happens once a closing connection's ring is flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterFlush {
+    /// Close the socket (the peer closed first, or broke the protocol, or HTTP is done).
+    Drop,
+    /// We sent the first close frame: wait for the peer's, until the deadline.
+    AwaitPeerClose,
+}
+
+/// Where a connection is in its life.
+pub(crate) enum Phase<S> {
+    /// Reading HTTP requests.
+    Http(RequestReader),
+    /// An open WebSocket.
+    Open { decoder: Decoder, session: S },
+    /// A close is queued; the session is gone. The decoder, if kept, watches for the peer's close.
+    Closing { decoder: Option<Decoder>, then: AfterFlush },
+}
+
+/// One connection.
+pub(crate) struct Connection<S> {
+    pub(crate) socket: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) phase: Phase<S>,
+    pub(crate) outbound: Outbound,
+    /// When the current phase times out (an HTTP request, or the close handshake).
+    pub(crate) deadline: Option<Instant>,
+    /// Queued since the last flush; in `Conns::dirty`.
+    pub(crate) dirty: bool,
+    /// Writable interest is registered.
+    pub(crate) writable_interest: bool,
+}
+
+/// What a service may know about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Frames queued.
+    pub ring_len: usize,
+    /// The ring's bound.
+    pub ring_slots: usize,
+    /// Frames dropped on a full ring.
+    pub dropped: u64,
+    /// How long it has been backpressured, if it is.
+    pub backpressured_for: Option<Duration>,
+}
+
+/// Limits that shape every connection of a worker.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Outbound ring bound, in frames.
+    pub ring_slots: usize,
+    /// Largest HTTP request head.
+    pub max_head: usize,
+    /// Largest HTTP request body.
+    pub max_body: usize,
+    /// Largest WebSocket message.
+    pub max_message: usize,
+    /// How long a closing connection waits for the peer's close frame.
+    pub close_linger: Duration,
+}
+
+/// A worker's connection table.
+pub struct Conns<S> {
+    pub(crate) slab: Slab<Connection<S>>,
+    pub(crate) dirty: Vec<ConnId>,
+    pub(crate) limits: ConnLimits,
+    pool: FramePool,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl<S> Conns<S> {
+    pub(crate) fn new(limits: ConnLimits, pool: FramePool, metrics: Arc<WorkerMetrics>) -> Self {
+        Conns { slab: Slab::with_capacity(1024), dirty: Vec::with_capacity(1024), limits, pool, metrics }
+    }
+
+    pub(crate) fn insert(&mut self, socket: TcpStream, peer: SocketAddr, deadline: Instant) -> ConnId {
+        let reader = RequestReader::new(self.limits.max_head, self.limits.max_body);
+        ConnId(self.slab.insert(Connection {
+            socket,
+            peer,
+            phase: Phase::Http(reader),
+            outbound: Outbound::new(self.limits.ring_slots),
+            deadline: Some(deadline),
+            dirty: false,
+            writable_interest: false,
+        }))
+    }
+
+    /// The frame pool, for encoding frames.
+    pub fn pool(&self) -> &FramePool {
+        &self.pool
+    }
+
+    /// This worker's metrics.
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
+    /// Queues `frame` on connection `id` (a reply, or any frame for one connection).
+    pub fn send(&mut self, id: ConnId, frame: &Bytes) -> Offer {
+        let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
+        let offer = conn.outbound.offer(frame);
+        match offer {
+            Offer::Queued => mark_dirty(&mut self.dirty, conn, id),
+            Offer::Dropped => WorkerMetrics::add(&self.metrics.counters.drops, 1),
+            Offer::Closed => {}
+        }
+        offer
+    }
+
+    /// Offers a broadcast `frame` to connection `id` if it is an open WebSocket whose session
+    /// passes `wanted`. This is the per-recipient step of every fan-out: a reference-count
+    /// increment and a ring slot, no allocation. Drops are counted by the caller, per broadcast.
+    #[inline]
+    pub fn offer(&mut self, id: ConnId, frame: &Bytes, wanted: impl FnOnce(&S) -> bool) -> Offer {
+        let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
+        let Phase::Open { session, .. } = &conn.phase else { return Offer::Closed };
+        if !wanted(session) {
+            return Offer::Closed;
+        }
+        let offer = conn.outbound.offer(frame);
+        if offer == Offer::Queued {
+            mark_dirty(&mut self.dirty, conn, id);
+        }
+        offer
+    }
+
+    /// The session of an open WebSocket.
+    pub fn session(&self, id: ConnId) -> Option<&S> {
+        match &self.slab.get(id.0)?.phase {
+            Phase::Open { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// The session of an open WebSocket, to change it.
+    pub fn session_mut(&mut self, id: ConnId) -> Option<&mut S> {
+        match &mut self.slab.get_mut(id.0)?.phase {
+            Phase::Open { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Open WebSocket connections, with their sessions.
+    pub fn sessions(&self) -> impl Iterator<Item = (ConnId, &S)> + '_ {
+        self.slab.iter().filter_map(|(key, conn)| match &conn.phase {
+            Phase::Open { session, .. } => Some((ConnId(key), session)),
+            _ => None,
+        })
+    }
+
+    /// Ring and backpressure state of a connection.
+    pub fn info(&self, id: ConnId, now: Instant) -> Option<ConnInfo> {
+        let conn = self.slab.get(id.0)?;
+        Some(ConnInfo {
+            peer: conn.peer,
+            ring_len: conn.outbound.len(),
+            ring_slots: conn.outbound.slots(),
+            dropped: conn.outbound.dropped(),
+            backpressured_for: conn.outbound.backpressured_for(now),
+        })
+    }
+
+    /// Closes an open WebSocket with `code`: its queued frames that have not begun are
+    /// discarded, the close frame is queued, and the session is handed back.
+    pub fn close(&mut self, id: ConnId, code: u16, reason: &str, now: Instant) -> Option<S> {
+        self.begin_close(id, code, reason, AfterFlush::AwaitPeerClose, now)
+    }
+
+    /// Moves an open WebSocket to closing with a close frame; returns its session.
+    pub(crate) fn begin_close(&mut self, id: ConnId, code: u16, reason: &str, then: AfterFlush, now: Instant) -> Option<S> {
+        let frame = close_frame(&self.pool, code, reason);
+        let conn = self.slab.get_mut(id.0)?;
+        if !matches!(conn.phase, Phase::Open { .. }) {
+            return None;
+        }
+        let keep_decoder = then == AfterFlush::AwaitPeerClose;
+        let phase = std::mem::replace(&mut conn.phase, Phase::Closing { decoder: None, then });
+        let Phase::Open { decoder, session } = phase else { return None };
+        if keep_decoder {
+            conn.phase = Phase::Closing { decoder: Some(decoder), then };
+        }
+        conn.outbound.close_with(frame);
+        conn.deadline = Some(now + self.limits.close_linger);
+        mark_dirty(&mut self.dirty, conn, id);
+        WorkerMetrics::sub(&self.metrics.counters.websockets, 1);
+        Some(session)
+    }
+
+    /// Number of connections (any phase).
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// No connections.
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+}
+
+fn mark_dirty<S>(dirty: &mut Vec<ConnId>, conn: &mut Connection<S>, id: ConnId) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push(id);
+    }
+}

@@ -1,0 +1,180 @@
+//! The I/O shell: the threads, the sockets, the event loops. Generic over the [`Service`] that
+//! gives connections their meaning, so the Pusher gateway and the conformance echo server run
+//! on the same loop.
+//!
+//! [`start`] binds the listener, creates one worker per thread (each a mio `Poll` with a
+//! `Waker` and a bounded inbox) and the acceptor thread, and returns a [`Server`] handle to
+//! read metrics, talk to workers, and stop.
+
+mod acceptor;
+mod conns;
+mod peers;
+mod service;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::error;
+use mio::net::TcpListener;
+use mio::{Poll, Waker};
+
+pub use conns::{ConnInfo, ConnLimits, Conns};
+pub use peers::{Outbox, Peers};
+pub use service::{Ended, Routed, Service};
+
+use crate::fanout::pool::FramePool;
+use crate::fanout::WorkerId;
+use crate::metrics::{Counters, WorkerMetrics};
+use acceptor::Acceptor;
+use worker::{Timing, Worker, WAKER};
+
+/// Messages a worker's inbox holds before senders are refused.
+pub const INBOX_CAPACITY: usize = 65_536;
+
+/// How the shell runs.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Worker threads.
+    pub workers: usize,
+    /// Per-connection limits.
+    pub limits: ConnLimits,
+    /// Backpressure longer than this evicts a connection.
+    pub evict_after: Duration,
+    /// Time allowed for an HTTP request to arrive, and for an idle keep-alive connection.
+    pub request_timeout: Duration,
+    /// Time allowed to flush close frames at shutdown.
+    pub shutdown_grace: Duration,
+    /// Stop on SIGINT and SIGTERM.
+    pub handle_signals: bool,
+}
+
+/// What a service is built with, one per worker.
+pub struct WorkerContext<M> {
+    /// This worker's index.
+    pub id: WorkerId,
+    /// Handles to every worker (this one included).
+    pub peers: Peers<M>,
+    /// This worker's metrics.
+    pub metrics: Arc<WorkerMetrics>,
+    /// The node's frame pool.
+    pub pool: FramePool,
+}
+
+/// A running server.
+pub struct Server<M> {
+    local_addr: SocketAddr,
+    peers: Peers<M>,
+    metrics: Vec<Arc<WorkerMetrics>>,
+    pool: FramePool,
+    stop: Arc<AtomicBool>,
+    acceptor_waker: Arc<Waker>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts the acceptor and `settings.workers` workers, each running a service from
+/// `make_service`.
+pub fn start<Svc, F>(settings: ServerSettings, pool: FramePool, mut make_service: F) -> io::Result<Server<Svc::Message>>
+where
+    Svc: Service + Send,
+    F: FnMut(WorkerContext<Svc::Message>) -> Svc,
+{
+    let listener = TcpListener::bind(settings.listen)?;
+    let local_addr = listener.local_addr()?;
+    let workers = settings.workers.clamp(1, crate::fanout::directory::MAX_WORKERS);
+
+    let mut parts = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+        handles.push((tx, waker.clone()));
+        parts.push((poll, waker, rx));
+    }
+    let peers = Peers::new(handles);
+    let timing = Timing {
+        evict_after: settings.evict_after,
+        request_timeout: settings.request_timeout,
+        shutdown_grace: settings.shutdown_grace,
+    };
+
+    let mut threads = Vec::with_capacity(workers + 1);
+    let mut metrics = Vec::with_capacity(workers);
+    for (index, (poll, waker, inbox)) in parts.into_iter().enumerate() {
+        let worker_metrics = Arc::new(WorkerMetrics::default());
+        metrics.push(worker_metrics.clone());
+        let service = make_service(WorkerContext {
+            id: WorkerId(index),
+            peers: peers.clone(),
+            metrics: worker_metrics.clone(),
+            pool: pool.clone(),
+        });
+        let (limits, pool, timing) = (settings.limits.clone(), pool.clone(), timing.clone());
+        // Built on its own thread: sessions never cross threads, so they need not be `Send`.
+        let run = move || {
+            let conns = Conns::new(limits, pool, worker_metrics.clone());
+            Worker::new(poll, waker, conns, service, inbox, worker_metrics, timing).run();
+        };
+        threads.push(std::thread::Builder::new().name(format!("flux-worker-{index}")).spawn(run)?);
+    }
+
+    let poll = Poll::new()?;
+    let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::stop_token())?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor =
+        Acceptor { poll, listener, workers: peers.clone(), stop: stop.clone(), handle_signals: settings.handle_signals };
+    threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
+
+    Ok(Server { local_addr, peers, metrics, pool, stop, acceptor_waker, threads })
+}
+
+impl<M> Server<M> {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Handles to the workers, to send them service messages.
+    pub fn peers(&self) -> &Peers<M> {
+        &self.peers
+    }
+
+    /// Every worker's metrics.
+    pub fn worker_metrics(&self) -> &[Arc<WorkerMetrics>] {
+        &self.metrics
+    }
+
+    /// The counters of all workers added up.
+    pub fn counters(&self) -> Counters {
+        self.metrics.iter().map(|m| m.counters.snapshot()).fold(Counters::default(), |a, b| a + b)
+    }
+
+    /// The frame pool.
+    pub fn pool(&self) -> &FramePool {
+        &self.pool
+    }
+
+    /// Asks the server to stop: no more accepts, close 4200 to every client, flush, exit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.acceptor_waker.wake() {
+            error!("could not wake the acceptor to stop: {e}");
+        }
+    }
+
+    /// Waits until every thread has finished (after [`stop`](Self::stop) or a signal).
+    pub fn join(self) {
+        for thread in self.threads {
+            if thread.join().is_err() {
+                error!("a server thread panicked");
+            }
+        }
+    }
+}

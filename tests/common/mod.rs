@@ -1,0 +1,218 @@
+//! Helpers for the loopback integration tests: an in-process gateway on a free port, Pusher
+//! clients over tungstenite, and REST calls signed the way the official SDKs sign them.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flux::config::Config;
+use flux::gateway::Gateway;
+use flux::pusher::signature::sign_query;
+use flux::pusher::App;
+use serde_json::{json, Value};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+/// Settings for a test node: a free port on loopback, two workers, the default app.
+pub fn config() -> Config {
+    Config { port: 0, workers: Some(2), ..Config::default() }
+}
+
+/// Starts a gateway in this process.
+pub fn start(config: &Config) -> Gateway {
+    Gateway::start(config, false).expect("gateway starts")
+}
+
+/// The default app's credentials.
+pub fn app() -> App {
+    App::from_config(&Config::default())
+}
+
+/// A Pusher client over a blocking tungstenite WebSocket.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub socket_id: String,
+}
+
+/// Opens a WebSocket to `path` and returns it without reading anything.
+pub fn open(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
+    let stream = TcpStream::connect(addr).expect("tcp connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let (ws, _response) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("websocket handshake");
+    ws
+}
+
+impl Client {
+    /// Connects with the default app key and waits for `pusher:connection_established`.
+    pub fn connect(addr: SocketAddr) -> Client {
+        let mut ws = open(addr, "/app/app-key?protocol=7&client=test&version=1");
+        let established = next_event(&mut ws);
+        assert_eq!(established["event"], "pusher:connection_established", "{established}");
+        let data: Value = serde_json::from_str(established["data"].as_str().expect("data is a string")).expect("data is JSON");
+        let socket_id = data["socket_id"].as_str().expect("socket_id").to_string();
+        Client { ws, socket_id }
+    }
+
+    /// Sends a JSON message.
+    pub fn send(&mut self, message: Value) {
+        self.ws.send(Message::text(message.to_string())).expect("send");
+    }
+
+    /// The next event (text message) from the server.
+    pub fn next_event(&mut self) -> Value {
+        next_event(&mut self.ws)
+    }
+
+    /// Subscribes and waits for the confirmation.
+    pub fn subscribe(&mut self, channel: &str) {
+        self.send(json!({"event": "pusher:subscribe", "data": {"channel": channel}}));
+        let reply = self.next_event();
+        assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
+        assert_eq!(reply["channel"], channel);
+    }
+}
+
+/// Reads until a text message arrives; panics on a close or a timeout.
+pub fn next_event(ws: &mut WebSocket<TcpStream>) -> Value {
+    loop {
+        match ws.read().expect("read a message") {
+            Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+            Message::Close(frame) => panic!("closed by the server: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads until the server's close frame and returns its code (messages before it are skipped).
+pub fn close_code(ws: &mut WebSocket<TcpStream>) -> Option<u16> {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return None,
+            Err(e) => panic!("expected a close frame, got {e}"),
+        }
+    }
+}
+
+/// Close codes as numbers, for comparisons.
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
+}
+
+/// A signed REST call; returns the status and the body.
+pub fn rest(addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let query = sign_query(&app(), method, path, body.as_bytes(), params, unix_now());
+    let url = format!("http://{addr}{path}?{query}");
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let response = match method {
+        "GET" => agent.get(&url).call(),
+        "POST" => agent.post(&url).header("Content-Type", "application/json").send(body),
+        other => panic!("unsupported method {other}"),
+    }
+    .expect("HTTP request");
+    let status = response.status().as_u16();
+    let text = response.into_body().read_to_string().expect("response body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Publishes `data` as `event` on `channels` through the REST API.
+pub fn publish(addr: SocketAddr, channels: &[&str], event: &str, data: &str, except: Option<&str>) -> (u16, Value) {
+    let mut body = json!({"name": event, "channels": channels, "data": data});
+    if let Some(socket_id) = except {
+        body["socket_id"] = json!(socket_id);
+    }
+    rest(addr, "POST", "/apps/app-id/events", &body.to_string(), &[])
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    condition()
+}
+
+/// Opens a raw TCP connection that has completed the WebSocket handshake.
+pub fn raw_websocket(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        stream,
+        "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+/// Reads server frames until a close frame; returns its code (frames before it are skipped).
+pub fn read_close_code(stream: &mut TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Server frames are unmasked: opcode, length (7, 16 or 64 bits), payload.
+        let mut pos = 0;
+        while buf.len() >= pos + 2 {
+            let (opcode, len7) = (buf[pos] & 0x0f, (buf[pos + 1] & 0x7f) as usize);
+            let (header, len) = match len7 {
+                126 if buf.len() >= pos + 4 => (4, u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize),
+                127 if buf.len() >= pos + 10 => {
+                    let mut be = [0u8; 8];
+                    be.copy_from_slice(&buf[pos + 2..pos + 10]);
+                    (10, u64::from_be_bytes(be) as usize)
+                }
+                126 | 127 => break,
+                n => (2, n),
+            };
+            if buf.len() < pos + header + len {
+                break;
+            }
+            if opcode == 0x8 {
+                return u16::from_be_bytes([buf[pos + header], buf[pos + header + 1]]);
+            }
+            pos += header + len;
+        }
+        buf.drain(..pos);
+        assert!(Instant::now() < deadline, "no close frame");
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed without a close frame");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A masked client text frame (the mask is fixed: tests need no secrecy).
+pub fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
