@@ -24,8 +24,12 @@ use crate::ws::{close_frame, Decoder};
 /// What happens once a closing connection's ring is flushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AfterFlush {
-    /// Close the socket (the peer closed first, or broke the protocol, or HTTP is done).
+    /// Close the socket (the peer closed first, or broke the protocol).
     Drop,
+    /// An HTTP response that ends the connection: once written, shut down our side and discard
+    /// input until the peer closes or the deadline passes, so a client still sending its body
+    /// reads the response instead of a connection reset.
+    Linger,
     /// We sent the first close frame: wait for the peer's, until the deadline.
     AwaitPeerClose,
 }

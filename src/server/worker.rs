@@ -307,12 +307,12 @@ impl<Svc: Service> Worker<Svc> {
         let bytes = Bytes::from(response.to_bytes(close));
         if close {
             conn.outbound.finish_with(bytes);
-            conn.phase = Phase::Closing { decoder: None, then: AfterFlush::Drop };
+            conn.phase = Phase::Closing { decoder: None, then: AfterFlush::Linger };
             conn.deadline = Some(now + self.conns.limits.close_linger);
         } else if conn.outbound.offer(&bytes) != crate::fanout::ring::Offer::Queued {
             // A client pipelining more requests than its ring holds: stop serving it.
             conn.outbound.finish_with(Bytes::from(json_error(503, "too many pipelined requests").to_bytes(true)));
-            conn.phase = Phase::Closing { decoder: None, then: AfterFlush::Drop };
+            conn.phase = Phase::Closing { decoder: None, then: AfterFlush::Linger };
         } else {
             conn.deadline = Some(now + self.timing.request_timeout);
         }
@@ -386,7 +386,7 @@ impl<Svc: Service> Worker<Svc> {
             (Err(e), _) => {
                 debug!("conn {} broke the WebSocket protocol: {e}", id.0);
                 let code = e.close_code();
-                self.conns.begin_close(id, code, &e.to_string(), AfterFlush::Drop, now).map(|s| (s, Ended::ProtocolError(code)))
+                self.conns.begin_close(id, code, &e.to_string(), AfterFlush::Linger, now).map(|s| (s, Ended::ProtocolError(code)))
             }
             // Echo the peer's close; it closed first, so we drop the socket once it is sent.
             (Ok(()), Some(code)) => self.conns.begin_close(id, code, "", AfterFlush::Drop, now).map(|s| (s, Ended::ByClient)),
@@ -591,8 +591,15 @@ impl<Svc: Service> Worker<Svc> {
         } else {
             WorkerMetrics::add(&counters.writes_immediate, 1);
             self.backpressured.swap_remove(&id);
-            if matches!(conn.phase, Phase::Closing { then: AfterFlush::Drop, .. }) {
-                return self.remove(id, Ended::ByClient);
+            match conn.phase {
+                Phase::Closing { then: AfterFlush::Drop, .. } => return self.remove(id, Ended::ByClient),
+                Phase::Closing { then: AfterFlush::Linger, .. } => {
+                    if let Err(e) = conn.socket.shutdown(std::net::Shutdown::Write) {
+                        debug!("shutdown of conn {} failed: {e}", id.0);
+                        return self.remove(id, Ended::ByClient);
+                    }
+                }
+                _ => {}
             }
         }
         if conn.writable_interest != blocked {
