@@ -80,6 +80,8 @@ struct Fragments {
 /// The decoding state of one connection.
 #[derive(Debug)]
 pub struct Decoder {
+    /// Which side's frames this decoder reads: clients must mask, servers must not.
+    reads_client_frames: bool,
     max_message: usize,
     partial: Vec<u8>,
     fragments: Option<Fragments>,
@@ -87,9 +89,14 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder refusing messages larger than `max_message` bytes.
+    /// A server's decoder of client frames, refusing messages larger than `max_message` bytes.
     pub fn new(max_message: usize) -> Self {
-        Decoder { max_message, partial: Vec::new(), fragments: None, stopped: false }
+        Decoder { reads_client_frames: true, max_message, partial: Vec::new(), fragments: None, stopped: false }
+    }
+
+    /// A client's decoder of server frames (which are never masked), for the load tool.
+    pub fn for_client(max_message: usize) -> Self {
+        Decoder { reads_client_frames: false, ..Decoder::new(max_message) }
     }
 
     /// Decodes `input` (which it may unmask in place), calling `on_message` for every complete
@@ -145,7 +152,9 @@ impl Decoder {
                 break;
             }
             let payload = &mut buf[start..start + len];
-            unmask(payload, mask);
+            if let Some(mask) = mask {
+                unmask(payload, mask);
+            }
             pos = start + len;
             if self.handle_frame(&header, payload, on_message)? == Flow::Stop {
                 self.stopped = true;
@@ -155,11 +164,16 @@ impl Decoder {
     }
 
     /// Checks a frame header before its payload is waited for; returns the mask.
-    fn check_header(&self, header: &FrameHeader, len: u64) -> Result<[u8; 4], DecodeError> {
+    fn check_header(&self, header: &FrameHeader, len: u64) -> Result<Option<[u8; 4]>, DecodeError> {
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(DecodeError::Protocol("reserved bits set without a negotiated extension"));
         }
-        let mask = header.mask.ok_or(DecodeError::Protocol("client frames must be masked"))?;
+        match (self.reads_client_frames, header.mask) {
+            (true, None) => return Err(DecodeError::Protocol("client frames must be masked")),
+            (false, Some(_)) => return Err(DecodeError::Protocol("server frames must not be masked")),
+            _ => {}
+        }
+        let mask = header.mask;
         match header.opcode {
             OpCode::Control(_) => {
                 if !header.is_final {
@@ -374,6 +388,14 @@ mod tests {
     fn unmasked_frames_are_a_protocol_error() {
         let wire = [0x81, 0x02, b'h', b'i'];
         assert_eq!(decode_all(&wire).unwrap_err().close_code(), 1002);
+    }
+
+    #[test]
+    fn a_client_decoder_reads_unmasked_server_frames_and_refuses_masked_ones() {
+        let wire = [0x81, 0x02, b'h', b'i'];
+        assert_eq!(decode_chunks(&mut Decoder::for_client(1024), &[&wire]).unwrap(), vec![Got::Text("hi".into())]);
+        let masked = frame(TEXT, b"hi");
+        assert_eq!(decode_chunks(&mut Decoder::for_client(1024), &[&masked]).unwrap_err().close_code(), 1002);
     }
 
     #[test]

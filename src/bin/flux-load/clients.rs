@@ -1,0 +1,677 @@
+//! A shard of Pusher clients on one mio event loop: it connects its clients (from their source
+//! addresses, at a bounded rate), completes the WebSocket handshake, subscribes, then reads
+//! every event and measures it, and plays its clients' roles: slow consumers stop reading or
+//! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use log::debug;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::Frame;
+
+use flux::ws::{Decoder, Incoming};
+
+use crate::scenario::{Plan, SlowMode};
+use crate::stats::{Role, Tick};
+
+/// Linux's "connection in progress" from a non-blocking connect.
+const EINPROGRESS: i32 = 115;
+/// A slow consumer's receive buffer: small, so its backlog reaches the server quickly, as with a
+/// congested mobile client.
+const SLOW_RECEIVE_BUFFER: usize = 4096;
+/// What a delayed reader takes per read.
+const SLOW_READ_CHUNK: usize = 4096;
+/// Reconnect backoff: first delay, and the cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// How long a churner stays away before it rejoins.
+const CHURN_AWAY: Duration = Duration::from_millis(200);
+/// Largest server message the decoder accepts.
+const MAX_MESSAGE: usize = 1 << 20;
+const TICK: Duration = Duration::from_secs(1);
+
+/// Commands from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Command {
+    /// Publishing begins: start the failure-injection clocks and sequence checks.
+    Start,
+    /// The run is over: report the last counts and close.
+    Stop,
+}
+
+/// What a shard reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Report {
+    /// The counts of the last second.
+    Tick(Tick),
+    /// The counts since the last tick; the shard has stopped.
+    Done(Tick),
+}
+
+enum Conn {
+    Idle,
+    Connecting(TcpStream),
+    Handshake(TcpStream, Vec<u8>),
+    Open(TcpStream),
+}
+
+impl Conn {
+    fn stream(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            Conn::Idle => None,
+            Conn::Connecting(s) | Conn::Handshake(s, _) | Conn::Open(s) => Some(s),
+        }
+    }
+}
+
+struct Client {
+    role: Role,
+    source: Ipv4Addr,
+    channels: Vec<usize>,
+    conn: Conn,
+    decoder: Decoder,
+    /// Bytes not yet written (subscribe, pong): small and rare.
+    out: Vec<u8>,
+    /// Per subscribed channel, the sequence numbers seen.
+    seen: Vec<SeqWindow>,
+    confirmed: usize,
+    established: bool,
+    /// Lost its connection at least once: its next full subscription is a reconnect.
+    rejoining: bool,
+    attempts: u32,
+    /// Whether the loop reads this client's socket when it is readable.
+    reading: bool,
+    /// When its next scheduled action (reconnect, slow read, end of stall) is due.
+    wake_at: Option<Instant>,
+}
+
+/// The shard: its clients and its counts.
+pub struct Shard<'p> {
+    plan: &'p Plan,
+    app_key: String,
+    poll: Poll,
+    clients: Vec<Client>,
+    to_connect: std::collections::VecDeque<usize>,
+    connect_rate: u32,
+    tick: Tick,
+    started: Option<Instant>,
+    stopping: bool,
+    partitioned: bool,
+    churners: Vec<usize>,
+    next_churn: usize,
+    churn_due: Option<Instant>,
+    read_buf: Vec<u8>,
+}
+
+impl<'p> Shard<'p> {
+    /// A shard for the plan's clients whose index is `index` modulo `count`.
+    pub fn new(plan: &'p Plan, app_key: &str, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
+        let clients: Vec<Client> = plan
+            .clients
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .map(|(_, spec)| Client {
+                role: spec.role,
+                source: spec.source,
+                channels: spec.channels.clone(),
+                conn: Conn::Idle,
+                decoder: Decoder::for_client(MAX_MESSAGE),
+                out: Vec::new(),
+                seen: vec![SeqWindow::default(); spec.channels.len()],
+                confirmed: 0,
+                established: false,
+                rejoining: false,
+                attempts: 0,
+                reading: true,
+                wake_at: None,
+            })
+            .collect();
+        let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
+        Ok(Shard {
+            plan,
+            app_key: app_key.to_string(),
+            poll: Poll::new()?,
+            to_connect: (0..clients.len()).collect(),
+            clients,
+            connect_rate: connect_rate.max(1),
+            tick: Tick::default(),
+            started: None,
+            stopping: false,
+            partitioned: false,
+            churners,
+            next_churn: 0,
+            churn_due: None,
+            read_buf: vec![0; 256 * 1024],
+        })
+    }
+
+    /// Runs until [`Command::Stop`], reporting once a second through `report`.
+    pub fn run(mut self, commands: &Receiver<Command>, report: &mut dyn FnMut(Report)) -> io::Result<()> {
+        let mut events = Events::with_capacity(4096);
+        let mut next_tick = Instant::now() + TICK;
+        let mut connect_budget = 0.0f64;
+        let mut last_turn = Instant::now();
+        let mut next_scan = Instant::now();
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Start) => self.start(Instant::now()),
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            connect_budget = (connect_budget + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
+                .min(f64::from(self.connect_rate) / 10.0);
+            last_turn = now;
+            while connect_budget >= 1.0 {
+                let Some(i) = self.to_connect.pop_front() else { break };
+                connect_budget -= 1.0;
+                self.connect(i);
+            }
+            if now >= next_scan {
+                next_scan = now + Duration::from_millis(20);
+                self.scheduled(now);
+            }
+            if now >= next_tick {
+                next_tick += TICK;
+                self.gauges();
+                report(Report::Tick(self.tick.take_deltas()));
+            }
+            match self.poll.poll(&mut events, Some(Duration::from_millis(10))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let read_at = unix_micros();
+            for event in events.iter() {
+                let i = event.token().0;
+                if event.is_writable() {
+                    self.writable(i);
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.readable(i, read_at, None);
+                }
+            }
+        }
+        self.stopping = true;
+        self.gauges();
+        report(Report::Done(self.tick.take_deltas()));
+        Ok(())
+    }
+
+    fn start(&mut self, now: Instant) {
+        self.started = Some(now);
+        let injection = &self.plan.injection;
+        for client in &mut self.clients {
+            if client.role == Role::Slow {
+                client.reading = false;
+                client.wake_at = Some(now + if injection.slow_mode == SlowMode::Stop { injection.stall } else { injection.read_delay });
+            }
+        }
+        for i in 0..self.clients.len() {
+            if self.clients[i].role == Role::Slow {
+                self.reregister(i);
+            }
+        }
+        if injection.churn_per_sec > 0.0 && !self.churners.is_empty() {
+            self.churn_due = Some(now);
+        }
+    }
+
+    /// Due actions: reconnects, slow reads, the partition, churn.
+    fn scheduled(&mut self, now: Instant) {
+        if let Some(started) = self.started {
+            if !self.partitioned && now >= started + self.plan.injection.partition_at {
+                self.partitioned = true;
+                for i in 0..self.clients.len() {
+                    if self.clients[i].role == Role::Partitioned {
+                        self.drop_connection(i, now, false);
+                    }
+                }
+            }
+        }
+        while let Some(due) = self.churn_due.filter(|&d| d <= now) {
+            // Each shard churns its share of the rate.
+            let shards = (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
+            let interval = Duration::from_secs_f64(shards / self.plan.injection.churn_per_sec);
+            self.churn_due = Some(due + interval);
+            let i = self.churners[self.next_churn % self.churners.len()];
+            self.next_churn += 1;
+            if matches!(self.clients[i].conn, Conn::Open(_)) {
+                self.leave(i);
+                self.clients[i].wake_at = Some(now + CHURN_AWAY);
+            }
+        }
+        for i in 0..self.clients.len() {
+            let Some(due) = self.clients[i].wake_at.filter(|&d| d <= now) else { continue };
+            let client = &mut self.clients[i];
+            client.wake_at = None;
+            match (&client.conn, client.role) {
+                (Conn::Idle, _) if !self.stopping => {
+                    self.to_connect.push_back(i);
+                }
+                (Conn::Open(_), Role::Slow) if self.plan.injection.slow_mode == SlowMode::Delay => {
+                    client.wake_at = Some(due + self.plan.injection.read_delay);
+                    self.readable(i, unix_micros(), Some(SLOW_READ_CHUNK));
+                }
+                (Conn::Open(_), Role::Slow) => {
+                    client.reading = true;
+                    self.reregister(i);
+                    self.readable(i, unix_micros(), None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn connect(&mut self, i: usize) {
+        let server = self.plan.server;
+        let client = &mut self.clients[i];
+        match open_socket(client.source, server, client.role == Role::Slow) {
+            Ok(mut stream) => {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                if let Err(e) = self.poll.registry().register(&mut stream, Token(i), interest) {
+                    debug!("register failed: {e}");
+                    return self.schedule_reconnect(i, Instant::now());
+                }
+                client.conn = Conn::Connecting(stream);
+            }
+            Err(e) => {
+                debug!("connect from {} failed: {e}", client.source);
+                self.schedule_reconnect(i, Instant::now());
+            }
+        }
+    }
+
+    fn writable(&mut self, i: usize) {
+        let key = self.app_key.clone();
+        let Some(client) = self.clients.get_mut(i) else { return };
+        if let Conn::Connecting(stream) = &mut client.conn {
+            if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
+                return self.connection_lost(i, None);
+            }
+            let request = format!(
+                "GET /app/{key}?protocol=7&client=flux-load&version=1 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                self.plan.server
+            );
+            client.out.extend_from_slice(request.as_bytes());
+            let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else { return };
+            client.conn = Conn::Handshake(stream, Vec::new());
+        }
+        self.flush(i);
+    }
+
+    /// Writes pending bytes; keeps writable interest only while some remain.
+    fn flush(&mut self, i: usize) {
+        let client = &mut self.clients[i];
+        let Some(stream) = client.conn.stream() else { return };
+        while !client.out.is_empty() {
+            match stream.write(&client.out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    client.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.connection_lost(i, None),
+            }
+        }
+        self.reregister(i);
+    }
+
+    fn reregister(&mut self, i: usize) {
+        let client = &mut self.clients[i];
+        let writable = !client.out.is_empty() || matches!(client.conn, Conn::Connecting(_));
+        let interest = match (client.reading, writable) {
+            (_, false) => Interest::READABLE,
+            (true, true) => Interest::READABLE | Interest::WRITABLE,
+            (false, true) => Interest::WRITABLE,
+        };
+        // A client that must not read still needs some interest; readable events are ignored.
+        if let Some(stream) = client.conn.stream() {
+            if self.poll.registry().reregister(stream, Token(i), interest).is_err() {
+                self.connection_lost(i, None);
+            }
+        }
+    }
+
+    /// Reads what the socket has (at most `limit` bytes when given) and handles it.
+    fn readable(&mut self, i: usize, read_at: u64, limit: Option<usize>) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let len = limit.unwrap_or(buf.len()).min(buf.len());
+        while let Some(client) = self.clients.get_mut(i) {
+            if !client.reading && limit.is_none() {
+                break;
+            }
+            let Some(stream) = client.conn.stream() else { break };
+            match stream.read(&mut buf[..len]) {
+                Ok(0) => {
+                    self.connection_lost(i, None);
+                    break;
+                }
+                Ok(n) => {
+                    if !self.received(i, &mut buf[..n], read_at) || limit.is_some() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.connection_lost(i, None);
+                    break;
+                }
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    /// Handles bytes from the server. Returns whether the connection is still open.
+    fn received(&mut self, i: usize, bytes: &mut [u8], read_at: u64) -> bool {
+        let client = &mut self.clients[i];
+        let mut early;
+        let bytes: &mut [u8] = match &mut client.conn {
+            Conn::Handshake(_, head) => {
+                head.extend_from_slice(bytes);
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else { return true };
+                if !head.starts_with(b"HTTP/1.1 101") {
+                    debug!("handshake refused: {}", String::from_utf8_lossy(&head[..end]));
+                    self.connection_lost(i, None);
+                    return false;
+                }
+                early = head.split_off(end + 4);
+                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle) else { return false };
+                client.conn = Conn::Open(stream);
+                &mut early
+            }
+            Conn::Open(_) => bytes,
+            _ => return false,
+        };
+        // The decoder is lent out so each message can be handled as it is decoded.
+        let mut decoder = std::mem::replace(&mut client.decoder, Decoder::for_client(MAX_MESSAGE));
+        let mut closed = None;
+        let result = decoder.decode(bytes, &mut |message: Incoming<'_>| {
+            match message {
+                Incoming::Text(text) => self.message(i, text, read_at),
+                Incoming::Close(close) => closed = Some(close.map_or(1005, |(code, _)| code)),
+                _ => {}
+            }
+            flux::ws::Flow::Continue
+        });
+        if let Some(code) = closed {
+            self.connection_lost(i, Some(code));
+            return false;
+        }
+        if result.is_err() {
+            self.connection_lost(i, None);
+            return false;
+        }
+        let client = &mut self.clients[i];
+        if matches!(client.conn, Conn::Open(_)) {
+            client.decoder = decoder;
+            return true;
+        }
+        false
+    }
+
+    fn message(&mut self, i: usize, text: &str, read_at: u64) {
+        if text.contains("\"event\":\"pusher") {
+            return self.protocol_message(i, text);
+        }
+        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else { return };
+        let plan = self.plan;
+        let client = &mut self.clients[i];
+        let Some(slot) = client.channels.iter().position(|&c| plan.channels[c] == channel) else { return };
+        let counts = &mut self.tick.roles[client.role.index()];
+        counts.delivered += 1;
+        let latency = read_at.saturating_sub(sent_at);
+        counts.latency.record(latency);
+        match client.seen[slot].see(seq) {
+            Seen::New { skipped } => {
+                counts.unique += 1;
+                counts.seq_gaps += skipped;
+            }
+            Seen::Duplicate => counts.duplicates += 1,
+        }
+        if plan.track_completions {
+            let completion = self.tick.completions.entry(sent_at).or_default();
+            completion.deliveries += 1;
+            completion.last_us = completion.last_us.max(latency);
+        }
+    }
+
+    fn protocol_message(&mut self, i: usize, text: &str) {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(text) else { return };
+        match message["event"].as_str().unwrap_or("") {
+            "pusher:connection_established" => {
+                let client = &mut self.clients[i];
+                client.established = true;
+                client.attempts = 0;
+                let subscribes: Vec<String> = client
+                    .channels
+                    .iter()
+                    .map(|&c| serde_json::json!({"event": "pusher:subscribe", "data": {"channel": self.plan.channels[c]}}).to_string())
+                    .collect();
+                for subscribe in subscribes {
+                    self.send(i, subscribe);
+                }
+            }
+            "pusher_internal:subscription_succeeded" => {
+                let started = self.started.is_some();
+                let client = &mut self.clients[i];
+                client.confirmed += 1;
+                if client.confirmed == client.channels.len() {
+                    // Before publishing, the stream starts at 0; later, at whatever comes first.
+                    let first = if started { None } else { Some(0) };
+                    client.seen.iter_mut().for_each(|s| *s = SeqWindow::starting_at(first));
+                    if client.rejoining {
+                        client.rejoining = false;
+                        self.tick.roles[client.role.index()].reconnects += 1;
+                    }
+                }
+            }
+            "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
+            "pusher:error" => debug!("pusher:error: {text}"),
+            _ => {}
+        }
+    }
+
+    /// Sends a text message as a masked client frame.
+    fn send(&mut self, i: usize, text: String) {
+        let mut frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
+        frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+        if frame.format(&mut self.clients[i].out).is_ok() {
+            self.flush(i);
+        }
+    }
+
+    /// A churner leaves politely: close frame, then the socket.
+    fn leave(&mut self, i: usize) {
+        let mut frame = Frame::close(None);
+        frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+        let client = &mut self.clients[i];
+        let _ = frame.format(&mut client.out);
+        if let Some(stream) = client.conn.stream() {
+            let _ = stream.write(&client.out);
+        }
+        self.drop_connection(i, Instant::now(), false);
+    }
+
+    /// The server closed (with `code`), or the connection broke.
+    fn connection_lost(&mut self, i: usize, code: Option<u16>) {
+        if code == Some(flux::pusher::protocol::code::OVER_CAPACITY) {
+            self.tick.roles[self.clients[i].role.index()].evicted += 1;
+        }
+        let now = Instant::now();
+        // Slow consumers stay gone once evicted; the others come back like pusher-js does.
+        let reconnect = self.clients[i].role != Role::Slow;
+        self.drop_connection(i, now, !reconnect);
+    }
+
+    /// Closes client `i`'s socket, counts the disconnect, and schedules its return.
+    fn drop_connection(&mut self, i: usize, now: Instant, for_good: bool) {
+        let client = &mut self.clients[i];
+        let Some(stream) = client.conn.stream() else { return };
+        let _ = self.poll.registry().deregister(stream);
+        let was_established = client.established;
+        client.conn = Conn::Idle;
+        client.out.clear();
+        client.decoder = Decoder::for_client(MAX_MESSAGE);
+        client.confirmed = 0;
+        client.established = false;
+        client.seen.iter_mut().for_each(|s| *s = SeqWindow::default());
+        if was_established {
+            self.tick.roles[client.role.index()].disconnects += 1;
+            client.rejoining = true;
+        }
+        if !for_good && !self.stopping {
+            self.schedule_reconnect(i, now);
+        }
+    }
+
+    fn schedule_reconnect(&mut self, i: usize, now: Instant) {
+        let client = &mut self.clients[i];
+        client.conn = Conn::Idle;
+        let backoff = if client.role == Role::Churn {
+            CHURN_AWAY
+        } else {
+            let exponential = BACKOFF_FIRST.saturating_mul(1 << client.attempts.min(5)).min(BACKOFF_MAX);
+            // Jitter, so reconnecting clients do not arrive in lockstep.
+            exponential.mul_f64(0.5 + fastrand::f64())
+        };
+        client.attempts += 1;
+        client.wake_at = Some(now + backoff);
+    }
+
+    fn gauges(&mut self) {
+        self.tick.connected = self.clients.iter().filter(|c| c.established).count() as u64;
+        self.tick.subscribed = self.clients.iter().filter(|c| c.confirmed == c.channels.len()).count() as u64;
+    }
+}
+
+/// The sequence numbers of one channel a client has seen: all below `base`, and a window of 128
+/// above it, so events that concurrent publishers deliver slightly out of order are neither
+/// gaps nor duplicates.
+#[derive(Debug, Clone, Copy, Default)]
+struct SeqWindow {
+    /// The lowest number not yet seen (None: take the first one seen).
+    base: Option<u64>,
+    /// Bit i: `base + i` was seen.
+    bits: u128,
+}
+
+/// What one sequence number was.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// First time; `skipped` numbers fell out of the window unseen to make room.
+    New { skipped: u64 },
+    /// Seen before (or too old to tell).
+    Duplicate,
+}
+
+impl SeqWindow {
+    const SIZE: u64 = 128;
+
+    fn starting_at(base: Option<u64>) -> Self {
+        SeqWindow { base, bits: 0 }
+    }
+
+    fn see(&mut self, seq: u64) -> Seen {
+        let mut base = *self.base.get_or_insert(seq);
+        if seq < base {
+            return Seen::Duplicate;
+        }
+        let mut skipped = 0;
+        if seq - base >= Self::SIZE {
+            let shift = seq - base - Self::SIZE + 1;
+            let in_window = shift.min(Self::SIZE);
+            let mask = if in_window == Self::SIZE { u128::MAX } else { (1u128 << in_window) - 1 };
+            skipped = in_window - u64::from((self.bits & mask).count_ones()) + (shift - in_window);
+            self.bits = if shift >= Self::SIZE { 0 } else { self.bits >> shift };
+            base += shift;
+        }
+        let bit = 1u128 << (seq - base);
+        if self.bits & bit != 0 {
+            return Seen::Duplicate;
+        }
+        self.bits |= bit;
+        let complete = u64::from(self.bits.trailing_ones());
+        self.bits = if complete >= Self::SIZE { 0 } else { self.bits >> complete };
+        self.base = Some(base + complete);
+        Seen::New { skipped }
+    }
+}
+
+/// A non-blocking TCP connection from `source` to `server`, under way.
+fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if small_receive_buffer {
+        socket.set_recv_buffer_size(SLOW_RECEIVE_BUFFER)?;
+    }
+    socket.bind(&SocketAddr::new(source.into(), 0).into())?;
+    match socket.connect(&server.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// The string value of the JSON field starting with `prefix` (`"channel":"`), unescaped text only.
+fn field<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+    let start = text.find(prefix)? + prefix.len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
+/// The sequence number and send time (µs) at the start of an event's data: `"<seq> <ts> ..."`.
+fn sequence(text: &str) -> Option<(u64, u64)> {
+    let data = field(text, "\"data\":\"")?;
+    let mut parts = data.split(' ');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Microseconds since the epoch: the clock publisher and clients share on one machine.
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sequence_window_tolerates_reordering_and_counts_what_is_lost() {
+        let mut window = SeqWindow::starting_at(Some(0));
+        let seen: Vec<Seen> = [0, 2, 1, 1, 3].into_iter().map(|n| window.see(n)).collect();
+        assert_eq!(seen, [Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::Duplicate, Seen::New { skipped: 0 }]);
+        // 4 and 5 never come: they are skipped once the window moves past them.
+        assert_eq!(window.see(6), Seen::New { skipped: 0 });
+        assert_eq!(window.see(6 + 128), Seen::New { skipped: 2 });
+        // The window now covers 873..=1000: 7..=872 went by, all unseen but 134.
+        assert_eq!(window.see(1_000), Seen::New { skipped: 866 - 1 });
+        assert_eq!(window.see(3), Seen::Duplicate);
+        let mut fresh = SeqWindow::default();
+        assert_eq!(fresh.see(42), Seen::New { skipped: 0 });
+        assert_eq!(fresh.see(41), Seen::Duplicate);
+    }
+
+    #[test]
+    fn events_are_read_whatever_the_key_order() {
+        let flux = r#"{"event":"m","channel":"guild","data":"12 1700000000000000 xxxx"}"#;
+        let other = r#"{"channel":"guild","data":"12 1700000000000000 xxxx","event":"m"}"#;
+        for text in [flux, other] {
+            assert_eq!(field(text, "\"channel\":\""), Some("guild"));
+            assert_eq!(sequence(text), Some((12, 1_700_000_000_000_000)));
+        }
+        assert_eq!(sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#), None);
+    }
+}

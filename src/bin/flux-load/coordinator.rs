@@ -1,0 +1,359 @@
+//! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher,
+//! prints a live line every second, drains, stops the shards, and reports: a table on the
+//! terminal and, with `--json`, the summary as JSON.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::RecvTimeoutError;
+use serde_json::json;
+
+use flux::pusher::App;
+
+use crate::clients::{Command, Report};
+use crate::publisher::{self, Published};
+use crate::scenario::{Args, Plan, Publishing};
+use crate::stats::{Latency, Role, Tick};
+use crate::Shards;
+
+/// After publishing ends, how long deliveries may keep arriving, at most.
+const MAX_DRAIN: Duration = Duration::from_secs(15);
+
+/// Runs the plan; returns success unless the run could not be carried out.
+pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
+    let processes = plan.processes(args);
+    let mut shards = Shards::start(args, plan, processes)?;
+    let mut live = Live::new(shards.count(), args.quiet);
+
+    // Connect and subscribe everyone before the first publish.
+    let total = plan.clients.len() as u64;
+    let connect_deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
+    eprintln!(
+        "flux-load {}: {} clients in {} process(es) against {} ({})",
+        plan.scenario.name(),
+        total,
+        processes,
+        plan.server,
+        args.label
+    );
+    while live.subscribed() < total && Instant::now() < connect_deadline {
+        live.receive(&shards, Duration::from_millis(200));
+        live.print_connecting(total);
+    }
+    if live.subscribed() < total {
+        eprintln!("warning: only {} of {total} clients subscribed within {} s", live.subscribed(), args.connect_timeout);
+    }
+    live.totals = Tick::default();
+
+    // Publish.
+    shards.broadcast(Command::Start);
+    let app = App { id: args.app_id.clone(), key: args.app_key.clone(), secret: args.app_secret.clone() };
+    let calls = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let publisher = {
+        let (plan, calls, stop, publishers) = (plan.clone(), calls.clone(), stop.clone(), args.publishers);
+        std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
+    };
+    live.start(started);
+    while !publisher.is_finished() {
+        live.receive(&shards, Duration::from_millis(100));
+        live.print_running(calls.load(Ordering::Relaxed));
+    }
+    let published = publisher.join().map_err(|_| "the publisher panicked")?;
+    let publish_time = started.elapsed();
+
+    // Drain: until every expected healthy delivery arrived, or deliveries stop, or the cap.
+    let expected = expected_healthy(plan, &published);
+    let drain_deadline = Instant::now() + MAX_DRAIN;
+    let mut quiet_since = Instant::now();
+    let mut last_delivered = live.totals.delivered();
+    while Instant::now() < drain_deadline {
+        live.receive(&shards, Duration::from_millis(100));
+        live.print_running(calls.load(Ordering::Relaxed));
+        if live.totals.delivered() != last_delivered {
+            last_delivered = live.totals.delivered();
+            quiet_since = Instant::now();
+        }
+        let healthy_done = live.totals.roles[Role::Healthy.index()].unique >= expected;
+        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow) || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
+        if (healthy_done && slow_settled && quiet_since.elapsed() > Duration::from_millis(500))
+            || quiet_since.elapsed() > Duration::from_secs(3)
+        {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    // Stop the shards and collect their last counts.
+    shards.broadcast(Command::Stop);
+    let mut done = 0;
+    let stop_deadline = Instant::now() + Duration::from_secs(20);
+    while done < shards.count() && Instant::now() < stop_deadline {
+        match shards.reports.recv_timeout(Duration::from_millis(200)) {
+            Ok((shard, Report::Done(tick))) => {
+                done += 1;
+                live.add(shard, &tick);
+            }
+            Ok((shard, Report::Tick(tick))) => live.add(shard, &tick),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    shards.join();
+
+    let summary = summarize(args, plan, &published, &live, publish_time, expected, processes);
+    print_summary(plan, &summary, &live.totals);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("summary written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Healthy deliveries the run owes: every event of a channel, to each healthy subscriber of it.
+fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
+    published.per_channel.iter().enumerate().map(|(c, &n)| n * plan.members(Role::Healthy, c)).sum()
+}
+
+/// Running totals and the live line.
+struct Live {
+    totals: Tick,
+    /// Each shard's latest gauges.
+    gauges: Vec<(u64, u64)>,
+    /// Counts since the last live line.
+    second: Tick,
+    started: Option<Instant>,
+    began: Instant,
+    next_print: Instant,
+    peak_per_sec: u64,
+    last_delivery_at: Option<Duration>,
+    quiet: bool,
+}
+
+impl Live {
+    fn new(shards: usize, quiet: bool) -> Self {
+        Live {
+            totals: Tick::default(),
+            gauges: vec![(0, 0); shards],
+            second: Tick::default(),
+            started: None,
+            began: Instant::now(),
+            next_print: Instant::now() + Duration::from_secs(1),
+            peak_per_sec: 0,
+            last_delivery_at: None,
+            quiet,
+        }
+    }
+
+    fn start(&mut self, at: Instant) {
+        self.started = Some(at);
+        self.second = Tick::default();
+        self.next_print = at + Duration::from_secs(1);
+    }
+
+    fn receive(&mut self, shards: &Shards, wait: Duration) {
+        if let Ok((shard, Report::Tick(tick) | Report::Done(tick))) = shards.reports.recv_timeout(wait) {
+            self.add(shard, &tick);
+        }
+        while let Ok((shard, Report::Tick(tick) | Report::Done(tick))) = shards.reports.try_recv() {
+            self.add(shard, &tick);
+        }
+    }
+
+    fn add(&mut self, shard: usize, tick: &Tick) {
+        self.gauges[shard] = (tick.connected, tick.subscribed);
+        let deltas = Tick { connected: 0, subscribed: 0, ..tick.clone() };
+        if deltas.delivered() > 0 {
+            self.last_delivery_at = self.started.map(|s| s.elapsed());
+        }
+        self.totals.add(&deltas);
+        self.second.add(&deltas);
+    }
+
+    fn connected(&self) -> u64 {
+        self.gauges.iter().map(|g| g.0).sum()
+    }
+
+    fn subscribed(&self) -> u64 {
+        self.gauges.iter().map(|g| g.1).sum()
+    }
+
+    fn print_connecting(&mut self, total: u64) {
+        if Instant::now() < self.next_print {
+            return;
+        }
+        self.next_print += Duration::from_secs(1);
+        if !self.quiet {
+            eprintln!("[{:>4.0}s] connecting: {} connected, {} / {total} subscribed", self.began.elapsed().as_secs_f64(), self.connected(), self.subscribed());
+        }
+    }
+
+    fn print_running(&mut self, calls: u64) {
+        if Instant::now() < self.next_print {
+            return;
+        }
+        self.next_print += Duration::from_secs(1);
+        let second = std::mem::take(&mut self.second);
+        let delivered = second.delivered();
+        self.peak_per_sec = self.peak_per_sec.max(delivered);
+        if self.quiet {
+            return;
+        }
+        let mut latency = Latency::default();
+        for role in &second.roles {
+            latency.add(&role.latency);
+        }
+        let healthy = &self.totals.roles[Role::Healthy.index()];
+        eprintln!(
+            "[{:>4.0}s] conns {:>6}  published {:>8}  deliv/s {:>10}  p50 {:>7.2}ms  p99 {:>8.2}ms  gaps {:>6}  dup {:>4}  disconnects {:>5}  evicted {:>4}",
+            self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+            self.connected(),
+            calls,
+            delivered,
+            latency.quantile_ms(0.5),
+            latency.quantile_ms(0.99),
+            healthy.seq_gaps,
+            self.totals.roles.iter().map(|r| r.duplicates).sum::<u64>(),
+            self.totals.roles.iter().map(|r| r.disconnects).sum::<u64>(),
+            self.totals.evicted(),
+        );
+    }
+}
+
+fn summarize(
+    args: &Args,
+    plan: &Plan,
+    published: &Published,
+    live: &Live,
+    publish_time: Duration,
+    expected: u64,
+    processes: usize,
+) -> serde_json::Value {
+    let totals = &live.totals;
+    let healthy = &totals.roles[Role::Healthy.index()];
+    let delivered = totals.delivered();
+    let window = live.last_delivery_at.unwrap_or(publish_time).max(publish_time).as_secs_f64().max(1e-3);
+    let roles: serde_json::Map<String, serde_json::Value> = Role::ALL
+        .iter()
+        .filter(|role| plan.clients.iter().any(|c| c.role == **role))
+        .map(|role| {
+            let counts = &totals.roles[role.index()];
+            let clients = plan.clients.iter().filter(|c| c.role == *role).count();
+            (
+                role.name().to_string(),
+                json!({
+                    "clients": clients,
+                    "delivered": counts.delivered,
+                    "unique": counts.unique,
+                    "seq_gaps": counts.seq_gaps,
+                    "duplicates": counts.duplicates,
+                    "disconnects": counts.disconnects,
+                    "reconnects": counts.reconnects,
+                    "evicted": counts.evicted,
+                    "latency_ms": counts.latency.summary(),
+                }),
+            )
+        })
+        .collect();
+    let mut summary = json!({
+        "scenario": plan.scenario.name(),
+        "server": args.label,
+        "connections": plan.clients.len(),
+        "processes": processes,
+        "payload_bytes": plan.payload,
+        "publish_seconds": publish_time.as_secs_f64(),
+        "published": published.per_channel.iter().sum::<u64>(),
+        "publish_calls": published.calls,
+        "publish_errors": published.errors,
+        "publish_call_ms": published.call_latency.summary(),
+        "delivered": delivered,
+        "expected": expected,
+        "gaps": expected.saturating_sub(healthy.unique),
+        "duplicates": totals.roles.iter().map(|r| r.duplicates).sum::<u64>(),
+        "deliveries_per_sec": (delivered as f64 / window).round(),
+        "peak_deliveries_per_sec": live.peak_per_sec,
+        "latency_ms": healthy.latency.summary(),
+        "evicted": totals.evicted(),
+        "disconnects": totals.roles.iter().map(|r| r.disconnects).sum::<u64>(),
+        "reconnects": totals.roles.iter().map(|r| r.reconnects).sum::<u64>(),
+        "roles": roles,
+    });
+    if let Publishing::Rounds { phases, .. } = &plan.publishing {
+        let phases: Vec<serde_json::Value> = phases
+            .iter()
+            .map(|phase| {
+                let mut completion = Latency::default();
+                let mut deliveries = Vec::new();
+                for (ts, name) in &published.rounds {
+                    if *name != phase.name {
+                        continue;
+                    }
+                    if let Some(c) = totals.completions.get(ts) {
+                        completion.record(c.last_us);
+                        deliveries.push(c.deliveries);
+                    }
+                }
+                let per_round = if deliveries.is_empty() { 0 } else { deliveries.iter().sum::<u64>() / deliveries.len() as u64 };
+                let median_ms = completion.quantile_ms(0.5);
+                json!({
+                    "name": phase.name,
+                    "channels": phase.channels.len(),
+                    "rounds": deliveries.len(),
+                    "deliveries_per_round": per_round,
+                    "completion_ms": completion.summary(),
+                    "ns_per_delivery": if per_round > 0 { (median_ms * 1e6 / per_round as f64).round() } else { 0.0 },
+                })
+            })
+            .collect();
+        summary["phases"] = json!(phases);
+    }
+    summary
+}
+
+fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
+    println!();
+    println!("{} against {}: {} clients", summary["scenario"].as_str().unwrap_or(""), summary["server"].as_str().unwrap_or(""), summary["connections"]);
+    println!(
+        "published {} events ({} calls, {} errors) in {:.1} s; delivered {} ({} deliveries/s, peak {}/s)",
+        summary["published"], summary["publish_calls"], summary["publish_errors"],
+        summary["publish_seconds"].as_f64().unwrap_or(0.0),
+        summary["delivered"], summary["deliveries_per_sec"], summary["peak_deliveries_per_sec"]
+    );
+    println!(
+        "healthy clients: expected {}, gaps {}; latency p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+        summary["expected"], summary["gaps"],
+        summary["latency_ms"]["p50"], summary["latency_ms"]["p95"], summary["latency_ms"]["p99"], summary["latency_ms"]["max"]
+    );
+    println!();
+    println!(
+        "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "role", "clients", "delivered", "seq gaps", "dups", "evict", "disconnects", "reconnects", "p50 ms", "p95 ms", "p99 ms", "max ms"
+    );
+    for role in Role::ALL {
+        let clients = plan.clients.iter().filter(|c| c.role == role).count();
+        if clients == 0 {
+            continue;
+        }
+        let c = &totals.roles[role.index()];
+        println!(
+            "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
+            role.name(), clients, c.delivered, c.seq_gaps, c.duplicates, c.evicted, c.disconnects, c.reconnects,
+            c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95), c.latency.quantile_ms(0.99), c.latency.max_ms()
+        );
+    }
+    if let Some(phases) = summary["phases"].as_array() {
+        println!();
+        println!("{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}", "phase", "channels", "rounds", "deliveries", "to last p50 ms", "to last p99 ms", "ns per delivery");
+        for p in phases {
+            println!(
+                "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
+                p["name"].as_str().unwrap_or(""), p["channels"], p["rounds"], p["deliveries_per_round"],
+                p["completion_ms"]["p50"], p["completion_ms"]["p99"], p["ns_per_delivery"]
+            );
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The publisher: signed REST calls (`POST /apps/{id}/events`) on one keep-alive connection,
+//! paced to the plan. Every event's data starts with its channel's sequence number and the
+//! send time in microseconds: `"<seq> <unix_us> xxxx..."`, padded to the payload size.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use flux::pusher::signature::sign_query;
+use flux::pusher::App;
+
+use crate::clients::unix_micros;
+use crate::scenario::{Plan, Publishing};
+use crate::stats::Latency;
+
+/// What was published.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Events published per channel (each channel's last sequence number + 1).
+    pub per_channel: Vec<u64>,
+    /// REST calls made, and those that did not answer 200.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Time each REST call took.
+    pub call_latency: Latency,
+    /// For rounds: each publish's timestamp and its phase.
+    pub rounds: Vec<(u64, &'static str)>,
+}
+
+/// Publishes `plan`'s schedule; counts calls in `calls` as it goes, stops early on `stop`.
+///
+/// A steady schedule is shared by `threads` publishers, each on its own keep-alive connection,
+/// so the rate does not depend on one call's round trip. Publish number `n` carries sequence
+/// number `n`; with several connections, events may reach the server slightly out of order,
+/// which the clients' sequence windows tolerate.
+pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &AtomicBool) -> Published {
+    let start = Instant::now();
+    match &plan.publishing {
+        Publishing::Steady { channel, rate, duration } => {
+            let total = (rate * duration.as_secs_f64()).round() as u64;
+            let threads = threads.clamp(1, 64) as u64;
+            let parts: Vec<Published> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let mut publisher = Publisher::new(plan, app);
+                            for n in (t..total).step_by(threads as usize) {
+                                if stop.load(Ordering::Relaxed) {
+                                    break;
+                                }
+                                pace(start + Duration::from_secs_f64(n as f64 / rate));
+                                publisher.publish(&[*channel], n, None);
+                                calls.fetch_add(1, Ordering::Relaxed);
+                            }
+                            publisher.published
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            let mut published = Published { per_channel: vec![0; plan.channels.len()], ..Published::default() };
+            for part in parts {
+                published.merge(part);
+            }
+            published
+        }
+        Publishing::Rounds { phases, rounds, interval } => {
+            let mut publisher = Publisher::new(plan, app);
+            let mut n = 0u32;
+            for phase in phases {
+                for round in 0..*rounds {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    pace(start + *interval * n);
+                    n += 1;
+                    publisher.publish(&phase.channels, round as u64, Some(phase.name));
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            publisher.published
+        }
+    }
+}
+
+impl Published {
+    fn merge(&mut self, other: Published) {
+        for (mine, theirs) in self.per_channel.iter_mut().zip(&other.per_channel) {
+            *mine += theirs;
+        }
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.call_latency.add(&other.call_latency);
+        self.rounds.extend(other.rounds);
+    }
+}
+
+fn pace(at: Instant) {
+    let now = Instant::now();
+    if at > now {
+        std::thread::sleep(at - now);
+    }
+}
+
+struct Publisher<'a> {
+    plan: &'a Plan,
+    app: &'a App,
+    agent: ureq::Agent,
+    published: Published,
+    padding: String,
+    last_ts: u64,
+}
+
+impl<'a> Publisher<'a> {
+    fn new(plan: &'a Plan, app: &'a App) -> Self {
+        Publisher {
+            plan,
+            app,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into(),
+            published: Published { per_channel: vec![0; plan.channels.len()], ..Published::default() },
+            padding: "x".repeat(plan.payload),
+            last_ts: 0,
+        }
+    }
+
+    /// Publishes event number `seq` to `channels` in one call.
+    fn publish(&mut self, channels: &[usize], seq: u64, phase: Option<&'static str>) {
+        // Timestamps identify rounds, so one publisher never repeats one.
+        let ts = unix_micros().max(self.last_ts + 1);
+        self.last_ts = ts;
+        let head = format!("{seq} {ts} ");
+        let data = format!("{head}{}", &self.padding[..self.plan.payload.saturating_sub(head.len())]);
+        let names: Vec<&str> = channels.iter().map(|&c| self.plan.channels[c].as_str()).collect();
+        let body = serde_json::json!({"name": "load", "channels": names, "data": data}).to_string();
+        let path = format!("/apps/{}/events", self.app.id);
+        let query = sign_query(self.app, "POST", &path, body.as_bytes(), &[], ts / 1_000_000);
+        let url = format!("http://{}{path}?{query}", self.plan.server);
+        let began = Instant::now();
+        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str());
+        self.published.call_latency.record(began.elapsed().as_micros() as u64);
+        self.published.calls += 1;
+        match result {
+            Ok(response) if response.status() == 200 => {
+                for &c in channels {
+                    self.published.per_channel[c] += 1;
+                }
+                if let Some(phase) = phase {
+                    self.published.rounds.push((ts, phase));
+                }
+            }
+            Ok(response) => {
+                self.published.errors += 1;
+                if self.published.errors <= 3 {
+                    warn!("publish answered {}: {:?}", response.status(), response.into_body().read_to_string());
+                }
+            }
+            Err(e) => {
+                self.published.errors += 1;
+                if self.published.errors <= 3 {
+                    warn!("publish failed: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The command line and the named scenarios. A scenario and its flags make a [`Plan`]: every
+//! client's role, channels and source address, what the publisher sends, and the failures to
+//! inject. The plan is a pure function of the arguments, so every shard process computes the
+//! same one and takes its own slice.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::stats::Role;
+
+/// flux-load: drives Flux, or any Pusher-protocol-7 server, with thousands of WebSocket clients
+/// and a signed REST publisher, and measures delivery latency, gaps, duplicates and evictions.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flux-load", version)]
+pub struct Args {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+
+    /// Server address.
+    #[arg(long, env = "FLUX_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Server port (WebSocket and REST API).
+    #[arg(long, env = "FLUX_PORT", default_value_t = 6001)]
+    pub port: u16,
+    /// App id for REST calls.
+    #[arg(long, env = "FLUX_APP_ID", default_value = "app-id")]
+    pub app_id: String,
+    /// App key clients connect with.
+    #[arg(long, env = "FLUX_APP_KEY", default_value = "app-key")]
+    pub app_key: String,
+    /// App secret that signs REST calls.
+    #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
+    pub app_secret: String,
+
+    /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers).
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Slow consumers.
+    #[arg(long)]
+    pub slow: Option<usize>,
+    /// How slow consumers misbehave.
+    #[arg(long, value_enum)]
+    pub slow_mode: Option<SlowMode>,
+    /// `delay` mode: milliseconds between two reads of a slow consumer.
+    #[arg(long, default_value_t = 5000)]
+    pub slow_delay_ms: u64,
+    /// `stop` mode: seconds a slow consumer stops reading before it reads again to see how it
+    /// was closed. The default (13 s) outlasts the kernel's socket buffers (about 5 MB here)
+    /// filling at 1 MB/s plus the 5 s eviction delay, and ends within the server's 5 s close
+    /// linger, so the 4100 close frame is still there to read.
+    #[arg(long, default_value_t = 13.0)]
+    pub stall_secs: f64,
+    /// Clients that drop their connection and reconnect with backoff (a network partition).
+    #[arg(long)]
+    pub partition: Option<usize>,
+    /// Seconds into publishing when the partition happens.
+    #[arg(long)]
+    pub partition_at: Option<f64>,
+    /// Leaves and rejoins per second (presence-storm).
+    #[arg(long)]
+    pub churn: Option<f64>,
+    /// Publishes per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Publisher threads, each with its own keep-alive connection, sharing the rate.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Seconds of publishing.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Bytes of event data.
+    #[arg(long)]
+    pub payload: Option<usize>,
+    /// big-channel: the channels the subscribers are spread over in the second phase.
+    #[arg(long, default_value_t = 50)]
+    pub channels: usize,
+    /// big-channel: publishes per phase.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: usize,
+    /// big-channel: milliseconds between publishes.
+    #[arg(long, default_value_t = 300)]
+    pub round_interval_ms: u64,
+
+    /// Clients per loopback source address (127.0.0.1, 127.0.0.2, ...), so ports never run out.
+    #[arg(long, default_value_t = 10_000)]
+    pub per_source_ip: usize,
+    /// Most clients in one process (the open-file limit here is 20,000); more go to children.
+    #[arg(long, default_value_t = 18_000)]
+    pub max_per_process: usize,
+    /// Client processes to use (default: as few as `--max-per-process` allows).
+    #[arg(long)]
+    pub processes: Option<usize>,
+    /// New connections per second while connecting.
+    #[arg(long, default_value_t = 4_000)]
+    pub connect_rate: u32,
+    /// Seconds allowed for every client to connect and subscribe.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout: u64,
+    /// Name of the server under test, recorded in the JSON summary.
+    #[arg(long, default_value = "flux")]
+    pub label: String,
+    /// Writes the summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No live line every second.
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Internal: run as shard INDEX of COUNT, reading commands on stdin and reporting on stdout.
+    #[arg(long, hide = true, num_args = 2, value_names = ["INDEX", "COUNT"])]
+    pub shard: Option<Vec<usize>>,
+}
+
+/// The named scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Fast and slow subscribers on one channel under a steady publisher.
+    SlowConsumer,
+    /// 1,000 guild members, 1,000 messages/s, 10 slow consumers, 100 partitioned clients.
+    ChatStorm,
+    /// S subscribers on one channel, then the same S over 50 channels: time to last delivery.
+    BigChannel,
+    /// A 5,000-10,000 member guild with steady joins and leaves, each fanned out to all.
+    PresenceStorm,
+}
+
+impl Scenario {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::SlowConsumer => "slow-consumer",
+            Scenario::ChatStorm => "chat-storm",
+            Scenario::BigChannel => "big-channel",
+            Scenario::PresenceStorm => "presence-storm",
+        }
+    }
+}
+
+/// How a slow consumer misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowMode {
+    /// Stops reading for `--stall-secs`, then reads again (to see how it was closed).
+    Stop,
+    /// Reads one small chunk every `--slow-delay-ms`.
+    Delay,
+}
+
+/// One client.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    /// Its role.
+    pub role: Role,
+    /// Indices into [`Plan::channels`].
+    pub channels: Vec<usize>,
+    /// Source address to connect from.
+    pub source: Ipv4Addr,
+}
+
+/// What the publisher sends.
+#[derive(Debug, Clone)]
+pub enum Publishing {
+    /// `rate` events per second to `channel` for `duration`.
+    Steady { channel: usize, rate: f64, duration: Duration },
+    /// Phases of `rounds` publishes `interval` apart; each publish goes to all the phase's channels.
+    Rounds { phases: Vec<Phase>, rounds: usize, interval: Duration },
+}
+
+/// One phase of a rounds publisher.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    /// Its name in the report.
+    pub name: &'static str,
+    /// Channels each publish goes to (one REST call).
+    pub channels: Vec<usize>,
+}
+
+/// Failures to inject, timed from the start of publishing.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// How slow consumers behave.
+    pub slow_mode: SlowMode,
+    /// Stop mode: how long they stop reading.
+    pub stall: Duration,
+    /// Delay mode: time between reads.
+    pub read_delay: Duration,
+    /// When partitioned clients drop.
+    pub partition_at: Duration,
+    /// Leaves and rejoins per second.
+    pub churn_per_sec: f64,
+}
+
+/// Everything a run does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The server.
+    pub server: SocketAddr,
+    /// Channel names.
+    pub channels: Vec<String>,
+    /// Every client, in index order.
+    pub clients: Vec<ClientSpec>,
+    /// The publisher's schedule.
+    pub publishing: Publishing,
+    /// Bytes of event data.
+    pub payload: usize,
+    /// Failure injection.
+    pub injection: Injection,
+    /// Whether shards track each publish's completion (time to its last delivery).
+    pub track_completions: bool,
+}
+
+impl Plan {
+    /// The plan for `args`.
+    pub fn new(args: &Args) -> Plan {
+        let scenario = args.scenario;
+        let (healthy, slow, partitioned, churners) = match scenario {
+            Scenario::SlowConsumer => (args.connections.unwrap_or(200), args.slow.unwrap_or(5), args.partition.unwrap_or(0), 0),
+            Scenario::ChatStorm => (args.connections.unwrap_or(890), args.slow.unwrap_or(10), args.partition.unwrap_or(100), 0),
+            Scenario::BigChannel => (args.connections.unwrap_or(10_000), args.slow.unwrap_or(0), args.partition.unwrap_or(0), 0),
+            Scenario::PresenceStorm => {
+                let members = args.connections.unwrap_or(5_000);
+                // A tenth of the guild takes turns leaving and rejoining.
+                let churners = if args.churn.unwrap_or(10.0) > 0.0 { (members / 10).max(1) } else { 0 };
+                (members - churners.min(members), args.slow.unwrap_or(0), args.partition.unwrap_or(0), churners)
+            }
+        };
+        let default_rate = match scenario {
+            Scenario::SlowConsumer => 1_000.0,
+            Scenario::ChatStorm => 1_000.0,
+            Scenario::BigChannel => 0.0,
+            Scenario::PresenceStorm => 100.0,
+        };
+        let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
+            Scenario::SlowConsumer => 20.0,
+            _ => 30.0,
+        }));
+        let payload = args.payload.unwrap_or(match scenario {
+            Scenario::SlowConsumer => 1024,
+            _ => 100,
+        });
+
+        let mut channels = vec![match scenario {
+            Scenario::BigChannel => "big".to_string(),
+            Scenario::PresenceStorm => "guild-presence".to_string(),
+            _ => "guild-chat".to_string(),
+        }];
+        let spread = args.channels.max(1);
+        if scenario == Scenario::BigChannel {
+            channels.extend((0..spread).map(|i| format!("small-{i}")));
+        }
+
+        let roles = std::iter::repeat_n(Role::Healthy, healthy)
+            .chain(std::iter::repeat_n(Role::Slow, slow))
+            .chain(std::iter::repeat_n(Role::Partitioned, partitioned))
+            .chain(std::iter::repeat_n(Role::Churn, churners));
+        let per_ip = args.per_source_ip.max(1);
+        let clients = roles
+            .enumerate()
+            .map(|(i, role)| ClientSpec {
+                role,
+                // big-channel: every client is on the big channel and on one of the small ones.
+                channels: if scenario == Scenario::BigChannel { vec![0, 1 + i % spread] } else { vec![0] },
+                source: Ipv4Addr::new(127, 0, 0, 1 + (i / per_ip).min(253) as u8),
+            })
+            .collect();
+
+        let publishing = match scenario {
+            Scenario::BigChannel => Publishing::Rounds {
+                phases: vec![
+                    Phase { name: "one channel", channels: vec![0] },
+                    Phase { name: "spread channels", channels: (1..=spread).collect() },
+                ],
+                rounds: args.rounds.max(1),
+                interval: Duration::from_millis(args.round_interval_ms),
+            },
+            _ => Publishing::Steady { channel: 0, rate: args.rate.unwrap_or(default_rate), duration },
+        };
+        let slow_mode = args.slow_mode.unwrap_or(match scenario {
+            Scenario::ChatStorm => SlowMode::Delay,
+            _ => SlowMode::Stop,
+        });
+        Plan {
+            scenario,
+            server: SocketAddr::new(args.host, args.port),
+            channels,
+            clients,
+            publishing,
+            payload,
+            injection: Injection {
+                slow_mode,
+                stall: Duration::from_secs_f64(args.stall_secs),
+                read_delay: Duration::from_millis(args.slow_delay_ms),
+                partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
+                churn_per_sec: if churners > 0 { args.churn.unwrap_or(10.0) } else { 0.0 },
+            },
+            track_completions: scenario == Scenario::BigChannel,
+        }
+    }
+
+    /// Clients of `role` subscribed to channel `channel`.
+    pub fn members(&self, role: Role, channel: usize) -> u64 {
+        self.clients.iter().filter(|c| c.role == role && c.channels.contains(&channel)).count() as u64
+    }
+
+    /// How many processes the clients are spread over.
+    pub fn processes(&self, args: &Args) -> usize {
+        let needed = self.clients.len().div_ceil(args.max_per_process.max(1));
+        args.processes.unwrap_or(needed).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(argv: &[&str]) -> Plan {
+        Plan::new(&Args::parse_from(std::iter::once("flux-load").chain(argv.iter().copied())))
+    }
+
+    #[test]
+    fn chat_storm_has_the_seeds_population() {
+        let plan = plan(&["chat-storm"]);
+        assert_eq!(plan.clients.len(), 1_000);
+        let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
+        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned)), (890, 10, 100));
+        assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1_000.0));
+    }
+
+    #[test]
+    fn clients_spread_over_source_addresses_and_processes() {
+        let args = Args::parse_from(["flux-load", "big-channel", "--connections", "25000"]);
+        let plan = Plan::new(&args);
+        assert_eq!(plan.clients[0].source, Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(plan.clients[24_999].source, Ipv4Addr::new(127, 0, 0, 3));
+        assert_eq!(plan.processes(&args), 2);
+        assert_eq!(plan.members(Role::Healthy, 0), 25_000);
+        assert_eq!(plan.members(Role::Healthy, 1), 500);
+    }
+}
