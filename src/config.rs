@@ -64,6 +64,12 @@ pub struct Config {
     #[arg(long, env = "FLUX_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
 
+    /// Microseconds between two flushes of large fan-outs under steady load, so several frames
+    /// share each socket write (0: flush every loop turn). Small fan-outs and a broadcast after a
+    /// quiet spell are written at once.
+    #[arg(long, env = "FLUX_WRITE_COALESCE_US", default_value_t = 5000)]
+    pub write_coalesce_us: u64,
+
     /// Milliseconds to flush close frames to clients on shutdown before exiting.
     #[arg(long, env = "FLUX_SHUTDOWN_GRACE_MS", default_value_t = 2_000)]
     pub shutdown_grace_ms: u64,
@@ -87,6 +93,7 @@ impl Default for Config {
             activity_timeout: 120,
             pong_timeout: 30,
             handshake_timeout_ms: 10_000,
+            write_coalesce_us: 5000,
             shutdown_grace_ms: 2_000,
         }
     }
@@ -137,6 +144,11 @@ impl Config {
     /// Deadline for a request or handshake to arrive complete.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// How long a large fan-out's writes may be held to coalesce them.
+    pub fn write_coalesce(&self) -> Duration {
+        Duration::from_micros(self.write_coalesce_us)
     }
 
     /// Time allowed to flush close frames at shutdown.

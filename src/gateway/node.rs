@@ -71,6 +71,7 @@ impl Gateway {
             evict_after: config.evict_after(),
             request_timeout: config.handshake_timeout(),
             shutdown_grace: config.shutdown_grace(),
+            write_coalesce: config.write_coalesce(),
             handle_signals,
         };
         let server = server::start(server_settings, FramePool::default(), |context| {

@@ -51,6 +51,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Time allowed to flush close frames at shutdown.
     pub shutdown_grace: Duration,
+    /// How long a large fan-out's writes may be held to coalesce more frames into each write.
+    pub write_coalesce: Duration,
     /// Stop on SIGINT and SIGTERM.
     pub handle_signals: bool,
 }
@@ -103,6 +105,7 @@ where
         evict_after: settings.evict_after,
         request_timeout: settings.request_timeout,
         shutdown_grace: settings.shutdown_grace,
+        write_coalesce: settings.write_coalesce,
     };
 
     let mut threads = Vec::with_capacity(workers + 1);

@@ -66,6 +66,7 @@ fn main() {
         evict_after: Duration::from_secs(60),
         request_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(1),
+        write_coalesce: Duration::ZERO,
         handle_signals: true,
     };
     let pool = FramePool::default();

@@ -40,14 +40,17 @@ pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &Ato
     match &plan.publishing {
         Publishing::Steady { channel, rate, duration } => {
             let total = (rate * duration.as_secs_f64()).round() as u64;
-            let threads = threads.clamp(1, 64) as u64;
+            // Threads take the next number from one counter, so the events in flight are always
+            // within `threads` of each other, however far behind schedule the server falls.
+            let next = AtomicU64::new(0);
             let parts: Vec<Published> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        scope.spawn(move || {
+                let handles: Vec<_> = (0..threads.clamp(1, 64))
+                    .map(|_| {
+                        scope.spawn(|| {
                             let mut publisher = Publisher::new(plan, app);
-                            for n in (t..total).step_by(threads as usize) {
-                                if stop.load(Ordering::Relaxed) {
+                            loop {
+                                let n = next.fetch_add(1, Ordering::Relaxed);
+                                if n >= total || stop.load(Ordering::Relaxed) {
                                     break;
                                 }
                                 pace(start + Duration::from_secs_f64(n as f64 / rate));
