@@ -1,79 +1,131 @@
-// Starts the flux binary for a test on a free loopback port, and stops it with SIGTERM.
+// Runs the real `flux` binary for the end-to-end tests, and the small waiting helpers they share.
+//
+// The gateway is started on a free loopback port with two workers, so subscriptions, publishes and
+// occupancy really cross worker threads, and is stopped with SIGTERM, which must exit 0.
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** The binary under test: $FLUX_BIN, or the debug build of this checkout. */
 export const FLUX_BIN = process.env.FLUX_BIN ?? path.join(here, "..", "..", "target", "debug", "flux");
+
+/** The app every gateway here serves (the defaults, passed explicitly so the tests say them). */
 export const APP = { appId: "app-id", key: "app-key", secret: "app-secret" };
 
+/** The activity timeout given to the gateway, not its default, so clients show it is passed on. */
+export const ACTIVITY_TIMEOUT = 42;
+
+const START_TIMEOUT_MS = 10_000;
+const STOP_TIMEOUT_MS = 10_000;
+
+/** Resolves after `ms` milliseconds. */
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * A port nothing listens on right now: the kernel picks one and we release it at once. Telling the
+ * gateway its port spares us reading it back from the log, as FLUX_PORT=0 would need.
+ */
 function freePort() {
   return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.on("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
+    const probe = net.createServer();
+    probe.on("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
     });
   });
 }
 
 async function answers(port) {
   try {
-    const response = await fetch(`http://127.0.0.1:${port}/`);
+    const response = await fetch(`http://127.0.0.1:${port}/`, { signal: AbortSignal.timeout(1000) });
+    await response.body?.cancel();
     return response.status === 200;
   } catch {
-    return false;
+    return false; // Not listening yet.
   }
 }
 
-/** A running gateway: `port`, `log()` and `stop()` (SIGTERM; resolves to the exit code). */
+/**
+ * Starts a gateway and waits until `GET /` answers 200. Returns `{ port, log(), stop() }`;
+ * `stop()` sends SIGTERM and asserts a clean exit: code 0 and no panic in the log.
+ */
 export async function startFlux(env = {}) {
   const port = await freePort();
   const child = spawn(FLUX_BIN, [], {
-    env: { ...process.env, FLUX_HOST: "127.0.0.1", FLUX_PORT: String(port), FLUX_WORKERS: "2", RUST_LOG: "info", ...env },
+    env: {
+      ...process.env,
+      FLUX_HOST: "127.0.0.1",
+      FLUX_PORT: String(port),
+      FLUX_WORKERS: "2",
+      FLUX_APP_ID: APP.appId,
+      FLUX_APP_KEY: APP.key,
+      FLUX_APP_SECRET: APP.secret,
+      FLUX_ACTIVITY_TIMEOUT: String(ACTIVITY_TIMEOUT),
+      RUST_LOG: "info",
+      ...env,
+    },
     stdio: ["ignore", "ignore", "pipe"],
   });
   let log = "";
   child.stderr.on("data", (chunk) => (log += chunk));
-  const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve(code ?? signal)));
-  for (let i = 0; i < 100 && !(await answers(port)); i++) {
-    await new Promise((r) => setTimeout(r, 50));
+  let exit = null; // How the process ended, once it has: { code, signal }, or { error } if it never ran.
+  const exited = new Promise((resolve) => {
+    const ended = (outcome) => resolve((exit = outcome));
+    child.on("error", (error) => ended({ error }));
+    child.on("exit", (code, signal) => ended({ code, signal }));
+  });
+
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  while (!(await answers(port))) {
+    if (exit || Date.now() > deadline) {
+      child.kill("SIGKILL");
+      throw new Error(`flux (${FLUX_BIN}) did not start on port ${port}: ${JSON.stringify(exit)}\n${log}`);
+    }
+    await sleep(50);
   }
-  if (!(await answers(port))) {
-    child.kill("SIGKILL");
-    throw new Error(`flux did not start:\n${log}`);
-  }
+
   return {
     port,
     log: () => log,
-    stop: async () => {
+    async stop() {
       child.kill("SIGTERM");
-      return exited;
+      const timer = setTimeout(() => child.kill("SIGKILL"), STOP_TIMEOUT_MS);
+      const { code, signal } = await exited;
+      clearTimeout(timer);
+      assert.deepEqual({ code, signal }, { code: 0, signal: null }, `flux did not exit 0 on SIGTERM:\n${log}`);
+      assert.doesNotMatch(log, /panicked/, "flux panicked");
     },
   };
 }
 
-/** Resolves when `emitter` fires `event` (pusher-js bind style), or rejects after `ms`. */
+/** Resolves with the data of the next `event` on a pusher-js channel or connection, or rejects after `ms`. */
 export function once(bindable, event, ms = 5000) {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${event}`)), ms);
-    bindable.bind(event, function handler(data) {
+    const handler = (data) => {
       clearTimeout(timer);
       bindable.unbind(event, handler);
       resolve(data);
-    });
+    };
+    const timer = setTimeout(() => {
+      bindable.unbind(event, handler);
+      reject(new Error(`timed out after ${ms} ms waiting for ${event}`));
+    }, ms);
+    bindable.bind(event, handler);
   });
 }
 
-/** Polls `check` until it returns a truthy value, or fails after `ms`. */
-export async function eventually(check, ms = 5000) {
+/** Polls `check` until it returns something truthy, which it resolves with, or rejects after `ms`. */
+export async function eventually(check, ms = 5000, what = "a condition") {
   const deadline = Date.now() + ms;
   for (;;) {
     const value = await check();
     if (value) return value;
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await new Promise((r) => setTimeout(r, 25));
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(20);
   }
 }

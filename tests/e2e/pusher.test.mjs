@@ -1,28 +1,47 @@
-// Flux against the real clients: pusher-js 8, the official `pusher` server SDK, and `ws`.
-import { after, before, describe, test } from "node:test";
+// Flux against real third-party clients: pusher-js 8 (the Node build), the official `pusher`
+// server SDK, and raw `ws` sockets for what pusher-js hides (frames, close codes).
+import { isDeepStrictEqual } from "node:util";
+import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
 import WebSocket from "ws";
-import { APP, eventually, once, startFlux } from "./flux.mjs";
+import { ACTIVITY_TIMEOUT, APP, eventually, once, sleep, startFlux } from "./flux.mjs";
+
+/** Every test and hook is bounded; a hang fails its test instead of stalling the run. */
+const BOUNDED = { timeout: 15_000 };
 
 let flux;
-const clients = [];
+/** Clients a test opened, closed after it so occupancy never leaks into the next test. */
+const openClients = [];
 
-function client(options = {}) {
-  const pusher = new PusherClient(options.key ?? APP.key, {
+before(async () => {
+  flux = await startFlux();
+}, BOUNDED);
+
+afterEach(() => {
+  for (const client of openClients.splice(0)) client.disconnect();
+}, BOUNDED);
+
+after(async () => {
+  await flux?.stop(); // Absent if it failed to start: that failure is already reported.
+}, BOUNDED);
+
+/** A pusher-js client of the shared gateway, on plain WebSocket only. */
+function pusherClient(key = APP.key) {
+  const pusher = new PusherClient(key, {
     wsHost: "127.0.0.1",
     wsPort: flux.port,
     forceTLS: false,
     enabledTransports: ["ws"],
     cluster: "mt1",
-    ...options,
   });
-  clients.push(pusher);
+  openClients.push(pusher);
   return pusher;
 }
 
-function server(secret = APP.secret) {
+/** The official server SDK, pointed at the shared gateway. */
+function pusherServer(secret = APP.secret) {
   return new PusherServer({ ...APP, secret, host: "127.0.0.1", port: String(flux.port), useTLS: false });
 }
 
@@ -37,138 +56,251 @@ async function subscribed(pusher, name) {
   return channel;
 }
 
-/** Collects the `event` events of `channel` into an array. */
-function collect(channel, event) {
-  const got = [];
-  channel.bind(event, (data) => got.push(data));
-  return got;
+/** Records every `event` on `channel`, in arrival order. */
+function record(channel, event) {
+  const received = [];
+  channel.bind(event, (data) => received.push(data));
+  return received;
 }
 
-/** A raw WebSocket that queues every parsed message for `next()`. */
-function raw(path) {
-  const ws = new WebSocket(`ws://127.0.0.1:${flux.port}${path}`);
-  const queue = [];
-  const waiters = [];
-  ws.on("message", (data) => {
-    const message = JSON.parse(data.toString());
-    const waiter = waiters.shift();
-    waiter ? waiter(message) : queue.push(message);
-  });
-  ws.next = () => (queue.length ? Promise.resolve(queue.shift()) : new Promise((resolve) => waiters.push(resolve)));
-  ws.closed = new Promise((resolve) => ws.on("close", (code) => resolve(code)));
-  return ws;
+/** GETs a REST resource with the SDK and parses its JSON body. */
+async function getJson(path, params = {}) {
+  const response = await pusherServer().get({ path, params });
+  return response.json();
 }
 
-before(async () => {
-  flux = await startFlux();
-});
+/**
+ * Polls a REST resource until it equals `expected`. Occupancy reaches the other worker through its
+ * inbox, so the first answer may be a few milliseconds behind; a wrong final answer shows its diff.
+ */
+async function settlesTo(path, params, expected) {
+  const deadline = Date.now() + 3000;
+  let last = await getJson(path, params);
+  while (!isDeepStrictEqual(last, expected) && Date.now() < deadline) {
+    await sleep(20);
+    last = await getJson(path, params);
+  }
+  assert.deepEqual(last, expected, `GET ${path} ${JSON.stringify(params)}`);
+}
 
-after(async () => {
-  clients.forEach((c) => c.disconnect());
-  assert.equal(await flux.stop(), 0, "flux exits 0 on SIGTERM");
-  assert.doesNotMatch(flux.log(), /panicked/);
-});
+/** A raw WebSocket to a gateway: messages are parsed and queued for `next()`. */
+class RawClient {
+  constructor(port, path) {
+    this.queue = [];
+    this.waiters = [];
+    this.ws = new WebSocket(`ws://127.0.0.1:${port}${path}`);
+    this.ws.on("message", (data) => {
+      const message = JSON.parse(data.toString());
+      const waiter = this.waiters.shift();
+      if (waiter) waiter(message);
+      else this.queue.push(message);
+    });
+    // Without a listener, a socket error would be thrown from the emitter and end the run.
+    this.ws.on("error", (error) => (this.error = error));
+    /** Resolves with `{ code, reason }` when the server closes the connection. */
+    this.closed = new Promise((resolve) => this.ws.on("close", (code, reason) => resolve({ code, reason: reason.toString() })));
+    openClients.push(this);
+  }
 
-describe("pusher-js and the pusher SDK", () => {
-  test("a client connects, subscribes and receives a triggered event intact", async () => {
-    const pusher = await connected(client());
+  /** The next message from the server, or a rejection after `ms`. */
+  next(ms = 5000) {
+    if (this.queue.length) return Promise.resolve(this.queue.shift());
+    return new Promise((resolve, reject) => {
+      const waiter = (message) => {
+        clearTimeout(timer);
+        resolve(message);
+      };
+      const timer = setTimeout(() => {
+        this.waiters.splice(this.waiters.indexOf(waiter), 1);
+        reject(new Error(`no message within ${ms} ms${this.error ? ` (${this.error.message})` : ""}`));
+      }, ms);
+      this.waiters.push(waiter);
+    });
+  }
+
+  send(message) {
+    this.ws.send(typeof message === "string" ? message : JSON.stringify(message));
+  }
+
+  disconnect() {
+    this.ws.terminate();
+  }
+}
+
+/** A raw client past `pusher:connection_established`, with that message's parsed data. */
+async function established(port = flux.port) {
+  const client = new RawClient(port, `/app/${APP.key}?protocol=7&client=js&version=8.6.0`);
+  const message = await client.next();
+  assert.equal(message.event, "pusher:connection_established");
+  client.established = JSON.parse(message.data);
+  return client;
+}
+
+describe("pusher-js and the pusher server SDK", () => {
+  test("a client connects, subscribes and receives a triggered event with its data intact", BOUNDED, async () => {
+    const pusher = await connected(pusherClient());
     assert.match(pusher.connection.socket_id, /^\d+\.\d+$/);
     const channel = await subscribed(pusher, "orders");
+    const data = { id: 42, items: ["a", "b"], nested: { ok: true, none: null }, text: 'ünïcödé "quoted" \\ \n', pi: 3.14 };
     const received = once(channel, "created");
-    await server().trigger("orders", "created", { id: 42, items: ["a", "b"], note: "ünïcödé" });
-    assert.deepEqual(await received, { id: 42, items: ["a", "b"], note: "ünïcödé" });
+    await pusherServer().trigger("orders", "created", data);
+    assert.deepEqual(await received, data);
   });
 
-  test("one trigger reaches several channels, and socket_id excludes the publisher", async () => {
-    const [alice, bob] = await Promise.all([connected(client()), connected(client())]);
-    const aliceGot = collect(await subscribed(alice, "room-a"), "msg");
-    const bobGot = collect(await subscribed(bob, "room-b"), "msg");
-    await subscribed(bob, "room-a").then((c) => collect(c, "msg")).then((bobOnA) => (bob.onA = bobOnA));
+  test("one trigger reaches every channel it names", BOUNDED, async () => {
+    const [alice, bob] = await Promise.all([connected(pusherClient()), connected(pusherClient())]);
+    const names = ["multi-a", "multi-b", "multi-c"];
+    const received = [
+      record(await subscribed(alice, "multi-a"), "news"),
+      record(await subscribed(alice, "multi-b"), "news"),
+      record(await subscribed(bob, "multi-c"), "news"),
+    ];
+    await pusherServer().trigger(names, "news", { headline: "all three" });
+    await eventually(() => received.every((r) => r.length === 1), 5000, "the event on every channel");
+    assert.deepEqual(received, [[{ headline: "all three" }], [{ headline: "all three" }], [{ headline: "all three" }]]);
+  });
 
-    await server().trigger(["room-a", "room-b"], "msg", { n: 1 }, { socket_id: alice.connection.socket_id });
-    await server().trigger(["room-a", "room-b"], "msg", { n: 2 });
-    await eventually(() => aliceGot.length === 1 && bobGot.length === 2 && bob.onA.length === 2);
-    assert.deepEqual(aliceGot, [{ n: 2 }], "alice was excluded from the first event");
+  test("triggerBatch delivers each event to its channel, in order", BOUNDED, async () => {
+    const pusher = await connected(pusherClient());
+    const even = record(await subscribed(pusher, "batch-even"), "item");
+    const odd = record(await subscribed(pusher, "batch-odd"), "item");
+    // Ten events: the most one batch may hold.
+    const batch = Array.from({ length: 10 }, (_, i) => ({ channel: i % 2 ? "batch-odd" : "batch-even", name: "item", data: { i } }));
+    await pusherServer().triggerBatch(batch);
+    await eventually(() => even.length + odd.length === 10, 5000, "ten batched events");
+    assert.deepEqual(even.map((d) => d.i), [0, 2, 4, 6, 8]);
+    assert.deepEqual(odd.map((d) => d.i), [1, 3, 5, 7, 9]);
+  });
+
+  test("socket_id excludes that connection, and only that one", BOUNDED, async () => {
+    const [alice, bob] = await Promise.all([connected(pusherClient()), connected(pusherClient())]);
+    const aliceGot = record(await subscribed(alice, "excluding"), "said");
+    const bobGot = record(await subscribed(bob, "excluding"), "said");
+    await pusherServer().trigger("excluding", "said", { n: 1 }, { socket_id: alice.connection.socket_id });
+    await pusherServer().trigger("excluding", "said", { n: 2 });
+    // Alice's connection gets a channel's events in publish order (each worker has one FIFO
+    // inbox), so once she has the second event she would already have had the first.
+    await eventually(() => aliceGot.length >= 1 && bobGot.length === 2, 5000, "both events");
+    assert.deepEqual(aliceGot, [{ n: 2 }], "the excluded client received only the event that did not exclude it");
     assert.deepEqual(bobGot, [{ n: 1 }, { n: 2 }]);
   });
 
-  test("triggerBatch delivers every event in order", async () => {
-    const pusher = await connected(client());
-    const got = collect(await subscribed(pusher, "batch"), "item");
-    const batch = Array.from({ length: 10 }, (_, i) => ({ channel: "batch", name: "item", data: { i } }));
-    await server().triggerBatch(batch);
-    await eventually(() => got.length === 10);
-    assert.deepEqual(got.map((d) => d.i), [...Array(10).keys()]);
-  });
+  test("the channels API reports subscription counts across workers, and their decrease", BOUNDED, async () => {
+    // Connections are spread over the two workers, so the counts below add up both.
+    const [a, b, c, other] = await Promise.all([1, 2, 3, 4].map(() => connected(pusherClient())));
+    await Promise.all([a, b, c].map((p) => subscribed(p, "stats-room")));
+    await subscribed(a, "stats-lobby");
+    await subscribed(other, "elsewhere");
 
-  test("the channels API counts subscriptions", async () => {
-    const pushers = await Promise.all([1, 2, 3].map(() => connected(client())));
-    await Promise.all(pushers.map((p) => subscribed(p, "stats-room")));
-    const body = await eventually(async () => {
-      const response = await server().get({ path: "/channels", params: { filter_by_prefix: "stats-", info: "subscription_count" } });
-      const json = await response.json();
-      return json.channels?.["stats-room"]?.subscription_count === 3 && json;
+    const params = { filter_by_prefix: "stats-", info: "subscription_count" };
+    await settlesTo("/channels", params, {
+      channels: { "stats-lobby": { subscription_count: 1 }, "stats-room": { subscription_count: 3 } },
     });
-    assert.deepEqual(body, { channels: { "stats-room": { subscription_count: 3 } } });
-    const one = await (await server().get({ path: "/channels/stats-room", params: { info: "subscription_count" } })).json();
-    assert.deepEqual(one, { occupied: true, subscription_count: 3 });
+    await settlesTo("/channels/stats-room", { info: "subscription_count" }, { occupied: true, subscription_count: 3 });
+
+    a.unsubscribe("stats-room");
+    b.disconnect();
+    await settlesTo("/channels/stats-room", { info: "subscription_count" }, { occupied: true, subscription_count: 1 });
+    a.disconnect();
+    await settlesTo("/channels", params, { channels: { "stats-room": { subscription_count: 1 } } });
+    await settlesTo("/channels/stats-lobby", {}, { occupied: false });
   });
 
-  test("a wrong secret is refused with 401 and an oversized event with 413", async () => {
-    await assert.rejects(server("wrong-secret").trigger("orders", "created", {}), (e) => e.status === 401 && /signature/.test(e.body));
-    await assert.rejects(server().trigger("orders", "big", { blob: "x".repeat(11 * 1024) }), (e) => e.status === 413);
+  test("a request signed with the wrong secret is refused with 401", BOUNDED, async () => {
+    await assert.rejects(pusherServer("wrong-secret").trigger("orders", "created", {}), (error) => {
+      assert.equal(error.status, 401);
+      assert.match(error.body, /auth_signature/);
+      return true;
+    });
   });
 
-  test("an unknown app key gets error 4001", async () => {
-    const pusher = client({ key: "not-a-key" });
-    const error = await once(pusher.connection, "error");
-    assert.equal(error.error.data.code, 4001);
+  test("event data over 10 KiB is refused with 413, and 10 KiB is accepted", BOUNDED, async () => {
+    // The SDK sends JSON.stringify(data): {"blob":"..."} is 11 bytes of envelope around the blob.
+    const limit = 10 * 1024;
+    await pusherServer().trigger("sizes", "fits", { blob: "x".repeat(limit - 11) });
+    await assert.rejects(pusherServer().trigger("sizes", "big", { blob: "x".repeat(limit - 10) }), (error) => {
+      assert.equal(error.status, 413);
+      return true;
+    });
+  });
+
+  test("an unknown app key gets error 4001 and pusher-js gives up", BOUNDED, async () => {
+    const pusher = pusherClient("not-a-key");
+    // pusher-js wraps a pusher:error that arrives before connection_established in a WebSocketError.
+    const { type, error } = await once(pusher.connection, "error");
+    assert.equal(type, "WebSocketError");
+    assert.deepEqual(error.data, { code: 4001, message: "App key not-a-key does not exist" });
+    // 4000-4099 means "do not reconnect as is": pusher-js disconnects instead of retrying.
+    await eventually(() => pusher.connection.state === "disconnected", 5000, "pusher-js to disconnect");
   });
 });
 
 describe("raw WebSocket clients (ws)", () => {
-  test("connection_established carries socket_id and activity_timeout; ping gets pong", async () => {
-    const ws = raw("/app/app-key?protocol=7&client=js&version=8.4.0");
-    const established = await ws.next();
-    assert.equal(established.event, "pusher:connection_established");
-    const data = JSON.parse(established.data);
-    assert.match(data.socket_id, /^\d+\.\d+$/);
-    assert.equal(data.activity_timeout, 120);
-    ws.send(JSON.stringify({ event: "pusher:ping", data: {} }));
-    assert.equal((await ws.next()).event, "pusher:pong");
-    ws.close();
+  test("connection_established carries socket_id and the configured activity_timeout", BOUNDED, async () => {
+    const client = await established();
+    assert.match(client.established.socket_id, /^\d+\.\d+$/);
+    assert.equal(client.established.activity_timeout, ACTIVITY_TIMEOUT);
   });
 
-  test("an unsupported protocol version gets 4007 and a close", async () => {
-    const ws = raw("/app/app-key?protocol=3");
-    const error = await ws.next();
+  test("pusher:ping gets pusher:pong", BOUNDED, async () => {
+    const client = await established();
+    client.send({ event: "pusher:ping", data: {} });
+    assert.equal((await client.next()).event, "pusher:pong");
+  });
+
+  test("an unknown app key gets pusher:error 4001 and close code 4001", BOUNDED, async () => {
+    const client = new RawClient(flux.port, "/app/not-a-key?protocol=7");
+    const error = await client.next();
     assert.equal(error.event, "pusher:error");
-    assert.equal(error.data.code, 4007);
-    assert.equal(await ws.closed, 4007);
+    assert.equal(error.data.code, 4001);
+    assert.equal((await client.closed).code, 4001);
   });
 
-  test("client events on public channels and junk get pusher:error, and the connection lives on", async () => {
-    const ws = raw("/app/app-key?protocol=7");
-    await ws.next();
-    ws.send(JSON.stringify({ event: "pusher:subscribe", data: { channel: "public" } }));
-    assert.equal((await ws.next()).event, "pusher_internal:subscription_succeeded");
-    ws.send(JSON.stringify({ event: "client-typing", channel: "public", data: {} }));
-    assert.equal((await ws.next()).event, "pusher:error");
-    ws.send("this is not JSON");
-    assert.equal((await ws.next()).event, "pusher:error");
-    ws.send(JSON.stringify({ event: "pusher:ping", data: {} }));
-    assert.equal((await ws.next()).event, "pusher:pong");
-    ws.close();
+  for (const [query, code] of [
+    ["protocol=3", 4007],
+    ["protocol=seven", 4006],
+    ["", 4008],
+  ]) {
+    test(`"${query}" gets pusher:error ${code} and close code ${code}`, BOUNDED, async () => {
+      const client = new RawClient(flux.port, `/app/${APP.key}?${query}`);
+      const error = await client.next();
+      assert.equal(error.event, "pusher:error");
+      assert.equal(error.data.code, code);
+      assert.equal((await client.closed).code, code);
+    });
+  }
+
+  test("a client event on a public channel gets pusher:error", BOUNDED, async () => {
+    const client = await established();
+    client.send({ event: "pusher:subscribe", data: { channel: "public-room" } });
+    assert.equal((await client.next()).event, "pusher_internal:subscription_succeeded");
+    client.send({ event: "client-x", channel: "public-room", data: { typing: true } });
+    const error = await client.next();
+    assert.equal(error.event, "pusher:error");
+    assert.match(error.data.message, /private and presence/);
+  });
+
+  test("invalid JSON gets pusher:error and the connection stays open", BOUNDED, async () => {
+    const client = await established();
+    client.send("this is not JSON {");
+    const error = await client.next();
+    assert.equal(error.event, "pusher:error");
+    assert.equal(error.data.code, null, "a code-less error: the client need not reconnect");
+    client.send({ event: "pusher:ping", data: {} });
+    assert.equal((await client.next()).event, "pusher:pong");
+    assert.equal(client.ws.readyState, WebSocket.OPEN);
   });
 });
 
 describe("shutdown", () => {
-  test("SIGTERM closes every client with 4200 and exits 0", async () => {
+  test("SIGTERM closes every client with 4200 and the process exits 0", BOUNDED, async () => {
+    // Its own gateway: the shared one must outlive this test.
     const own = await startFlux();
-    const sockets = [1, 2, 3].map(() => new WebSocket(`ws://127.0.0.1:${own.port}/app/app-key?protocol=7`));
-    await Promise.all(sockets.map((ws) => new Promise((resolve) => ws.once("message", resolve))));
-    const codes = Promise.all(sockets.map((ws) => new Promise((resolve) => ws.on("close", resolve))));
-    assert.equal(await own.stop(), 0);
-    assert.deepEqual(await codes, [4200, 4200, 4200]);
+    const clients = await Promise.all([1, 2, 3].map(() => established(own.port)));
+    clients[0].send({ event: "pusher:subscribe", data: { channel: "going-away" } });
+    await clients[0].next();
+    await own.stop();
+    const closes = await Promise.all(clients.map((client) => client.closed));
+    assert.deepEqual(closes.map((close) => close.code), [4200, 4200, 4200]);
   });
 });

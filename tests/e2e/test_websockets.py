@@ -1,5 +1,10 @@
-"""Flux against Python's `websockets` client, with the REST API signed by hand as Pusher
-documents it. Run: python3 tests/e2e/test_websockets.py (exits non-zero on failure)."""
+"""Flux against Python's `websockets` client, with the REST API signed by hand as Pusher documents
+it, so the signature scheme is checked against an implementation that is not ours nor an SDK's.
+
+Run: python3 tests/e2e/test_websockets.py (needs `websockets` 13 or later; run.sh makes a venv).
+Starts its own gateway on a free loopback port (binary: $FLUX_BIN, else target/debug/flux), runs
+each check, prints "N passed, M failed", and exits non-zero if any failed.
+"""
 
 import asyncio
 import hashlib
@@ -10,24 +15,74 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import urllib.error
 import urllib.request
 
 from websockets.asyncio.client import connect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLUX_BIN = os.environ.get("FLUX_BIN", os.path.join(HERE, "..", "..", "target", "debug", "flux"))
-KEY, SECRET, APP_ID = "app-key", "app-secret", "app-id"
+APP_ID, KEY, SECRET = "app-id", "app-key", "app-secret"
+TIMEOUT = 5  # seconds, for every wait on the gateway
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now (the gateway must be told its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def signed_post(port, path, body):
-    """POST `body` signed like the official SDKs: HMAC-SHA256 over METHOD, path, sorted query."""
+class Flux:
+    """The gateway binary on a free port; `stop()` sends SIGTERM and checks it exits 0."""
+
+    def __init__(self):
+        self.port = free_port()
+        # A file, not a pipe: nobody reads the log while the tests run, and a full pipe would
+        # block the gateway's logging.
+        self.log = tempfile.TemporaryFile()
+        env = dict(os.environ, FLUX_HOST="127.0.0.1", FLUX_PORT=str(self.port), FLUX_WORKERS="2",
+                   FLUX_APP_ID=APP_ID, FLUX_APP_KEY=KEY, FLUX_APP_SECRET=SECRET, RUST_LOG="info")
+        self.process = subprocess.Popen([FLUX_BIN], env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"flux did not start on port {self.port}:\n{self.read_log()}")
+            time.sleep(0.05)
+
+    def _answers(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False  # Not listening yet.
+
+    def read_log(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"flux did not stop within 10 s of SIGTERM:\n{self.read_log()}")
+        log = self.read_log()
+        assert code == 0, f"flux exited {code} on SIGTERM:\n{log}"
+        assert "panicked" not in log, log
+
+
+def signed_post(port, path, body, secret=SECRET):
+    """POSTs `body` signed as the Pusher SDKs do; returns (status, parsed JSON body).
+
+    The string to sign is "POST\\n<path>\\n<query>", the query being the auth_* parameters and
+    body_md5, sorted by key and joined as k=v with &; auth_signature is its hex HMAC-SHA256.
+    """
     params = {
         "auth_key": KEY,
         "auth_timestamp": str(int(time.time())),
@@ -35,60 +90,96 @@ def signed_post(port, path, body):
         "body_md5": hashlib.md5(body).hexdigest(),
     }
     query = "&".join(f"{k}={params[k]}" for k in sorted(params))
-    signature = hmac.new(SECRET.encode(), f"POST\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
+    signature = hmac.new(secret.encode(), f"POST\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}?{query}&auth_signature={signature}",
         data=body,
         headers={"Content-Type": "application/json"},
+        method="POST",
     )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return response.status, json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def trigger(port, channel, name, data, secret=SECRET):
+    """Publishes one event through the REST API, off the event loop."""
+    body = json.dumps({"name": name, "channels": [channel], "data": json.dumps(data)}).encode()
+    return await asyncio.to_thread(signed_post, port, f"/apps/{APP_ID}/events", body, secret)
 
 
 async def receive(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout=5))
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout=TIMEOUT))
 
 
-async def scenario(port):
-    async with connect(f"ws://127.0.0.1:{port}/app/{KEY}?protocol=7&client=python") as ws:
-        established = await receive(ws)
-        assert established["event"] == "pusher:connection_established", established
-        socket_id = json.loads(established["data"])["socket_id"]
-        assert socket_id.count(".") == 1, socket_id
+def client(port):
+    return connect(f"ws://127.0.0.1:{port}/app/{KEY}?protocol=7&client=python", open_timeout=TIMEOUT)
 
+
+async def connection_is_established(ws):
+    established = await receive(ws)
+    assert established["event"] == "pusher:connection_established", established
+    data = json.loads(established["data"])  # A JSON string inside the JSON message.
+    assert set(data) == {"socket_id", "activity_timeout"}, data
+    high, low = data["socket_id"].split(".")
+    assert high.isdigit() and low.isdigit(), data
+    return data
+
+
+async def test_subscribe_and_receive_a_hand_signed_publish(port):
+    async with client(port) as ws:
+        await connection_is_established(ws)
         await ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "py-room"}}))
         succeeded = await receive(ws)
         assert succeeded["event"] == "pusher_internal:subscription_succeeded", succeeded
+        assert succeeded["channel"] == "py-room", succeeded
 
-        body = json.dumps({"name": "hello", "channels": ["py-room"], "data": json.dumps({"from": "python"})}).encode()
-        status, reply = await asyncio.to_thread(signed_post, port, f"/apps/{APP_ID}/events", body)
-        assert (status, reply) == (200, {}), (status, reply)
+        data = {"from": "python", "n": [1, 2], "text": "ünïcödé"}
+        published = await trigger(port, "py-room", "hello", data)
+        assert published == (200, {}), published
         event = await receive(ws)
-        assert event == {"event": "hello", "channel": "py-room", "data": '{"from": "python"}'}, event
+        assert (event["event"], event["channel"]) == ("hello", "py-room"), event
+        assert json.loads(event["data"]) == data, event
 
+
+async def test_a_wrong_secret_is_refused_with_401(port):
+    status, body = await trigger(port, "py-room", "hello", {}, secret="wrong-secret")
+    assert status == 401, (status, body)
+    assert "auth_signature" in body["error"], body
+
+
+async def test_ping_gets_pong(port):
+    async with client(port) as ws:
+        await connection_is_established(ws)
         await ws.send(json.dumps({"event": "pusher:ping", "data": {}}))
-        assert (await receive(ws))["event"] == "pusher:pong"
+        pong = await receive(ws)
+        assert pong["event"] == "pusher:pong", pong
+
+
+TESTS = [
+    test_subscribe_and_receive_a_hand_signed_publish,
+    test_a_wrong_secret_is_refused_with_401,
+    test_ping_gets_pong,
+]
 
 
 def main():
-    port = free_port()
-    env = dict(os.environ, FLUX_HOST="127.0.0.1", FLUX_PORT=str(port), FLUX_WORKERS="2")
-    flux = subprocess.Popen([FLUX_BIN], env=env, stderr=subprocess.PIPE)
+    flux = Flux()
+    failed = 0
     try:
-        for _ in range(100):
+        for test in TESTS:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
-        asyncio.run(scenario(port))
+                asyncio.run(asyncio.wait_for(test(flux.port), timeout=15))
+                print(f"ok - {test.__name__}")
+            except Exception:  # Any failure of one test is reported and the others still run.
+                failed += 1
+                print(f"FAILED - {test.__name__}\n{traceback.format_exc()}")
     finally:
-        flux.send_signal(signal.SIGTERM)
-        code = flux.wait(timeout=10)
-        log = flux.stderr.read().decode()
-    assert code == 0, f"flux exited {code}:\n{log}"
-    assert "panicked" not in log, log
-    print("python websockets: ok")
+        flux.stop()
+    print(f"websockets: {len(TESTS) - failed} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
