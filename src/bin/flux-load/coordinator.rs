@@ -45,6 +45,11 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     if live.subscribed() < total {
         eprintln!("warning: only {} of {total} clients subscribed within {} s", live.subscribed(), args.connect_timeout);
     }
+    let hold_until = Instant::now() + Duration::from_secs_f64(args.hold_secs.max(0.0));
+    while Instant::now() < hold_until {
+        live.receive(&shards, Duration::from_millis(200));
+        live.print_connecting(total);
+    }
     live.totals = Tick::default();
 
     // Publish.
@@ -188,7 +193,8 @@ impl Live {
         }
         self.next_print += Duration::from_secs(1);
         if !self.quiet {
-            eprintln!("[{:>4.0}s] connecting: {} connected, {} / {total} subscribed", self.began.elapsed().as_secs_f64(), self.connected(), self.subscribed());
+            let phase = if self.subscribed() >= total { "holding" } else { "connecting" };
+            eprintln!("[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed", self.began.elapsed().as_secs_f64(), self.connected(), self.subscribed());
         }
     }
 

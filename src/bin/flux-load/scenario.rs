@@ -72,6 +72,10 @@ pub struct Args {
     /// Seconds of publishing.
     #[arg(long)]
     pub duration: Option<f64>,
+    /// Seconds every client stays connected and idle before publishing starts (to measure the
+    /// server's memory per idle connection, or to look at the dashboard).
+    #[arg(long, default_value_t = 0.0)]
+    pub hold_secs: f64,
     /// Bytes of event data.
     #[arg(long)]
     pub payload: Option<usize>,

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Reproduces BENCHMARKS.md's comparison table: the same flux-load scenarios against Flux,
+# Sockudo and flux-raw (the raw loopback limit), one server at a time, on loopback.
+#
+#   benches/compare.sh                 # every scenario, every server found
+#   SERVERS="flux raw" benches/compare.sh chat-storm fanout-1k
+#
+# For every run it records flux-load's JSON summary plus the server's CPU seconds and peak RSS
+# (from /proc), then prints the table (benches/compare_table.py). Results go to
+# target/compare/<time>/. This is a benchmark, not a test: it asserts nothing and takes about
+# 20 minutes for everything. Sockudo is looked for as `sockudo` on PATH or in ~/.cargo/bin
+# (install: apt-get install protobuf-compiler && cargo install sockudo --locked); without it
+# its column is left out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ALL_SCENARIOS=(chat-storm fanout-1k big-channel-16k presence-5k presence-10k slow-consumer idle-15k)
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=("${ALL_SCENARIOS[@]}")
+SERVERS="${SERVERS:-flux sockudo raw}"
+OUT="${OUT:-target/compare/$(date +%Y%m%d-%H%M%S)}"
+PORT="${PORT:-6401}"
+mkdir -p "$OUT"
+
+# flux-load's arguments per scenario.
+scenario_args() {
+  case "$1" in
+    chat-storm) echo "chat-storm --duration 20" ;;
+    fanout-1k) echo "chat-storm --connections 1000 --slow 0 --partition 0 --duration 20" ;;
+    big-channel-16k) echo "big-channel --connections 16000 --rounds 20" ;;
+    presence-5k) echo "presence-storm --connections 5000 --duration 20" ;;
+    presence-10k) echo "presence-storm --connections 10000 --duration 20" ;;
+    slow-consumer) echo "slow-consumer" ;;
+    # Connect, subscribe and sit idle for 10 s: memory per idle connection.
+    idle-15k) echo "presence-storm --connections 15000 --churn 0 --rate 0 --hold-secs 10" ;;
+    *) echo "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" >&2; exit 2 ;;
+  esac
+}
+
+SOCKUDO_BIN="$(command -v sockudo || true)"
+[ -n "$SOCKUDO_BIN" ] || { [ -x "$HOME/.cargo/bin/sockudo" ] && SOCKUDO_BIN="$HOME/.cargo/bin/sockudo"; } || true
+if [[ " $SERVERS " == *" sockudo "* && -z "$SOCKUDO_BIN" ]]; then
+  echo "compare.sh: sockudo not found; leaving its column out" >&2
+  SERVERS="${SERVERS//sockudo/}"
+fi
+
+echo "Building Flux, flux-load and flux-raw (release)..."
+cargo build --release --quiet --bin flux --bin flux-load --bin flux-raw
+
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+trap stop_server EXIT
+
+start_server() { # name port log
+  local name="$1" port="$2" log="$3"
+  case "$name" in
+    flux)
+      FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 RUST_LOG=warn target/release/flux >"$log" 2>&1 &
+      ;;
+    raw)
+      RUST_LOG=warn target/release/flux-raw --port "$port" >"$log" 2>&1 &
+      ;;
+    sockudo)
+      # Its own empty directory (it reads config/ relative to the working directory); limits
+      # lifted so its defaults (connections per app, API rate limit, channels per publish)
+      # do not cut the load short; metrics and logs off as Flux's are.
+      local dir="$OUT/sockudo-cwd"
+      mkdir -p "$dir"
+      (cd "$dir" && exec env HOST=127.0.0.1 PORT="$port" \
+        SOCKUDO_DEFAULT_APP_ID=app-id SOCKUDO_DEFAULT_APP_KEY=app-key SOCKUDO_DEFAULT_APP_SECRET=app-secret \
+        SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=1000000 SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND=1000000 \
+        SOCKUDO_DEFAULT_APP_MAX_EVENT_CHANNELS_AT_ONCE=100 RATE_LIMITER_ENABLED=false \
+        METRICS_ENABLED=false SHUTDOWN_GRACE_PERIOD=1 RUST_LOG=warn "$SOCKUDO_BIN") >"$log" 2>&1 &
+      ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 100); do
+    if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then exec 3<&-; return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "$name exited at start; see $log" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$name did not listen on $port within 10 s; see $log" >&2
+  return 1
+}
+
+# The server's RSS (KiB) now; CPU seconds so far (all threads).
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+for scenario in "${SCENARIOS[@]}"; do
+  args="$(scenario_args "$scenario")"
+  for server in $SERVERS; do
+    PORT=$((PORT + 1))
+    base="$OUT/$scenario.$server"
+    echo "== $scenario against $server: flux-load $args"
+    start_server "$server" "$PORT" "$base.server.log" || continue
+    sleep 0.5
+    rss_start="$(rss_kib "$SERVER_PID")"
+    cpu_start="$(cpu_secs "$SERVER_PID")"
+    # Peak RSS while the load runs, sampled twice a second (VmHWM would include start-up).
+    (peak=0; while kill -0 "$SERVER_PID" 2>/dev/null; do
+       r="$(rss_kib "$SERVER_PID")"; [ "${r:-0}" -gt "$peak" ] && peak="$r" && echo "$peak" >"$base.peak"
+       sleep 0.5; done) &
+    sampler=$!
+    # shellcheck disable=SC2086
+    timeout 600 target/release/flux-load $args --port "$PORT" --label "$server" --quiet --json "$base.json" \
+      >"$base.load.log" 2>&1 || echo "flux-load failed against $server; see $base.load.log" >&2
+    cpu_end="$(cpu_secs "$SERVER_PID")"
+    rss_end="$(rss_kib "$SERVER_PID")"
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    printf '{"rss_start_kib": %s, "rss_peak_kib": %s, "rss_end_kib": %s, "cpu_secs": %s}\n' \
+      "$rss_start" "$(cat "$base.peak" 2>/dev/null || echo 0)" "$rss_end" \
+      "$(awk -v a="$cpu_start" -v b="$cpu_end" 'BEGIN {printf "%.2f", b - a}')" >"$base.server.json"
+    stop_server
+    tail -n 12 "$base.load.log"
+  done
+done
+
+python3 benches/compare_table.py "$OUT" | tee "$OUT/table.md"
+echo "Results in $OUT"
