@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts the Flux gateway in the background with the embedded defaults (or FLUX_* from the
-# environment), writes its PID to run/flux.pid and its log to run/flux.log, and prints how to
-# reach and stop it. Builds in release mode first when the sources changed. Running it again
+# Starts the Flux gateway and its dashboard in the background with the embedded defaults (or
+# FLUX_* from the environment), writes its PID to run/flux.pid and its log to run/flux.log, and
+# prints how to reach and stop it. Builds in release mode first when the sources changed. Running it again
 # while Flux is up does not start a second gateway.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,8 +31,13 @@ answers() {
   [[ "$status" == "HTTP/1.1 200"* ]]
 }
 
+dashboard_url() {
+  # The address flux logged: the one it really bound, even with FLUX_DASHBOARD_PORT=0.
+  grep -o 'flux dashboard on http://[^ ]*' "$LOG_FILE" 2>/dev/null | awk '{print $4}' | tail -1
+}
+
 if pid="$(running_pid)"; then
-  echo "Flux is already running (PID $pid) on $HOST:$PORT. Stop it with ./cleanup.sh"
+  echo "Flux is already running (PID $pid) on $HOST:$PORT, dashboard $(dashboard_url). Stop it with ./cleanup.sh"
   exit 0
 fi
 
@@ -58,10 +63,16 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 answers || { echo "Flux did not answer on $HOST:$PORT within 10 s; see $LOG_FILE" >&2; exit 1; }
+# The dashboard is logged once both listeners are up, a moment after the port answers.
+for _ in $(seq 50); do [ -n "$(dashboard_url)" ] && break; sleep 0.1; done
+DASHBOARD="$(dashboard_url)"
+[ -n "$DASHBOARD" ] || { echo "Flux did not log its dashboard address; see $LOG_FILE" >&2; exit 1; }
 
 cat <<INFO
 Flux is running (PID $(cat "$PID_FILE")).
 
+  Dashboard   $DASHBOARD
+  Metrics     ${DASHBOARD}metrics  (Prometheus)
   WebSocket   ws://$HOST:$PORT/app/${FLUX_APP_KEY:-app-key}?protocol=7
   REST API    http://$HOST:$PORT/apps/${FLUX_APP_ID:-app-id}/
   App         id ${FLUX_APP_ID:-app-id}, key ${FLUX_APP_KEY:-app-key}, secret ${FLUX_APP_SECRET:-app-secret}

@@ -23,7 +23,7 @@ if [ ! -d tests/e2e/node_modules ]; then
 fi
 
 # 1. The gateway starts and answers.
-FLUX_PORT=0 FLUX_WORKERS=2 RUST_LOG=info target/release/flux 2>"$WORK/flux.log" &
+FLUX_PORT=0 FLUX_DASHBOARD_PORT=0 FLUX_WORKERS=2 RUST_LOG=info target/release/flux 2>"$WORK/flux.log" &
 FLUX_PID=$!
 for _ in $(seq 100); do grep -q "flux listening on" "$WORK/flux.log" && break; sleep 0.1; done
 ADDR="$(grep -o 'flux listening on [0-9.:]*' "$WORK/flux.log" | awk '{print $4}')"

@@ -12,11 +12,14 @@
 //!   request signatures (sans-IO, driven by events and a clock).
 //! - [`gateway`]: the Pusher service on top of the shell, and [`gateway::Gateway`], a running node.
 //! - [`metrics`]: per-worker counters written without locks and read as snapshots.
+//! - [`dashboard`]: the live dashboard, its JSON API and Prometheus metrics, on its own port and
+//!   threads, reading the node only through [`gateway::Observer`].
 //! - [`config`]: settings, each a flag and an environment variable.
 
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod dashboard;
 pub mod fanout;
 pub mod gateway;
 pub mod http;

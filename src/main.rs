@@ -1,5 +1,6 @@
-//! The `flux` binary: parses settings, starts a gateway node, and runs until SIGINT or SIGTERM,
-//! then closes every client with 4200, flushes, and exits 0.
+//! The `flux` binary: parses settings, starts a gateway node and its dashboard, and runs until
+//! SIGINT or SIGTERM, then closes every client with 4200, flushes, stops the dashboard, and
+//! exits 0.
 
 use std::process::ExitCode;
 
@@ -7,6 +8,7 @@ use clap::Parser;
 use log::{error, info};
 
 use flux::config::Config;
+use flux::dashboard::Dashboard;
 use flux::gateway::Gateway;
 
 fn main() -> ExitCode {
@@ -19,6 +21,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let dashboard = match Dashboard::start(config.dashboard_addr(), gateway.observer().clone()) {
+        Ok(dashboard) => dashboard,
+        Err(e) => {
+            // A dashboard port in use is a setup mistake worth stopping for, not hiding.
+            error!("could not start the dashboard ({e}); set FLUX_DASHBOARD_PORT to a free port");
+            gateway.stop();
+            gateway.join();
+            return ExitCode::FAILURE;
+        }
+    };
     let addr = gateway.local_addr();
     info!(
         "flux listening on {addr} with {} workers: WebSocket ws://{addr}/app/{}?protocol=7, REST http://{addr}/apps/{}/",
@@ -26,7 +38,9 @@ fn main() -> ExitCode {
         config.app_key,
         config.app_id
     );
+    info!("flux dashboard on http://{}/", dashboard.local_addr());
     gateway.join();
+    dashboard.stop();
     info!("flux stopped");
     ExitCode::SUCCESS
 }

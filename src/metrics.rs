@@ -82,12 +82,17 @@ counters! {
 impl Counters {
     /// Share of flushes that completed without WouldBlock, in percent (100 when idle).
     pub fn write_success_rate(&self) -> f64 {
-        let total = self.writes_immediate + self.writes_would_block;
-        if total == 0 {
-            100.0
-        } else {
-            100.0 * self.writes_immediate as f64 / total as f64
-        }
+        success_rate(self.writes_immediate, self.writes_would_block)
+    }
+}
+
+/// `good` as a share of `good + bad`, in percent; 100 when both are 0 (nothing went wrong).
+pub fn success_rate(good: u64, bad: u64) -> f64 {
+    let total = good.saturating_add(bad);
+    if total == 0 {
+        100.0
+    } else {
+        100.0 * good as f64 / total as f64
     }
 }
 

@@ -69,12 +69,12 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
             thread::sleep(Duration::from_millis(5));
         }
         if published % 50 == 0 && !saw_backpressure {
-            let connections = node.connections(Duration::from_secs(1));
+            let connections = node.observer().connections(Duration::from_secs(1));
             if let Some(slow_conn) = connections.iter().find(|c| c.backpressured_ms.is_some()) {
                 saw_backpressure = slow_conn.ring_len <= slow_conn.ring_slots;
             }
         }
-        if node.counters().evictions > 0 {
+        if node.observer().counters().evictions > 0 {
             evicted_at = Some(Instant::now());
             break;
         }
@@ -84,8 +84,13 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
     let waited = evicted_at - flood_started;
     assert!(waited > Duration::from_secs(5), "evicted after {waited:?}, before 5 s of backlog were possible");
     assert!(waited < Duration::from_secs(12), "evicted only after {waited:?}");
-    assert_eq!(node.counters().evictions, 1, "only the slow consumer is evicted");
-    assert!(node.counters().drops > 0, "its full ring dropped frames");
+    assert_eq!(node.observer().counters().evictions, 1, "only the slow consumer is evicted");
+    assert!(node.observer().counters().drops > 0, "its full ring dropped frames");
+    let logged = node.observer().evictions();
+    assert_eq!(logged.len(), 1, "the eviction is in the node's log: {logged:?}");
+    assert_eq!(logged[0].channels, [CHANNEL]);
+    assert_eq!(logged[0].peer, slow.local_addr().unwrap().to_string());
+    assert!(logged[0].backpressured_ms > 5000 && logged[0].dropped > 0, "{:?}", logged[0]);
     let rss_growth_mib = resident_kib().saturating_sub(rss_before) / 1024;
     assert!(rss_growth_mib < 64, "memory grew by {rss_growth_mib} MiB while flooding a stuck client");
 

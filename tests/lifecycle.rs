@@ -28,6 +28,7 @@ impl Process {
             .arg(format!("{shell_prefix} exec \"$FLUX_BIN\""))
             .env("FLUX_BIN", env!("CARGO_BIN_EXE_flux"))
             .env("FLUX_PORT", "0")
+            .env("FLUX_DASHBOARD_PORT", "0")
             .env("FLUX_WORKERS", "2")
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())

@@ -41,7 +41,7 @@ fn an_event_reaches_every_subscriber_on_every_worker() {
         let event = client.next_event();
         assert_eq!(event, json!({"event": "headline", "channel": "news", "data": r#"{"title":"hello"}"#}));
     }
-    let counters = node.counters();
+    let counters = node.observer().counters();
     assert_eq!(counters.deliveries, 12);
     assert!(counters.broadcasts >= 1, "{counters:?}");
 }

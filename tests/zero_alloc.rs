@@ -76,7 +76,7 @@ fn allocations_per_broadcast(recipients: usize) -> u64 {
             socket
         })
         .collect();
-    assert!(common::wait_until(Duration::from_secs(10), || node.counters().websockets == recipients as u64));
+    assert!(common::wait_until(Duration::from_secs(10), || node.observer().counters().websockets == recipients as u64));
     std::thread::sleep(Duration::from_millis(200)); // Let every subscription be confirmed.
     for socket in &subscribers {
         socket.set_nonblocking(true).unwrap();
@@ -88,12 +88,12 @@ fn allocations_per_broadcast(recipients: usize) -> u64 {
     for n in 0..30 {
         let request = publish_request("fanout", n);
         drain(&mut subscribers, &mut buf);
-        let delivered_before = node.counters().deliveries;
+        let delivered_before = node.observer().counters().deliveries;
 
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         publisher.write_all(&request).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while node.counters().deliveries < delivered_before + recipients as u64 {
+        while node.observer().counters().deliveries < delivered_before + recipients as u64 {
             assert!(Instant::now() < deadline, "the broadcast did not reach every ring");
             std::thread::sleep(Duration::from_millis(1));
         }

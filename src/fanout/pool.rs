@@ -34,7 +34,7 @@ struct PoolInner {
 }
 
 /// Counters of a pool, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PoolStats {
     /// Checkouts served by a recycled buffer.
     pub hits: u64,
@@ -42,6 +42,13 @@ pub struct PoolStats {
     pub misses: u64,
     /// Buffers idle in the pool right now.
     pub idle: u64,
+}
+
+impl PoolStats {
+    /// Share of checkouts served by a recycled buffer, in percent (100 before any checkout).
+    pub fn hit_rate(&self) -> f64 {
+        crate::metrics::success_rate(self.hits, self.misses)
+    }
 }
 
 impl FramePool {
@@ -153,6 +160,7 @@ mod tests {
         let again = pool.checkout();
         assert!(again.as_ref().is_empty(), "a recycled buffer comes back empty");
         assert_eq!(pool.stats().hits, 1);
+        assert_eq!(pool.stats().hit_rate(), 50.0);
     }
 
     #[test]

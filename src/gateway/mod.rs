@@ -8,6 +8,7 @@
 //! pooled buffer, queued to this worker's subscribers, and the same bytes are handed to every
 //! other worker that has subscribers of the channel.
 
+pub mod evictions;
 mod node;
 
 use std::sync::Arc;
@@ -18,9 +19,10 @@ use crossbeam_channel::Sender;
 use log::{debug, warn};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-pub use node::{ConnectionSnapshot, Gateway};
+pub use node::{ConnectionSnapshot, Gateway, Observer};
 
 use crate::fanout::directory::{Directory, Occupancy};
+use evictions::{Eviction, EvictionLog};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
 use crate::fanout::ring::Offer;
@@ -82,11 +84,13 @@ pub struct PusherService {
     socket_id_next: u32,
     /// Channels whose local count changed this turn; told to the other workers at turn end.
     changed_occupancy: Vec<ChannelName>,
+    /// The node's eviction log, shared by every worker.
+    evictions: Arc<EvictionLog>,
 }
 
 impl PusherService {
     /// The service of the worker described by `context`.
-    pub fn new(context: WorkerContext<Message>, settings: Arc<Settings>) -> Self {
+    pub fn new(context: WorkerContext<Message>, settings: Arc<Settings>, evictions: Arc<EvictionLog>) -> Self {
         let workers = context.peers.len();
         PusherService {
             id: context.id,
@@ -101,6 +105,7 @@ impl PusherService {
             socket_id_high: fastrand::u32(1..1_000_000_000),
             socket_id_next: fastrand::u32(1..1_000_000),
             changed_occupancy: Vec::new(),
+            evictions,
         }
     }
 
@@ -300,8 +305,20 @@ impl Service for PusherService {
         self.carry_out(conns, id, action, now);
     }
 
-    fn on_close(&mut self, _conns: &mut Conns<Session>, id: ConnId, session: Session, why: Ended) {
+    fn on_close(&mut self, conns: &mut Conns<Session>, id: ConnId, session: Session, why: Ended) {
         debug!("socket {} closed: {why:?}", session.socket_id());
+        if let Ended::Evicted { backpressured_for, dropped, queued } = why {
+            self.evictions.record(Eviction {
+                at_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                worker: self.id.0,
+                socket_id: session.socket_id().to_string(),
+                peer: conns.peer(id).map_or_else(String::new, |peer| peer.to_string()),
+                channels: session.subscriptions().iter().map(|c| c.to_string()).collect(),
+                backpressured_ms: backpressured_for.as_millis() as u64,
+                frames_queued: queued,
+                dropped,
+            });
+        }
         self.forget(id, session);
     }
 

@@ -1,5 +1,5 @@
-//! A running gateway node: the server shell with a [`PusherService`] on every worker, and the
-//! ways to observe it (metrics, connection snapshots) and to stop it.
+//! A running gateway node: the server shell with a [`PusherService`] on every worker, the ways
+//! to observe it ([`Observer`]: metrics, connection snapshots, evictions) and to stop it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use hdrhistogram::Histogram;
+
+use super::evictions::{Eviction, EvictionLog};
 use super::{Message, PusherService, Settings};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
-use crate::metrics::{Counters, LatencySummary};
+use crate::metrics::{Counters, LatencySummary, WorkerMetrics};
 use crate::pusher::session::Timeouts;
 use crate::pusher::App;
-use crate::server::{self, ConnLimits, Server, ServerSettings};
+use crate::server::{self, ConnLimits, Peers, Server, ServerSettings};
 
 /// Largest HTTP request head (request line and headers).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -48,6 +51,18 @@ pub struct ConnectionSnapshot {
 /// A running Flux node.
 pub struct Gateway {
     server: Server<Message>,
+    observer: Observer,
+}
+
+/// A read-only view of a running node for other threads (the dashboard, tests). Cheap to clone
+/// and `Send + Sync`: it reads the workers' atomic counters and asks workers for snapshots
+/// through their bounded inboxes, so no call on it ever blocks a worker.
+#[derive(Clone)]
+pub struct Observer {
+    peers: Peers<Message>,
+    metrics: Arc<[Arc<WorkerMetrics>]>,
+    pool: FramePool,
+    evictions: Arc<EvictionLog>,
 }
 
 impl Gateway {
@@ -74,10 +89,17 @@ impl Gateway {
             write_coalesce: config.write_coalesce(),
             handle_signals,
         };
+        let evictions = Arc::new(EvictionLog::default());
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, settings.clone())
+            PusherService::new(context, settings.clone(), evictions.clone())
         })?;
-        Ok(Gateway { server })
+        let observer = Observer {
+            peers: server.peers().clone(),
+            metrics: server.worker_metrics().into(),
+            pool: server.pool().clone(),
+            evictions,
+        };
+        Ok(Gateway { server, observer })
     }
 
     /// The address clients and REST callers use.
@@ -90,47 +112,9 @@ impl Gateway {
         self.server.peers().len()
     }
 
-    /// All workers' counters, added up.
-    pub fn counters(&self) -> Counters {
-        self.server.counters()
-    }
-
-    /// The frame pool's counters.
-    pub fn pool_stats(&self) -> PoolStats {
-        self.server.pool().stats()
-    }
-
-    /// Fan-out time (publish to the last ring of each worker) percentiles, over the node's life.
-    pub fn fanout_latency(&self) -> LatencySummary {
-        let mut merged = None::<hdrhistogram::Histogram<u64>>;
-        for metrics in self.server.worker_metrics() {
-            let histogram = metrics.fanout_histogram();
-            match merged.as_mut() {
-                None => merged = Some(histogram),
-                Some(m) => {
-                    let _ = m.add(&histogram);
-                }
-            }
-        }
-        merged.map(|h| LatencySummary::of(&h)).unwrap_or_default()
-    }
-
-    /// Every open WebSocket connection, asked of each worker (waiting at most `timeout` for a
-    /// busy one; its connections are then missing from the answer).
-    pub fn connections(&self, timeout: Duration) -> Vec<ConnectionSnapshot> {
-        let (tx, rx) = crossbeam_channel::bounded(self.workers());
-        let asked = (0..self.workers())
-            .filter(|&w| self.server.peers().send_now(WorkerId(w), Message::Snapshot(tx.clone())))
-            .count();
-        let deadline = Instant::now() + timeout;
-        let mut all = Vec::new();
-        for _ in 0..asked {
-            match rx.recv_deadline(deadline) {
-                Ok(part) => all.extend(part),
-                Err(_) => break,
-            }
-        }
-        all
+    /// The node's observer: counters, pool, fan-out times, connections and evictions.
+    pub fn observer(&self) -> &Observer {
+        &self.observer
     }
 
     /// Asks the node to stop: no more accepts, close 4200 to every client, flush, then exit.
@@ -141,5 +125,63 @@ impl Gateway {
     /// Waits until the node has stopped.
     pub fn join(self) {
         self.server.join();
+    }
+}
+
+impl Observer {
+    /// All workers' counters, added up.
+    pub fn counters(&self) -> Counters {
+        self.metrics.iter().map(|m| m.counters.snapshot()).fold(Counters::default(), |a, b| a + b)
+    }
+
+    /// The frame pool's counters.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Every worker's fan-out times (publish to the last ring of each worker, in microseconds)
+    /// merged into one histogram, over the node's life.
+    pub fn fanout_histogram(&self) -> Option<Histogram<u64>> {
+        let mut merged = None::<Histogram<u64>>;
+        for metrics in self.metrics.iter() {
+            let histogram = metrics.fanout_histogram();
+            match merged.as_mut() {
+                None => merged = Some(histogram),
+                Some(m) => {
+                    // Every worker's histogram has the same bounds, so adding cannot fail.
+                    let _ = m.add(&histogram);
+                }
+            }
+        }
+        merged
+    }
+
+    /// Fan-out time percentiles, over the node's life.
+    pub fn fanout_latency(&self) -> LatencySummary {
+        self.fanout_histogram().map(|h| LatencySummary::of(&h)).unwrap_or_default()
+    }
+
+    /// The most recent evictions, newest first.
+    pub fn evictions(&self) -> Vec<Eviction> {
+        self.evictions.recent()
+    }
+
+    /// Every open WebSocket connection, asked of each worker (waiting at most `timeout` for a
+    /// busy one; its connections are then missing from the answer). A worker whose inbox is
+    /// full is not asked, so this never waits on a worker to make room.
+    pub fn connections(&self, timeout: Duration) -> Vec<ConnectionSnapshot> {
+        let workers = self.peers.len();
+        let (tx, rx) = crossbeam_channel::bounded(workers);
+        let asked =
+            (0..workers).filter(|&w| self.peers.send_now(WorkerId(w), Message::Snapshot(tx.clone()))).count();
+        let deadline = Instant::now() + timeout;
+        let mut all = Vec::new();
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok(part) => all.extend(part),
+                Err(_) => break,
+            }
+        }
+        all
     }
 }

@@ -178,6 +178,11 @@ impl<S> Conns<S> {
         })
     }
 
+    /// The client's address, in any phase (a closing connection's too).
+    pub fn peer(&self, id: ConnId) -> Option<SocketAddr> {
+        self.slab.get(id.0).map(|conn| conn.peer)
+    }
+
     /// Ring and backpressure state of a connection.
     pub fn info(&self, id: ConnId, now: Instant) -> Option<ConnInfo> {
         let conn = self.slab.get(id.0)?;

@@ -29,7 +29,7 @@ pub use service::{Ended, Routed, Service};
 
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
-use crate::metrics::{Counters, WorkerMetrics};
+use crate::metrics::WorkerMetrics;
 use acceptor::Acceptor;
 use worker::{Timing, Worker, WAKER};
 
@@ -152,11 +152,6 @@ impl<M> Server<M> {
     /// Every worker's metrics.
     pub fn worker_metrics(&self) -> &[Arc<WorkerMetrics>] {
         &self.metrics
-    }
-
-    /// The counters of all workers added up.
-    pub fn counters(&self) -> Counters {
-        self.metrics.iter().map(|m| m.counters.snapshot()).fold(Counters::default(), |a, b| a + b)
     }
 
     /// The frame pool.

@@ -45,6 +45,8 @@ pub enum Ended {
         backpressured_for: Duration,
         /// Frames dropped on its full ring over its life.
         dropped: u64,
+        /// Frames still queued in its ring when it was evicted (discarded by the close).
+        queued: usize,
     },
     /// The server is shutting down.
     Shutdown,

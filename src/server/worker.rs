@@ -485,19 +485,17 @@ impl<Svc: Service> Worker<Svc> {
     fn evict(&mut self, id: ConnId, now: Instant) {
         let Some(conn) = self.conns.slab.get(id.0) else { return };
         let backpressured_for = conn.outbound.backpressured_for(now).unwrap_or_default();
-        let dropped = conn.outbound.dropped();
+        let (dropped, queued) = (conn.outbound.dropped(), conn.outbound.len());
         warn!(
-            "evicting slow consumer {} (conn {}): backpressured for {} ms, {} frames queued, {} dropped",
+            "evicting slow consumer {} (conn {}): backpressured for {} ms, {queued} frames queued, {dropped} dropped",
             conn.peer,
             id.0,
             backpressured_for.as_millis(),
-            conn.outbound.len(),
-            dropped
         );
         WorkerMetrics::add(&self.metrics.counters.evictions, 1);
         let code = crate::pusher::protocol::code::OVER_CAPACITY;
         if let Some(session) = self.conns.begin_close(id, code, "Slow consumer evicted", AfterFlush::AwaitPeerClose, now) {
-            self.service.on_close(&mut self.conns, id, session, Ended::Evicted { backpressured_for, dropped });
+            self.service.on_close(&mut self.conns, id, session, Ended::Evicted { backpressured_for, dropped, queued });
         }
     }
 

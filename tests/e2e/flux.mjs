@@ -61,6 +61,8 @@ export async function startFlux(env = {}) {
       ...process.env,
       FLUX_HOST: "127.0.0.1",
       FLUX_PORT: String(port),
+      // Any free port: several gateways run at once here, and 8080 may be taken.
+      FLUX_DASHBOARD_PORT: "0",
       FLUX_WORKERS: "2",
       FLUX_APP_ID: APP.appId,
       FLUX_APP_KEY: APP.key,

@@ -44,8 +44,9 @@ class Flux:
         # A file, not a pipe: nobody reads the log while the tests run, and a full pipe would
         # block the gateway's logging.
         self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, FLUX_HOST="127.0.0.1", FLUX_PORT=str(self.port), FLUX_WORKERS="2",
-                   FLUX_APP_ID=APP_ID, FLUX_APP_KEY=KEY, FLUX_APP_SECRET=SECRET, RUST_LOG="info")
+        # The dashboard on any free port: 8080 may be taken.
+        env = dict(os.environ, FLUX_HOST="127.0.0.1", FLUX_PORT=str(self.port), FLUX_DASHBOARD_PORT="0",
+                   FLUX_WORKERS="2", FLUX_APP_ID=APP_ID, FLUX_APP_KEY=KEY, FLUX_APP_SECRET=SECRET, RUST_LOG="info")
         self.process = subprocess.Popen([FLUX_BIN], env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 10
         while not self._answers():

@@ -1,0 +1,176 @@
+//! `/metrics`: the node's counters in the OpenMetrics text format that Prometheus scrapes,
+//! through the `prometheus-client` crate.
+//!
+//! Flux keeps its own counters (relaxed atomics, one writer per worker) so the hot path pays
+//! nothing for Prometheus. A [`Collector`] reads them at scrape time and encodes constant
+//! metrics; nothing here is updated between scrapes.
+
+use std::fmt;
+
+use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::gateway::Observer;
+use crate::metrics::Counters;
+
+/// The content type of the OpenMetrics text that `prometheus-client` writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads one counter out of a snapshot.
+type Read = fn(&Counters) -> u64;
+
+/// Counters without labels: name (the encoder appends `_total`), help, value.
+const COUNTERS: &[(&str, &str, Read)] = &[
+    ("flux_connections_accepted", "TCP connections accepted.", |c| c.connections_total),
+    ("flux_messages_received", "WebSocket messages received from clients.", |c| c.messages_in),
+    ("flux_messages_sent", "Frames fully written to clients (WebSocket frames and HTTP responses).", |c| c.messages_out),
+    ("flux_bytes_received", "Bytes read from clients.", |c| c.bytes_in),
+    ("flux_bytes_sent", "Bytes written to clients.", |c| c.bytes_out),
+    ("flux_http_requests", "HTTP requests handled (REST calls and WebSocket upgrades).", |c| c.http_requests),
+    ("flux_broadcasts", "Broadcasts fanned out (one per channel per event, per worker).", |c| c.broadcasts),
+    ("flux_deliveries", "Frames queued into connection rings by broadcasts.", |c| c.deliveries),
+    ("flux_backpressure_events", "Times a connection entered backpressure.", |c| c.backpressure_events),
+    ("flux_frames_dropped", "Frames dropped because a connection's ring was full.", |c| c.drops),
+    ("flux_evictions", "Slow consumers evicted with close code 4100.", |c| c.evictions),
+    ("flux_read_budget_exhausted", "Times a connection's per-turn read budget ran out.", |c| c.read_budget_exhausted),
+    ("flux_inbox_overflows", "Messages between workers dropped because an inbox was full.", |c| c.inbox_overflows),
+];
+
+/// Upper bounds of the fan-out time histogram's buckets, in microseconds (100 µs to 5 s).
+const FANOUT_BUCKETS_MICROS: [u64; 15] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000];
+
+/// A registry whose only collector reads `observer`.
+pub fn registry(observer: Observer) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector(observer)));
+    registry
+}
+
+/// The registry's metrics as OpenMetrics text.
+pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut text = String::with_capacity(8 * 1024);
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+struct NodeCollector(Observer);
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeCollector")
+    }
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counters = self.0.counters();
+        let pool = self.0.pool_stats();
+
+        gauge(&mut encoder, "flux_connections", "TCP connections open.", counters.connections)?;
+        gauge(&mut encoder, "flux_websockets", "WebSocket sessions open.", counters.websockets)?;
+        for (name, help, value) in COUNTERS {
+            let metric = ConstCounter::new(value(&counters));
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        labelled_counter(
+            &mut encoder,
+            ("flux_writes", "Socket flushes, by whether everything queued was written at once."),
+            [("immediate", counters.writes_immediate), ("would_block", counters.writes_would_block)],
+        )?;
+        labelled_counter(
+            &mut encoder,
+            ("flux_frame_pool_checkouts", "Frame buffers checked out, by whether a pooled buffer was reused."),
+            [("hit", pool.hits), ("miss", pool.misses)],
+        )?;
+        gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
+
+        let fanout = FanoutSeconds::of(self.0.fanout_histogram());
+        let seconds = Unit::Seconds;
+        fanout.encode(encoder.encode_descriptor(
+            "flux_fanout_duration",
+            "Time from a publish to its frame queued in the last ring of a worker.",
+            Some(&seconds),
+            fanout.metric_type(),
+        )?)
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), fmt::Error> {
+    // Gauges are signed in OpenMetrics; these never come near i64::MAX.
+    let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn labelled_counter<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    (name, help): (&str, &str),
+    values: [(&str, u64); N],
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (result, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&[("result", result)])?)?;
+    }
+    Ok(())
+}
+
+/// The fan-out histogram, converted from microseconds to Prometheus buckets in seconds.
+struct FanoutSeconds {
+    sum: f64,
+    count: u64,
+    /// Upper bound (seconds) and the samples in that bucket alone; the encoder accumulates.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl FanoutSeconds {
+    fn of(histogram: Option<Histogram<u64>>) -> FanoutSeconds {
+        // Counts are exact to the histogram's precision (3 significant digits).
+        let count_up_to = |micros| histogram.as_ref().map_or(0, |h| h.count_between(0, micros));
+        let count = histogram.as_ref().map_or(0, |h| h.len());
+        let mut below = 0;
+        let mut buckets = Vec::with_capacity(FANOUT_BUCKETS_MICROS.len() + 1);
+        for bound in FANOUT_BUCKETS_MICROS {
+            let cumulative = count_up_to(bound);
+            buckets.push((bound as f64 / 1e6, cumulative.saturating_sub(below)));
+            below = cumulative;
+        }
+        buckets.push((f64::INFINITY, count.saturating_sub(below)));
+        // The histogram keeps no exact sum; its mean is exact to the same precision.
+        let sum = histogram.as_ref().map_or(0.0, |h| h.mean() * h.len() as f64 / 1e6);
+        FanoutSeconds { sum, count, buckets }
+    }
+}
+
+impl EncodeMetric for FanoutSeconds {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_split_the_histogram_and_add_up_to_its_count() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        for micros in [50, 200, 200, 4_000, 9_000_000] {
+            h.record(micros).expect("in range");
+        }
+        let fanout = FanoutSeconds::of(Some(h));
+        assert_eq!(fanout.count, 5);
+        assert_eq!(fanout.buckets.iter().map(|&(_, n)| n).sum::<u64>(), 5);
+        assert_eq!(fanout.buckets[0], (0.0001, 1));
+        assert_eq!(fanout.buckets[1], (0.00025, 2));
+        assert_eq!(fanout.buckets.last(), Some(&(f64::INFINITY, 1)));
+    }
+}
