@@ -8,6 +8,23 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// The one app a node serves: the same flags (and `FLUX_APP_*` variables) for `flux` and for
+/// the load tool that drives it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AppArgs {
+    /// The app id used by the REST API (/apps/{id}).
+    #[arg(long, env = "FLUX_APP_ID", default_value = "app-id")]
+    pub app_id: String,
+
+    /// The app key clients connect with (/app/{key}).
+    #[arg(long, env = "FLUX_APP_KEY", default_value = "app-key")]
+    pub app_key: String,
+
+    /// The app secret that signs REST requests and channel authorizations.
+    #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
+    pub app_secret: String,
+}
+
 /// Gateway settings. `flux --help` lists them with their environment variables.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flux", version, about = "A Pusher-compatible WebSocket fan-out gateway")]
@@ -24,17 +41,23 @@ pub struct Config {
     #[arg(long, env = "FLUX_DASHBOARD_PORT", default_value_t = 8080)]
     pub dashboard_port: u16,
 
-    /// The app id used by the REST API (/apps/{id}).
-    #[arg(long, env = "FLUX_APP_ID", default_value = "app-id")]
-    pub app_id: String,
+    /// The app Flux serves.
+    #[command(flatten)]
+    pub app: AppArgs,
 
-    /// The app key clients connect with (/app/{key}).
-    #[arg(long, env = "FLUX_APP_KEY", default_value = "app-key")]
-    pub app_key: String,
+    /// Client events (`client-*`) one connection may send per second; over it they are refused
+    /// with `pusher:error` 4301.
+    #[arg(long, env = "FLUX_CLIENT_EVENTS_PER_SEC", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_events_per_sec: u32,
 
-    /// The app secret that signs REST requests and channel authorizations.
-    #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
-    pub app_secret: String,
+    /// Most members (distinct users) of one presence channel; joins beyond it are refused.
+    #[arg(long, env = "FLUX_PRESENCE_MAX_MEMBERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub presence_max_members: u32,
+
+    /// Milliseconds over which a user's presence changes collapse into their net effect, so a
+    /// reconnect flap announces nothing and a burst goes out together (0: announce at once).
+    #[arg(long, env = "FLUX_PRESENCE_COALESCE_MS", default_value_t = 150)]
+    pub presence_coalesce_ms: u64,
 
     /// Frames each connection may have queued before new frames are dropped.
     #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
@@ -67,7 +90,7 @@ pub struct Config {
     /// Microseconds between two flushes of large fan-outs under steady load, so several frames
     /// share each socket write (0: flush every loop turn). Small fan-outs and a broadcast after a
     /// quiet spell are written at once.
-    #[arg(long, env = "FLUX_WRITE_COALESCE_US", default_value_t = 5000)]
+    #[arg(long, env = "FLUX_WRITE_COALESCE_US", default_value_t = 10000)]
     pub write_coalesce_us: u64,
 
     /// Milliseconds to flush close frames to clients on shutdown before exiting.
@@ -83,9 +106,10 @@ impl Default for Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 6001,
             dashboard_port: 8080,
-            app_id: "app-id".into(),
-            app_key: "app-key".into(),
-            app_secret: "app-secret".into(),
+            app: AppArgs { app_id: "app-id".into(), app_key: "app-key".into(), app_secret: "app-secret".into() },
+            client_events_per_sec: 10,
+            presence_max_members: 100,
+            presence_coalesce_ms: 150,
             ring_slots: 256,
             evict_after_ms: 5000,
             workers: None,
@@ -93,7 +117,7 @@ impl Default for Config {
             activity_timeout: 120,
             pong_timeout: 30,
             handshake_timeout_ms: 10_000,
-            write_coalesce_us: 5000,
+            write_coalesce_us: 10000,
             shutdown_grace_ms: 2_000,
         }
     }
@@ -146,6 +170,11 @@ impl Config {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
+    /// The presence coalescing window.
+    pub fn presence_coalesce(&self) -> Duration {
+        Duration::from_millis(self.presence_coalesce_ms)
+    }
+
     /// How long a large fan-out's writes may be held to coalesce them.
     pub fn write_coalesce(&self) -> Duration {
         Duration::from_micros(self.write_coalesce_us)
@@ -181,7 +210,7 @@ mod tests {
         assert_eq!(parsed.evict_after_ms, 5000);
         assert_eq!(parsed.max_payload, 10 * 1024);
         assert_eq!(parsed.activity_timeout, 120);
-        assert_eq!(parsed.app_key, "app-key");
+        assert_eq!(parsed.app.app_key, "app-key");
     }
 
     #[test]

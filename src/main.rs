@@ -35,8 +35,8 @@ fn main() -> ExitCode {
     info!(
         "flux listening on {addr} with {} workers: WebSocket ws://{addr}/app/{}?protocol=7, REST http://{addr}/apps/{}/",
         gateway.workers(),
-        config.app_key,
-        config.app_id
+        config.app.app_key,
+        config.app.app_id
     );
     info!("flux dashboard on http://{}/", dashboard.local_addr());
     gateway.join();

@@ -29,10 +29,10 @@ use crate::fanout::ring::Offer;
 use crate::fanout::{ConnId, WorkerId};
 use crate::http::{json_error, Request, Response};
 use crate::metrics::{FanoutRecorder, WorkerMetrics};
-use crate::pusher::protocol::{self, code, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
+use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
+use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
-use crate::pusher::session::{Action, Session, Timeouts};
-use crate::pusher::App;
+use crate::pusher::session::{Action, Policy, Session};
 use crate::server::{Conns, Ended, Outbox, Routed, Service, WorkerContext};
 use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
 
@@ -44,6 +44,48 @@ pub enum Message {
     Occupancy(Occupancy),
     /// A request for this worker's connections.
     Snapshot(Sender<Vec<ConnectionSnapshot>>),
+    /// Close every connection signed in as this user (REST `terminate_connections`).
+    TerminateUser(Arc<str>),
+    /// To a presence channel's owner: connection `conn` of worker `from` joins as `member`.
+    PresenceJoin {
+        /// The channel.
+        channel: ChannelName,
+        /// Who joins.
+        member: Member,
+        /// The joining connection's socket id.
+        socket: SocketId,
+        /// Its worker and key there, for the answer.
+        from: WorkerId,
+        /// Its key in that worker.
+        conn: ConnId,
+    },
+    /// From a presence channel's owner: the answer to a join (the member list, or why not).
+    PresenceJoined {
+        /// The channel.
+        channel: ChannelName,
+        /// The joining connection's socket id (to check the key still means that connection).
+        socket: SocketId,
+        /// The connection's key in the receiving worker.
+        conn: ConnId,
+        /// `subscription_succeeded` data, or the reason for refusing.
+        result: Result<String, String>,
+    },
+    /// To a presence channel's owner: this connection left the channel.
+    PresenceLeave {
+        /// The channel.
+        channel: ChannelName,
+        /// The connection.
+        socket: SocketId,
+    },
+    /// From a presence channel's owner to every worker: a user is (or no longer is) a member.
+    Membership {
+        /// The channel.
+        channel: ChannelName,
+        /// The user.
+        user_id: String,
+        /// Member now, or not.
+        present: bool,
+    },
 }
 
 /// One event for one channel, framed once and shared by every worker that delivers it.
@@ -59,21 +101,10 @@ pub struct Broadcast {
     pub published_at: Instant,
 }
 
-/// Protocol settings shared by every worker.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// The app.
-    pub app: App,
-    /// Activity and pong timeouts.
-    pub timeouts: Timeouts,
-    /// Largest event data.
-    pub max_payload: usize,
-}
-
 /// One worker's Pusher service.
 pub struct PusherService {
     id: WorkerId,
-    settings: Arc<Settings>,
+    policy: Arc<Policy>,
     registry: Registry,
     directory: Directory,
     outbox: Outbox<Message>,
@@ -86,15 +117,18 @@ pub struct PusherService {
     changed_occupancy: Vec<ChannelName>,
     /// The node's eviction log, shared by every worker.
     evictions: Arc<EvictionLog>,
+    /// Rosters of the presence channels this worker owns.
+    rosters: Rosters,
+    /// This worker's replica of every presence channel's users (for the REST API).
+    membership: Membership,
 }
 
 impl PusherService {
     /// The service of the worker described by `context`.
-    pub fn new(context: WorkerContext<Message>, settings: Arc<Settings>, evictions: Arc<EvictionLog>) -> Self {
+    pub fn new(context: WorkerContext<Message>, policy: Arc<Policy>, evictions: Arc<EvictionLog>) -> Self {
         let workers = context.peers.len();
         PusherService {
             id: context.id,
-            settings,
             registry: Registry::new(),
             directory: Directory::new(workers),
             outbox: Outbox::new(context.peers),
@@ -106,6 +140,9 @@ impl PusherService {
             socket_id_next: fastrand::u32(1..1_000_000),
             changed_occupancy: Vec::new(),
             evictions,
+            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
+            membership: Membership::default(),
+            policy,
         }
     }
 
@@ -118,7 +155,12 @@ impl PusherService {
     /// worker with subscribers of its channel, this one included.
     pub fn publish(&mut self, conns: &mut Conns<Session>, publish: &Publish) -> Result<(), EncodeError> {
         let published_at = Instant::now();
-        let message = EventMessage { event: &publish.event, channel: Some(&publish.channel), data: &publish.data, user_id: None };
+        let message = EventMessage {
+            event: &publish.event,
+            channel: Some(&publish.channel),
+            data: &publish.data,
+            user_id: publish.user_id.as_deref(),
+        };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
         let broadcast = Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at };
@@ -162,9 +204,103 @@ impl PusherService {
         self.send_text(conns, id, &protocol::subscription_succeeded(&name));
     }
 
-    fn unsubscribe(&mut self, id: ConnId, channel: &ChannelName) {
+    fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
         if let Some(count) = self.registry.unsubscribe(channel, id) {
             self.occupancy_changed(channel, count);
+        }
+        if ChannelKind::of(channel) == ChannelKind::Presence {
+            let owner = owner_of(channel, self.outbox.workers());
+            if owner == self.id {
+                self.roster_leave(channel, socket, now);
+            } else if !self.outbox.send(owner, Message::PresenceLeave { channel: channel.clone(), socket }) {
+                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+                warn!("worker {} inbox full: a presence leave on {channel} was lost", owner.0);
+            }
+        }
+    }
+
+    /// Connection `id` asks to join a presence channel: its owner decides, here or on its worker.
+    fn join_presence(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, member: Member, now: Instant) {
+        let Some(socket) = conns.session(id).map(Session::socket_id) else { return };
+        let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
+        let owner = owner_of(&name, self.outbox.workers());
+        if owner == self.id {
+            let result = self.roster_join(&name, &member, socket, now);
+            self.presence_joined(conns, id, socket, &name, result);
+        } else if !self.outbox.send(owner, Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id }) {
+            WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+            self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()));
+        }
+    }
+
+    /// The owner's side of a join: the roster's answer, and news of a new member for every
+    /// worker's replica.
+    fn roster_join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<String, String> {
+        let joined = self.rosters.join(channel, member, socket, now).map_err(|e| e.to_string())?;
+        if joined.new_member {
+            self.membership_changed(channel, &member.user_id, true);
+        }
+        Ok(joined.data)
+    }
+
+    /// The owner's side of a leave.
+    fn roster_leave(&mut self, channel: &ChannelName, socket: SocketId, now: Instant) {
+        if let Some(user_id) = self.rosters.leave(channel, socket, now) {
+            self.membership_changed(channel, &user_id, false);
+        }
+    }
+
+    fn membership_changed(&mut self, channel: &ChannelName, user_id: &str, present: bool) {
+        self.membership.apply(channel, user_id, present);
+        for worker in (0..self.outbox.workers()).map(WorkerId).filter(|&w| w != self.id) {
+            let update = Message::Membership { channel: channel.clone(), user_id: user_id.to_string(), present };
+            if !self.outbox.send(worker, update) {
+                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+                warn!("worker {} inbox full: its presence user list for {channel} is behind", worker.0);
+            }
+        }
+    }
+
+    /// The roster's answer reached the joining connection's worker: subscribe and confirm with
+    /// the member list, or refuse. A connection that has gone meanwhile already sent its leave.
+    fn presence_joined(&mut self, conns: &mut Conns<Session>, id: ConnId, socket: SocketId, channel: &ChannelName, result: Result<String, String>) {
+        let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else { return };
+        match result {
+            Ok(data) => {
+                if let Some(count) = self.registry.subscribe(channel, id) {
+                    self.occupancy_changed(channel, count);
+                }
+                self.send_text(conns, id, &protocol::presence_subscription_succeeded(channel, &data));
+            }
+            Err(reason) => {
+                session.unsubscribed(channel);
+                self.send_text(conns, id, &protocol::subscription_error(channel, "LimitReached", &reason, 403));
+            }
+        }
+    }
+
+    /// Announces the presence changes whose coalescing window has passed.
+    fn announce_presence(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        for change in self.rosters.poll_changes(now) {
+            let publish = match change {
+                Change::Added { channel, member, except } => Publish {
+                    channel,
+                    event: "pusher_internal:member_added".into(),
+                    data: protocol::member_added_data(&member.user_id, &member.user_info),
+                    except,
+                    user_id: None,
+                },
+                Change::Removed { channel, user_id } => Publish {
+                    channel,
+                    event: "pusher_internal:member_removed".into(),
+                    data: protocol::member_removed_data(&user_id),
+                    except: None,
+                    user_id: None,
+                },
+            };
+            if let Err(e) = self.publish(conns, &publish) {
+                warn!("could not frame a presence change for {}: {e}", publish.channel);
+            }
         }
     }
 
@@ -185,30 +321,54 @@ impl PusherService {
             Action::None => {}
             Action::Reply(text) => self.send_text(conns, id, &text),
             Action::Subscribe(channel) => self.subscribe(conns, id, channel),
-            Action::Unsubscribe(channel) => self.unsubscribe(id, &channel),
+            Action::Unsubscribe(channel) => {
+                if let Some(socket) = conns.session(id).map(Session::socket_id) {
+                    self.unsubscribe(id, socket, &channel, now);
+                }
+            }
+            Action::JoinPresence { channel, member } => self.join_presence(conns, id, channel, member, now),
+            Action::ClientEvent { channel, event, data, user_id } => {
+                let except = conns.session(id).map(Session::socket_id);
+                let publish = Publish { channel, event, data, except, user_id };
+                if let Err(e) = self.publish(conns, &publish) {
+                    warn!("could not frame a client event for {}: {e}", publish.channel);
+                }
+            }
             Action::Close(code, reason) => {
                 if let Some(session) = conns.close(id, code, reason, now) {
-                    self.forget(id, session);
+                    self.forget(id, session, now);
                 }
             }
         }
     }
 
-    fn forget(&mut self, id: ConnId, mut session: Session) {
+    fn forget(&mut self, id: ConnId, mut session: Session, now: Instant) {
+        let socket = session.socket_id();
         for channel in session.take_subscriptions() {
-            self.unsubscribe(id, &channel);
+            self.unsubscribe(id, socket, &channel, now);
         }
     }
 
     fn handle_rest(&mut self, conns: &mut Conns<Session>, request: &Request) -> Response {
         let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let context = RestContext {
-            app: &self.settings.app,
+            app: &self.policy.app,
             directory: &self.directory,
+            membership: &self.membership,
             unix_now,
-            max_payload: self.settings.max_payload,
+            max_payload: self.policy.max_payload,
         };
         let outcome = rest::handle(request, &context);
+        if let Some(user) = outcome.terminate_user {
+            let user: Arc<str> = user.into();
+            for worker in (0..self.outbox.workers()).map(WorkerId).filter(|&w| w != self.id) {
+                if !self.outbox.send(worker, Message::TerminateUser(user.clone())) {
+                    WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+                    warn!("worker {} inbox full: terminate_connections for a user not passed on", worker.0);
+                }
+            }
+            self.terminate_user(conns, &user, Instant::now());
+        }
         for publish in &outcome.publishes {
             if let Err(e) = self.publish(conns, publish) {
                 warn!("could not frame an event for {}: {e}", publish.channel);
@@ -218,6 +378,14 @@ impl PusherService {
         outcome.response
     }
 
+    /// Closes this worker's connections signed in as `user`, the way Pusher does (4009).
+    fn terminate_user(&mut self, conns: &mut Conns<Session>, user: &str, now: Instant) {
+        let theirs: Vec<ConnId> = conns.sessions().filter(|(_, s)| s.user_id() == Some(user)).map(|(id, _)| id).collect();
+        for id in theirs {
+            self.carry_out(conns, id, Action::Close(code::UNAUTHORIZED, "Connections of this user were terminated"), now);
+        }
+    }
+
     /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way.
     fn admit(&mut self, key: &str, request: &Request, now: Instant) -> Routed<Session> {
         let refuse = |pool: &FramePool, code: u16, message: &str, reason: &'static str| Routed::Refuse {
@@ -225,7 +393,7 @@ impl PusherService {
             code,
             reason,
         };
-        if key != self.settings.app.key {
+        if key != self.policy.app.key {
             let message = format!("App key {} does not exist", truncated(key));
             return refuse(&self.pool, code::APP_NOT_FOUND, &message, "App not found");
         }
@@ -285,14 +453,14 @@ impl Service for PusherService {
 
     fn on_open(&mut self, conns: &mut Conns<Session>, id: ConnId, _now: Instant) {
         let Some(session) = conns.session(id) else { return };
-        let established = protocol::connection_established(session.socket_id(), self.settings.timeouts.activity.as_secs());
+        let established = protocol::connection_established(session.socket_id(), self.policy.timeouts.activity.as_secs());
         self.send_text(conns, id, &established);
     }
 
     fn on_message(&mut self, conns: &mut Conns<Session>, id: ConnId, message: Incoming<'_>, now: Instant) {
         let Some(session) = conns.session_mut(id) else { return };
         let action = match message {
-            Incoming::Text(text) => session.handle_text(text, now),
+            Incoming::Text(text) => session.handle_text(text, now, &self.policy),
             Incoming::Binary(_) => {
                 session.heard(now);
                 Action::Reply(protocol::error(None, "Binary messages are not supported; send JSON text"))
@@ -319,11 +487,11 @@ impl Service for PusherService {
                 dropped,
             });
         }
-        self.forget(id, session);
+        self.forget(id, session, Instant::now());
     }
 
     fn on_tick(&mut self, conns: &mut Conns<Session>, now: Instant) {
-        let timeouts = self.settings.timeouts;
+        let timeouts = self.policy.timeouts;
         let due: Vec<ConnId> =
             conns.sessions().filter(|(_, s)| s.poll_timeout(&timeouts) <= now).map(|(id, _)| id).collect();
         for id in due {
@@ -343,10 +511,31 @@ impl Service for PusherService {
                 // The asker may have given up waiting; that is fine.
                 let _ = reply.send(self.snapshot(conns, now));
             }
+            Message::TerminateUser(user) => self.terminate_user(conns, &user, now),
+            Message::PresenceJoin { channel, member, socket, from, conn } => {
+                let result = self.roster_join(&channel, &member, socket, now);
+                if from == self.id {
+                    self.presence_joined(conns, conn, socket, &channel, result);
+                } else if !self.outbox.send(from, Message::PresenceJoined { channel: channel.clone(), socket, conn, result }) {
+                    // The joiner will never hear back, so undo the join rather than leak it.
+                    WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+                    self.roster_leave(&channel, socket, now);
+                }
+            }
+            Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result),
+            Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
+            Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
         }
     }
 
-    fn on_turn_end(&mut self, _conns: &mut Conns<Session>, _now: Instant) {
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.rosters.poll_timeout()
+    }
+
+    fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        if self.rosters.poll_timeout().is_some_and(|due| due <= now) {
+            self.announce_presence(conns, now);
+        }
         // Occupancy goes out before this turn's frames are flushed, so another worker learns of
         // a subscription before the client hears it succeeded. Updates carry absolute counts,
         // so one that finds an inbox full is simply sent again next turn.

@@ -11,12 +11,12 @@ use serde::Serialize;
 use hdrhistogram::Histogram;
 
 use super::evictions::{Eviction, EvictionLog};
-use super::{Message, PusherService, Settings};
+use super::{Message, PusherService};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
 use crate::metrics::{Counters, LatencySummary, WorkerMetrics};
-use crate::pusher::session::Timeouts;
+use crate::pusher::session::{Policy, Timeouts};
 use crate::pusher::App;
 use crate::server::{self, ConnLimits, Peers, Server, ServerSettings};
 
@@ -68,10 +68,13 @@ pub struct Observer {
 impl Gateway {
     /// Starts a node configured by `config`. With `handle_signals`, SIGINT and SIGTERM stop it.
     pub fn start(config: &Config, handle_signals: bool) -> io::Result<Gateway> {
-        let settings = Arc::new(Settings {
-            app: App::from_config(config),
+        let policy = Arc::new(Policy {
+            app: App::from_args(&config.app),
             timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
             max_payload: config.max_payload,
+            client_events_per_sec: config.client_events_per_sec,
+            presence_max_members: config.presence_max_members as usize,
+            presence_coalesce: config.presence_coalesce(),
         });
         let server_settings = ServerSettings {
             listen: config.listen_addr(),
@@ -91,7 +94,7 @@ impl Gateway {
         };
         let evictions = Arc::new(EvictionLog::default());
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, settings.clone(), evictions.clone())
+            PusherService::new(context, policy.clone(), evictions.clone())
         })?;
         let observer = Observer {
             peers: server.peers().clone(),

@@ -1,6 +1,7 @@
 //! The Pusher Channels protocol (sans-IO): its messages, the per-connection session state
 //! machine, and the signed REST API.
 
+pub mod presence;
 pub mod protocol;
 pub mod rest;
 pub mod session;
@@ -18,8 +19,8 @@ pub struct App {
 }
 
 impl App {
-    /// The app configured by `config`.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        App { id: config.app_id.clone(), key: config.app_key.clone(), secret: config.app_secret.clone() }
+    /// The app given by these flags.
+    pub fn from_args(args: &crate::config::AppArgs) -> Self {
+        App { id: args.app_id.clone(), key: args.app_key.clone(), secret: args.app_secret.clone() }
     }
 }

@@ -20,6 +20,9 @@ pub const MAX_CHANNEL_NAME_LEN: usize = 164;
 /// Pusher's longest event name.
 pub const MAX_EVENT_NAME_LEN: usize = 200;
 
+/// Pusher's longest user id (sign-in and presence).
+pub const MAX_USER_ID_LEN: usize = 128;
+
 /// A channel's name, shared between the registry, the connections and in-flight broadcasts.
 pub type ChannelName = Arc<str>;
 
@@ -33,6 +36,8 @@ pub mod code {
     pub const UNSUPPORTED_PROTOCOL: u16 = 4007;
     /// No `protocol` query parameter.
     pub const NO_PROTOCOL_VERSION: u16 = 4008;
+    /// The connection is not authorized (a bad `pusher:signin` signature).
+    pub const UNAUTHORIZED: u16 = 4009;
     /// Over capacity: used for slow consumers that are evicted; clients reconnect with backoff.
     pub const OVER_CAPACITY: u16 = 4100;
     /// The server is going away; reconnect immediately.
@@ -238,6 +243,29 @@ pub fn ping() -> String {
 /// `pusher_internal:subscription_succeeded` for a channel without member data.
 pub fn subscription_succeeded(channel: &str) -> String {
     to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: "{}", user_id: None })
+}
+
+/// `pusher_internal:subscription_succeeded` for a presence channel, with its member list
+/// (`{"presence":{...}}`, which travels as a JSON string).
+pub fn presence_subscription_succeeded(channel: &str, presence_data: &str) -> String {
+    to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None })
+}
+
+/// The data of `pusher_internal:member_added`: `{"user_id":…,"user_info":…}` as a JSON string.
+pub fn member_added_data(user_id: &str, user_info: &str) -> String {
+    let info = serde_json::from_str::<&RawValue>(user_info).ok();
+    to_json(&serde_json::json!({ "user_id": user_id, "user_info": info }))
+}
+
+/// The data of `pusher_internal:member_removed`: `{"user_id":…}` as a JSON string.
+pub fn member_removed_data(user_id: &str) -> String {
+    to_json(&serde_json::json!({ "user_id": user_id }))
+}
+
+/// `pusher:signin_success`, whose `data` is a JSON string holding the signed `user_data`.
+pub fn signin_success(user_data: &str) -> String {
+    let data = to_json(&serde_json::json!({ "user_data": user_data }));
+    to_json(&EventMessage { event: "pusher:signin_success", channel: None, data: &data, user_id: None })
 }
 
 #[derive(Serialize)]

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN};
+use super::protocol::{validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
+use super::presence::Membership;
 use super::signature;
 use super::App;
 use crate::fanout::directory::Directory;
@@ -26,6 +27,8 @@ pub struct RestContext<'a> {
     pub app: &'a App,
     /// Channel occupancy (this worker's replica of the node's directory).
     pub directory: &'a Directory,
+    /// Presence channels' users (this worker's replica).
+    pub membership: &'a Membership,
     /// The server's clock, for `auth_timestamp`.
     pub unix_now: u64,
     /// Largest event `data`, in bytes.
@@ -43,6 +46,8 @@ pub struct Publish {
     pub data: String,
     /// The connection excluded from delivery (the `socket_id` of the call).
     pub except: Option<SocketId>,
+    /// The sending member, for client events on presence channels.
+    pub user_id: Option<String>,
 }
 
 /// The answer to a REST call.
@@ -52,11 +57,13 @@ pub struct RestOutcome {
     pub response: Response,
     /// Events to publish, in order. Empty unless the call succeeded.
     pub publishes: Vec<Publish>,
+    /// A user whose connections, on every worker, must be closed.
+    pub terminate_user: Option<String>,
 }
 
 impl RestOutcome {
     fn respond(response: Response) -> Self {
-        RestOutcome { response, publishes: Vec::new() }
+        RestOutcome { response, publishes: Vec::new(), terminate_user: None }
     }
 }
 
@@ -79,6 +86,8 @@ enum Route<'p> {
     BatchEvents,
     Channels,
     Channel(&'p str),
+    Users(&'p str),
+    TerminateUser(&'p str),
 }
 
 /// Answers one REST call.
@@ -100,6 +109,14 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
         None if resource == "batch_events" => (Route::BatchEvents, "POST"),
         None if resource == "channels" => (Route::Channels, "GET"),
         Some(("channels", name)) if !name.is_empty() && !name.contains('/') => (Route::Channel(name), "GET"),
+        Some(("channels", path)) => match path.split_once('/') {
+            Some((name, "users")) if !name.is_empty() => (Route::Users(name), "GET"),
+            _ => return Err(Refusal::new(404, format!("no such API endpoint: {}", request.path))),
+        },
+        Some(("users", user)) => match user.split_once('/') {
+            Some((id, "terminate_connections")) if !id.is_empty() => (Route::TerminateUser(id), "POST"),
+            _ => return Err(Refusal::new(404, format!("no such API endpoint: {}", request.path))),
+        },
         _ => return Err(Refusal::new(404, format!("no such API endpoint: {}", request.path))),
     };
     signature::verify(context.app, &request.method, &request.path, &request.query, &request.body, context.unix_now)
@@ -112,6 +129,16 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
         Route::BatchEvents => batch_events(request, context),
         Route::Channels => channels(request, context).map(RestOutcome::respond),
         Route::Channel(name) => channel(request, name, context).map(RestOutcome::respond),
+        Route::Users(name) => users(name, context).map(RestOutcome::respond),
+        Route::TerminateUser(id) => {
+            let id = percent_encoding::percent_decode_str(id)
+                .decode_utf8()
+                .ok()
+                .map(|id| id.into_owned())
+                .filter(|id| id.len() <= MAX_USER_ID_LEN)
+                .ok_or_else(|| Refusal::new(400, format!("user ids are at most {MAX_USER_ID_LEN} characters")))?;
+            Ok(RestOutcome { terminate_user: Some(id), ..RestOutcome::respond(Response::json(200, "{}")) })
+        }
     }
 }
 
@@ -174,16 +201,16 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
     let mut publishes = Vec::with_capacity(channels.len());
     for channel in &channels {
         validate_channel_name(channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
-        publishes.push(Publish { channel: channel.as_str().into(), event: body.name.clone(), data: event.clone(), except });
+        publishes.push(Publish { channel: channel.as_str().into(), event: body.name.clone(), data: event.clone(), except, user_id: None });
     }
     let response = if info.is_empty() {
         Response::json(200, "{}")
     } else {
         let attributes: Map<String, Value> =
-            channels.iter().map(|c| Ok((c.clone(), info.attributes(c, context.directory)?))).collect::<Result<_, Refusal>>()?;
+            channels.iter().map(|c| Ok((c.clone(), info.attributes(c, context)?))).collect::<Result<_, Refusal>>()?;
         Response::json(200, json!({ "channels": attributes }).to_string())
     };
-    Ok(RestOutcome { response, publishes })
+    Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
 fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, Refusal> {
@@ -203,15 +230,15 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
         let except = parse_socket_id(item.socket_id.as_deref())?;
         let info = Info::parse(item.info.as_deref())?;
         any_info |= !info.is_empty();
-        attributes.push(info.attributes(&item.channel, context.directory)?);
-        publishes.push(Publish { channel: item.channel.as_str().into(), event: item.name.clone(), data, except });
+        attributes.push(info.attributes(&item.channel, context)?);
+        publishes.push(Publish { channel: item.channel.as_str().into(), event: item.name.clone(), data, except, user_id: None });
     }
     let response = if any_info {
         Response::json(200, json!({ "batch": attributes }).to_string())
     } else {
         Response::json(200, "{}")
     };
-    Ok(RestOutcome { response, publishes })
+    Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
 /// Checks an event's name and size, and returns its data as the string clients receive: a
@@ -265,19 +292,16 @@ impl Info {
         !self.subscription_count && !self.user_count
     }
 
-    fn attributes(&self, channel: &str, directory: &Directory) -> Result<Value, Refusal> {
+    fn attributes(&self, channel: &str, context: &RestContext<'_>) -> Result<Value, Refusal> {
         let mut attributes = Map::new();
         if self.user_count {
-            // Presence channels, which user_count is about, are not served yet: refuse plainly.
-            let message = if ChannelKind::of(channel) == ChannelKind::Presence {
-                "user_count needs presence channels, which this server does not support yet"
-            } else {
-                "user_count is only available for presence channels"
-            };
-            return Err(Refusal::new(400, message));
+            if ChannelKind::of(channel) != ChannelKind::Presence {
+                return Err(Refusal::new(400, "user_count is only available for presence channels"));
+            }
+            attributes.insert("user_count".into(), context.membership.user_count(channel).into());
         }
         if self.subscription_count {
-            attributes.insert("subscription_count".into(), directory.subscription_count(channel).into());
+            attributes.insert("subscription_count".into(), context.directory.subscription_count(channel).into());
         }
         Ok(Value::Object(attributes))
     }
@@ -286,11 +310,14 @@ impl Info {
 fn channels(request: &Request, context: &RestContext<'_>) -> Result<Response, Refusal> {
     let prefix = request.query_param("filter_by_prefix").unwrap_or_default();
     let info = Info::parse(request.query_param("info").as_deref())?;
+    if info.user_count && !prefix.starts_with("presence-") {
+        return Err(Refusal::new(400, "info=user_count needs filter_by_prefix=presence-"));
+    }
     let mut listed = Map::new();
     let mut names: Vec<(&str, u32)> = context.directory.channels().filter(|(name, _)| name.starts_with(&prefix)).collect();
     names.sort_unstable();
     for (name, _) in names {
-        listed.insert(name.to_owned(), info.attributes(name, context.directory)?);
+        listed.insert(name.to_owned(), info.attributes(name, context)?);
     }
     Ok(Response::json(200, json!({ "channels": listed }).to_string()))
 }
@@ -299,12 +326,21 @@ fn channel(request: &Request, name: &str, context: &RestContext<'_>) -> Result<R
     validate_channel_name(name).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
     let info = Info::parse(request.query_param("info").as_deref())?;
     let count = context.directory.subscription_count(name);
-    let mut attributes = match info.attributes(name, context.directory)? {
+    let mut attributes = match info.attributes(name, context)? {
         Value::Object(map) => map,
         _ => Map::new(),
     };
     attributes.insert("occupied".into(), (count > 0).into());
     Ok(Response::json(200, Value::Object(attributes).to_string()))
+}
+
+fn users(name: &str, context: &RestContext<'_>) -> Result<Response, Refusal> {
+    validate_channel_name(name).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
+    if ChannelKind::of(name) != ChannelKind::Presence {
+        return Err(Refusal::new(400, "users are only listed for presence channels"));
+    }
+    let users: Vec<Value> = context.membership.users(name).map(|id| json!({ "id": id })).collect();
+    Ok(Response::json(200, json!({ "users": users }).to_string()))
 }
 
 #[cfg(test)]
@@ -344,7 +380,11 @@ mod tests {
         };
         let app = app();
         let directory = directory();
-        handle(&request, &RestContext { app: &app, directory: &directory, unix_now: NOW, max_payload: 100 })
+        let mut membership = Membership::default();
+        for user in ["u1", "u2"] {
+            membership.apply(&"presence-x".into(), user, true);
+        }
+        handle(&request, &RestContext { app: &app, directory: &directory, membership: &membership, unix_now: NOW, max_payload: 100 })
     }
 
     fn body_json(outcome: &RestOutcome) -> Value {
@@ -361,8 +401,8 @@ mod tests {
         assert_eq!(
             outcome.publishes,
             vec![
-                Publish { channel: "a".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except },
-                Publish { channel: "b".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except },
+                Publish { channel: "a".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
+                Publish { channel: "b".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
             ]
         );
     }
@@ -416,12 +456,35 @@ mod tests {
             (413, call("POST", "/apps/app-id/events", &format!(r#"{{"name":"e","channels":["a"],"data":"{}"}}"#, "x".repeat(101)), &[])),
             (400, call("GET", "/apps/app-id/channels", "", &[("info", "user_count")])),
             (400, call("GET", "/apps/app-id/channels/news", "", &[("info", "bogus")])),
+            (400, call("GET", "/apps/app-id/channels/news", "", &[("info", "user_count")])),
+            (400, call("GET", "/apps/app-id/channels/news/users", "", &[])),
+            (404, call("GET", "/apps/app-id/channels/presence-x/members", "", &[])),
+            (405, call("GET", "/apps/app-id/users/u1/terminate_connections", "", &[])),
         ];
         for (status, outcome) in cases {
             assert_eq!(outcome.response.status, status, "{:?}", String::from_utf8_lossy(&outcome.response.body));
             assert!(body_json(&outcome)["error"].is_string());
             assert!(outcome.publishes.is_empty());
         }
+    }
+
+    #[test]
+    fn presence_users_and_user_counts_come_from_the_membership_replica() {
+        let users = call("GET", "/apps/app-id/channels/presence-x/users", "", &[]);
+        assert_eq!(body_json(&users), json!({"users": [{"id": "u1"}, {"id": "u2"}]}));
+        let one = call("GET", "/apps/app-id/channels/presence-x", "", &[("info", "user_count,subscription_count")]);
+        assert_eq!(body_json(&one), json!({"occupied": true, "user_count": 2, "subscription_count": 1}));
+        let listed = call("GET", "/apps/app-id/channels", "", &[("filter_by_prefix", "presence-"), ("info", "user_count")]);
+        assert_eq!(body_json(&listed), json!({"channels": {"presence-x": {"user_count": 2}}}));
+        let empty = call("GET", "/apps/app-id/channels/presence-empty/users", "", &[]);
+        assert_eq!(body_json(&empty), json!({"users": []}));
+    }
+
+    #[test]
+    fn terminate_connections_names_the_decoded_user() {
+        let outcome = call("POST", "/apps/app-id/users/user%20one/terminate_connections", "", &[]);
+        assert_eq!(outcome.response.status, 200);
+        assert_eq!(outcome.terminate_user.as_deref(), Some("user one"));
     }
 
     #[test]

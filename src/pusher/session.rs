@@ -1,16 +1,27 @@
 //! One connection's Pusher protocol state machine (sans-IO).
 //!
 //! Inputs are the client's text messages and the passage of time, each with a `now`; outputs
-//! are [`Action`]s for the caller to carry out (reply, subscribe, close). The session owns the
-//! connection's socket id, its list of subscriptions and its activity timer. It never sees a
-//! socket or the channel registry, so it is tested with a virtual clock and nothing else.
+//! are [`Action`]s for the caller to carry out (reply, subscribe, publish a client event,
+//! close). The session owns the connection's socket id, its subscriptions, the user it signed
+//! in as, its client-event budget and its activity timer. It checks channel and sign-in
+//! signatures itself, but never sees a socket or the channel registry, so it is tested with a
+//! virtual clock and nothing else.
 
 use std::time::{Duration, Instant};
 
-use super::protocol::{self, ChannelKind, ChannelName, ClientMessage, SocketId, SubscribeData, UnsubscribeData};
+use serde::Deserialize;
+
+use super::presence::Member;
+use super::protocol::{self, code, ChannelKind, ChannelName, ClientMessage, SocketId, SubscribeData, UnsubscribeData};
+use super::signature;
+use super::App;
 
 /// Most channels one connection may subscribe to; a bound on what one client can make us hold.
 pub const MAX_SUBSCRIPTIONS: usize = 1000;
+
+/// Prefix of the channel pusher-js subscribes to after signing in, to receive events sent to
+/// its user; only that user may subscribe to it.
+pub const SERVER_TO_USER_PREFIX: &str = "#server-to-user-";
 
 /// The activity timer's settings.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +32,23 @@ pub struct Timeouts {
     pub pong: Duration,
 }
 
+/// What every session of a node needs to know: the app, the timers and the limits.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The app (its key and secret check signatures).
+    pub app: App,
+    /// Activity and pong timeouts.
+    pub timeouts: Timeouts,
+    /// Largest event data, in bytes (REST and client events).
+    pub max_payload: usize,
+    /// Client events a connection may send per second (Pusher's default is 10).
+    pub client_events_per_sec: u32,
+    /// Most members of one presence channel.
+    pub presence_max_members: usize,
+    /// Window over which a user's presence changes collapse into their net effect.
+    pub presence_coalesce: Duration,
+}
+
 /// What the caller must do after an input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -28,13 +56,75 @@ pub enum Action {
     None,
     /// Send this message to the client.
     Reply(String),
-    /// Subscribe the connection to this public channel (name already validated), record it
-    /// with [`Session::subscribed`], and confirm with `subscription_succeeded`.
+    /// Subscribe the connection to this public or private channel (name and signature already
+    /// checked), record it with [`Session::subscribed`], and confirm with
+    /// `subscription_succeeded`.
     Subscribe(String),
+    /// Join this presence channel as `member` (signature checked; the session already counts
+    /// it as subscribed): ask the channel's roster, then confirm with the member list, or
+    /// refuse and call [`Session::unsubscribed`].
+    JoinPresence {
+        /// The channel.
+        channel: String,
+        /// Who joins.
+        member: Member,
+    },
     /// Remove the connection from this channel (already forgotten by the session).
     Unsubscribe(ChannelName),
+    /// Publish a client event to the channel's other subscribers (never back to the sender).
+    ClientEvent {
+        /// The channel, which the sender is subscribed to.
+        channel: ChannelName,
+        /// The `client-*` event name.
+        event: String,
+        /// The event's data as a string (a JSON text when the client sent an object).
+        data: String,
+        /// The sender's user id, on presence channels.
+        user_id: Option<String>,
+    },
     /// Close the connection with this code and reason.
     Close(u16, &'static str),
+}
+
+/// `pusher:signin` data.
+#[derive(Debug, Deserialize)]
+struct SigninData {
+    auth: String,
+    user_data: String,
+}
+
+/// The part of a sign-in's `user_data` Flux reads.
+#[derive(Debug, Deserialize)]
+struct UserData {
+    id: String,
+}
+
+/// A token bucket for client events, refilled by the session's own clock (`now` is an input
+/// here, which a clock-reading crate such as governor cannot take).
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl Budget {
+    fn full(per_sec: u32, now: Instant) -> Self {
+        Budget { tokens: f64::from(per_sec), refilled_at: now }
+    }
+
+    /// Spends one token if there is one; a second's worth at most is ever saved up.
+    fn spend(&mut self, per_sec: u32, now: Instant) -> bool {
+        let rate = f64::from(per_sec);
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The Pusher state of one connection.
@@ -42,6 +132,10 @@ pub enum Action {
 pub struct Session {
     socket_id: SocketId,
     subscriptions: Vec<ChannelName>,
+    /// The user id this connection is on each presence channel it joined.
+    memberships: Vec<(ChannelName, String)>,
+    user_id: Option<String>,
+    client_events: Option<Budget>,
     last_heard: Instant,
     ping_sent_at: Option<Instant>,
 }
@@ -49,12 +143,17 @@ pub struct Session {
 impl Session {
     /// A new session, as of `now`.
     pub fn new(socket_id: SocketId, now: Instant) -> Self {
-        Session { socket_id, subscriptions: Vec::new(), last_heard: now, ping_sent_at: None }
+        Session { socket_id, subscriptions: Vec::new(), memberships: Vec::new(), user_id: None, client_events: None, last_heard: now, ping_sent_at: None }
     }
 
     /// This connection's socket id.
     pub fn socket_id(&self) -> SocketId {
         self.socket_id
+    }
+
+    /// The user this connection signed in as (`pusher:signin`), if it did.
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
     }
 
     /// The channels this connection is subscribed to.
@@ -64,7 +163,14 @@ impl Session {
 
     /// Hands over the subscriptions, for cleanup when the connection ends.
     pub fn take_subscriptions(&mut self) -> Vec<ChannelName> {
+        self.memberships.clear();
         std::mem::take(&mut self.subscriptions)
+    }
+
+    /// Forgets a subscription the caller could not carry out (a refused presence join).
+    pub fn unsubscribed(&mut self, channel: &str) {
+        self.subscriptions.retain(|c| &**c != channel);
+        self.memberships.retain(|(c, _)| &**c != channel);
     }
 
     /// Records a subscription the caller carried out.
@@ -85,7 +191,7 @@ impl Session {
     }
 
     /// Handles a text message from the client.
-    pub fn handle_text(&mut self, text: &str, now: Instant) -> Action {
+    pub fn handle_text(&mut self, text: &str, now: Instant, policy: &Policy) -> Action {
         self.heard(now);
         let message: ClientMessage = match serde_json::from_str(text) {
             Ok(m) => m,
@@ -94,30 +200,32 @@ impl Session {
         match &*message.event {
             "pusher:ping" => Action::Reply(protocol::pong()),
             "pusher:pong" => Action::None,
-            "pusher:subscribe" => self.handle_subscribe(&message),
+            "pusher:subscribe" => self.handle_subscribe(&message, &policy.app),
             "pusher:unsubscribe" => match protocol::parse_data::<UnsubscribeData>(message.data) {
                 Ok(data) => self.handle_unsubscribe(&data.channel),
                 Err(e) => Action::Reply(protocol::error(None, &format!("Invalid pusher:unsubscribe data: {e}"))),
             },
-            event if event.starts_with("client-") => Action::Reply(protocol::error(
-                None,
-                "Client events are only supported on private and presence channels",
-            )),
+            "pusher:signin" => self.handle_signin(&message, &policy.app),
+            event if event.starts_with("client-") => self.handle_client_event(&message, now, policy),
             event => Action::Reply(protocol::error(None, &format!("Unsupported event {:?}", truncate(event, 64)))),
         }
     }
 
-    fn handle_subscribe(&mut self, message: &ClientMessage<'_>) -> Action {
+    fn handle_subscribe(&mut self, message: &ClientMessage<'_>, app: &App) -> Action {
         let data: SubscribeData = match protocol::parse_data(message.data) {
             Ok(data) => data,
             Err(e) => return Action::Reply(protocol::error(None, &format!("Invalid pusher:subscribe data: {e}"))),
         };
-        let channel = data.channel;
+        let channel = data.channel.clone();
+        if let Some(user) = channel.strip_prefix(SERVER_TO_USER_PREFIX) {
+            return self.subscribe_server_to_user(channel.clone(), user);
+        }
         if let Err(e) = protocol::validate_channel_name(&channel) {
             return Action::Reply(protocol::subscription_error(&channel, "InvalidChannel", &e.to_string(), 400));
         }
-        if self.is_subscribed(&channel) {
-            // Resubscribing is harmless; confirm again so the client's state settles.
+        if self.is_subscribed(&channel) && ChannelKind::of(&channel) != ChannelKind::Presence {
+            // Resubscribing is harmless; confirm again so the client's state settles. (A
+            // presence channel is asked again, for its member list.)
             return Action::Reply(protocol::subscription_succeeded(&channel));
         }
         if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
@@ -126,13 +234,115 @@ impl Session {
         }
         match ChannelKind::of(&channel) {
             ChannelKind::Public => Action::Subscribe(channel),
-            ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence => Action::Reply(
-                protocol::subscription_error(&channel, "AuthError", "Private and presence channels are not supported yet", 403),
-            ),
+            ChannelKind::Private | ChannelKind::PrivateEncrypted => {
+                let socket_id = self.socket_id.to_string();
+                match data.auth.as_deref() {
+                    Some(auth) if signature::channel_auth_matches(app, &socket_id, &channel, None, auth) => Action::Subscribe(channel),
+                    _ => Action::Reply(auth_error(&channel, &socket_id)),
+                }
+            }
+            ChannelKind::Presence => self.join_presence(channel, &data, app),
         }
     }
 
+    /// A presence subscription: the signature covers `channel_data`, which names the member.
+    fn join_presence(&mut self, channel: String, data: &SubscribeData, app: &App) -> Action {
+        let socket_id = self.socket_id.to_string();
+        let channel_data = data.channel_data.as_deref().unwrap_or("");
+        match data.auth.as_deref() {
+            Some(auth) if signature::channel_auth_matches(app, &socket_id, &channel, Some(channel_data), auth) => {}
+            _ => return Action::Reply(auth_error(&channel, &socket_id)),
+        }
+        let member = match Member::parse(channel_data) {
+            Ok(member) => member,
+            Err(e) => return Action::Reply(protocol::subscription_error(&channel, "InvalidChannelData", &e.to_string(), 400)),
+        };
+        if !self.is_subscribed(&channel) {
+            let name: ChannelName = channel.as_str().into();
+            self.memberships.push((name.clone(), member.user_id.clone()));
+            self.subscriptions.push(name);
+        }
+        Action::JoinPresence { channel, member }
+    }
+
+    /// pusher-js subscribes to its user's own channel after signing in; no one else may.
+    fn subscribe_server_to_user(&mut self, channel: String, user: &str) -> Action {
+        if self.user_id.as_deref() == Some(user) {
+            if self.is_subscribed(&channel) {
+                return Action::Reply(protocol::subscription_succeeded(&channel));
+            }
+            Action::Subscribe(channel)
+        } else {
+            Action::Reply(protocol::subscription_error(&channel, "AuthError", "Sign in as this user first", 403))
+        }
+    }
+
+    /// `pusher:signin`: checks the signature over `socket_id::user::user_data` and remembers
+    /// the user. A bad one closes the connection with 4009, as Pusher does.
+    fn handle_signin(&mut self, message: &ClientMessage<'_>, app: &App) -> Action {
+        let data: SigninData = match protocol::parse_data(message.data) {
+            Ok(data) => data,
+            Err(e) => return Action::Reply(protocol::error(None, &format!("Invalid pusher:signin data: {e}"))),
+        };
+        if !signature::user_auth_matches(app, &self.socket_id.to_string(), &data.user_data, &data.auth) {
+            return Action::Close(code::UNAUTHORIZED, "Invalid signin signature");
+        }
+        match serde_json::from_str::<UserData>(&data.user_data) {
+            Ok(user) if !user.id.is_empty() && user.id.len() <= protocol::MAX_USER_ID_LEN => {
+                self.user_id = Some(user.id);
+                Action::Reply(protocol::signin_success(&data.user_data))
+            }
+            _ => Action::Reply(protocol::error(
+                None,
+                &format!("user_data must be a JSON object with an \"id\" string of 1 to {} characters", protocol::MAX_USER_ID_LEN),
+            )),
+        }
+    }
+
+    /// A `client-*` event: only on private and presence channels the sender subscribes to,
+    /// within the data limit and the per-connection rate.
+    fn handle_client_event(&mut self, message: &ClientMessage<'_>, now: Instant, policy: &Policy) -> Action {
+        let refuse = |text: &str| Action::Reply(protocol::error(None, text));
+        let Some(channel) = message.channel.as_deref() else {
+            return refuse("Client events need a channel");
+        };
+        match ChannelKind::of(channel) {
+            ChannelKind::Private | ChannelKind::Presence => {}
+            ChannelKind::PrivateEncrypted => return refuse("Client events are not supported on encrypted channels"),
+            ChannelKind::Public => return refuse("Client events are only supported on private and presence channels"),
+        }
+        let Some(channel) = self.subscriptions.iter().find(|c| &***c == channel).cloned() else {
+            return refuse(&format!("Client event rejected: not subscribed to {}", truncate(channel, 64)));
+        };
+        if message.event.len() > protocol::MAX_EVENT_NAME_LEN {
+            return refuse(&format!("Event names are at most {} characters", protocol::MAX_EVENT_NAME_LEN));
+        }
+        let data = match message.data.map(|raw| raw.get()) {
+            None => String::new(),
+            // A string is passed on as it is; anything else as its JSON text, which pusher-js
+            // parses back into the same value.
+            Some(raw) if raw.trim_start().starts_with('"') => match serde_json::from_str::<String>(raw) {
+                Ok(text) => text,
+                Err(_) => return refuse("Client event data is not valid JSON"),
+            },
+            Some(raw) => raw.to_string(),
+        };
+        if data.len() > policy.max_payload {
+            return refuse(&format!("Client event data is larger than {} bytes", policy.max_payload));
+        }
+        let per_sec = policy.client_events_per_sec;
+        if !self.client_events.get_or_insert_with(|| Budget::full(per_sec, now)).spend(per_sec, now) {
+            return Action::Reply(protocol::error(
+                Some(code::CLIENT_EVENT_RATE_LIMIT),
+                &format!("Client event rejected due to rate limit ({per_sec} per second)"),
+            ));
+        }
+        let user_id = self.memberships.iter().find(|(c, _)| *c == channel).map(|(_, user)| user.clone());
+        Action::ClientEvent { channel, event: message.event.to_string(), data, user_id }
+    }
+
     fn handle_unsubscribe(&mut self, channel: &str) -> Action {
+        self.memberships.retain(|(c, _)| &**c != channel);
         match self.subscriptions.iter().position(|c| &**c == channel) {
             Some(index) => Action::Unsubscribe(self.subscriptions.swap_remove(index)),
             None => Action::None,
@@ -162,6 +372,12 @@ impl Session {
     }
 }
 
+/// The `subscription_error` pusher-js reports when a signature is wrong (status 401).
+fn auth_error(channel: &str, socket_id: &str) -> String {
+    let message = format!("Invalid signature: expected HMAC-SHA256 of \"{socket_id}:{}\" with the app secret", truncate(channel, 164));
+    protocol::subscription_error(channel, "AuthError", &message, 401)
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -175,6 +391,17 @@ mod tests {
     use super::*;
 
     const TIMEOUTS: Timeouts = Timeouts { activity: Duration::from_secs(120), pong: Duration::from_secs(30) };
+
+    fn policy() -> Policy {
+        Policy {
+            app: App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into() },
+            timeouts: TIMEOUTS,
+            max_payload: 100,
+            client_events_per_sec: 10,
+            presence_max_members: 100,
+            presence_coalesce: Duration::from_millis(150),
+        }
+    }
 
     fn session(t0: Instant) -> Session {
         Session::new(SocketId { high: 1, low: 1 }, t0)
@@ -190,7 +417,7 @@ mod tests {
     #[test]
     fn ping_gets_pong() {
         let t0 = Instant::now();
-        let reply = reply_event(&session(t0).handle_text(r#"{"event":"pusher:ping","data":{}}"#, t0));
+        let reply = reply_event(&session(t0).handle_text(r#"{"event":"pusher:ping","data":{}}"#, t0, &policy()));
         assert_eq!(reply["event"], "pusher:pong");
     }
 
@@ -198,16 +425,16 @@ mod tests {
     fn subscribe_public_then_unsubscribe() {
         let t0 = Instant::now();
         let mut s = session(t0);
-        let action = s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"chat"}}"#, t0);
+        let action = s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"chat"}}"#, t0, &policy());
         assert_eq!(action, Action::Subscribe("chat".into()));
         s.subscribed("chat".into());
         // A second subscribe is confirmed again, not repeated.
-        let again = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"chat"}}"#, t0));
+        let again = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"chat"}}"#, t0, &policy()));
         assert_eq!(again["event"], "pusher_internal:subscription_succeeded");
-        let leave = s.handle_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"chat"}}"#, t0);
+        let leave = s.handle_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"chat"}}"#, t0, &policy());
         assert_eq!(leave, Action::Unsubscribe("chat".into()));
         assert!(s.subscriptions().is_empty());
-        assert_eq!(s.handle_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"chat"}}"#, t0), Action::None);
+        assert_eq!(s.handle_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"chat"}}"#, t0, &policy()), Action::None);
     }
 
     #[test]
@@ -216,24 +443,173 @@ mod tests {
         let long = "c".repeat(165);
         for name in ["", "has space", long.as_str()] {
             let text = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": name}}).to_string();
-            let reply = reply_event(&session(t0).handle_text(&text, t0));
+            let reply = reply_event(&session(t0).handle_text(&text, t0, &policy()));
             assert_eq!(reply["event"], "pusher:subscription_error", "{name:?}");
             assert_eq!(reply["data"]["status"], 400);
         }
     }
 
+    fn subscribe_text(channel: &str, auth: &str) -> String {
+        serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}).to_string()
+    }
+
     #[test]
-    fn private_channels_are_refused_until_supported() {
+    fn private_channels_need_the_apps_signature_for_this_socket() {
         let t0 = Instant::now();
-        let reply = reply_event(&session(t0).handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"private-x","auth":"k:s"}}"#, t0));
-        assert_eq!(reply["event"], "pusher:subscription_error");
+        let app = policy().app;
+        let mut s = session(t0);
+        let good = signature::channel_auth(&app, "1.1", "private-x", None);
+        assert_eq!(s.handle_text(&subscribe_text("private-x", &good), t0, &policy()), Action::Subscribe("private-x".into()));
+        // Signed for another socket, another channel, or by another secret: a 401 subscription error.
+        let other_socket = signature::channel_auth(&app, "1.2", "private-x", None);
+        let other_channel = signature::channel_auth(&app, "1.1", "private-y", None);
+        let other_secret = signature::channel_auth(&App { secret: "nope".into(), ..app.clone() }, "1.1", "private-x", None);
+        for auth in [other_socket.as_str(), &other_channel, &other_secret, "app-key:00", "junk", ""] {
+            let reply = reply_event(&s.handle_text(&subscribe_text("private-x", auth), t0, &policy()));
+            assert_eq!(reply["event"], "pusher:subscription_error", "{auth}");
+            assert_eq!(reply["data"]["status"], 401);
+            assert_eq!(reply["data"]["type"], "AuthError");
+        }
+        let missing = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"private-x"}}"#, t0, &policy()));
+        assert_eq!(missing["data"]["status"], 401);
+    }
+
+    fn subscribed_to(channel: &str, t0: Instant) -> Session {
+        let mut s = session(t0);
+        s.subscribed(channel.into());
+        s
+    }
+
+    fn client_event(channel: &str, data: serde_json::Value) -> String {
+        serde_json::json!({"event": "client-typing", "channel": channel, "data": data}).to_string()
+    }
+
+    #[test]
+    fn client_events_go_out_from_subscribers_of_private_channels_only() {
+        let t0 = Instant::now();
+        let mut s = subscribed_to("private-x", t0);
+        let action = s.handle_text(&client_event("private-x", serde_json::json!({"who": "ann"})), t0, &policy());
+        assert_eq!(
+            action,
+            Action::ClientEvent { channel: "private-x".into(), event: "client-typing".into(), data: r#"{"who":"ann"}"#.into(), user_id: None }
+        );
+        // A string is passed on unchanged.
+        let action = s.handle_text(&client_event("private-x", serde_json::json!("hi")), t0, &policy());
+        assert!(matches!(action, Action::ClientEvent { data, .. } if data == "hi"));
+        // Not subscribed, public, encrypted, no channel, too big: pusher:error, nothing sent.
+        for (channel, text) in [
+            ("private-x", client_event("private-other", serde_json::json!({}))),
+            ("chat", client_event("chat", serde_json::json!({}))),
+            ("private-encrypted-x", client_event("private-encrypted-x", serde_json::json!({}))),
+            ("private-x", r#"{"event":"client-x","data":{}}"#.to_string()),
+            ("private-x", client_event("private-x", serde_json::json!("x".repeat(101)))),
+        ] {
+            let reply = reply_event(&subscribed_to(channel, t0).handle_text(&text, t0, &policy()));
+            assert_eq!(reply["event"], "pusher:error", "{text}");
+        }
+    }
+
+    #[test]
+    fn client_events_are_rate_limited_per_connection() {
+        let t0 = Instant::now();
+        let mut s = subscribed_to("private-x", t0);
+        let send = |s: &mut Session, at: Instant| s.handle_text(&client_event("private-x", serde_json::json!({})), at, &policy());
+        for _ in 0..10 {
+            assert!(matches!(send(&mut s, t0), Action::ClientEvent { .. }));
+        }
+        let over = reply_event(&send(&mut s, t0));
+        assert_eq!(over["event"], "pusher:error");
+        assert_eq!(over["data"]["code"], 4301);
+        // A tenth of a second later one more is allowed, and only one.
+        let later = t0 + Duration::from_millis(100);
+        assert!(matches!(send(&mut s, later), Action::ClientEvent { .. }));
+        assert!(matches!(send(&mut s, later), Action::Reply(_)));
+        // Savings are capped at one second's worth.
+        let much_later = t0 + Duration::from_secs(60);
+        let sent = (0..30).filter(|_| matches!(send(&mut s, much_later), Action::ClientEvent { .. })).count();
+        assert_eq!(sent, 10);
+    }
+
+    fn presence_subscribe(channel: &str, socket: &str, channel_data: &str, secret: &str) -> String {
+        let app = App { secret: secret.into(), ..policy().app };
+        let auth = signature::channel_auth(&app, socket, channel, Some(channel_data));
+        serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
+    }
+
+    #[test]
+    fn presence_joins_are_signed_over_channel_data_and_carry_the_member() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let data = r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#;
+        let action = s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy());
+        let member = Member { user_id: "u1".into(), user_info: r#"{"name":"Ann"}"#.into() };
+        assert_eq!(action, Action::JoinPresence { channel: "presence-room".into(), member: member.clone() });
+        assert_eq!(s.subscriptions(), &["presence-room".into()] as &[ChannelName]);
+        // Asking again asks the roster again (for the member list), without a second subscription.
+        assert_eq!(s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy()), Action::JoinPresence { channel: "presence-room".into(), member });
+        assert_eq!(s.subscriptions().len(), 1);
+        // Client events there carry the sender's user id.
+        let event = s.handle_text(&client_event("presence-room", serde_json::json!({})), t0, &policy());
+        assert!(matches!(event, Action::ClientEvent { user_id: Some(ref u), .. } if u == "u1"), "{event:?}");
+        // A refused join is forgotten.
+        s.unsubscribed("presence-room");
+        assert!(s.subscriptions().is_empty());
+    }
+
+    #[test]
+    fn presence_joins_with_bad_signatures_or_channel_data_are_refused() {
+        let t0 = Instant::now();
+        let data = r#"{"user_id":"u1"}"#;
+        let forged = reply_event(&session(t0).handle_text(&presence_subscribe("presence-room", "1.1", data, "wrong"), t0, &policy()));
+        assert_eq!(forged["data"]["status"], 401);
+        // Signed, but channel_data changed after signing.
+        let mut text: serde_json::Value = serde_json::from_str(&presence_subscribe("presence-room", "1.1", data, "app-secret")).unwrap();
+        text["data"]["channel_data"] = r#"{"user_id":"admin"}"#.into();
+        let tampered = reply_event(&session(t0).handle_text(&text.to_string(), t0, &policy()));
+        assert_eq!(tampered["data"]["status"], 401);
+        // Properly signed but unusable channel_data.
+        let long_id = format!(r#"{{"user_id":"{}"}}"#, "u".repeat(200));
+        for bad in ["not json", r#"{"user_info":{}}"#, long_id.as_str()] {
+            let reply = reply_event(&session(t0).handle_text(&presence_subscribe("presence-room", "1.1", bad, "app-secret"), t0, &policy()));
+            assert_eq!(reply["event"], "pusher:subscription_error", "{bad}");
+            assert_eq!(reply["data"]["status"], 400, "{bad}");
+        }
+    }
+
+    fn signin_text(auth: &str, user_data: &str) -> String {
+        serde_json::json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}).to_string()
+    }
+
+    #[test]
+    fn signin_checks_the_signature_and_opens_the_users_own_channel() {
+        let t0 = Instant::now();
+        let app = policy().app;
+        let mut s = session(t0);
+        // Before signing in, nobody's server-to-user channel is open.
+        let early = reply_event(&s.handle_text(&subscribe_text("#server-to-user-7", ""), t0, &policy()));
+        assert_eq!(early["event"], "pusher:subscription_error");
+        let user_data = r#"{"id":"7","name":"Ann"}"#;
+        let ok = reply_event(&s.handle_text(&signin_text(&signature::user_auth(&app, "1.1", user_data), user_data), t0, &policy()));
+        assert_eq!(ok["event"], "pusher:signin_success");
+        let data: serde_json::Value = serde_json::from_str(ok["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["user_data"], user_data);
+        assert_eq!(s.user_id(), Some("7"));
+        assert_eq!(s.handle_text(&subscribe_text("#server-to-user-7", ""), t0, &policy()), Action::Subscribe("#server-to-user-7".into()));
+        let other = reply_event(&s.handle_text(&subscribe_text("#server-to-user-8", ""), t0, &policy()));
+        assert_eq!(other["event"], "pusher:subscription_error");
+        // user_data without an id is refused without closing; a forged signature closes 4009.
+        let no_id = r#"{"name":"x"}"#;
+        let reply = reply_event(&s.handle_text(&signin_text(&signature::user_auth(&app, "1.1", no_id), no_id), t0, &policy()));
+        assert_eq!(reply["event"], "pusher:error");
+        let forged = signature::user_auth(&app, "1.2", user_data);
+        assert_eq!(s.handle_text(&signin_text(&forged, user_data), t0, &policy()), Action::Close(4009, "Invalid signin signature"));
     }
 
     #[test]
     fn bad_input_gets_pusher_error() {
         let t0 = Instant::now();
-        for text in ["not json", "[]", r#"{"no_event":1}"#, r#"{"event":"pusher:subscribe"}"#, r#"{"event":"pusher:subscribe","data":{"chan":1}}"#, r#"{"event":"whatever"}"#, r#"{"event":"client-x","channel":"chat","data":{}}"#] {
-            let reply = reply_event(&session(t0).handle_text(text, t0));
+        for text in ["not json", "[]", r#"{"no_event":1}"#, r#"{"event":"pusher:subscribe"}"#, r#"{"event":"pusher:subscribe","data":{"chan":1}}"#, r#"{"event":"whatever"}"#, r#"{"event":"client-x","channel":"chat","data":{}}"#, r#"{"event":"pusher:signin","data":{}}"#] {
+            let reply = reply_event(&session(t0).handle_text(text, t0, &policy()));
             assert_eq!(reply["event"], "pusher:error", "{text}");
         }
     }
@@ -245,7 +621,7 @@ mod tests {
         for i in 0..MAX_SUBSCRIPTIONS {
             s.subscribed(format!("c{i}").into());
         }
-        let reply = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"one-more"}}"#, t0));
+        let reply = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"one-more"}}"#, t0, &policy()));
         assert_eq!(reply["data"]["type"], "LimitReached");
     }
 
@@ -265,7 +641,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = session(t0);
         let _ = s.handle_timeout(t0 + Duration::from_secs(120), &TIMEOUTS); // ping sent
-        s.handle_text(r#"{"event":"pusher:pong","data":{}}"#, t0 + Duration::from_secs(125));
+        s.handle_text(r#"{"event":"pusher:pong","data":{}}"#, t0 + Duration::from_secs(125), &policy());
         assert_eq!(s.handle_timeout(t0 + Duration::from_secs(200), &TIMEOUTS), Action::None);
         assert_eq!(s.poll_timeout(&TIMEOUTS), t0 + Duration::from_secs(245));
     }

@@ -88,6 +88,38 @@ pub fn sign_query(app: &App, method: &str, path: &str, body: &[u8], params: &[(&
     query.finish()
 }
 
+/// The `auth` a server SDK's `authorizeChannel` returns for `socket_id` on `channel`:
+/// `key:hex(HMAC-SHA256(secret, "socket_id:channel"))`, with `:channel_data` appended to the
+/// signed string on presence channels. The server only verifies; tests and the load tool sign.
+pub fn channel_auth(app: &App, socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
+    format!("{}:{}", app.key, hmac_hex(&app.secret, &channel_string(socket_id, channel, channel_data)))
+}
+
+/// Whether `auth` is this app's valid [`channel_auth`] (checked in constant time).
+pub fn channel_auth_matches(app: &App, socket_id: &str, channel: &str, channel_data: Option<&str>, auth: &str) -> bool {
+    let Some((key, signature)) = auth.split_once(':') else { return false };
+    key == app.key && hmac_matches(&app.secret, &channel_string(socket_id, channel, channel_data), signature)
+}
+
+fn channel_string(socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
+    match channel_data {
+        Some(data) => format!("{socket_id}:{channel}:{data}"),
+        None => format!("{socket_id}:{channel}"),
+    }
+}
+
+/// The `auth` a server SDK's `authenticateUser` returns: `key:hex(HMAC-SHA256(secret,
+/// "socket_id::user::user_data"))`.
+pub fn user_auth(app: &App, socket_id: &str, user_data: &str) -> String {
+    format!("{}:{}", app.key, hmac_hex(&app.secret, &format!("{socket_id}::user::{user_data}")))
+}
+
+/// Whether `auth` is this app's valid [`user_auth`] (checked in constant time).
+pub fn user_auth_matches(app: &App, socket_id: &str, user_data: &str, auth: &str) -> bool {
+    let Some((key, signature)) = auth.split_once(':') else { return false };
+    key == app.key && hmac_matches(&app.secret, &format!("{socket_id}::user::{user_data}"), signature)
+}
+
 /// Verifies a REST request's signature: the key, version, timestamp, body MD5 and HMAC.
 pub fn verify(app: &App, method: &str, path: &str, query: &str, body: &[u8], unix_now: u64) -> Result<(), AuthError> {
     let mut params: Vec<(String, String)> = Vec::new();
@@ -176,6 +208,33 @@ mod tests {
         assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &forged, body, NOW), Err(AuthError::Signature));
         let added = format!("{query}&info=subscription_count");
         assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &added, body, NOW), Err(AuthError::Signature));
+    }
+
+    #[test]
+    fn channel_and_user_auth_match_pushers_examples() {
+        // Pusher's documented example app (key 278d425bdf160c739803, secret
+        // 7ad3773142a6692b25b8, socket 1234.1234); the expected values are what the official
+        // `pusher` npm SDK 5.3.4 returns from authorizeChannel and authenticateUser.
+        let app = App { id: "3".into(), key: "278d425bdf160c739803".into(), secret: "7ad3773142a6692b25b8".into() };
+        let private = channel_auth(&app, "1234.1234", "private-foobar", None);
+        assert_eq!(private, "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4");
+        assert!(channel_auth_matches(&app, "1234.1234", "private-foobar", None, &private));
+        let data = r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#;
+        let presence = channel_auth(&app, "1234.1234", "presence-foobar", Some(data));
+        assert_eq!(presence, "278d425bdf160c739803:31935e7d86dba64c2a90aed31fdc61869f9b22ba9d8863bba239c03ca481bc80");
+        assert!(channel_auth_matches(&app, "1234.1234", "presence-foobar", Some(data), &presence));
+        // Wrong socket, channel, data, key or junk: refused.
+        assert!(!channel_auth_matches(&app, "1234.1235", "private-foobar", None, &private));
+        assert!(!channel_auth_matches(&app, "1234.1234", "private-other", None, &private));
+        assert!(!channel_auth_matches(&app, "1234.1234", "presence-foobar", Some("{}"), &presence));
+        assert!(!channel_auth_matches(&app, "1234.1234", "private-foobar", None, &private.replacen("278d", "378d", 1)));
+        for junk in ["", ":", "no-colon", "278d425bdf160c739803:zz"] {
+            assert!(!channel_auth_matches(&app, "1234.1234", "private-foobar", None, junk), "{junk:?}");
+        }
+        let user = user_auth(&app, "1234.1234", r#"{"id":"12345"}"#);
+        assert_eq!(user, "278d425bdf160c739803:4708d583dada6a56435fb8bc611c77c359a31eebde13337c16ab43aa6de336ba");
+        assert!(user_auth_matches(&app, "1234.1234", r#"{"id":"12345"}"#, &user));
+        assert!(!user_auth_matches(&app, "1234.1234", r#"{"id":"1"}"#, &user));
     }
 
     #[test]

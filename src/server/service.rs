@@ -80,6 +80,13 @@ pub trait Service: 'static {
     /// A message from another thread.
     fn on_inbox(&mut self, conns: &mut Conns<Self::Session>, message: Self::Message, now: Instant);
 
-    /// The end of a loop turn, before queued frames are flushed: send what was batched.
+    /// The end of a loop turn, before queued frames are flushed: send what was batched, and
+    /// run the service's own timers that are due.
     fn on_turn_end(&mut self, conns: &mut Conns<Self::Session>, now: Instant);
+
+    /// When the service's own next timer is due, so the loop wakes for it (and calls
+    /// [`on_turn_end`](Self::on_turn_end)).
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
 }

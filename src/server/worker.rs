@@ -186,6 +186,9 @@ impl<Svc: Service> Worker<Svc> {
         if let (true, Some(last)) = (self.holding, self.last_large_flush) {
             next = next.min(last + self.timing.write_coalesce);
         }
+        if let Some(due) = self.service.poll_timeout() {
+            next = next.min(due);
+        }
         next
     }
 

@@ -27,14 +27,27 @@ after(async () => {
   await flux?.stop(); // Absent if it failed to start: that failure is already reported.
 }, BOUNDED);
 
-/** A pusher-js client of the shared gateway, on plain WebSocket only. */
-function pusherClient(key = APP.key) {
+/**
+ * A pusher-js client of the shared gateway, on plain WebSocket only. Private channels are
+ * authorized, and users signed in, by the official server SDK (`authorizer`, whose secret a test
+ * may make wrong), as an app's auth endpoint would do.
+ */
+function pusherClient(key = APP.key, { authorizer = pusherServer(), user = { id: "user-1" } } = {}) {
   const pusher = new PusherClient(key, {
     wsHost: "127.0.0.1",
     wsPort: flux.port,
     forceTLS: false,
     enabledTransports: ["ws"],
     cluster: "mt1",
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        const member = channelName.startsWith("presence-") ? { user_id: user.id, user_info: { name: user.name ?? user.id } } : undefined;
+        callback(null, authorizer.authorizeChannel(socketId, channelName, member));
+      },
+    },
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => callback(null, authorizer.authenticateUser(socketId, user)),
+    },
   });
   openClients.push(pusher);
   return pusher;
@@ -232,6 +245,164 @@ describe("pusher-js and the pusher server SDK", () => {
     assert.deepEqual(error.data, { code: 4001, message: "App key not-a-key does not exist" });
     // 4000-4099 means "do not reconnect as is": pusher-js disconnects instead of retrying.
     await eventually(() => pusher.connection.state === "disconnected", 5000, "pusher-js to disconnect");
+  });
+});
+
+describe("private channels, client events and sign-in (pusher-js authorized by the pusher SDK)", () => {
+  test("a private channel subscribes with authorizeChannel's signature and receives events", BOUNDED, async () => {
+    const channel = await subscribed(pusherClient(), "private-orders");
+    const received = record(channel, "paid");
+    await pusherServer().trigger("private-orders", "paid", { order: 7 });
+    await eventually(() => received.length === 1, 3000, "the event on the private channel");
+    assert.deepEqual(received, [{ order: 7 }]);
+  });
+
+  test("a signature made with the wrong secret gets subscription_error 401, reported by pusher-js", BOUNDED, async () => {
+    const channel = pusherClient(APP.key, { authorizer: pusherServer("not-the-secret") }).subscribe("private-orders");
+    const error = await once(channel, "pusher:subscription_error");
+    assert.equal(error.status, 401);
+    assert.equal(error.type, "AuthError");
+    assert.equal(channel.subscribed, false);
+  });
+
+  test("client events reach the other subscribers, never the sender", BOUNDED, async () => {
+    const [alice, bob, carol] = [pusherClient(), pusherClient(), pusherClient()];
+    const [a, b, c] = await Promise.all([alice, bob, carol].map((client) => subscribed(client, "private-room")));
+    const [toAlice, toBob, toCarol] = [a, b, c].map((channel) => record(channel, "client-typing"));
+    assert.equal(a.trigger("client-typing", { who: "alice" }), true);
+    await eventually(() => toBob.length === 1 && toCarol.length === 1, 3000, "bob and carol to see alice typing");
+    assert.deepEqual(toBob, [{ who: "alice" }]);
+    assert.deepEqual(toCarol, [{ who: "alice" }]);
+    await sleep(200);
+    assert.deepEqual(toAlice, [], "the sender must not get its own client event");
+  });
+
+  test("client events over 10 a second get pusher:error 4301 and are not delivered", BOUNDED, async () => {
+    const [sender, listener] = [pusherClient(), pusherClient()];
+    const [from, to] = await Promise.all([sender, listener].map((client) => subscribed(client, "private-flood")));
+    const errors = [];
+    sender.connection.bind("error", (error) => errors.push(error));
+    const received = record(to, "client-tick");
+    for (let i = 0; i < 15; i++) from.trigger("client-tick", { i });
+    await eventually(() => errors.length >= 4, 3000, "pusher:error for the events over the limit");
+    await sleep(200);
+    assert.ok(errors.every((error) => error.data?.code === 4301), JSON.stringify(errors));
+    assert.ok(received.length >= 10 && received.length <= 11, `delivered ${received.length} of 15`);
+    assert.equal(received.length + errors.length, 15);
+  });
+
+  test("signin opens the user's channel; terminate_connections closes that user's connections with 4009", BOUNDED, async () => {
+    const signedIn = pusherClient(APP.key, { user: { id: "user-9", name: "Nine" } });
+    const bystander = pusherClient(APP.key, { user: { id: "user-10" } });
+    await Promise.all([signedIn, bystander].map(connected));
+    signedIn.signin();
+    bystander.signin();
+    await eventually(() => signedIn.user.serverToUserChannel?.subscribed && bystander.user.serverToUserChannel?.subscribed, 3000, "both users' channels");
+    assert.equal(signedIn.user.user_data.name, "Nine");
+    // A raw connection signed in as the same user, to read the close code.
+    const raw = await established();
+    const auth = pusherServer().authenticateUser(raw.established.socket_id, { id: "user-9" });
+    raw.send({ event: "pusher:signin", data: auth });
+    assert.equal((await raw.next()).event, "pusher:signin_success");
+    await pusherServer().terminateUserConnections("user-9");
+    assert.equal((await raw.closed).code, 4009);
+    await eventually(() => signedIn.connection.state !== "connected", 3000, "pusher-js to be disconnected");
+    assert.equal(bystander.connection.state, "connected");
+  });
+
+  test("a forged signin closes the connection with 4009", BOUNDED, async () => {
+    const raw = await established();
+    const forged = pusherServer("not-the-secret").authenticateUser(raw.established.socket_id, { id: "mallory" });
+    raw.send({ event: "pusher:signin", data: forged });
+    assert.equal((await raw.closed).code, 4009);
+  });
+});
+
+describe("presence channels (pusher-js authorized by the pusher SDK)", () => {
+  /** A presence subscription's members as pusher-js holds them, sorted by id. */
+  const ids = (channel) => Object.keys(channel.members.members).sort();
+
+  test("members: one user on two connections is one member, added with the first and removed with the last", BOUNDED, async () => {
+    const ann = pusherClient(APP.key, { user: { id: "ann", name: "Ann" } });
+    const annRoom = await subscribed(ann, "presence-guild");
+    assert.deepEqual(ids(annRoom), ["ann"]);
+    assert.equal(annRoom.members.me.info.name, "Ann");
+    const added = record(annRoom, "pusher:member_added");
+    const removed = record(annRoom, "pusher:member_removed");
+
+    const bob1 = pusherClient(APP.key, { user: { id: "bob", name: "Bob" } });
+    const bobRoom1 = await subscribed(bob1, "presence-guild");
+    assert.deepEqual(ids(bobRoom1), ["ann", "bob"]);
+    await eventually(() => added.length === 1, 3000, "member_added for bob");
+    assert.deepEqual(added, [{ id: "bob", info: { name: "Bob" } }]);
+
+    const bob2 = pusherClient(APP.key, { user: { id: "bob", name: "Bob" } });
+    const bobRoom2 = await subscribed(bob2, "presence-guild");
+    assert.equal(bobRoom2.members.count, 2);
+    await settlesTo("/channels/presence-guild/users", {}, { users: [{ id: "ann" }, { id: "bob" }] });
+    await settlesTo("/channels/presence-guild", { info: "user_count" }, { occupied: true, user_count: 2 });
+
+    bob1.disconnect();
+    await sleep(500); // More than the coalescing window: bob is still here on his second connection.
+    assert.deepEqual(removed, []);
+    bob2.disconnect();
+    await eventually(() => removed.length === 1, 3000, "member_removed for bob");
+    assert.equal(removed[0].id, "bob");
+    assert.equal(added.length, 1, "no second member_added for bob's second connection");
+    await settlesTo("/channels/presence-guild/users", {}, { users: [{ id: "ann" }] });
+  });
+
+  test("a reconnect inside the coalescing window announces nothing", BOUNDED, async () => {
+    const watcher = await subscribed(pusherClient(APP.key, { user: { id: "watcher" } }), "presence-flap");
+    const changes = [];
+    watcher.bind("pusher:member_added", (m) => changes.push(["added", m.id]));
+    watcher.bind("pusher:member_removed", (m) => changes.push(["removed", m.id]));
+    const first = pusherClient(APP.key, { user: { id: "flapper" } });
+    await subscribed(first, "presence-flap");
+    await eventually(() => changes.length === 1, 3000, "flapper's member_added");
+    // Drop and come back at once, as a client on a flaky network does.
+    first.disconnect();
+    await subscribed(pusherClient(APP.key, { user: { id: "flapper" } }), "presence-flap");
+    await sleep(600);
+    assert.deepEqual(changes, [["added", "flapper"]]);
+  });
+
+  test("client events on a presence channel carry the sender's user_id", BOUNDED, async () => {
+    const [sender, listener] = [pusherClient(APP.key, { user: { id: "speaker" } }), pusherClient(APP.key, { user: { id: "audience" } })];
+    const [from, to] = await Promise.all([sender, listener].map((client) => subscribed(client, "presence-stage")));
+    const heard = [];
+    to.bind("client-line", (data, metadata) => heard.push([data, metadata?.user_id]));
+    from.trigger("client-line", { text: "hello" });
+    await eventually(() => heard.length === 1, 3000, "the client event");
+    assert.deepEqual(heard, [[{ text: "hello" }, "speaker"]]);
+  });
+
+  test("joins beyond FLUX_PRESENCE_MAX_MEMBERS get subscription_error 403", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_PRESENCE_MAX_MEMBERS: "2" });
+    const client = (id) => {
+      const pusher = new PusherClient(APP.key, {
+        wsHost: "127.0.0.1",
+        wsPort: own.port,
+        forceTLS: false,
+        enabledTransports: ["ws"],
+        cluster: "mt1",
+        channelAuthorization: {
+          customHandler: ({ socketId, channelName }, callback) =>
+            callback(null, pusherServer().authorizeChannel(socketId, channelName, { user_id: id })),
+        },
+      });
+      openClients.push(pusher);
+      return pusher;
+    };
+    await subscribed(client("one"), "presence-small");
+    await subscribed(client("two"), "presence-small");
+    const third = client("three").subscribe("presence-small");
+    const error = await once(third, "pusher:subscription_error");
+    assert.equal(error.status, 403);
+    // A second connection of a member is still welcome.
+    await subscribed(client("one"), "presence-small");
+    for (const c of openClients.splice(0)) c.disconnect();
+    await own.stop();
   });
 });
 

@@ -430,6 +430,7 @@ impl<'p> Shard<'p> {
         let Some(slot) = client.channels.iter().position(|&c| plan.channels[c] == channel) else { return };
         let counts = &mut self.tick.roles[client.role.index()];
         counts.delivered += 1;
+        self.tick.last_delivery_unix_us = read_at;
         let latency = read_at.saturating_sub(sent_at);
         counts.latency.record(latency);
         match client.seen[slot].see(seq) {

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use flux::pusher::App;
 
-use crate::clients::{Command, Report};
+use crate::clients::{unix_micros, Command, Report};
 use crate::publisher::{self, Published};
 use crate::scenario::{Args, Plan, Publishing};
 use crate::stats::{Latency, Role, Tick};
@@ -54,7 +54,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
 
     // Publish.
     shards.broadcast(Command::Start);
-    let app = App { id: args.app_id.clone(), key: args.app_key.clone(), secret: args.app_secret.clone() };
+    let app = App::from_args(&args.app);
     let calls = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -135,7 +135,8 @@ struct Live {
     began: Instant,
     next_print: Instant,
     peak_per_sec: u64,
-    last_delivery_at: Option<Duration>,
+    /// When publishing started, in Unix microseconds (deliveries are stamped the same way).
+    started_unix_us: u64,
     quiet: bool,
 }
 
@@ -149,13 +150,14 @@ impl Live {
             began: Instant::now(),
             next_print: Instant::now() + Duration::from_secs(1),
             peak_per_sec: 0,
-            last_delivery_at: None,
+            started_unix_us: 0,
             quiet,
         }
     }
 
     fn start(&mut self, at: Instant) {
         self.started = Some(at);
+        self.started_unix_us = unix_micros();
         self.second = Tick::default();
         self.next_print = at + Duration::from_secs(1);
     }
@@ -172,9 +174,6 @@ impl Live {
     fn add(&mut self, shard: usize, tick: &Tick) {
         self.gauges[shard] = (tick.connected, tick.subscribed);
         let deltas = Tick { connected: 0, subscribed: 0, ..tick.clone() };
-        if deltas.delivered() > 0 {
-            self.last_delivery_at = self.started.map(|s| s.elapsed());
-        }
         self.totals.add(&deltas);
         self.second.add(&deltas);
     }
@@ -242,7 +241,8 @@ fn summarize(
     let totals = &live.totals;
     let healthy = &totals.roles[Role::Healthy.index()];
     let delivered = totals.delivered();
-    let window = live.last_delivery_at.unwrap_or(publish_time).max(publish_time).as_secs_f64().max(1e-3);
+    let last_delivery = Duration::from_micros(totals.last_delivery_unix_us.saturating_sub(live.started_unix_us));
+    let window = last_delivery.max(publish_time).as_secs_f64().max(1e-3);
     let roles: serde_json::Map<String, serde_json::Value> = Role::ALL
         .iter()
         .filter(|role| plan.clients.iter().any(|c| c.role == **role))

@@ -53,7 +53,7 @@ fn run_child_shard(args: &Args, plan: &Plan, index: usize, count: usize) -> Resu
         // The coordinator went away: stop.
         let _ = commands.send(Command::Stop);
     });
-    let shard = Shard::new(plan, &args.app_key, index, count, args.connect_rate / count as u32)
+    let shard = Shard::new(plan, &args.app.app_key, index, count, args.connect_rate / count as u32)
         .map_err(|e| format!("shard {index}: {e}"))?;
     let mut stdout = std::io::stdout().lock();
     let mut report = |report: Report| {
@@ -88,7 +88,7 @@ impl Shards {
         if count == 1 {
             let (tx, rx) = unbounded();
             let plan = plan.clone();
-            let key = args.app_key.clone();
+            let key = args.app.app_key.clone();
             let rate = args.connect_rate;
             threads.push(std::thread::spawn(move || {
                 let shard = match Shard::new(&plan, &key, 0, 1, rate) {

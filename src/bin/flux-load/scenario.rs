@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use flux::config::AppArgs;
 
 use crate::stats::Role;
 
@@ -26,15 +27,9 @@ pub struct Args {
     /// Server port (WebSocket and REST API).
     #[arg(long, env = "FLUX_PORT", default_value_t = 6001)]
     pub port: u16,
-    /// App id for REST calls.
-    #[arg(long, env = "FLUX_APP_ID", default_value = "app-id")]
-    pub app_id: String,
-    /// App key clients connect with.
-    #[arg(long, env = "FLUX_APP_KEY", default_value = "app-key")]
-    pub app_key: String,
-    /// App secret that signs REST calls.
-    #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
-    pub app_secret: String,
+    /// The app to connect to and publish on.
+    #[command(flatten)]
+    pub app: AppArgs,
 
     /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers).
     #[arg(long)]

@@ -187,6 +187,9 @@ pub struct Tick {
     pub roles: [RoleCounts; 4],
     /// Per publish (keyed by its timestamp), when tracked: deliveries and the last one's latency.
     pub completions: BTreeMap<u64, Completion>,
+    /// When the latest delivery of this tick was read (Unix microseconds; 0 if none), so the
+    /// run's delivery rate is not rounded up to the next tick.
+    pub last_delivery_unix_us: u64,
 }
 
 impl Tick {
@@ -202,6 +205,7 @@ impl Tick {
             mine.deliveries += theirs.deliveries;
             mine.last_us = mine.last_us.max(theirs.last_us);
         }
+        self.last_delivery_unix_us = self.last_delivery_unix_us.max(other.last_delivery_unix_us);
     }
 
     /// Takes the deltas out, leaving gauges and empty counters.

@@ -1,0 +1,442 @@
+//! Presence membership (sans-IO): who is in each presence channel, and which changes the other
+//! members must hear about.
+//!
+//! Every presence channel has one owner worker (see [`owner_of`]), whose [`Rosters`] counts each
+//! user's connections: a user is one member however many connections they have, added on the
+//! first and removed with the last. Changes are not announced at once: a user's changes inside
+//! the coalescing window collapse into their net effect, so a reconnect flap (leave, then join
+//! again) announces nothing, and a burst leaves in one go. Time is an input (`now`), so all of
+//! this is tested with a virtual clock.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::protocol::{ChannelName, SocketId, MAX_USER_ID_LEN};
+use crate::fanout::WorkerId;
+
+/// Largest `user_info`, in bytes (Pusher's limit).
+pub const MAX_USER_INFO_BYTES: usize = 1024;
+
+/// The worker that owns `channel`'s roster: the same answer on every worker of a node.
+pub fn owner_of(channel: &str, workers: usize) -> WorkerId {
+    // SipHash with fixed keys: stable across workers (and runs of one binary).
+    let mut hasher = DefaultHasher::new();
+    channel.hash(&mut hasher);
+    WorkerId((hasher.finish() % workers.max(1) as u64) as usize)
+}
+
+/// A member as the client's `channel_data` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The user's id (a number in `channel_data` becomes its decimal string, as in Pusher).
+    pub user_id: String,
+    /// The user's info, as JSON text (`null` when absent).
+    pub user_info: String,
+}
+
+/// Why a `channel_data` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemberError {
+    /// Not a JSON object with a `user_id`.
+    #[error("channel_data must be a JSON object with a user_id: {0}")]
+    Malformed(String),
+    /// `user_id` is empty or too long.
+    #[error("user_id must be 1 to {MAX_USER_ID_LEN} characters")]
+    UserId,
+    /// `user_info` is too large.
+    #[error("user_info must be at most {MAX_USER_INFO_BYTES} bytes")]
+    UserInfo,
+}
+
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    user_id: UserId,
+    #[serde(default, borrow)]
+    user_info: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum UserId {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl Member {
+    /// Reads a presence subscription's `channel_data`.
+    pub fn parse(channel_data: &str) -> Result<Member, MemberError> {
+        let data: ChannelData = serde_json::from_str(channel_data).map_err(|e| MemberError::Malformed(e.to_string()))?;
+        let user_id = match data.user_id {
+            UserId::Text(id) => id,
+            UserId::Number(n) => n.to_string(),
+        };
+        if user_id.is_empty() || user_id.len() > MAX_USER_ID_LEN {
+            return Err(MemberError::UserId);
+        }
+        let user_info = data.user_info.map_or("null", RawValue::get).to_string();
+        if user_info.len() > MAX_USER_INFO_BYTES {
+            return Err(MemberError::UserInfo);
+        }
+        Ok(Member { user_id, user_info })
+    }
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The channel has as many members as allowed.
+    #[error("presence channel is full ({0} members)")]
+    Full(usize),
+}
+
+/// A change the other members must hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `pusher_internal:member_added`, to everyone but `except` (the joining connection).
+    Added {
+        /// The channel.
+        channel: ChannelName,
+        /// The member.
+        member: Member,
+        /// The connection whose join made the user a member.
+        except: Option<SocketId>,
+    },
+    /// `pusher_internal:member_removed`.
+    Removed {
+        /// The channel.
+        channel: ChannelName,
+        /// The user who left.
+        user_id: String,
+    },
+}
+
+#[derive(Debug)]
+struct Present {
+    user_info: String,
+    /// The user's connections in the channel (usually one or two).
+    sockets: Vec<SocketId>,
+}
+
+/// A user whose membership changed inside the window: was it a member before the first change?
+#[derive(Debug)]
+struct Pending {
+    was_member: bool,
+    joined_by: Option<SocketId>,
+}
+
+#[derive(Debug, Default)]
+struct Roster {
+    members: IndexMap<String, Present>,
+    /// Whose connection each socket is, so a leave needs only the socket.
+    users: HashMap<SocketId, String>,
+    pending: HashMap<String, Pending>,
+}
+
+/// A join accepted by [`Rosters::join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The `subscription_succeeded` data: the member list, the joiner included.
+    pub data: String,
+    /// Whether this connection made the user a member (their first connection).
+    pub new_member: bool,
+}
+
+/// The `presence` object of `subscription_succeeded`.
+#[derive(Serialize)]
+struct PresenceData<'a> {
+    presence: PresenceSet<'a>,
+}
+
+#[derive(Serialize)]
+struct PresenceSet<'a> {
+    ids: Vec<&'a str>,
+    hash: IndexMap<&'a str, &'a RawValue>,
+    count: usize,
+}
+
+/// The rosters of the presence channels one worker owns.
+#[derive(Debug)]
+pub struct Rosters {
+    window: Duration,
+    max_members: usize,
+    channels: HashMap<ChannelName, Roster>,
+    /// Pending changes in the order they began (so by deadline): the timer is the front.
+    due: VecDeque<(Instant, ChannelName, String)>,
+}
+
+impl Rosters {
+    /// Rosters that coalesce each user's changes over `window` and hold at most `max_members`
+    /// members per channel.
+    pub fn new(window: Duration, max_members: usize) -> Self {
+        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new() }
+    }
+
+    /// Connection `socket` joins `channel` as `member`; or why it may not.
+    pub fn join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<Joined, JoinError> {
+        let roster = self.channels.entry(channel.clone()).or_default();
+        if roster.users.contains_key(&socket) {
+            // Already in (a repeated join): nothing changes.
+            return Ok(Joined { data: presence_data(roster), new_member: false });
+        }
+        let new_member = match roster.members.get_mut(&member.user_id) {
+            Some(present) => {
+                present.sockets.push(socket);
+                // The latest connection's info wins, as it would on Pusher.
+                present.user_info.clone_from(&member.user_info);
+                false
+            }
+            None => {
+                if roster.members.len() >= self.max_members {
+                    if roster.members.is_empty() && roster.pending.is_empty() {
+                        self.channels.remove(channel);
+                    }
+                    return Err(JoinError::Full(self.max_members));
+                }
+                roster.members.insert(member.user_id.clone(), Present { user_info: member.user_info.clone(), sockets: vec![socket] });
+                let pending = roster.pending.entry(member.user_id.clone()).or_insert_with(|| {
+                    self.due.push_back((now, channel.clone(), member.user_id.clone()));
+                    Pending { was_member: false, joined_by: None }
+                });
+                pending.joined_by = Some(socket);
+                true
+            }
+        };
+        roster.users.insert(socket, member.user_id.clone());
+        Ok(Joined { data: presence_data(roster), new_member })
+    }
+
+    /// Connection `socket` left `channel` (unsubscribed or closed). Returns the user it was if
+    /// that was the user's last connection there. A socket that never joined changes nothing.
+    pub fn leave(&mut self, channel: &ChannelName, socket: SocketId, now: Instant) -> Option<String> {
+        let roster = self.channels.get_mut(channel)?;
+        let user_id = roster.users.remove(&socket)?;
+        let present = roster.members.get_mut(&user_id)?;
+        present.sockets.retain(|&s| s != socket);
+        let gone = present.sockets.is_empty();
+        if gone {
+            roster.members.swap_remove(&user_id);
+            roster.pending.entry(user_id.clone()).or_insert_with(|| {
+                self.due.push_back((now, channel.clone(), user_id.clone()));
+                Pending { was_member: true, joined_by: None }
+            });
+        }
+        if roster.members.is_empty() && roster.pending.is_empty() {
+            self.channels.remove(channel);
+        }
+        gone.then_some(user_id)
+    }
+
+    /// When [`poll_changes`](Self::poll_changes) next has something to give.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.due.front().map(|(since, _, _)| *since + self.window)
+    }
+
+    /// The net changes whose window has passed by `now`, oldest first.
+    pub fn poll_changes(&mut self, now: Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while let Some((since, _, _)) = self.due.front() {
+            if *since + self.window > now {
+                break;
+            }
+            let Some((_, channel, user_id)) = self.due.pop_front() else { break };
+            let Some(roster) = self.channels.get_mut(&channel) else { continue };
+            let Some(pending) = roster.pending.remove(&user_id) else { continue };
+            match (pending.was_member, roster.members.get(&user_id)) {
+                (false, Some(present)) => changes.push(Change::Added {
+                    channel: channel.clone(),
+                    member: Member { user_id, user_info: present.user_info.clone() },
+                    except: pending.joined_by,
+                }),
+                (true, None) => changes.push(Change::Removed { channel: channel.clone(), user_id }),
+                // Joined and left, or left and came back, inside the window: nothing to say.
+                _ => {}
+            }
+            if roster.members.is_empty() && roster.pending.is_empty() {
+                self.channels.remove(&channel);
+            }
+        }
+        changes
+    }
+
+    /// Members of `channel` now.
+    pub fn count(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |r| r.members.len())
+    }
+}
+
+fn presence_data(roster: &Roster) -> String {
+    let mut hash = IndexMap::with_capacity(roster.members.len());
+    for (id, present) in &roster.members {
+        // user_info was parsed from JSON when the member joined, so it is valid JSON text.
+        if let Ok(info) = serde_json::from_str::<&RawValue>(&present.user_info) {
+            hash.insert(id.as_str(), info);
+        }
+    }
+    let data = PresenceData { presence: PresenceSet { ids: roster.members.keys().map(String::as_str).collect(), hash, count: roster.members.len() } };
+    serde_json::to_string(&data).unwrap_or_default()
+}
+
+/// One worker's replica of every presence channel's user ids, for the REST API (`/users`,
+/// `user_count`). Owners send each membership change to every worker as it happens.
+#[derive(Debug, Default)]
+pub struct Membership {
+    channels: HashMap<ChannelName, indexmap::IndexSet<String>>,
+}
+
+impl Membership {
+    /// Applies an owner's report that `user_id` is (or no longer is) a member of `channel`.
+    pub fn apply(&mut self, channel: &ChannelName, user_id: &str, present: bool) {
+        if present {
+            self.channels.entry(channel.clone()).or_default().insert(user_id.to_string());
+        } else if let Some(users) = self.channels.get_mut(channel) {
+            users.swap_remove(user_id);
+            if users.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
+
+    /// The user ids in `channel`.
+    pub fn users(&self, channel: &str) -> impl Iterator<Item = &str> {
+        self.channels.get(channel).into_iter().flatten().map(String::as_str)
+    }
+
+    /// How many users are in `channel`.
+    pub fn user_count(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |users| users.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(150);
+
+    fn member(id: &str) -> Member {
+        Member { user_id: id.into(), user_info: format!(r#"{{"name":"{id}"}}"#) }
+    }
+
+    fn socket(low: u32) -> SocketId {
+        SocketId { high: 1, low }
+    }
+
+    fn room() -> ChannelName {
+        "presence-room".into()
+    }
+
+    #[test]
+    fn channel_data_is_read_and_limited() {
+        assert_eq!(Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#), Ok(Member { user_id: "u1".into(), user_info: r#"{"name":"Ann"}"#.into() }));
+        assert_eq!(Member::parse(r#"{"user_id":10}"#), Ok(Member { user_id: "10".into(), user_info: "null".into() }));
+        assert!(matches!(Member::parse("nope"), Err(MemberError::Malformed(_))));
+        assert!(matches!(Member::parse(r#"{"user_info":{}}"#), Err(MemberError::Malformed(_))));
+        assert_eq!(Member::parse(r#"{"user_id":""}"#), Err(MemberError::UserId));
+        assert_eq!(Member::parse(&format!(r#"{{"user_id":"{}"}}"#, "u".repeat(129))), Err(MemberError::UserId));
+        let big = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(1100));
+        assert_eq!(Member::parse(&big), Err(MemberError::UserInfo));
+    }
+
+    #[test]
+    fn subscription_data_lists_every_member_once() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100);
+        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
+        rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
+        let joined = rosters.join(&room(), &member("a"), socket(3), t0).unwrap();
+        assert!(!joined.new_member);
+        let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
+        assert_eq!(data["presence"]["ids"], serde_json::json!(["a", "b"]));
+        assert_eq!(data["presence"]["count"], 2);
+        assert_eq!(data["presence"]["hash"]["b"]["name"], "b");
+    }
+
+    #[test]
+    fn a_user_is_added_with_the_first_connection_and_removed_with_the_last() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100);
+        assert!(rosters.join(&room(), &member("a"), socket(1), t0).unwrap().new_member);
+        assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW));
+        assert_eq!(rosters.poll_changes(t0 + WINDOW - Duration::from_millis(1)), vec![]);
+        assert_eq!(rosters.poll_changes(t0 + WINDOW), vec![Change::Added { channel: room(), member: member("a"), except: Some(socket(1)) }]);
+        // A second connection of the same user: no news, either way.
+        let t1 = t0 + Duration::from_secs(1);
+        rosters.join(&room(), &member("a"), socket(2), t1).unwrap();
+        assert_eq!(rosters.leave(&room(), socket(1), t1), None);
+        assert_eq!(rosters.poll_timeout(), None);
+        assert_eq!(rosters.count("presence-room"), 1);
+        // A socket that is not in the channel changes nothing.
+        assert_eq!(rosters.leave(&room(), socket(9), t1), None);
+        // The last connection leaves.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(rosters.leave(&room(), socket(2), t2), Some("a".into()));
+        assert_eq!(rosters.count("presence-room"), 0);
+        assert_eq!(rosters.poll_changes(t2 + WINDOW), vec![Change::Removed { channel: room(), user_id: "a".into() }]);
+        assert_eq!(rosters.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_reconnect_flap_inside_the_window_announces_nothing() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100);
+        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
+        rosters.poll_changes(t0 + WINDOW);
+        let t1 = t0 + Duration::from_secs(1);
+        rosters.leave(&room(), socket(1), t1);
+        rosters.join(&room(), &member("a"), socket(2), t1 + Duration::from_millis(50)).unwrap();
+        assert_eq!(rosters.poll_changes(t1 + WINDOW * 2), vec![]);
+        // Likewise a join that is undone at once.
+        rosters.join(&room(), &member("b"), socket(3), t1).unwrap();
+        rosters.leave(&room(), socket(3), t1 + Duration::from_millis(10));
+        assert_eq!(rosters.poll_changes(t1 + WINDOW * 2), vec![]);
+        assert_eq!(rosters.count("presence-room"), 1);
+    }
+
+    #[test]
+    fn a_burst_comes_out_together_once_its_window_passes() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100);
+        for i in 0..50 {
+            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0 + Duration::from_millis(i as u64)).unwrap();
+        }
+        assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 1);
+        assert_eq!(rosters.poll_changes(t0 + WINDOW + Duration::from_millis(49)).len(), 49);
+    }
+
+    #[test]
+    fn new_members_beyond_the_limit_are_refused_but_known_users_may_add_connections() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 2);
+        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
+        rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
+        assert_eq!(rosters.join(&room(), &member("c"), socket(3), t0), Err(JoinError::Full(2)));
+        assert!(rosters.join(&room(), &member("a"), socket(4), t0).is_ok());
+        assert_eq!(rosters.count("presence-room"), 2);
+    }
+
+    #[test]
+    fn owners_are_spread_and_stable() {
+        let owners: std::collections::HashSet<_> = (0..100).map(|i| owner_of(&format!("presence-{i}"), 4)).collect();
+        assert_eq!(owners.len(), 4);
+        assert_eq!(owner_of("presence-x", 4), owner_of("presence-x", 4));
+        assert_eq!(owner_of("presence-x", 1), WorkerId(0));
+    }
+
+    #[test]
+    fn membership_replicas_follow_owner_reports() {
+        let mut replica = Membership::default();
+        replica.apply(&room(), "a", true);
+        replica.apply(&room(), "b", true);
+        replica.apply(&room(), "a", false);
+        assert_eq!(replica.users("presence-room").collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(replica.user_count("presence-room"), 1);
+        replica.apply(&room(), "b", false);
+        assert_eq!(replica.user_count("presence-room"), 0);
+    }
+}
