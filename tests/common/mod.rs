@@ -27,7 +27,7 @@ pub fn start(config: &Config) -> Gateway {
 
 /// The default app's credentials.
 pub fn app() -> App {
-    App::from_config(&Config::default())
+    App::from_args(&Config::default().app)
 }
 
 /// A Pusher client over a blocking tungstenite WebSocket.
