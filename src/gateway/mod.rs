@@ -34,6 +34,7 @@ use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Session, Timeouts};
 use crate::pusher::App;
 use crate::server::{Conns, Ended, Outbox, Routed, Service, WorkerContext};
+use crate::webhooks::Webhooks;
 use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
 
 /// What workers of a gateway send each other.
@@ -68,6 +69,9 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Largest event data.
     pub max_payload: usize,
+    /// Where webhook events go: `settings.webhooks.emit(event)` from any worker, never
+    /// blocking (a no-op when no webhook URL is set).
+    pub webhooks: Webhooks,
 }
 
 /// One worker's Pusher service.
