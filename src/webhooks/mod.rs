@@ -157,7 +157,7 @@ pub struct WebhookStats {
 }
 
 /// What became of an emitted event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Emitted {
     /// It is queued for delivery.
     Queued,
