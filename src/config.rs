@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::webhooks::WebhookUrl;
+
 /// The one app a node serves: the same flags (and `FLUX_APP_*` variables) for `flux` and for
 /// the load tool that drives it.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,9 +95,35 @@ pub struct Config {
     #[arg(long, env = "FLUX_WRITE_COALESCE_US", default_value_t = 10000)]
     pub write_coalesce_us: u64,
 
-    /// Milliseconds to flush close frames to clients on shutdown before exiting.
+    /// Milliseconds to flush close frames to clients on shutdown before exiting (and, after
+    /// that, to post the webhooks still queued).
     #[arg(long, env = "FLUX_SHUTDOWN_GRACE_MS", default_value_t = 2_000)]
     pub shutdown_grace_ms: u64,
+
+    /// URL that receives Pusher-style webhooks (http:// only). Unset: no webhooks.
+    #[arg(long, env = "FLUX_WEBHOOK_URL")]
+    pub webhook_url: Option<WebhookUrl>,
+
+    /// Milliseconds a webhook event may wait for others to share its POST.
+    #[arg(long, env = "FLUX_WEBHOOK_BATCH_MS", default_value_t = 100)]
+    pub webhook_batch_ms: u64,
+
+    /// Most webhook events in one POST.
+    #[arg(long, env = "FLUX_WEBHOOK_BATCH_MAX", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub webhook_batch_max: u32,
+
+    /// Webhook events queued for delivery; over it, new events are dropped and counted.
+    #[arg(long, env = "FLUX_WEBHOOK_QUEUE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub webhook_queue: u32,
+
+    /// Milliseconds one webhook POST may take, connect to response, before it counts as failed.
+    #[arg(long, env = "FLUX_WEBHOOK_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_timeout_ms: u64,
+
+    /// POSTs of one webhook batch before it is given up (1: no retries). Retries back off
+    /// exponentially from 100 ms, at most 2 s apart.
+    #[arg(long, env = "FLUX_WEBHOOK_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub webhook_attempts: u32,
 }
 
 impl Default for Config {
@@ -119,6 +147,12 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             write_coalesce_us: 10000,
             shutdown_grace_ms: 2_000,
+            webhook_url: None,
+            webhook_batch_ms: 100,
+            webhook_batch_max: 50,
+            webhook_queue: 4096,
+            webhook_timeout_ms: 2_000,
+            webhook_attempts: 4,
         }
     }
 }
@@ -211,6 +245,20 @@ mod tests {
         assert_eq!(parsed.max_payload, 10 * 1024);
         assert_eq!(parsed.activity_timeout, 120);
         assert_eq!(parsed.app.app_key, "app-key");
+        assert_eq!(parsed.webhook_url, None);
+        assert_eq!(
+            (parsed.webhook_batch_ms, parsed.webhook_batch_max, parsed.webhook_queue),
+            (defaults.webhook_batch_ms, defaults.webhook_batch_max, defaults.webhook_queue)
+        );
+        assert_eq!((parsed.webhook_timeout_ms, parsed.webhook_attempts), (defaults.webhook_timeout_ms, defaults.webhook_attempts));
+    }
+
+    #[test]
+    fn a_webhook_url_must_be_plain_http() {
+        let parsed = Config::try_parse_from(["flux", "--webhook-url", "http://127.0.0.1:9000/hooks"]).expect("http parses");
+        assert_eq!(parsed.webhook_url.map(|u| u.to_string()).as_deref(), Some("http://127.0.0.1:9000/hooks"));
+        assert!(Config::try_parse_from(["flux", "--webhook-url", "https://example.com/hooks"]).is_err());
+        assert!(Config::try_parse_from(["flux", "--webhook-attempts", "0"]).is_err());
     }
 
     #[test]

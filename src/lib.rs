@@ -14,6 +14,8 @@
 //! - [`metrics`]: per-worker counters written without locks and read as snapshots.
 //! - [`dashboard`]: the live dashboard, its JSON API and Prometheus metrics, on its own port and
 //!   threads, reading the node only through [`gateway::Observer`].
+//! - [`webhooks`]: Pusher-style webhooks to the app's server, from their own thread through a
+//!   bounded queue, so a slow endpoint never slows an event loop.
 //! - [`config`]: settings, each a flag and an environment variable.
 
 #![deny(missing_docs)]
@@ -26,4 +28,5 @@ pub mod http;
 pub mod metrics;
 pub mod pusher;
 pub mod server;
+pub mod webhooks;
 pub mod ws;

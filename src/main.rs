@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         config.app.app_id
     );
     info!("flux dashboard on http://{}/", dashboard.local_addr());
+    if let Some(url) = &config.webhook_url {
+        info!("flux webhooks to {url}");
+    }
     gateway.join();
     dashboard.stop();
     info!("flux stopped");

@@ -12,71 +12,83 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+/// Declares a struct of live atomic counters (`$cells`) and its point-in-time copy (`$copy`),
+/// with `snapshot()` to read one into the other and `+` to add copies. Used here for the
+/// workers' counters and by [`crate::webhooks`] for its own.
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// A worker's live counters.
+    (
+        $(#[$cells_doc:meta])* $cells:ident,
+        $(#[$copy_doc:meta])* $copy:ident { $($(#[$doc:meta])* $name:ident),* $(,)? }
+    ) => {
+        $(#[$cells_doc])*
         #[derive(Debug, Default)]
-        pub struct CounterCells {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+        pub struct $cells {
+            $($(#[$doc])* pub $name: std::sync::atomic::AtomicU64,)*
         }
 
-        /// A point-in-time copy of counters (one worker's, or a sum).
+        $(#[$copy_doc])*
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-        pub struct Counters {
+        pub struct $copy {
             $($(#[$doc])* pub $name: u64,)*
         }
 
-        impl CounterCells {
+        impl $cells {
             /// Reads every counter.
-            pub fn snapshot(&self) -> Counters {
-                Counters { $($name: self.$name.load(Ordering::Relaxed),)* }
+            pub fn snapshot(&self) -> $copy {
+                $copy { $($name: self.$name.load(std::sync::atomic::Ordering::Relaxed),)* }
             }
         }
 
-        impl std::ops::Add for Counters {
-            type Output = Counters;
-            fn add(self, other: Counters) -> Counters {
-                Counters { $($name: self.$name + other.$name,)* }
+        impl std::ops::Add for $copy {
+            type Output = $copy;
+            fn add(self, other: $copy) -> $copy {
+                $copy { $($name: self.$name + other.$name,)* }
             }
         }
     };
 }
+pub(crate) use counters;
 
 counters! {
-    /// TCP connections open now (a gauge).
-    connections,
-    /// WebSocket sessions open now (a gauge).
-    websockets,
-    /// TCP connections accepted since start.
-    connections_total,
-    /// WebSocket messages received.
-    messages_in,
-    /// Frames fully written to clients (WebSocket frames and HTTP responses).
-    messages_out,
-    /// Bytes read from clients.
-    bytes_in,
-    /// Bytes written to clients.
-    bytes_out,
-    /// HTTP requests handled (REST calls and upgrades).
-    http_requests,
-    /// Broadcasts fanned out by this worker (one per channel per event).
-    broadcasts,
-    /// Frames queued into rings by broadcasts.
-    deliveries,
-    /// Times a connection entered backpressure.
-    backpressure_events,
-    /// Frames dropped because a ring was full.
-    drops,
-    /// Slow consumers evicted.
-    evictions,
-    /// Flushes that wrote everything queued at once.
-    writes_immediate,
-    /// Flushes that stopped at WouldBlock.
-    writes_would_block,
-    /// Times a connection's read budget for one loop turn ran out (a flooding client).
-    read_budget_exhausted,
-    /// Messages for another worker dropped because its inbox was full.
-    inbox_overflows,
+    /// A worker's live counters.
+    CounterCells,
+    /// A point-in-time copy of counters (one worker's, or a sum).
+    Counters {
+        /// TCP connections open now (a gauge).
+        connections,
+        /// WebSocket sessions open now (a gauge).
+        websockets,
+        /// TCP connections accepted since start.
+        connections_total,
+        /// WebSocket messages received.
+        messages_in,
+        /// Frames fully written to clients (WebSocket frames and HTTP responses).
+        messages_out,
+        /// Bytes read from clients.
+        bytes_in,
+        /// Bytes written to clients.
+        bytes_out,
+        /// HTTP requests handled (REST calls and upgrades).
+        http_requests,
+        /// Broadcasts fanned out by this worker (one per channel per event).
+        broadcasts,
+        /// Frames queued into rings by broadcasts.
+        deliveries,
+        /// Times a connection entered backpressure.
+        backpressure_events,
+        /// Frames dropped because a ring was full.
+        drops,
+        /// Slow consumers evicted.
+        evictions,
+        /// Flushes that wrote everything queued at once.
+        writes_immediate,
+        /// Flushes that stopped at WouldBlock.
+        writes_would_block,
+        /// Times a connection's read budget for one loop turn ran out (a flooding client).
+        read_budget_exhausted,
+        /// Messages for another worker dropped because its inbox was full.
+        inbox_overflows,
+    }
 }
 
 impl Counters {

@@ -110,6 +110,15 @@ function renderStats(stats) {
   show("fanout_p50", formatMs(stats.fanout.p50_ms), stats.fanout.p50_ms);
   show("fanout_p99", formatMs(stats.fanout.p99_ms), stats.fanout.p99_ms);
   show("fanout_count", formatCount(stats.fanout.count), stats.fanout.count);
+
+  // Drops and give-ups are the cost of a slow or dead webhook endpoint: shown in red when any.
+  const hooks = stats.webhooks;
+  show("webhooks_delivered", formatCount(hooks.events_delivered), hooks.events_delivered);
+  show("webhooks_state", hooks.enabled ? "delivered" : "off");
+  show("webhooks_dropped", formatCount(hooks.events_dropped), hooks.events_dropped);
+  show("webhooks_given_up", formatCount(hooks.events_given_up), hooks.events_given_up);
+  show("webhooks_queue", `${formatCount(hooks.queue_depth)} / ${formatCount(hooks.queue_capacity)}`, hooks.queue_depth);
+  document.getElementById("webhooks-card").classList.toggle("bad", hooks.events_dropped + hooks.events_given_up > 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ fn get_json(dashboard: &Dashboard, path: &str) -> Value {
 fn stats_have_their_shape_and_move_after_a_publish() {
     let (gateway, dashboard) = start();
     let stats = get_json(&dashboard, "/api/stats");
-    for key in ["totals", "latest", "write_success_rate", "write_success_target", "frame_pool", "fanout", "interval_s"] {
+    for key in ["totals", "latest", "write_success_rate", "write_success_target", "frame_pool", "fanout", "interval_s", "webhooks"] {
         assert!(stats.get(key).is_some(), "/api/stats has no {key}: {stats}");
     }
     for key in ["messages_in", "messages_out", "bytes_out", "broadcasts", "deliveries", "drops", "evictions", "websockets"] {
@@ -203,6 +203,9 @@ fn metrics_are_prometheus_text_with_total_counters() {
     value("flux_frame_pool_checkouts_total", r#"result="hit""#);
     value("flux_fanout_duration_seconds_count", "");
     value("flux_fanout_duration_seconds_bucket", r#"le="+Inf""#);
+    // Without a webhook URL the webhook series are there, at zero.
+    assert_eq!(value("flux_webhook_events_total", r#"result="queued""#), 0.0);
+    assert_eq!(value("flux_webhook_queue_depth", ""), 0.0);
 }
 
 #[test]

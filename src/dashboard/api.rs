@@ -12,6 +12,7 @@ use crate::fanout::pool::PoolStats;
 use crate::gateway::evictions::Eviction;
 use crate::gateway::{ConnectionSnapshot, Observer};
 use crate::metrics::{Counters, LatencySummary};
+use crate::webhooks::WebhookStats;
 
 /// The write success rate the dashboard holds the node to, in percent.
 pub const WRITE_SUCCESS_TARGET: f64 = 95.0;
@@ -46,6 +47,8 @@ pub struct Stats {
     pub frame_pool: FramePoolStats,
     /// Fan-out time percentiles since start.
     pub fanout: LatencySummary,
+    /// The webhook sender: counters since start and the queue's depth now.
+    pub webhooks: WebhookStats,
 }
 
 /// The frame pool's counters and hit rate.
@@ -70,6 +73,7 @@ pub fn stats(observer: &Observer, history: &History) -> Stats {
         write_success_target: WRITE_SUCCESS_TARGET,
         frame_pool: FramePoolStats { stats: pool, hit_rate: pool.hit_rate() },
         fanout: observer.fanout_latency(),
+        webhooks: observer.webhooks(),
     }
 }
 

@@ -17,6 +17,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::gateway::Observer;
 use crate::metrics::Counters;
+use crate::webhooks::WebhookStats;
 
 /// The content type of the OpenMetrics text that `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -75,8 +76,7 @@ impl Collector for NodeCollector {
         gauge(&mut encoder, "flux_connections", "TCP connections open.", counters.connections)?;
         gauge(&mut encoder, "flux_websockets", "WebSocket sessions open.", counters.websockets)?;
         for (name, help, value) in COUNTERS {
-            let metric = ConstCounter::new(value(&counters));
-            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+            counter(&mut encoder, name, help, value(&counters))?;
         }
         labelled_counter(
             &mut encoder,
@@ -89,6 +89,7 @@ impl Collector for NodeCollector {
             [("hit", pool.hits), ("miss", pool.misses)],
         )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
+        webhooks(&mut encoder, &self.0.webhooks())?;
 
         let fanout = FanoutSeconds::of(self.0.fanout_histogram());
         let seconds = Unit::Seconds;
@@ -99,6 +100,39 @@ impl Collector for NodeCollector {
             fanout.metric_type(),
         )?)
     }
+}
+
+/// The webhook sender's figures (all zero when no webhook URL is set, so the series exist
+/// either way and dashboards need no special case).
+fn webhooks(encoder: &mut DescriptorEncoder, stats: &WebhookStats) -> Result<(), fmt::Error> {
+    let c = &stats.counters;
+    labelled_counter(
+        encoder,
+        (
+            "flux_webhook_events",
+            "Webhook events: queued or dropped (queue full) when emitted; delivered or given up when their batch ends.",
+        ),
+        [
+            ("queued", c.events_queued),
+            ("dropped", c.events_dropped),
+            ("delivered", c.events_delivered),
+            ("given_up", c.events_given_up),
+        ],
+    )?;
+    labelled_counter(
+        encoder,
+        ("flux_webhook_batches", "Webhook batches, by whether the endpoint accepted one (2xx) or it was given up."),
+        [("delivered", c.batches_delivered), ("given_up", c.batches_given_up)],
+    )?;
+    let failed_help = "Webhook POSTs that failed: network error, timeout or a status other than 2xx.";
+    counter(encoder, "flux_webhook_failed_attempts", failed_help, c.attempts_failed)?;
+    counter(encoder, "flux_webhook_retries", "Webhook POSTs that retried a failed one.", c.retries)?;
+    gauge(encoder, "flux_webhook_queue_depth", "Webhook events waiting in the queue.", stats.queue_depth)
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), fmt::Error> {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), fmt::Error> {

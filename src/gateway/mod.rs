@@ -34,6 +34,7 @@ use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
 use crate::server::{Conns, Ended, Outbox, Routed, Service, WorkerContext};
+use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
 
 /// What workers of a gateway send each other.
@@ -121,11 +122,13 @@ pub struct PusherService {
     rosters: Rosters,
     /// This worker's replica of every presence channel's users (for the REST API).
     membership: Membership,
+    /// Where webhook events go (never blocks; a no-op without a webhook URL).
+    webhooks: Webhooks,
 }
 
 impl PusherService {
     /// The service of the worker described by `context`.
-    pub fn new(context: WorkerContext<Message>, policy: Arc<Policy>, evictions: Arc<EvictionLog>) -> Self {
+    pub fn new(context: WorkerContext<Message>, policy: Arc<Policy>, evictions: Arc<EvictionLog>, webhooks: Webhooks) -> Self {
         let workers = context.peers.len();
         PusherService {
             id: context.id,
@@ -143,6 +146,7 @@ impl PusherService {
             rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
             membership: Membership::default(),
             policy,
+            webhooks,
         }
     }
 
@@ -282,6 +286,16 @@ impl PusherService {
     /// Announces the presence changes whose coalescing window has passed.
     fn announce_presence(&mut self, conns: &mut Conns<Session>, now: Instant) {
         for change in self.rosters.poll_changes(now) {
+            if self.webhooks.is_enabled() {
+                self.webhooks.emit(match &change {
+                    Change::Added { channel, member, .. } => {
+                        WebhookEvent::MemberAdded { channel: channel.clone(), user_id: member.user_id.clone() }
+                    }
+                    Change::Removed { channel, user_id } => {
+                        WebhookEvent::MemberRemoved { channel: channel.clone(), user_id: user_id.clone() }
+                    }
+                });
+            }
             let publish = match change {
                 Change::Added { channel, member, except } => Publish {
                     channel,
@@ -306,9 +320,31 @@ impl PusherService {
 
     /// Applies a local count change to this worker's directory and marks it for the others.
     fn occupancy_changed(&mut self, channel: &ChannelName, count: u32) {
-        self.directory.apply(&Occupancy { worker: self.id, channel: channel.clone(), count });
+        self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count });
         if !self.changed_occupancy.contains(channel) {
             self.changed_occupancy.push(channel.clone());
+        }
+    }
+
+    /// Applies a worker's count to this replica. The channel's owner worker (the same one that
+    /// owns presence rosters) reports the node's channel becoming occupied or vacant, so each
+    /// webhook is sent once per node.
+    fn apply_occupancy(&mut self, update: &Occupancy) {
+        let before = self.directory.subscription_count(&update.channel);
+        self.directory.apply(update);
+        if !self.webhooks.is_enabled() || owner_of(&update.channel, self.outbox.workers()) != self.id {
+            return;
+        }
+        let after = self.directory.subscription_count(&update.channel);
+        let channel = update.channel.clone();
+        match (before, after) {
+            (0, n) if n > 0 => {
+                self.webhooks.emit(WebhookEvent::ChannelOccupied { channel });
+            }
+            (n, 0) if n > 0 => {
+                self.webhooks.emit(WebhookEvent::ChannelVacated { channel });
+            }
+            _ => {}
         }
     }
 
@@ -329,6 +365,15 @@ impl PusherService {
             Action::JoinPresence { channel, member } => self.join_presence(conns, id, channel, member, now),
             Action::ClientEvent { channel, event, data, user_id } => {
                 let except = conns.session(id).map(Session::socket_id);
+                if let (true, Some(socket_id)) = (self.webhooks.is_enabled(), except) {
+                    self.webhooks.emit(WebhookEvent::ClientEvent {
+                        channel: channel.clone(),
+                        event: event.clone(),
+                        data: data.clone(),
+                        socket_id,
+                        user_id: user_id.clone(),
+                    });
+                }
                 let publish = Publish { channel, event, data, except, user_id };
                 if let Err(e) = self.publish(conns, &publish) {
                     warn!("could not frame a client event for {}: {e}", publish.channel);
@@ -506,7 +551,7 @@ impl Service for PusherService {
     fn on_inbox(&mut self, conns: &mut Conns<Session>, message: Message, now: Instant) {
         match message {
             Message::Broadcast(broadcast) => self.deliver(conns, &broadcast),
-            Message::Occupancy(update) => self.directory.apply(&update),
+            Message::Occupancy(update) => self.apply_occupancy(&update),
             Message::Snapshot(reply) => {
                 // The asker may have given up waiting; that is fine.
                 let _ = reply.send(self.snapshot(conns, now));

@@ -1,5 +1,6 @@
-//! A running gateway node: the server shell with a [`PusherService`] on every worker, the ways
-//! to observe it ([`Observer`]: metrics, connection snapshots, evictions) and to stop it.
+//! A running gateway node: the server shell with a [`PusherService`] on every worker, the
+//! webhook delivery thread when a webhook URL is set, the ways to observe it ([`Observer`]:
+//! metrics, connection snapshots, evictions, webhooks) and to stop it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use crate::metrics::{Counters, LatencySummary, WorkerMetrics};
 use crate::pusher::session::{Policy, Timeouts};
 use crate::pusher::App;
 use crate::server::{self, ConnLimits, Peers, Server, ServerSettings};
+use crate::webhooks::{DeliveryThread, WebhookSettings, WebhookStats, Webhooks};
 
 /// Largest HTTP request head (request line and headers).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -52,6 +54,9 @@ pub struct ConnectionSnapshot {
 pub struct Gateway {
     server: Server<Message>,
     observer: Observer,
+    webhooks: Webhooks,
+    /// Stopped after the server, so the webhooks of the last connections' closes are posted.
+    delivery: Option<DeliveryThread>,
 }
 
 /// A read-only view of a running node for other threads (the dashboard, tests). Cheap to clone
@@ -63,11 +68,21 @@ pub struct Observer {
     metrics: Arc<[Arc<WorkerMetrics>]>,
     pool: FramePool,
     evictions: Arc<EvictionLog>,
+    webhooks: Webhooks,
 }
 
 impl Gateway {
     /// Starts a node configured by `config`. With `handle_signals`, SIGINT and SIGTERM stop it.
     pub fn start(config: &Config, handle_signals: bool) -> io::Result<Gateway> {
+        // Started first, so every worker's service gets its handle. Should the server then fail
+        // to start, dropping `delivery` stops the thread again.
+        let (webhooks, delivery) = match WebhookSettings::from_config(config) {
+            Some(webhook_settings) => {
+                let (webhooks, delivery) = Webhooks::start(webhook_settings)?;
+                (webhooks, Some(delivery))
+            }
+            None => (Webhooks::disabled(), None),
+        };
         let policy = Arc::new(Policy {
             app: App::from_args(&config.app),
             timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
@@ -94,15 +109,16 @@ impl Gateway {
         };
         let evictions = Arc::new(EvictionLog::default());
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, policy.clone(), evictions.clone())
+            PusherService::new(context, policy.clone(), evictions.clone(), webhooks.clone())
         })?;
         let observer = Observer {
             peers: server.peers().clone(),
             metrics: server.worker_metrics().into(),
             pool: server.pool().clone(),
             evictions,
+            webhooks: webhooks.clone(),
         };
-        Ok(Gateway { server, observer })
+        Ok(Gateway { server, observer, webhooks, delivery })
     }
 
     /// The address clients and REST callers use.
@@ -120,14 +136,24 @@ impl Gateway {
         &self.observer
     }
 
+    /// The node's webhook handle, for emitting from outside the workers (inside them, the
+    /// service holds the same handle).
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
+    }
+
     /// Asks the node to stop: no more accepts, close 4200 to every client, flush, then exit.
     pub fn stop(&self) {
         self.server.stop();
     }
 
-    /// Waits until the node has stopped.
+    /// Waits until the node has stopped, then posts the webhooks still queued (for at most
+    /// `FLUX_SHUTDOWN_GRACE_MS`) and stops the webhook thread.
     pub fn join(self) {
         self.server.join();
+        if let Some(delivery) = self.delivery {
+            delivery.stop();
+        }
     }
 }
 
@@ -162,6 +188,11 @@ impl Observer {
     /// Fan-out time percentiles, over the node's life.
     pub fn fanout_latency(&self) -> LatencySummary {
         self.fanout_histogram().map(|h| LatencySummary::of(&h)).unwrap_or_default()
+    }
+
+    /// The webhook counters and queue depth (all zero when webhooks are off).
+    pub fn webhooks(&self) -> WebhookStats {
+        self.webhooks.stats()
     }
 
     /// The most recent evictions, newest first.

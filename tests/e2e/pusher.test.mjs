@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
 import WebSocket from "ws";
+import http from "node:http";
 import { ACTIVITY_TIMEOUT, APP, eventually, once, sleep, startFlux } from "./flux.mjs";
 
 /** Every test and hook is bounded; a hang fails its test instead of stalling the run. */
@@ -403,6 +404,68 @@ describe("presence channels (pusher-js authorized by the pusher SDK)", () => {
     await subscribed(client("one"), "presence-small");
     for (const c of openClients.splice(0)) c.disconnect();
     await own.stop();
+  });
+});
+
+describe("webhooks", () => {
+  test("occupied, member_added, client_event, member_removed and vacated are posted, signed as Pusher signs them", BOUNDED, async () => {
+    // A receiver that checks every POST with the official SDK's webhook validation.
+    const received = [];
+    let invalid = 0;
+    const receiver = http.createServer((request, response) => {
+      let body = "";
+      request.on("data", (chunk) => (body += chunk));
+      request.on("end", () => {
+        const webhook = pusherServer().webhook({ headers: request.headers, rawBody: body });
+        if (webhook.isValid()) received.push(...webhook.getEvents());
+        else invalid++;
+        response.end("{}");
+      });
+    });
+    await new Promise((resolve) => receiver.listen(0, "127.0.0.1", resolve));
+    const own = await startFlux({ FLUX_WEBHOOK_URL: `http://127.0.0.1:${receiver.address().port}/hooks`, FLUX_WEBHOOK_BATCH_MS: "20" });
+    try {
+      const client = (id) => {
+        const pusher = new PusherClient(APP.key, {
+          wsHost: "127.0.0.1",
+          wsPort: own.port,
+          forceTLS: false,
+          enabledTransports: ["ws"],
+          cluster: "mt1",
+          channelAuthorization: {
+            customHandler: ({ socketId, channelName }, callback) =>
+              callback(null, pusherServer().authorizeChannel(socketId, channelName, { user_id: id })),
+          },
+        });
+        openClients.push(pusher);
+        return pusher;
+      };
+      const [ann, bob] = [client("ann"), client("bob")];
+      const annRoom = await subscribed(ann, "presence-hooks");
+      await subscribed(bob, "presence-hooks");
+      annRoom.trigger("client-wave", { hi: 1 });
+      await sleep(300); // Past the presence coalescing window.
+      bob.disconnect();
+      ann.disconnect();
+      const names = () => received.map((event) => `${event.name}${event.user_id ? ":" + event.user_id : ""}`);
+      const all = ["channel_vacated", "member_removed:ann", "member_removed:bob"];
+      await eventually(() => all.every((name) => names().includes(name)), 5000, "the leaves and channel_vacated");
+      assert.equal(invalid, 0, "every POST must carry a valid X-Pusher-Signature");
+      // Presence changes wait out the coalescing window (occupancy does not), so only the
+      // first event's place is fixed.
+      assert.equal(names()[0], "channel_occupied");
+      assert.equal(names().filter((name) => name === "channel_vacated").length, 1);
+      for (const expected of ["member_added:ann", "member_added:bob", "client_event:ann", "member_removed:ann", "member_removed:bob"]) {
+        assert.equal(names().filter((name) => name === expected).length, 1, `${expected} once in ${JSON.stringify(names())}`);
+      }
+      const clientEvent = received.find((event) => event.name === "client_event");
+      assert.equal(clientEvent.event, "client-wave");
+      assert.equal(clientEvent.channel, "presence-hooks");
+      assert.deepEqual(JSON.parse(clientEvent.data), { hi: 1 });
+    } finally {
+      await own.stop();
+      receiver.close();
+    }
   });
 });
 
