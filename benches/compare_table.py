@@ -52,6 +52,13 @@ def rows_for(scenario, runs):
         ]
     if any(s.get("roles", {}).get("slow") for s in runs.values()):
         rows.append(("slow consumers evicted (4100)", lambda s: f"{s['roles'].get('slow', {}).get('evicted', 0)} / {s['roles'].get('slow', {}).get('clients', 0)}", None))
+    if any("presence" in s for s in runs.values()):
+        rows += [
+            ("member_added/removed received", lambda s: s["presence"]["member_events"], None),
+            ("member events/s", lambda s: s["presence"]["member_events_per_sec"], False),
+            ("member_added latency from the join p50 ms", lambda s: s["presence"]["member_added_latency_ms"]["p50"], True),
+            ("member_added latency from the join p99 ms", lambda s: s["presence"]["member_added_latency_ms"]["p99"], True),
+        ]
     if scenario.startswith("big-channel"):
         for name in ("one channel", "spread channels"):
             rows.append((f"{name}: publish to last delivery p50 ms", lambda s, n=name: phase(s, n)["completion_ms"]["p50"], True))
@@ -66,7 +73,7 @@ def rows_for(scenario, runs):
         ]
     else:
         rows.append(("server CPU seconds", lambda s: s["_server"].get("cpu_secs"), True))
-        rows.append(("server CPU µs per delivery (connects included)", lambda s: round(s["_server"]["cpu_secs"] * 1e6 / max(s["delivered"], 1), 3), True))
+        rows.append(("server CPU µs per delivery, member events included (connects too)", lambda s: round(s["_server"]["cpu_secs"] * 1e6 / max(s["delivered"] + s.get("presence", {}).get("member_events", 0), 1), 3), True))
         rows.append(("server peak RSS MiB", lambda s: round(s["_server"]["rss_peak_kib"] / 1024, 1), True))
     return rows
 

@@ -106,7 +106,11 @@ impl FramePool {
 
 impl Default for FramePool {
     fn default() -> Self {
-        FramePool::new(4096, DEFAULT_BUFFER_CAPACITY, 64 * 1024)
+        // Frames in flight at once are few (a broadcast is one buffer however many rings hold
+        // it), so 1,024 idle buffers serve any steady load; keeping only buffers up to 16 KiB
+        // (a full 10 KiB event and its envelope) bounds what the pool itself holds to 16 MiB,
+        // while outsized frames (a large presence member list) go back to the allocator.
+        FramePool::new(1024, DEFAULT_BUFFER_CAPACITY, 16 * 1024)
     }
 }
 

@@ -5,8 +5,9 @@
 //! user's connections: a user is one member however many connections they have, added on the
 //! first and removed with the last. Changes are not announced at once: a user's changes inside
 //! the coalescing window collapse into their net effect, so a reconnect flap (leave, then join
-//! again) announces nothing, and a burst leaves in one go. Time is an input (`now`), so all of
-//! this is tested with a virtual clock.
+//! again) announces nothing; and changes go out in batches at most once per window, so under
+//! churn each member's socket gets one write per window carrying many changes, not one write
+//! per change. Time is an input (`now`), so all of this is tested with a virtual clock.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -166,15 +167,19 @@ pub struct Rosters {
     window: Duration,
     max_members: usize,
     channels: HashMap<ChannelName, Roster>,
-    /// Pending changes in the order they began (so by deadline): the timer is the front.
+    /// Pending changes in the order they began (so by deadline).
     due: VecDeque<(Instant, ChannelName, String)>,
+    /// When the next batch goes out: a window after the previous batch, and no sooner than the
+    /// oldest pending change has waited a whole window.
+    next_batch: Option<Instant>,
+    last_batch: Option<Instant>,
 }
 
 impl Rosters {
     /// Rosters that coalesce each user's changes over `window` and hold at most `max_members`
     /// members per channel.
     pub fn new(window: Duration, max_members: usize) -> Self {
-        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new() }
+        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), next_batch: None, last_batch: None }
     }
 
     /// Connection `socket` joins `channel` as `member`; or why it may not.
@@ -204,6 +209,9 @@ impl Rosters {
                     Pending { was_member: false, joined_by: None }
                 });
                 pending.joined_by = Some(socket);
+                if self.next_batch.is_none() {
+                    self.next_batch = next_batch(&self.due, self.window, self.last_batch);
+                }
                 true
             }
         };
@@ -225,6 +233,9 @@ impl Rosters {
                 self.due.push_back((now, channel.clone(), user_id.clone()));
                 Pending { was_member: true, joined_by: None }
             });
+            if self.next_batch.is_none() {
+                self.next_batch = next_batch(&self.due, self.window, self.last_batch);
+            }
         }
         if roster.members.is_empty() && roster.pending.is_empty() {
             self.channels.remove(channel);
@@ -234,12 +245,18 @@ impl Rosters {
 
     /// When [`poll_changes`](Self::poll_changes) next has something to give.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.due.front().map(|(since, _, _)| *since + self.window)
+        self.next_batch
     }
 
-    /// The net changes whose window has passed by `now`, oldest first.
+
+    /// The next batch: the net changes whose window has passed by `now`, oldest first (empty
+    /// before [`poll_timeout`](Self::poll_timeout)).
     pub fn poll_changes(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();
+        if self.next_batch.is_none_or(|at| now < at) {
+            return changes;
+        }
+        self.last_batch = Some(now);
         while let Some((since, _, _)) = self.due.front() {
             if *since + self.window > now {
                 break;
@@ -261,6 +278,7 @@ impl Rosters {
                 self.channels.remove(&channel);
             }
         }
+        self.next_batch = next_batch(&self.due, self.window, self.last_batch);
         changes
     }
 
@@ -268,6 +286,15 @@ impl Rosters {
     pub fn count(&self, channel: &str) -> usize {
         self.channels.get(channel).map_or(0, |r| r.members.len())
     }
+}
+
+/// When the next batch may go out: once the oldest pending change has waited a whole window,
+/// and a window after the previous batch.
+fn next_batch(due: &VecDeque<(Instant, ChannelName, String)>, window: Duration, last_batch: Option<Instant>) -> Option<Instant> {
+    due.front().map(|(since, _, _)| {
+        let ready = *since + window;
+        last_batch.map_or(ready, |last| ready.max(last + window))
+    })
 }
 
 fn presence_data(roster: &Roster) -> String {
@@ -399,14 +426,38 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_comes_out_together_once_its_window_passes() {
+    fn changes_go_out_in_batches_at_most_once_a_window() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100);
+        let mut rosters = Rosters::new(WINDOW, 1000);
         for i in 0..50 {
             rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0 + Duration::from_millis(i as u64)).unwrap();
         }
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 1);
-        assert_eq!(rosters.poll_changes(t0 + WINDOW + Duration::from_millis(49)).len(), 49);
+        // The rest waits for the next batch, a window later, and goes out together.
+        assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW * 2));
+        assert_eq!(rosters.poll_changes(t0 + WINDOW * 2 - Duration::from_millis(1)), vec![]);
+        assert_eq!(rosters.poll_changes(t0 + WINDOW * 2).len(), 49);
+        assert_eq!(rosters.poll_timeout(), None);
+        // Under steady churn, one batch per window however many changes.
+        let t1 = t0 + Duration::from_secs(10);
+        let mut batches = 0;
+        let mut announced = 0;
+        for ms in 0..1000u64 {
+            let now = t1 + Duration::from_millis(ms);
+            if ms % 10 == 0 {
+                rosters.join(&room(), &member(&format!("v{ms}")), socket(1000 + ms as u32), now).unwrap();
+            }
+            let batch = rosters.poll_changes(now);
+            if !batch.is_empty() {
+                batches += 1;
+                announced += batch.len();
+            }
+        }
+        assert!(batches <= 1000 / WINDOW.as_millis() as usize + 1, "{batches} batches in a second");
+        // Each change waits between one and two windows.
+        assert!(announced >= 70, "{announced} of 100 joins announced within the second");
+        announced += rosters.poll_changes(t1 + Duration::from_millis(1000) + WINDOW * 2).len();
+        assert_eq!(announced, 100);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 
+use flux::pusher::signature::channel_auth;
+use flux::pusher::App;
 use flux::ws::{Decoder, Incoming};
 
 use crate::scenario::{Plan, SlowMode};
@@ -30,8 +32,6 @@ const SLOW_READ_CHUNK: usize = 4096;
 /// Reconnect backoff: first delay, and the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
-/// How long a churner stays away before it rejoins.
-const CHURN_AWAY: Duration = Duration::from_millis(200);
 /// Largest server message the decoder accepts.
 const MAX_MESSAGE: usize = 1 << 20;
 const TICK: Duration = Duration::from_secs(1);
@@ -94,7 +94,9 @@ struct Client {
 /// The shard: its clients and its counts.
 pub struct Shard<'p> {
     plan: &'p Plan,
-    app_key: String,
+    app: App,
+    /// Makes this shard's presence user ids unique across shards.
+    index: usize,
     poll: Poll,
     clients: Vec<Client>,
     to_connect: std::collections::VecDeque<usize>,
@@ -111,7 +113,7 @@ pub struct Shard<'p> {
 
 impl<'p> Shard<'p> {
     /// A shard for the plan's clients whose index is `index` modulo `count`.
-    pub fn new(plan: &'p Plan, app_key: &str, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
+    pub fn new(plan: &'p Plan, app: &App, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
         let clients: Vec<Client> = plan
             .clients
             .iter()
@@ -136,7 +138,8 @@ impl<'p> Shard<'p> {
         let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
         Ok(Shard {
             plan,
-            app_key: app_key.to_string(),
+            app: app.clone(),
+            index,
             poll: Poll::new()?,
             to_connect: (0..clients.len()).collect(),
             clients,
@@ -245,7 +248,7 @@ impl<'p> Shard<'p> {
             self.next_churn += 1;
             if matches!(self.clients[i].conn, Conn::Open(_)) {
                 self.leave(i);
-                self.clients[i].wake_at = Some(now + CHURN_AWAY);
+                self.clients[i].wake_at = Some(now + self.plan.injection.churn_away);
             }
         }
         for i in 0..self.clients.len() {
@@ -290,7 +293,7 @@ impl<'p> Shard<'p> {
     }
 
     fn writable(&mut self, i: usize) {
-        let key = self.app_key.clone();
+        let key = self.app.key.clone();
         let Some(client) = self.clients.get_mut(i) else { return };
         if let Conn::Connecting(stream) = &mut client.conn {
             if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
@@ -422,7 +425,7 @@ impl<'p> Shard<'p> {
 
     fn message(&mut self, i: usize, text: &str, read_at: u64) {
         if text.contains("\"event\":\"pusher") {
-            return self.protocol_message(i, text);
+            return self.protocol_message(i, text, read_at);
         }
         let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else { return };
         let plan = self.plan;
@@ -447,17 +450,20 @@ impl<'p> Shard<'p> {
         }
     }
 
-    fn protocol_message(&mut self, i: usize, text: &str) {
+    fn protocol_message(&mut self, i: usize, text: &str, read_at: u64) {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(text) else { return };
         match message["event"].as_str().unwrap_or("") {
             "pusher:connection_established" => {
+                let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
+                let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
                 client.established = true;
                 client.attempts = 0;
                 let subscribes: Vec<String> = client
                     .channels
                     .iter()
-                    .map(|&c| serde_json::json!({"event": "pusher:subscribe", "data": {"channel": self.plan.channels[c]}}).to_string())
+                    .map(|&c| subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id))
                     .collect();
                 for subscribe in subscribes {
                     self.send(i, subscribe);
@@ -477,6 +483,15 @@ impl<'p> Shard<'p> {
                     }
                 }
             }
+            "pusher_internal:member_added" => {
+                self.tick.member_events += 1;
+                // The joiner put its join time in its user_info.
+                let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                if let Some(joined_at) = data["user_info"]["t"].as_u64() {
+                    self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
+                }
+            }
+            "pusher_internal:member_removed" => self.tick.member_events += 1,
             "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
             "pusher:error" => debug!("pusher:error: {text}"),
             _ => {}
@@ -540,7 +555,7 @@ impl<'p> Shard<'p> {
         let client = &mut self.clients[i];
         client.conn = Conn::Idle;
         let backoff = if client.role == Role::Churn {
-            CHURN_AWAY
+            self.plan.injection.churn_away
         } else {
             let exponential = BACKOFF_FIRST.saturating_mul(1 << client.attempts.min(5)).min(BACKOFF_MAX);
             // Jitter, so reconnecting clients do not arrive in lockstep.
@@ -645,6 +660,17 @@ pub fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// `pusher:subscribe` for `channel`: presence channels are signed with the app secret, as an
+/// app's auth endpoint would, for a member whose `user_info` holds the join time.
+fn subscribe_message(app: &App, channel: &str, socket_id: &str, user_id: &str) -> String {
+    if !channel.starts_with("presence-") {
+        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
+    }
+    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {"t": unix_micros()}}).to_string();
+    let auth = channel_auth(app, socket_id, channel, Some(&channel_data));
+    serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,5 +700,20 @@ mod tests {
             assert_eq!(sequence(text), Some((12, 1_700_000_000_000_000)));
         }
         assert_eq!(sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#), None);
+    }
+
+    #[test]
+    fn presence_subscriptions_are_signed_over_their_channel_data() {
+        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
+        let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
+        let data = &message["data"];
+        let channel_data = data["channel_data"].as_str().unwrap();
+        let member: serde_json::Value = serde_json::from_str(channel_data).unwrap();
+        assert_eq!(member["user_id"], "u7");
+        assert!(member["user_info"]["t"].as_u64().unwrap() > 0);
+        let auth = data["auth"].as_str().unwrap();
+        assert!(flux::pusher::signature::channel_auth_matches(&app, "1.2", "presence-g", Some(channel_data), auth));
+        let public: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
+        assert!(public["data"].get("auth").is_none());
     }
 }

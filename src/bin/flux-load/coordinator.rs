@@ -288,6 +288,15 @@ fn summarize(
         "reconnects": totals.roles.iter().map(|r| r.reconnects).sum::<u64>(),
         "roles": roles,
     });
+    if totals.member_events > 0 || plan.channels.iter().any(|c| c.starts_with("presence-")) {
+        // Membership changes are announced after the server's coalescing window, so their
+        // latency is the window plus the fan-out.
+        summary["presence"] = json!({
+            "member_events": totals.member_events,
+            "member_events_per_sec": (totals.member_events as f64 / window).round(),
+            "member_added_latency_ms": totals.member_added_latency.summary(),
+        });
+    }
     if let Publishing::Rounds { phases, .. } = &plan.publishing {
         let phases: Vec<serde_json::Value> = phases
             .iter()
@@ -334,6 +343,13 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
         summary["expected"], summary["gaps"],
         summary["latency_ms"]["p50"], summary["latency_ms"]["p95"], summary["latency_ms"]["p99"], summary["latency_ms"]["max"]
     );
+    if let Some(presence) = summary.get("presence") {
+        println!(
+            "presence: {} member_added/member_removed received ({} /s); member_added latency from the join p50 {} ms, p99 {} ms",
+            presence["member_events"], presence["member_events_per_sec"],
+            presence["member_added_latency_ms"]["p50"], presence["member_added_latency_ms"]["p99"]
+        );
+    }
     println!();
     println!(
         "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",

@@ -20,6 +20,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{error, warn};
 
 use clients::{Command, Report, Shard};
+use flux::pusher::App;
 use scenario::{Args, Plan};
 
 fn main() -> ExitCode {
@@ -53,7 +54,7 @@ fn run_child_shard(args: &Args, plan: &Plan, index: usize, count: usize) -> Resu
         // The coordinator went away: stop.
         let _ = commands.send(Command::Stop);
     });
-    let shard = Shard::new(plan, &args.app.app_key, index, count, args.connect_rate / count as u32)
+    let shard = Shard::new(plan, &App::from_args(&args.app), index, count, args.connect_rate / count as u32)
         .map_err(|e| format!("shard {index}: {e}"))?;
     let mut stdout = std::io::stdout().lock();
     let mut report = |report: Report| {
@@ -88,10 +89,10 @@ impl Shards {
         if count == 1 {
             let (tx, rx) = unbounded();
             let plan = plan.clone();
-            let key = args.app.app_key.clone();
+            let app = App::from_args(&args.app);
             let rate = args.connect_rate;
             threads.push(std::thread::spawn(move || {
-                let shard = match Shard::new(&plan, &key, 0, 1, rate) {
+                let shard = match Shard::new(&plan, &app, 0, 1, rate) {
                     Ok(shard) => shard,
                     Err(e) => return error!("shard: {e}"),
                 };

@@ -55,9 +55,13 @@ pub struct Args {
     /// Seconds into publishing when the partition happens.
     #[arg(long)]
     pub partition_at: Option<f64>,
-    /// Leaves and rejoins per second (presence-storm).
+    /// Leaves and rejoins per second (presence-storm; each is two membership changes).
     #[arg(long)]
     pub churn: Option<f64>,
+    /// Milliseconds a churner stays away before it rejoins. Under the server's presence
+    /// coalescing window (Flux: 150 ms) a leave and rejoin is a flap that announces nothing.
+    #[arg(long, default_value_t = 200)]
+    pub churn_away_ms: u64,
     /// Publishes per second.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -114,6 +118,9 @@ pub struct Args {
     pub shard: Option<Vec<usize>>,
 }
 
+/// presence-storm's leaves and rejoins per second: 100 membership changes a second.
+const DEFAULT_PRESENCE_CHURN: f64 = 50.0;
+
 /// The named scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
@@ -123,7 +130,8 @@ pub enum Scenario {
     ChatStorm,
     /// S subscribers on one channel, then the same S over 50 channels: time to last delivery.
     BigChannel,
-    /// A 5,000-10,000 member guild with steady joins and leaves, each fanned out to all.
+    /// A 5,000-10,000 member guild on a presence channel: joins and leaves (each announced to
+    /// every member) while 100 events/s are published to it.
     PresenceStorm,
 }
 
@@ -190,6 +198,8 @@ pub struct Injection {
     pub partition_at: Duration,
     /// Leaves and rejoins per second.
     pub churn_per_sec: f64,
+    /// How long a churner stays away.
+    pub churn_away: Duration,
 }
 
 /// Everything a run does.
@@ -224,7 +234,7 @@ impl Plan {
             Scenario::PresenceStorm => {
                 let members = args.connections.unwrap_or(5_000);
                 // A tenth of the guild takes turns leaving and rejoining.
-                let churners = if args.churn.unwrap_or(10.0) > 0.0 { (members / 10).max(1) } else { 0 };
+                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 { (members / 10).max(1) } else { 0 };
                 (members - churners.min(members), args.slow.unwrap_or(0), args.partition.unwrap_or(0), churners)
             }
         };
@@ -232,7 +242,8 @@ impl Plan {
             Scenario::SlowConsumer => 1_000.0,
             Scenario::ChatStorm => 1_000.0,
             Scenario::BigChannel => 0.0,
-            Scenario::PresenceStorm => 100.0,
+            // A light chat in the guild: the latency probe while membership churns.
+            Scenario::PresenceStorm => 10.0,
         };
         let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
             Scenario::SlowConsumer => 20.0,
@@ -245,7 +256,8 @@ impl Plan {
 
         let mut channels = vec![match scenario {
             Scenario::BigChannel => "big".to_string(),
-            Scenario::PresenceStorm => "guild-presence".to_string(),
+            // A real presence channel: every join and leave is announced to every member.
+            Scenario::PresenceStorm => "presence-guild".to_string(),
             _ => "guild-chat".to_string(),
         }];
         let spread = args.channels.max(1);
@@ -295,7 +307,8 @@ impl Plan {
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
                 partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
-                churn_per_sec: if churners > 0 { args.churn.unwrap_or(10.0) } else { 0.0 },
+                churn_per_sec: if churners > 0 { args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) } else { 0.0 },
+                churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
         }

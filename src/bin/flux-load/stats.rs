@@ -190,6 +190,10 @@ pub struct Tick {
     /// When the latest delivery of this tick was read (Unix microseconds; 0 if none), so the
     /// run's delivery rate is not rounded up to the next tick.
     pub last_delivery_unix_us: u64,
+    /// `pusher_internal:member_added` and `member_removed` events received.
+    pub member_events: u64,
+    /// From a member's join (the time in its `user_info`) to another member hearing of it.
+    pub member_added_latency: Latency,
 }
 
 impl Tick {
@@ -206,6 +210,8 @@ impl Tick {
             mine.last_us = mine.last_us.max(theirs.last_us);
         }
         self.last_delivery_unix_us = self.last_delivery_unix_us.max(other.last_delivery_unix_us);
+        self.member_events += other.member_events;
+        self.member_added_latency.add(&other.member_added_latency);
     }
 
     /// Takes the deltas out, leaving gauges and empty counters.
@@ -217,6 +223,8 @@ impl Tick {
             *role = RoleCounts { latency, ..RoleCounts::default() };
         }
         self.completions.clear();
+        self.member_events = 0;
+        self.member_added_latency.clear();
         taken
     }
 
