@@ -124,6 +124,9 @@ pub struct PusherService {
     membership: Membership,
     /// Where webhook events go (never blocks; a no-op without a webhook URL).
     webhooks: Webhooks,
+    /// Presence channels that emptied while member changes were still to be announced: their
+    /// `channel_vacated` waits for the last `member_removed`, as on Pusher.
+    vacated_after_presence: Vec<ChannelName>,
 }
 
 impl PusherService {
@@ -147,6 +150,7 @@ impl PusherService {
             membership: Membership::default(),
             policy,
             webhooks,
+            vacated_after_presence: Vec::new(),
         }
     }
 
@@ -316,6 +320,13 @@ impl PusherService {
                 warn!("could not frame a presence change for {}: {e}", publish.channel);
             }
         }
+        let rosters = &self.rosters;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.vacated_after_presence).into_iter().partition(|c| !rosters.has_pending(c));
+        self.vacated_after_presence = waiting;
+        for channel in ready {
+            self.webhooks.emit(WebhookEvent::ChannelVacated { channel });
+        }
     }
 
     /// Applies a local count change to this worker's directory and marks it for the others.
@@ -339,10 +350,19 @@ impl PusherService {
         let channel = update.channel.clone();
         match (before, after) {
             (0, n) if n > 0 => {
-                self.webhooks.emit(WebhookEvent::ChannelOccupied { channel });
+                // Occupied again before a deferred vacated went out: neither happened.
+                if let Some(i) = self.vacated_after_presence.iter().position(|c| *c == channel) {
+                    self.vacated_after_presence.swap_remove(i);
+                } else {
+                    self.webhooks.emit(WebhookEvent::ChannelOccupied { channel });
+                }
             }
             (n, 0) if n > 0 => {
-                self.webhooks.emit(WebhookEvent::ChannelVacated { channel });
+                if self.rosters.has_pending(&channel) {
+                    self.vacated_after_presence.push(channel);
+                } else {
+                    self.webhooks.emit(WebhookEvent::ChannelVacated { channel });
+                }
             }
             _ => {}
         }

@@ -286,6 +286,11 @@ impl Rosters {
     pub fn count(&self, channel: &str) -> usize {
         self.channels.get(channel).map_or(0, |r| r.members.len())
     }
+
+    /// Whether `channel` has changes not announced yet.
+    pub fn has_pending(&self, channel: &str) -> bool {
+        self.channels.get(channel).is_some_and(|r| !r.pending.is_empty())
+    }
 }
 
 /// When the next batch may go out: once the oldest pending change has waited a whole window,
@@ -404,7 +409,9 @@ mod tests {
         let t2 = t1 + Duration::from_secs(1);
         assert_eq!(rosters.leave(&room(), socket(2), t2), Some("a".into()));
         assert_eq!(rosters.count("presence-room"), 0);
+        assert!(rosters.has_pending("presence-room"));
         assert_eq!(rosters.poll_changes(t2 + WINDOW), vec![Change::Removed { channel: room(), user_id: "a".into() }]);
+        assert!(!rosters.has_pending("presence-room"));
         assert_eq!(rosters.poll_timeout(), None);
     }
 
