@@ -495,11 +495,12 @@ impl<Svc: Service> Worker<Svc> {
             id.0,
             backpressured_for.as_millis(),
         );
-        WorkerMetrics::add(&self.metrics.counters.evictions, 1);
         let code = crate::pusher::protocol::code::OVER_CAPACITY;
         if let Some(session) = self.conns.begin_close(id, code, "Slow consumer evicted", AfterFlush::AwaitPeerClose, now) {
             self.service.on_close(&mut self.conns, id, session, Ended::Evicted { backpressured_for, dropped, queued });
         }
+        // Counted after the service has logged it, so whoever sees the count also finds the entry.
+        WorkerMetrics::add(&self.metrics.counters.evictions, 1);
     }
 
     /// Times out unfinished requests, idle keep-alive connections and close handshakes.
