@@ -175,9 +175,8 @@ impl PusherService {
         for worker in self.directory.workers_with(&publish.channel).iter() {
             if worker == self.id {
                 self.deliver(conns, &broadcast);
-            } else if !self.outbox.send(worker, Message::Broadcast(broadcast.clone())) {
-                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-                warn!("worker {} inbox full: broadcast on {} dropped for its subscribers", worker.0, publish.channel);
+            } else {
+                self.send_to(worker, Message::Broadcast(broadcast.clone()), format_args!("a broadcast on {}", publish.channel));
             }
         }
         Ok(())
@@ -220,9 +219,9 @@ impl PusherService {
             let owner = owner_of(channel, self.outbox.workers());
             if owner == self.id {
                 self.roster_leave(channel, socket, now);
-            } else if !self.outbox.send(owner, Message::PresenceLeave { channel: channel.clone(), socket }) {
-                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-                warn!("worker {} inbox full: a presence leave on {channel} was lost", owner.0);
+            } else {
+                let leave = Message::PresenceLeave { channel: channel.clone(), socket };
+                self.send_to(owner, leave, format_args!("a presence leave on {channel}"));
             }
         }
     }
@@ -235,9 +234,11 @@ impl PusherService {
         if owner == self.id {
             let result = self.roster_join(&name, &member, socket, now);
             self.presence_joined(conns, id, socket, &name, result);
-        } else if !self.outbox.send(owner, Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id }) {
-            WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-            self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()));
+        } else {
+            let join = Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id };
+            if !self.send_to(owner, join, format_args!("a presence join on {name}")) {
+                self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()));
+            }
         }
     }
 
@@ -260,13 +261,27 @@ impl PusherService {
 
     fn membership_changed(&mut self, channel: &ChannelName, user_id: &str, present: bool) {
         self.membership.apply(channel, user_id, present);
-        for worker in (0..self.outbox.workers()).map(WorkerId).filter(|&w| w != self.id) {
+        for worker in self.other_workers() {
             let update = Message::Membership { channel: channel.clone(), user_id: user_id.to_string(), present };
-            if !self.outbox.send(worker, update) {
-                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-                warn!("worker {} inbox full: its presence user list for {channel} is behind", worker.0);
-            }
+            self.send_to(worker, update, format_args!("a presence user list update for {channel}"));
         }
+    }
+
+    /// Every worker of the node but this one.
+    fn other_workers(&self) -> impl Iterator<Item = WorkerId> {
+        let me = self.id;
+        (0..self.outbox.workers()).map(WorkerId).filter(move |&w| w != me)
+    }
+
+    /// Puts `message` in `worker`'s inbox. A full inbox loses it: that is counted and logged as
+    /// `lost`, and false is returned.
+    fn send_to(&mut self, worker: WorkerId, message: Message, lost: std::fmt::Arguments<'_>) -> bool {
+        let sent = self.outbox.send(worker, message);
+        if !sent {
+            WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+            warn!("worker {} inbox full: {lost} was lost", worker.0);
+        }
+        sent
     }
 
     /// The roster's answer reached the joining connection's worker: subscribe and confirm with
@@ -341,11 +356,12 @@ impl PusherService {
     /// owns presence rosters) reports the node's channel becoming occupied or vacant, so each
     /// webhook is sent once per node.
     fn apply_occupancy(&mut self, update: &Occupancy) {
-        let before = self.directory.subscription_count(&update.channel);
-        self.directory.apply(update);
         if !self.webhooks.is_enabled() || owner_of(&update.channel, self.outbox.workers()) != self.id {
+            self.directory.apply(update);
             return;
         }
+        let before = self.directory.subscription_count(&update.channel);
+        self.directory.apply(update);
         let after = self.directory.subscription_count(&update.channel);
         let channel = update.channel.clone();
         match (before, after) {
@@ -426,11 +442,8 @@ impl PusherService {
         let outcome = rest::handle(request, &context);
         if let Some(user) = outcome.terminate_user {
             let user: Arc<str> = user.into();
-            for worker in (0..self.outbox.workers()).map(WorkerId).filter(|&w| w != self.id) {
-                if !self.outbox.send(worker, Message::TerminateUser(user.clone())) {
-                    WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-                    warn!("worker {} inbox full: terminate_connections for a user not passed on", worker.0);
-                }
+            for worker in self.other_workers() {
+                self.send_to(worker, Message::TerminateUser(user.clone()), format_args!("terminate_connections for a user"));
             }
             self.terminate_user(conns, &user, Instant::now());
         }
@@ -577,13 +590,12 @@ impl Service for PusherService {
                 let _ = reply.send(self.snapshot(conns, now));
             }
             Message::TerminateUser(user) => self.terminate_user(conns, &user, now),
+            // Sent only by other workers: a worker that owns the channel joins it directly.
             Message::PresenceJoin { channel, member, socket, from, conn } => {
                 let result = self.roster_join(&channel, &member, socket, now);
-                if from == self.id {
-                    self.presence_joined(conns, conn, socket, &channel, result);
-                } else if !self.outbox.send(from, Message::PresenceJoined { channel: channel.clone(), socket, conn, result }) {
+                let answer = Message::PresenceJoined { channel: channel.clone(), socket, conn, result };
+                if !self.send_to(from, answer, format_args!("the answer to a presence join on {channel}")) {
                     // The joiner will never hear back, so undo the join rather than leak it.
-                    WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
                     self.roster_leave(&channel, socket, now);
                 }
             }
@@ -608,7 +620,7 @@ impl Service for PusherService {
         for channel in std::mem::take(&mut self.changed_occupancy) {
             let count = self.registry.subscribers(&channel).map_or(0, |s| s.len() as u32);
             let mut all_sent = true;
-            for worker in (0..self.outbox.workers()).map(WorkerId).filter(|&w| w != self.id) {
+            for worker in self.other_workers() {
                 let update = Occupancy { worker: self.id, channel: channel.clone(), count };
                 all_sent &= self.outbox.send(worker, Message::Occupancy(update));
             }

@@ -33,13 +33,22 @@ pub fn owner_of(channel: &str, workers: usize) -> WorkerId {
 }
 
 /// A member as the client's `channel_data` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Member {
     /// The user's id (a number in `channel_data` becomes its decimal string, as in Pusher).
     pub user_id: String,
-    /// The user's info, as JSON text (`null` when absent).
-    pub user_info: String,
+    /// The user's info (`null` when absent), checked as JSON once, when the member joins, and
+    /// written out as it is into every member list and `member_added` after that.
+    pub user_info: Box<RawValue>,
 }
+
+impl PartialEq for Member {
+    fn eq(&self, other: &Member) -> bool {
+        self.user_id == other.user_id && self.user_info.get() == other.user_info.get()
+    }
+}
+
+impl Eq for Member {}
 
 /// Why a `channel_data` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,8 +89,8 @@ impl Member {
         if user_id.is_empty() || user_id.len() > MAX_USER_ID_LEN {
             return Err(MemberError::UserId);
         }
-        let user_info = data.user_info.map_or("null", RawValue::get).to_string();
-        if user_info.len() > MAX_USER_INFO_BYTES {
+        let user_info = data.user_info.map_or_else(|| RawValue::NULL.to_owned(), RawValue::to_owned);
+        if user_info.get().len() > MAX_USER_INFO_BYTES {
             return Err(MemberError::UserInfo);
         }
         Ok(Member { user_id, user_info })
@@ -119,7 +128,7 @@ pub enum Change {
 
 #[derive(Debug)]
 struct Present {
-    user_info: String,
+    user_info: Box<RawValue>,
     /// The user's connections in the channel (usually one or two).
     sockets: Vec<SocketId>,
 }
@@ -169,9 +178,7 @@ pub struct Rosters {
     channels: HashMap<ChannelName, Roster>,
     /// Pending changes in the order they began (so by deadline).
     due: VecDeque<(Instant, ChannelName, String)>,
-    /// When the next batch goes out: a window after the previous batch, and no sooner than the
-    /// oldest pending change has waited a whole window.
-    next_batch: Option<Instant>,
+    /// When the previous batch went out; the next waits a window after it.
     last_batch: Option<Instant>,
 }
 
@@ -179,11 +186,12 @@ impl Rosters {
     /// Rosters that coalesce each user's changes over `window` and hold at most `max_members`
     /// members per channel.
     pub fn new(window: Duration, max_members: usize) -> Self {
-        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), next_batch: None, last_batch: None }
+        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), last_batch: None }
     }
 
     /// Connection `socket` joins `channel` as `member`; or why it may not.
     pub fn join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<Joined, JoinError> {
+        let full = self.channels.get(channel).is_some_and(|r| r.members.len() >= self.max_members);
         let roster = self.channels.entry(channel.clone()).or_default();
         if roster.users.contains_key(&socket) {
             // Already in (a repeated join): nothing changes.
@@ -196,22 +204,10 @@ impl Rosters {
                 present.user_info.clone_from(&member.user_info);
                 false
             }
+            None if full => return Err(JoinError::Full(self.max_members)),
             None => {
-                if roster.members.len() >= self.max_members {
-                    if roster.members.is_empty() && roster.pending.is_empty() {
-                        self.channels.remove(channel);
-                    }
-                    return Err(JoinError::Full(self.max_members));
-                }
                 roster.members.insert(member.user_id.clone(), Present { user_info: member.user_info.clone(), sockets: vec![socket] });
-                let pending = roster.pending.entry(member.user_id.clone()).or_insert_with(|| {
-                    self.due.push_back((now, channel.clone(), member.user_id.clone()));
-                    Pending { was_member: false, joined_by: None }
-                });
-                pending.joined_by = Some(socket);
-                if self.next_batch.is_none() {
-                    self.next_batch = next_batch(&self.due, self.window, self.last_batch);
-                }
+                mark_pending(&mut self.due, roster, channel, &member.user_id, false, now).joined_by = Some(socket);
                 true
             }
         };
@@ -229,31 +225,25 @@ impl Rosters {
         let gone = present.sockets.is_empty();
         if gone {
             roster.members.swap_remove(&user_id);
-            roster.pending.entry(user_id.clone()).or_insert_with(|| {
-                self.due.push_back((now, channel.clone(), user_id.clone()));
-                Pending { was_member: true, joined_by: None }
-            });
-            if self.next_batch.is_none() {
-                self.next_batch = next_batch(&self.due, self.window, self.last_batch);
-            }
-        }
-        if roster.members.is_empty() && roster.pending.is_empty() {
-            self.channels.remove(channel);
+            mark_pending(&mut self.due, roster, channel, &user_id, true, now);
         }
         gone.then_some(user_id)
     }
 
-    /// When [`poll_changes`](Self::poll_changes) next has something to give.
+    /// When [`poll_changes`](Self::poll_changes) next has something to give: once the oldest
+    /// pending change has waited a whole window, and a window after the previous batch.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_batch
+        self.due.front().map(|(since, _, _)| {
+            let ready = *since + self.window;
+            self.last_batch.map_or(ready, |last| ready.max(last + self.window))
+        })
     }
-
 
     /// The next batch: the net changes whose window has passed by `now`, oldest first (empty
     /// before [`poll_timeout`](Self::poll_timeout)).
     pub fn poll_changes(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();
-        if self.next_batch.is_none_or(|at| now < at) {
+        if self.poll_timeout().is_none_or(|at| now < at) {
             return changes;
         }
         self.last_batch = Some(now);
@@ -278,7 +268,6 @@ impl Rosters {
                 self.channels.remove(&channel);
             }
         }
-        self.next_batch = next_batch(&self.due, self.window, self.last_batch);
         changes
     }
 
@@ -293,23 +282,24 @@ impl Rosters {
     }
 }
 
-/// When the next batch may go out: once the oldest pending change has waited a whole window,
-/// and a window after the previous batch.
-fn next_batch(due: &VecDeque<(Instant, ChannelName, String)>, window: Duration, last_batch: Option<Instant>) -> Option<Instant> {
-    due.front().map(|(since, _, _)| {
-        let ready = *since + window;
-        last_batch.map_or(ready, |last| ready.max(last + window))
+/// The user's pending change in `roster`, begun `now` (with `was_member` before it) unless one
+/// is already waiting; a new one joins the queue of due changes.
+fn mark_pending<'r>(
+    due: &mut VecDeque<(Instant, ChannelName, String)>,
+    roster: &'r mut Roster,
+    channel: &ChannelName,
+    user_id: &str,
+    was_member: bool,
+    now: Instant,
+) -> &'r mut Pending {
+    roster.pending.entry(user_id.to_string()).or_insert_with(|| {
+        due.push_back((now, channel.clone(), user_id.to_string()));
+        Pending { was_member, joined_by: None }
     })
 }
 
 fn presence_data(roster: &Roster) -> String {
-    let mut hash = IndexMap::with_capacity(roster.members.len());
-    for (id, present) in &roster.members {
-        // user_info was parsed from JSON when the member joined, so it is valid JSON text.
-        if let Ok(info) = serde_json::from_str::<&RawValue>(&present.user_info) {
-            hash.insert(id.as_str(), info);
-        }
-    }
+    let hash: IndexMap<&str, &RawValue> = roster.members.iter().map(|(id, p)| (id.as_str(), &*p.user_info)).collect();
     let data = PresenceData { presence: PresenceSet { ids: roster.members.keys().map(String::as_str).collect(), hash, count: roster.members.len() } };
     serde_json::to_string(&data).unwrap_or_default()
 }
@@ -352,7 +342,7 @@ mod tests {
     const WINDOW: Duration = Duration::from_millis(150);
 
     fn member(id: &str) -> Member {
-        Member { user_id: id.into(), user_info: format!(r#"{{"name":"{id}"}}"#) }
+        Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#)).unwrap()
     }
 
     fn socket(low: u32) -> SocketId {
@@ -365,8 +355,10 @@ mod tests {
 
     #[test]
     fn channel_data_is_read_and_limited() {
-        assert_eq!(Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#), Ok(Member { user_id: "u1".into(), user_info: r#"{"name":"Ann"}"#.into() }));
-        assert_eq!(Member::parse(r#"{"user_id":10}"#), Ok(Member { user_id: "10".into(), user_info: "null".into() }));
+        let ann = Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#).unwrap();
+        assert_eq!((ann.user_id.as_str(), ann.user_info.get()), ("u1", r#"{"name":"Ann"}"#));
+        let ten = Member::parse(r#"{"user_id":10}"#).unwrap();
+        assert_eq!((ten.user_id.as_str(), ten.user_info.get()), ("10", "null"));
         assert!(matches!(Member::parse("nope"), Err(MemberError::Malformed(_))));
         assert!(matches!(Member::parse(r#"{"user_info":{}}"#), Err(MemberError::Malformed(_))));
         assert_eq!(Member::parse(r#"{"user_id":""}"#), Err(MemberError::UserId));

@@ -219,6 +219,13 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// An event's `data` as the string clients receive: a JSON string is unquoted (what the SDKs
+/// and pusher-js send), any other JSON value is passed on as its text, which pusher-js parses
+/// back into the same value.
+pub fn event_data_text(data: &RawValue) -> String {
+    serde_json::from_str::<String>(data.get()).unwrap_or_else(|_| data.get().to_owned())
+}
+
 /// `pusher:connection_established`, whose `data` is a JSON string.
 pub fn connection_established(socket_id: SocketId, activity_timeout_secs: u64) -> String {
     let data = format!(r#"{{"socket_id":"{socket_id}","activity_timeout":{activity_timeout_secs}}}"#);
@@ -251,15 +258,22 @@ pub fn presence_subscription_succeeded(channel: &str, presence_data: &str) -> St
     to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None })
 }
 
+/// The data of `pusher_internal:member_added` and `member_removed`.
+#[derive(Serialize)]
+struct MemberData<'a> {
+    user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_info: Option<&'a RawValue>,
+}
+
 /// The data of `pusher_internal:member_added`: `{"user_id":…,"user_info":…}` as a JSON string.
-pub fn member_added_data(user_id: &str, user_info: &str) -> String {
-    let info = serde_json::from_str::<&RawValue>(user_info).ok();
-    to_json(&serde_json::json!({ "user_id": user_id, "user_info": info }))
+pub fn member_added_data(user_id: &str, user_info: &RawValue) -> String {
+    to_json(&MemberData { user_id, user_info: Some(user_info) })
 }
 
 /// The data of `pusher_internal:member_removed`: `{"user_id":…}` as a JSON string.
 pub fn member_removed_data(user_id: &str) -> String {
-    to_json(&serde_json::json!({ "user_id": user_id }))
+    to_json(&MemberData { user_id, user_info: None })
 }
 
 /// `pusher:signin_success`, whose `data` is a JSON string holding the signed `user_data`.

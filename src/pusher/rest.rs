@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
+use super::protocol::{event_data_text, validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
 use super::presence::Membership;
 use super::signature;
 use super::App;
@@ -241,8 +241,8 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
-/// Checks an event's name and size, and returns its data as the string clients receive: a
-/// JSON string is unquoted (what the SDKs send), any other JSON value is passed as its text.
+/// Checks an event's name and size, and returns its data as the string clients receive
+/// ([`event_data_text`]).
 fn checked_event(name: &str, data: &RawValue, max_payload: usize) -> Result<String, Refusal> {
     if name.is_empty() {
         return Err(Refusal::new(400, "event name is empty"));
@@ -250,10 +250,7 @@ fn checked_event(name: &str, data: &RawValue, max_payload: usize) -> Result<Stri
     if name.len() > MAX_EVENT_NAME_LEN {
         return Err(Refusal::new(413, format!("event name is longer than {MAX_EVENT_NAME_LEN} characters")));
     }
-    let data = match serde_json::from_str::<String>(data.get()) {
-        Ok(text) => text,
-        Err(_) => data.get().to_owned(),
-    };
+    let data = event_data_text(data);
     if data.len() > max_payload {
         return Err(Refusal::new(413, format!("event data is {} bytes, more than the {max_payload}-byte limit", data.len())));
     }

@@ -32,7 +32,8 @@ pub struct Timeouts {
     pub pong: Duration,
 }
 
-/// What every session of a node needs to know: the app, the timers and the limits.
+/// A node's Pusher settings: what its sessions check (the app, the timers, the limits) and the
+/// presence rosters' limits.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// The app (its key and secret check signatures).
@@ -217,16 +218,16 @@ impl Session {
             Err(e) => return Action::Reply(protocol::error(None, &format!("Invalid pusher:subscribe data: {e}"))),
         };
         let channel = data.channel.clone();
+        if self.is_subscribed(&channel) && ChannelKind::of(&channel) != ChannelKind::Presence {
+            // Resubscribing is harmless; confirm again so the client's state settles. (A
+            // presence channel is asked again, for its member list.)
+            return Action::Reply(protocol::subscription_succeeded(&channel));
+        }
         if let Some(user) = channel.strip_prefix(SERVER_TO_USER_PREFIX) {
             return self.subscribe_server_to_user(channel.clone(), user);
         }
         if let Err(e) = protocol::validate_channel_name(&channel) {
             return Action::Reply(protocol::subscription_error(&channel, "InvalidChannel", &e.to_string(), 400));
-        }
-        if self.is_subscribed(&channel) && ChannelKind::of(&channel) != ChannelKind::Presence {
-            // Resubscribing is harmless; confirm again so the client's state settles. (A
-            // presence channel is asked again, for its member list.)
-            return Action::Reply(protocol::subscription_succeeded(&channel));
         }
         if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
             let message = format!("A connection may subscribe to at most {MAX_SUBSCRIPTIONS} channels");
@@ -268,9 +269,6 @@ impl Session {
     /// pusher-js subscribes to its user's own channel after signing in; no one else may.
     fn subscribe_server_to_user(&mut self, channel: String, user: &str) -> Action {
         if self.user_id.as_deref() == Some(user) {
-            if self.is_subscribed(&channel) {
-                return Action::Reply(protocol::subscription_succeeded(&channel));
-            }
             Action::Subscribe(channel)
         } else {
             Action::Reply(protocol::subscription_error(&channel, "AuthError", "Sign in as this user first", 403))
@@ -317,16 +315,7 @@ impl Session {
         if message.event.len() > protocol::MAX_EVENT_NAME_LEN {
             return refuse(&format!("Event names are at most {} characters", protocol::MAX_EVENT_NAME_LEN));
         }
-        let data = match message.data.map(|raw| raw.get()) {
-            None => String::new(),
-            // A string is passed on as it is; anything else as its JSON text, which pusher-js
-            // parses back into the same value.
-            Some(raw) if raw.trim_start().starts_with('"') => match serde_json::from_str::<String>(raw) {
-                Ok(text) => text,
-                Err(_) => return refuse("Client event data is not valid JSON"),
-            },
-            Some(raw) => raw.to_string(),
-        };
+        let data = message.data.map(protocol::event_data_text).unwrap_or_default();
         if data.len() > policy.max_payload {
             return refuse(&format!("Client event data is larger than {} bytes", policy.max_payload));
         }
@@ -542,7 +531,7 @@ mod tests {
         let mut s = session(t0);
         let data = r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#;
         let action = s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy());
-        let member = Member { user_id: "u1".into(), user_info: r#"{"name":"Ann"}"#.into() };
+        let member = Member::parse(data).unwrap();
         assert_eq!(action, Action::JoinPresence { channel: "presence-room".into(), member: member.clone() });
         assert_eq!(s.subscriptions(), &["presence-room".into()] as &[ChannelName]);
         // Asking again asks the roster again (for the member list), without a second subscription.

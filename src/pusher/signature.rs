@@ -92,13 +92,12 @@ pub fn sign_query(app: &App, method: &str, path: &str, body: &[u8], params: &[(&
 /// `key:hex(HMAC-SHA256(secret, "socket_id:channel"))`, with `:channel_data` appended to the
 /// signed string on presence channels. The server only verifies; tests and the load tool sign.
 pub fn channel_auth(app: &App, socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
-    format!("{}:{}", app.key, hmac_hex(&app.secret, &channel_string(socket_id, channel, channel_data)))
+    key_and_signature(app, &channel_string(socket_id, channel, channel_data))
 }
 
 /// Whether `auth` is this app's valid [`channel_auth`] (checked in constant time).
 pub fn channel_auth_matches(app: &App, socket_id: &str, channel: &str, channel_data: Option<&str>, auth: &str) -> bool {
-    let Some((key, signature)) = auth.split_once(':') else { return false };
-    key == app.key && hmac_matches(&app.secret, &channel_string(socket_id, channel, channel_data), signature)
+    key_and_signature_match(app, &channel_string(socket_id, channel, channel_data), auth)
 }
 
 fn channel_string(socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
@@ -111,13 +110,26 @@ fn channel_string(socket_id: &str, channel: &str, channel_data: Option<&str>) ->
 /// The `auth` a server SDK's `authenticateUser` returns: `key:hex(HMAC-SHA256(secret,
 /// "socket_id::user::user_data"))`.
 pub fn user_auth(app: &App, socket_id: &str, user_data: &str) -> String {
-    format!("{}:{}", app.key, hmac_hex(&app.secret, &format!("{socket_id}::user::{user_data}")))
+    key_and_signature(app, &user_string(socket_id, user_data))
 }
 
 /// Whether `auth` is this app's valid [`user_auth`] (checked in constant time).
 pub fn user_auth_matches(app: &App, socket_id: &str, user_data: &str, auth: &str) -> bool {
+    key_and_signature_match(app, &user_string(socket_id, user_data), auth)
+}
+
+fn user_string(socket_id: &str, user_data: &str) -> String {
+    format!("{socket_id}::user::{user_data}")
+}
+
+/// `key:signature`, the form of every client-side `auth`.
+fn key_and_signature(app: &App, message: &str) -> String {
+    format!("{}:{}", app.key, hmac_hex(&app.secret, message))
+}
+
+fn key_and_signature_match(app: &App, message: &str, auth: &str) -> bool {
     let Some((key, signature)) = auth.split_once(':') else { return false };
-    key == app.key && hmac_matches(&app.secret, &format!("{socket_id}::user::{user_data}"), signature)
+    key == app.key && hmac_matches(&app.secret, message, signature)
 }
 
 /// Verifies a REST request's signature: the key, version, timestamp, body MD5 and HMAC.

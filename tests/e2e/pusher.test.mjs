@@ -29,14 +29,14 @@ after(async () => {
 }, BOUNDED);
 
 /**
- * A pusher-js client of the shared gateway, on plain WebSocket only. Private channels are
- * authorized, and users signed in, by the official server SDK (`authorizer`, whose secret a test
- * may make wrong), as an app's auth endpoint would do.
+ * A pusher-js client of the shared gateway (or of the one on `port`), on plain WebSocket only.
+ * Private channels are authorized, and users signed in, by the official server SDK (`authorizer`,
+ * whose secret a test may make wrong), as an app's auth endpoint would do.
  */
-function pusherClient(key = APP.key, { authorizer = pusherServer(), user = { id: "user-1" } } = {}) {
+function pusherClient(key = APP.key, { authorizer = pusherServer(), user = { id: "user-1" }, port = flux.port } = {}) {
   const pusher = new PusherClient(key, {
     wsHost: "127.0.0.1",
-    wsPort: flux.port,
+    wsPort: port,
     forceTLS: false,
     enabledTransports: ["ws"],
     cluster: "mt1",
@@ -380,21 +380,7 @@ describe("presence channels (pusher-js authorized by the pusher SDK)", () => {
 
   test("joins beyond FLUX_PRESENCE_MAX_MEMBERS get subscription_error 403", BOUNDED, async () => {
     const own = await startFlux({ FLUX_PRESENCE_MAX_MEMBERS: "2" });
-    const client = (id) => {
-      const pusher = new PusherClient(APP.key, {
-        wsHost: "127.0.0.1",
-        wsPort: own.port,
-        forceTLS: false,
-        enabledTransports: ["ws"],
-        cluster: "mt1",
-        channelAuthorization: {
-          customHandler: ({ socketId, channelName }, callback) =>
-            callback(null, pusherServer().authorizeChannel(socketId, channelName, { user_id: id })),
-        },
-      });
-      openClients.push(pusher);
-      return pusher;
-    };
+    const client = (id) => pusherClient(APP.key, { user: { id }, port: own.port });
     await subscribed(client("one"), "presence-small");
     await subscribed(client("two"), "presence-small");
     const third = client("three").subscribe("presence-small");
@@ -425,21 +411,7 @@ describe("webhooks", () => {
     await new Promise((resolve) => receiver.listen(0, "127.0.0.1", resolve));
     const own = await startFlux({ FLUX_WEBHOOK_URL: `http://127.0.0.1:${receiver.address().port}/hooks`, FLUX_WEBHOOK_BATCH_MS: "20" });
     try {
-      const client = (id) => {
-        const pusher = new PusherClient(APP.key, {
-          wsHost: "127.0.0.1",
-          wsPort: own.port,
-          forceTLS: false,
-          enabledTransports: ["ws"],
-          cluster: "mt1",
-          channelAuthorization: {
-            customHandler: ({ socketId, channelName }, callback) =>
-              callback(null, pusherServer().authorizeChannel(socketId, channelName, { user_id: id })),
-          },
-        });
-        openClients.push(pusher);
-        return pusher;
-      };
+      const client = (id) => pusherClient(APP.key, { user: { id }, port: own.port });
       const [ann, bob] = [client("ann"), client("bob")];
       const annRoom = await subscribed(ann, "presence-hooks");
       await subscribed(bob, "presence-hooks");

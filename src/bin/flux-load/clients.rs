@@ -454,7 +454,7 @@ impl<'p> Shard<'p> {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(text) else { return };
         match message["event"].as_str().unwrap_or("") {
             "pusher:connection_established" => {
-                let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let data = string_data(&message);
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
                 let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
@@ -486,7 +486,7 @@ impl<'p> Shard<'p> {
             "pusher_internal:member_added" => {
                 self.tick.member_events += 1;
                 // The joiner put its join time in its user_info.
-                let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let data = string_data(&message);
                 if let Some(joined_at) = data["user_info"]["t"].as_u64() {
                     self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
                 }
@@ -658,6 +658,11 @@ fn sequence(text: &str) -> Option<(u64, u64)> {
 /// Microseconds since the epoch: the clock publisher and clients share on one machine.
 pub fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A Pusher message's `data`, which protocol events carry as a JSON-encoded string.
+fn string_data(message: &serde_json::Value) -> serde_json::Value {
+    message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default()
 }
 
 /// `pusher:subscribe` for `channel`: presence channels are signed with the app secret, as an

@@ -288,7 +288,7 @@ fn summarize(
         "reconnects": totals.roles.iter().map(|r| r.reconnects).sum::<u64>(),
         "roles": roles,
     });
-    if totals.member_events > 0 || plan.channels.iter().any(|c| c.starts_with("presence-")) {
+    if plan.channels.iter().any(|c| c.starts_with("presence-")) {
         // Membership changes are announced after the server's coalescing window, so their
         // latency is the window plus the fan-out.
         summary["presence"] = json!({

@@ -131,7 +131,7 @@ pub enum Scenario {
     /// S subscribers on one channel, then the same S over 50 channels: time to last delivery.
     BigChannel,
     /// A 5,000-10,000 member guild on a presence channel: joins and leaves (each announced to
-    /// every member) while 100 events/s are published to it.
+    /// every member) while 10 events/s are published to it.
     PresenceStorm,
 }
 
