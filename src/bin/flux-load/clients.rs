@@ -424,8 +424,10 @@ impl<'p> Shard<'p> {
     }
 
     fn message(&mut self, i: usize, text: &str, read_at: u64) {
-        if text.contains("\"event\":\"pusher") {
-            return self.protocol_message(i, text, read_at);
+        // Protocol events are told apart by name without parsing the message: in presence-storm
+        // member events come by the million, and member lists are hundreds of kilobytes.
+        if let Some(event) = field(text, "\"event\":\"").filter(|e| e.starts_with("pusher")) {
+            return self.protocol_message(i, event, text, read_at);
         }
         let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else { return };
         let plan = self.plan;
@@ -450,11 +452,12 @@ impl<'p> Shard<'p> {
         }
     }
 
-    fn protocol_message(&mut self, i: usize, text: &str, read_at: u64) {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(text) else { return };
-        match message["event"].as_str().unwrap_or("") {
+    fn protocol_message(&mut self, i: usize, event: &str, text: &str, read_at: u64) {
+        match event {
             "pusher:connection_established" => {
-                let data = string_data(&message);
+                let message: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+                let data: serde_json::Value =
+                    message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
                 let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
@@ -485,9 +488,7 @@ impl<'p> Shard<'p> {
             }
             "pusher_internal:member_added" => {
                 self.tick.member_events += 1;
-                // The joiner put its join time in its user_info.
-                let data = string_data(&message);
-                if let Some(joined_at) = data["user_info"]["t"].as_u64() {
+                if let Some(joined_at) = number_after(text, JOINED_AT) {
                     self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
                 }
             }
@@ -660,9 +661,16 @@ pub fn unix_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// A Pusher message's `data`, which protocol events carry as a JSON-encoded string.
-fn string_data(message: &serde_json::Value) -> serde_json::Value {
-    message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default()
+/// The key of a member's join time (µs since the epoch) in the user_info it subscribes with.
+const JOINED_AT: &str = "joined_at_us";
+
+/// The number that follows `key` in `text`, whatever quoting, escaping or spacing lies between:
+/// member events carry the joiner's user_info inside their JSON-encoded data string.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits = rest.trim_start_matches(['\\', '"', ':', ' ']);
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 /// `pusher:subscribe` for `channel`: presence channels are signed with the app secret, as an
@@ -671,7 +679,7 @@ fn subscribe_message(app: &App, channel: &str, socket_id: &str, user_id: &str) -
     if !channel.starts_with("presence-") {
         return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
     }
-    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {"t": unix_micros()}}).to_string();
+    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}}).to_string();
     let auth = channel_auth(app, socket_id, channel, Some(&channel_data));
     serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
 }
@@ -708,6 +716,15 @@ mod tests {
     }
 
     #[test]
+    fn a_member_join_time_is_found_inside_the_encoded_data() {
+        let flux = r#"{"event":"pusher_internal:member_added","channel":"presence-g","data":"{\"user_id\":\"u\",\"user_info\":{\"joined_at_us\":1700000000000123}}"}"#;
+        let spaced = r#"{"data": "{\"user_info\": {\"joined_at_us\": 42}}", "event": "pusher_internal:member_added"}"#;
+        assert_eq!(number_after(flux, JOINED_AT), Some(1_700_000_000_000_123));
+        assert_eq!(number_after(spaced, JOINED_AT), Some(42));
+        assert_eq!(number_after(r#"{"data":"{}"}"#, JOINED_AT), None);
+    }
+
+    #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
         let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
         let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
@@ -715,7 +732,7 @@ mod tests {
         let channel_data = data["channel_data"].as_str().unwrap();
         let member: serde_json::Value = serde_json::from_str(channel_data).unwrap();
         assert_eq!(member["user_id"], "u7");
-        assert!(member["user_info"]["t"].as_u64().unwrap() > 0);
+        assert!(member["user_info"][JOINED_AT].as_u64().unwrap() > 0);
         let auth = data["auth"].as_str().unwrap();
         assert!(flux::pusher::signature::channel_auth_matches(&app, "1.2", "presence-g", Some(channel_data), auth));
         let public: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();

@@ -58,9 +58,11 @@ pub struct Args {
     /// Leaves and rejoins per second (presence-storm; each is two membership changes).
     #[arg(long)]
     pub churn: Option<f64>,
-    /// Milliseconds a churner stays away before it rejoins. Under the server's presence
-    /// coalescing window (Flux: 150 ms) a leave and rejoin is a flap that announces nothing.
-    #[arg(long, default_value_t = 200)]
+    /// Milliseconds a churner stays away before it rejoins. The default is long enough for the
+    /// leave to be announced, so every change reaches every member; under the server's presence
+    /// coalescing window (Flux: 150 ms, announced in batches) a leave and rejoin is a flap that
+    /// announces nothing.
+    #[arg(long, default_value_t = 1000)]
     pub churn_away_ms: u64,
     /// Publishes per second.
     #[arg(long)]
