@@ -57,7 +57,8 @@ pub struct Config {
     pub presence_max_members: u32,
 
     /// Milliseconds over which a user's presence changes collapse into their net effect, so a
-    /// reconnect flap announces nothing and a burst goes out together (0: announce at once).
+    /// reconnect flap announces nothing and a burst goes out together (0: announce at once). An
+    /// announcement may then wait as long again to share a write with other traffic.
     #[arg(long, env = "FLUX_PRESENCE_COALESCE_MS", default_value_t = 150)]
     pub presence_coalesce_ms: u64,
 

@@ -33,7 +33,7 @@ use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
-use crate::server::{Conns, Ended, Outbox, Routed, Service, WorkerContext};
+use crate::server::{Conns, Ended, Flush, Outbox, Routed, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
 
@@ -100,6 +100,8 @@ pub struct Broadcast {
     pub except: Option<SocketId>,
     /// When publishing began, for the fan-out time metric.
     pub published_at: Instant,
+    /// Its writes may wait for other traffic (see [`Publish::may_wait`]).
+    pub may_wait: bool,
 }
 
 /// One worker's Pusher service.
@@ -171,7 +173,13 @@ impl PusherService {
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
-        let broadcast = Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at };
+        let broadcast = Broadcast {
+            channel: publish.channel.clone(),
+            frame,
+            except: publish.except,
+            published_at,
+            may_wait: publish.may_wait(),
+        };
         for worker in self.directory.workers_with(&publish.channel).iter() {
             if worker == self.id {
                 self.deliver(conns, &broadcast);
@@ -186,9 +194,12 @@ impl PusherService {
     /// reference-count increment and one ring slot.
     fn deliver(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else { return };
+        // Waiting up to one more coalescing window lets a presence batch ride along with the
+        // next message to each member instead of costing every member a write of its own.
+        let flush = if broadcast.may_wait { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
         let (mut queued, mut dropped) = (0u64, 0u64);
         for &id in subscribers {
-            match conns.offer(id, &broadcast.frame, |s| Some(s.socket_id()) != broadcast.except) {
+            match conns.offer(id, &broadcast.frame, flush, |s| Some(s.socket_id()) != broadcast.except) {
                 Offer::Queued => queued += 1,
                 Offer::Dropped => dropped += 1,
                 Offer::Closed => {}

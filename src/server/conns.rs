@@ -4,7 +4,9 @@
 //! [`Conns`] is the only way a [`Service`](super::Service) touches connections: it can queue
 //! frames, offer a broadcast frame, read and change sessions, and close. It never performs I/O;
 //! queued connections are marked dirty and the worker flushes them at the end of its loop turn,
-//! so everything queued to one socket in a turn leaves in one vectored write.
+//! so everything queued to one socket in a turn leaves in one vectored write. A frame that can
+//! wait ([`Flush::By`]) does not make its connection dirty: it leaves with the next write that
+//! goes out anyway, or when its deadline comes, whichever is first.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub(crate) struct Connection<S> {
     pub(crate) deadline: Option<Instant>,
     /// Queued since the last flush; in `Conns::dirty`.
     pub(crate) dirty: bool,
+    /// Holds frames that may wait; in `Conns::deferred`.
+    pub(crate) deferred: bool,
     /// Writable interest is registered.
     pub(crate) writable_interest: bool,
 }
@@ -88,10 +92,23 @@ pub struct ConnLimits {
     pub close_linger: Duration,
 }
 
+/// When a queued frame must be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// At the end of this loop turn.
+    Now,
+    /// With the connection's next write, and no later than this instant: for frames whose
+    /// receivers tolerate delay (presence changes), so they do not cost a write of their own.
+    By(Instant),
+}
+
 /// A worker's connection table.
 pub struct Conns<S> {
     pub(crate) slab: Slab<Connection<S>>,
     pub(crate) dirty: Vec<ConnId>,
+    /// Connections holding frames that may wait, and the earliest of their deadlines.
+    pub(crate) deferred: Vec<ConnId>,
+    pub(crate) deferred_due: Option<Instant>,
     pub(crate) limits: ConnLimits,
     pool: FramePool,
     metrics: Arc<WorkerMetrics>,
@@ -99,7 +116,15 @@ pub struct Conns<S> {
 
 impl<S> Conns<S> {
     pub(crate) fn new(limits: ConnLimits, pool: FramePool, metrics: Arc<WorkerMetrics>) -> Self {
-        Conns { slab: Slab::with_capacity(1024), dirty: Vec::with_capacity(1024), limits, pool, metrics }
+        Conns {
+            slab: Slab::with_capacity(1024),
+            dirty: Vec::with_capacity(1024),
+            deferred: Vec::new(),
+            deferred_due: None,
+            limits,
+            pool,
+            metrics,
+        }
     }
 
     pub(crate) fn insert(&mut self, socket: TcpStream, peer: SocketAddr, deadline: Instant) -> ConnId {
@@ -111,6 +136,7 @@ impl<S> Conns<S> {
             outbound: Outbound::new(self.limits.ring_slots),
             deadline: Some(deadline),
             dirty: false,
+            deferred: false,
             writable_interest: false,
         }))
     }
@@ -141,7 +167,7 @@ impl<S> Conns<S> {
     /// passes `wanted`. This is the per-recipient step of every fan-out: a reference-count
     /// increment and a ring slot, no allocation. Drops are counted by the caller, per broadcast.
     #[inline]
-    pub fn offer(&mut self, id: ConnId, frame: &Bytes, wanted: impl FnOnce(&S) -> bool) -> Offer {
+    pub fn offer(&mut self, id: ConnId, frame: &Bytes, flush: Flush, wanted: impl FnOnce(&S) -> bool) -> Offer {
         let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
         let Phase::Open { session, .. } = &conn.phase else { return Offer::Closed };
         if !wanted(session) {
@@ -149,9 +175,32 @@ impl<S> Conns<S> {
         }
         let offer = conn.outbound.offer(frame);
         if offer == Offer::Queued {
-            mark_dirty(&mut self.dirty, conn, id);
+            match flush {
+                Flush::Now => mark_dirty(&mut self.dirty, conn, id),
+                Flush::By(due) if !conn.dirty && !conn.deferred => {
+                    conn.deferred = true;
+                    self.deferred.push(id);
+                    self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+                }
+                Flush::By(_) => {}
+            }
         }
         offer
+    }
+
+    /// Marks the connections holding deferred frames dirty once the earliest deadline has come.
+    /// Those written meanwhile have empty rings and cost nothing more.
+    pub(crate) fn release_deferred(&mut self, now: Instant) {
+        if self.deferred_due.is_none_or(|due| due > now) {
+            return;
+        }
+        self.deferred_due = None;
+        for id in std::mem::take(&mut self.deferred) {
+            if let Some(conn) = self.slab.get_mut(id.0) {
+                conn.deferred = false;
+                mark_dirty(&mut self.dirty, conn, id);
+            }
+        }
     }
 
     /// The session of an open WebSocket.

@@ -23,7 +23,7 @@ use log::error;
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
-pub use conns::{ConnInfo, ConnLimits, Conns};
+pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers};
 pub use service::{Ended, Routed, Service};
 

@@ -167,6 +167,7 @@ impl<Svc: Service> Worker<Svc> {
             }
             self.timers(now);
             self.service.on_turn_end(&mut self.conns, now);
+            self.conns.release_deferred(now);
             self.flush_dirty_when_due(now);
         }
         let open = self.conns.len();
@@ -187,6 +188,9 @@ impl<Svc: Service> Worker<Svc> {
             next = next.min(last + self.timing.write_coalesce);
         }
         if let Some(due) = self.service.poll_timeout() {
+            next = next.min(due);
+        }
+        if let Some(due) = self.conns.deferred_due {
             next = next.min(due);
         }
         next
