@@ -188,19 +188,23 @@ impl<S> Conns<S> {
         offer
     }
 
-    /// Marks the connections holding deferred frames dirty once the earliest deadline has come.
-    /// Those written meanwhile have empty rings and cost nothing more.
+    /// Marks the connections still holding deferred frames dirty once the earliest deadline has
+    /// come. Most were written meanwhile with other traffic and are left alone.
     pub(crate) fn release_deferred(&mut self, now: Instant) {
         if self.deferred_due.is_none_or(|due| due > now) {
             return;
         }
         self.deferred_due = None;
-        for id in std::mem::take(&mut self.deferred) {
+        let mut deferred = std::mem::take(&mut self.deferred);
+        for id in deferred.drain(..) {
             if let Some(conn) = self.slab.get_mut(id.0) {
                 conn.deferred = false;
-                mark_dirty(&mut self.dirty, conn, id);
+                if !conn.outbound.is_empty() {
+                    mark_dirty(&mut self.dirty, conn, id);
+                }
             }
         }
+        self.deferred = deferred; // Keeps its capacity for the next batch.
     }
 
     /// The session of an open WebSocket.
