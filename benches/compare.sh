@@ -28,8 +28,10 @@ scenario_args() {
     chat-storm) echo "chat-storm --duration 20" ;;
     fanout-1k) echo "chat-storm --connections 1000 --slow 0 --partition 0 --duration 20" ;;
     big-channel-16k) echo "big-channel --connections 16000 --rounds 20" ;;
-    presence-5k) echo "presence-storm --connections 5000 --duration 30" ;;
-    presence-10k) echo "presence-storm --connections 10000 --duration 30" ;;
+    # After the joins, time for the guild-wide join announcements (N x N / 2 member_added: 12.5
+    # and 50 million) to drain, so the 30 s measure the steady churn the scenario is about.
+    presence-5k) echo "presence-storm --connections 5000 --duration 30 --hold-secs 10" ;;
+    presence-10k) echo "presence-storm --connections 10000 --duration 30 --hold-secs 30" ;;
     slow-consumer) echo "slow-consumer" ;;
     # Connect, subscribe and sit idle for 10 s: memory per idle connection.
     idle-15k) echo "chat-storm --connections 15000 --slow 0 --partition 0 --rate 0 --hold-secs 10" ;;

@@ -7,7 +7,9 @@
 //! the coalescing window collapse into their net effect, so a reconnect flap (leave, then join
 //! again) announces nothing; and changes go out in batches at most once per window, so under
 //! churn each member's socket gets one write per window carrying many changes, not one write
-//! per change. Time is an input (`now`), so all of this is tested with a virtual clock.
+//! per change. A batch holds at most [`MAX_BATCH`] changes, so a join storm goes out in parts
+//! that fit the members' rings. Time is an input (`now`), so all of this is tested with a
+//! virtual clock.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -170,6 +172,16 @@ struct PresenceSet<'a> {
     count: usize,
 }
 
+/// Changes announced in one batch at most. A batch lands in every member's ring at once, so it
+/// must fit there with room to spare (rings hold 256 frames): a join storm's thousands of
+/// member_added would otherwise overflow every ring and members would miss them.
+const MAX_BATCH: usize = 100;
+
+/// How soon the rest of a batch that was cut short follows: long enough for the worker to write
+/// the previous part out (a large flush is held for at most its write-coalescing interval,
+/// 10 ms by default).
+const CATCH_UP: Duration = Duration::from_millis(25);
+
 /// The rosters of the presence channels one worker owns.
 #[derive(Debug)]
 pub struct Rosters {
@@ -180,13 +192,15 @@ pub struct Rosters {
     due: VecDeque<(Instant, ChannelName, String)>,
     /// When the previous batch went out; the next waits a window after it.
     last_batch: Option<Instant>,
+    /// The previous batch was cut at [`MAX_BATCH`] with more due: the next waits only [`CATCH_UP`].
+    cut_short: bool,
 }
 
 impl Rosters {
     /// Rosters that coalesce each user's changes over `window` and hold at most `max_members`
     /// members per channel.
     pub fn new(window: Duration, max_members: usize) -> Self {
-        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), last_batch: None }
+        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), last_batch: None, cut_short: false }
     }
 
     /// Connection `socket` joins `channel` as `member`; or why it may not.
@@ -231,24 +245,30 @@ impl Rosters {
     }
 
     /// When [`poll_changes`](Self::poll_changes) next has something to give: once the oldest
-    /// pending change has waited a whole window, and a window after the previous batch.
+    /// pending change has waited a whole window, and a window after the previous batch (or
+    /// [`CATCH_UP`] after it, if that batch was cut short).
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let gap = if self.cut_short { CATCH_UP } else { self.window };
         self.due.front().map(|(since, _, _)| {
             let ready = *since + self.window;
-            self.last_batch.map_or(ready, |last| ready.max(last + self.window))
+            self.last_batch.map_or(ready, |last| ready.max(last + gap))
         })
     }
 
-    /// The next batch: the net changes whose window has passed by `now`, oldest first (empty
-    /// before [`poll_timeout`](Self::poll_timeout)).
+    /// The next batch: the net changes whose window has passed by `now`, oldest first, at most
+    /// [`MAX_BATCH`] (empty before [`poll_timeout`](Self::poll_timeout)).
     pub fn poll_changes(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();
         if self.poll_timeout().is_none_or(|at| now < at) {
             return changes;
         }
         self.last_batch = Some(now);
-        while let Some((since, _, _)) = self.due.front() {
-            if *since + self.window > now {
+        let is_due = |(since, _, _): &(Instant, ChannelName, String)| *since + self.window <= now;
+        while let Some(front) = self.due.front() {
+            if !is_due(front) {
+                break;
+            }
+            if changes.len() == MAX_BATCH {
                 break;
             }
             let Some((_, channel, user_id)) = self.due.pop_front() else { break };
@@ -268,6 +288,7 @@ impl Rosters {
                 self.channels.remove(&channel);
             }
         }
+        self.cut_short = changes.len() == MAX_BATCH && self.due.front().is_some_and(is_due);
         changes
     }
 
@@ -457,6 +478,27 @@ mod tests {
         assert!(announced >= 70, "{announced} of 100 joins announced within the second");
         announced += rosters.poll_changes(t1 + Duration::from_millis(1000) + WINDOW * 2).len();
         assert_eq!(announced, 100);
+    }
+
+    #[test]
+    fn a_join_storm_goes_out_in_batches_that_fit_a_ring_one_after_another() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 1000);
+        for i in 0..250 {
+            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0).unwrap();
+        }
+        assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), MAX_BATCH);
+        // The rest does not wait a window: it follows as soon as the first part can be written.
+        assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW + CATCH_UP));
+        assert_eq!(rosters.poll_changes(t0 + WINDOW + CATCH_UP).len(), MAX_BATCH);
+        let last = rosters.poll_changes(t0 + WINDOW + CATCH_UP * 2);
+        assert_eq!(last.len(), 50);
+        let Change::Added { member: newest, .. } = &last[49] else { panic!("{last:?}") };
+        assert_eq!(newest.user_id, "u249", "oldest first, none lost");
+        assert_eq!(rosters.poll_timeout(), None);
+        // A batch that was not cut short restores the full window before the next.
+        rosters.join(&room(), &member("late"), socket(999), t0 + WINDOW + CATCH_UP * 2).unwrap();
+        assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW * 2 + CATCH_UP * 2));
     }
 
     #[test]

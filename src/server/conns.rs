@@ -176,13 +176,16 @@ impl<S> Conns<S> {
         let offer = conn.outbound.offer(frame);
         if offer == Offer::Queued {
             match flush {
-                Flush::Now => mark_dirty(&mut self.dirty, conn, id),
-                Flush::By(due) if !conn.dirty && !conn.deferred => {
-                    conn.deferred = true;
-                    self.deferred.push(id);
-                    self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+                // Deferring is for a few frames: a half-full ring is written at once, so frames
+                // that can wait never crowd out the ones that cannot.
+                Flush::By(due) if conn.outbound.len() < self.limits.ring_slots / 2 => {
+                    if !conn.dirty && !conn.deferred {
+                        conn.deferred = true;
+                        self.deferred.push(id);
+                        self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+                    }
                 }
-                Flush::By(_) => {}
+                _ => mark_dirty(&mut self.dirty, conn, id),
             }
         }
         offer
