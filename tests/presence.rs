@@ -1,6 +1,7 @@
 //! Presence announcements on real sockets: once a change's coalescing window has passed, its
 //! member event waits up to one more window for other traffic to the member, so it costs no
-//! write of its own when a message follows, and it still arrives alone when none does.
+//! write of its own when a message follows, and it still arrives alone when none does. Each
+//! member event gets its own wait: an earlier one's deadline, met by a write, does not cut it.
 
 mod common;
 
@@ -41,6 +42,18 @@ fn poll_event(client: &mut Client, within: Duration) -> Option<Value> {
     }
 }
 
+/// The user a member event is about.
+fn member_of(event: &Value) -> String {
+    let data: Value = serde_json::from_str(event["data"].as_str().expect("data is a string")).expect("data is JSON");
+    data["user_id"].as_str().expect("user_id").to_owned()
+}
+
+/// Sleeps until `at` after `start`, and checks the test thread was not descheduled past `by`.
+fn sleep_until(start: Instant, at: Duration, by: Duration) {
+    thread::sleep(at.saturating_sub(start.elapsed()));
+    assert!(start.elapsed() < by, "the test thread was descheduled past {by:?}");
+}
+
 #[test]
 fn a_member_event_rides_with_the_next_message_or_goes_alone_by_its_deadline() {
     let config = Config { presence_coalesce_ms: WINDOW.as_millis() as u64, workers: Some(1), ..common::config() };
@@ -50,16 +63,18 @@ fn a_member_event_rides_with_the_next_message_or_goes_alone_by_its_deadline() {
     let mut ann = Client::connect(addr);
     join(&mut ann, "ann");
     // Ann's own join is announced (to nobody) one window later; Bob joins after that batch, so
-    // his member_added is announced a window after his join.
+    // his member_added is announced one window after his join (at 1 x WINDOW below), and Carol's,
+    // who joins inside that window, in the next batch a window later (at 2 x WINDOW).
     thread::sleep(WINDOW + Duration::from_millis(200));
     let mut bob = Client::connect(addr);
     join(&mut bob, "bob");
-    let bob_joined = Instant::now();
+    let start = Instant::now();
+    let mut carol = Client::connect(addr);
+    join(&mut carol, "carol");
 
-    // Announced at bob_joined + WINDOW, it may then wait until + 2 x WINDOW: at + 1.5 x WINDOW
+    // Bob's member_added, announced at 1 x WINDOW, may then wait until 2 x WINDOW: at 1.5 x
     // nothing has been written to Ann.
-    thread::sleep(WINDOW * 3 / 2 - bob_joined.elapsed().min(WINDOW));
-    assert!(bob_joined.elapsed() < WINDOW * 2, "the test thread was descheduled past the deadline");
+    sleep_until(start, WINDOW * 3 / 2, WINDOW * 2);
     assert_eq!(poll_event(&mut ann, Duration::from_millis(100)), None, "member_added waits for other traffic");
 
     // A message to the channel takes the waiting member_added with it, ahead of itself.
@@ -67,12 +82,24 @@ fn a_member_event_rides_with_the_next_message_or_goes_alone_by_its_deadline() {
     assert_eq!(status, 200, "{body}");
     let first = ann.next_event();
     assert_eq!(first["event"], "pusher_internal:member_added", "{first}");
-    assert_eq!(serde_json::from_str::<Value>(first["data"].as_str().unwrap()).unwrap()["user_id"], "bob");
+    assert_eq!(member_of(&first), "bob");
+    assert_eq!(ann.next_event()["event"], "hello");
+
+    // Carol's member_added, announced at 2 x WINDOW just as Bob's deadline (already met by the
+    // message) passes, gets a deadline of its own: at 2.5 x WINDOW it still waits.
+    sleep_until(start, WINDOW * 5 / 2, WINDOW * 3);
+    assert_eq!(poll_event(&mut ann, Duration::from_millis(100)), None, "a deadline met by a write does not hurry the next event");
+    let (status, body) = common::publish(addr, &[CHANNEL], "hello", "{}", None);
+    assert_eq!(status, 200, "{body}");
+    let first = ann.next_event();
+    assert_eq!(first["event"], "pusher_internal:member_added", "{first}");
+    assert_eq!(member_of(&first), "carol");
     assert_eq!(ann.next_event()["event"], "hello");
 
     // With no other traffic, member_removed goes out alone once its deadline passes.
     drop(bob);
     let removed = ann.next_event();
     assert_eq!(removed["event"], "pusher_internal:member_removed", "{removed}");
-    assert_eq!(serde_json::from_str::<Value>(removed["data"].as_str().unwrap()).unwrap()["user_id"], "bob");
+    assert_eq!(member_of(&removed), "bob");
+    drop(carol);
 }

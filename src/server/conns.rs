@@ -8,6 +8,7 @@
 //! wait ([`Flush::By`]) does not make its connection dirty: it leaves with the next write that
 //! goes out anyway, or when its deadline comes, whichever is first.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,8 +57,9 @@ pub(crate) struct Connection<S> {
     pub(crate) deadline: Option<Instant>,
     /// Queued since the last flush; in `Conns::dirty`.
     pub(crate) dirty: bool,
-    /// Holds frames that may wait; in `Conns::deferred`.
-    pub(crate) deferred: bool,
+    /// Holds frames that may wait until this deadline; queued in `Conns::deferred` with it. A
+    /// write takes the frames along and clears it.
+    pub(crate) deferred_until: Option<Instant>,
     /// Writable interest is registered.
     pub(crate) writable_interest: bool,
 }
@@ -106,9 +108,10 @@ pub enum Flush {
 pub struct Conns<S> {
     pub(crate) slab: Slab<Connection<S>>,
     pub(crate) dirty: Vec<ConnId>,
-    /// Connections holding frames that may wait, and the earliest of their deadlines.
-    pub(crate) deferred: Vec<ConnId>,
-    pub(crate) deferred_due: Option<Instant>,
+    /// Connections holding frames that may wait, with their deadlines, earliest first: every
+    /// deferral waits the same window, so deadlines arrive in order. An entry whose connection
+    /// was written meanwhile (its `deferred_until` no longer matches) is skipped.
+    pub(crate) deferred: VecDeque<(ConnId, Instant)>,
     pub(crate) limits: ConnLimits,
     pool: FramePool,
     metrics: Arc<WorkerMetrics>,
@@ -119,8 +122,7 @@ impl<S> Conns<S> {
         Conns {
             slab: Slab::with_capacity(1024),
             dirty: Vec::with_capacity(1024),
-            deferred: Vec::new(),
-            deferred_due: None,
+            deferred: VecDeque::new(),
             limits,
             pool,
             metrics,
@@ -136,7 +138,7 @@ impl<S> Conns<S> {
             outbound: Outbound::new(self.limits.ring_slots),
             deadline: Some(deadline),
             dirty: false,
-            deferred: false,
+            deferred_until: None,
             writable_interest: false,
         }))
     }
@@ -179,10 +181,10 @@ impl<S> Conns<S> {
                 // Deferring is for a few frames: a half-full ring is written at once, so frames
                 // that can wait never crowd out the ones that cannot.
                 Flush::By(due) if conn.outbound.len() < self.limits.ring_slots / 2 => {
-                    if !conn.dirty && !conn.deferred {
-                        conn.deferred = true;
-                        self.deferred.push(id);
-                        self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+                    if !conn.dirty && conn.deferred_until.is_none() {
+                        debug_assert!(self.deferred.back().is_none_or(|&(_, last)| last <= due));
+                        conn.deferred_until = Some(due);
+                        self.deferred.push_back((id, due));
                     }
                 }
                 _ => mark_dirty(&mut self.dirty, conn, id),
@@ -191,23 +193,35 @@ impl<S> Conns<S> {
         offer
     }
 
-    /// Marks the connections still holding deferred frames dirty once the earliest deadline has
-    /// come. Most were written meanwhile with other traffic and are left alone.
-    pub(crate) fn release_deferred(&mut self, now: Instant) {
-        if self.deferred_due.is_none_or(|due| due > now) {
-            return;
+    /// Queues connection `id` for a write at the end of this loop turn.
+    pub(crate) fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.slab.get_mut(id.0) {
+            mark_dirty(&mut self.dirty, conn, id);
         }
-        self.deferred_due = None;
-        let mut deferred = std::mem::take(&mut self.deferred);
-        for id in deferred.drain(..) {
+    }
+
+    /// The earliest deadline of a deferred frame.
+    pub(crate) fn deferred_due(&self) -> Option<Instant> {
+        self.deferred.front().map(|&(_, due)| due)
+    }
+
+    /// Marks the connections whose deferred frames are due dirty. Most were written meanwhile
+    /// with other traffic and are skipped.
+    pub(crate) fn release_deferred(&mut self, now: Instant) {
+        while let Some(&(id, due)) = self.deferred.front() {
+            if due > now {
+                break;
+            }
+            self.deferred.pop_front();
             if let Some(conn) = self.slab.get_mut(id.0) {
-                conn.deferred = false;
-                if !conn.outbound.is_empty() {
-                    mark_dirty(&mut self.dirty, conn, id);
+                if conn.deferred_until == Some(due) {
+                    conn.deferred_until = None;
+                    if !conn.outbound.is_empty() {
+                        mark_dirty(&mut self.dirty, conn, id);
+                    }
                 }
             }
         }
-        self.deferred = deferred; // Keeps its capacity for the next batch.
     }
 
     /// The session of an open WebSocket.

@@ -190,7 +190,7 @@ impl<Svc: Service> Worker<Svc> {
         if let Some(due) = self.service.poll_timeout() {
             next = next.min(due);
         }
-        if let Some(due) = self.conns.deferred_due {
+        if let Some(due) = self.conns.deferred_due() {
             next = next.min(due);
         }
         next
@@ -359,7 +359,7 @@ impl<Svc: Service> Worker<Svc> {
         conn.phase = Phase::Open { decoder: Decoder::new(max_message), session };
         conn.deadline = None;
         WorkerMetrics::add(&self.metrics.counters.websockets, 1);
-        self.mark_dirty(id);
+        self.conns.mark_dirty(id);
         self.service.on_open(&mut self.conns, id, now);
         // Frames sent before our 101 arrived were read together with the request.
         early.is_empty() || self.decode_open(id, &mut early, now)
@@ -377,7 +377,7 @@ impl<Svc: Service> Worker<Svc> {
         conn.outbound.finish_with(close);
         conn.phase = Phase::Closing { decoder: Some(Decoder::new(max_message)), then: AfterFlush::AwaitPeerClose };
         conn.deadline = Some(now + linger);
-        self.mark_dirty(id);
+        self.conns.mark_dirty(id);
     }
 
     /// Decodes WebSocket bytes of an open connection and passes messages to the service.
@@ -553,15 +553,6 @@ impl<Svc: Service> Worker<Svc> {
         }
     }
 
-    fn mark_dirty(&mut self, id: ConnId) {
-        if let Some(conn) = self.conns.slab.get_mut(id.0) {
-            if !conn.dirty {
-                conn.dirty = true;
-                self.conns.dirty.push(id);
-            }
-        }
-    }
-
     /// Flushes the connections with queued frames, unless it is a large fan-out and the last
     /// one was flushed less than a coalescing interval ago.
     fn flush_dirty_when_due(&mut self, now: Instant) {
@@ -601,6 +592,7 @@ impl<Svc: Service> Worker<Svc> {
         if conn.outbound.is_empty() {
             return;
         }
+        conn.deferred_until = None; // Deferred frames leave with this write.
         let mut blocked = false;
         loop {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
