@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use super::protocol::{ChannelName, SocketId, MAX_USER_ID_LEN};
@@ -165,10 +165,13 @@ struct PresenceData<'a> {
     presence: PresenceSet<'a>,
 }
 
+/// Streams the roster: a join in a guild of thousands copies or hashes no member list.
 #[derive(Serialize)]
 struct PresenceSet<'a> {
-    ids: Vec<&'a str>,
-    hash: IndexMap<&'a str, &'a RawValue>,
+    #[serde(serialize_with = "member_ids")]
+    ids: &'a IndexMap<String, Present>,
+    #[serde(serialize_with = "member_infos")]
+    hash: &'a IndexMap<String, Present>,
     count: usize,
 }
 
@@ -320,9 +323,17 @@ fn mark_pending<'r>(
 }
 
 fn presence_data(roster: &Roster) -> String {
-    let hash: IndexMap<&str, &RawValue> = roster.members.iter().map(|(id, p)| (id.as_str(), &*p.user_info)).collect();
-    let data = PresenceData { presence: PresenceSet { ids: roster.members.keys().map(String::as_str).collect(), hash, count: roster.members.len() } };
+    let members = &roster.members;
+    let data = PresenceData { presence: PresenceSet { ids: members, hash: members, count: members.len() } };
     serde_json::to_string(&data).unwrap_or_default()
+}
+
+fn member_ids<S: Serializer>(members: &&IndexMap<String, Present>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(members.keys())
+}
+
+fn member_infos<S: Serializer>(members: &&IndexMap<String, Present>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(members.iter().map(|(id, present)| (id, &*present.user_info)))
 }
 
 /// One worker's replica of every presence channel's user ids, for the REST API (`/users`,
