@@ -59,7 +59,9 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
     let mut published = 0u64;
     let mut evicted_at = None;
     let mut saw_backpressure = false;
-    while flood_started.elapsed() < Duration::from_secs(20) {
+    // How soon the kernel's buffers fill depends on how fast this machine publishes; the bound
+    // on that is loose. The 5 s window itself is checked below on the server's own clock.
+    while flood_started.elapsed() < Duration::from_secs(40) {
         let data = format!("{published:08}{filler}");
         let (status, body) = common::publish(addr, &[CHANNEL], "flood", &data, None);
         assert_eq!(status, 200, "{body}");
@@ -83,14 +85,15 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
     assert!(saw_backpressure, "the slow consumer was seen backpressured with a bounded ring");
     let waited = evicted_at - flood_started;
     assert!(waited > Duration::from_secs(5), "evicted after {waited:?}, before 5 s of backlog were possible");
-    assert!(waited < Duration::from_secs(12), "evicted only after {waited:?}");
     assert_eq!(node.observer().counters().evictions, 1, "only the slow consumer is evicted");
     assert!(node.observer().counters().drops > 0, "its full ring dropped frames");
     let logged = node.observer().evictions();
     assert_eq!(logged.len(), 1, "the eviction is in the node's log: {logged:?}");
     assert_eq!(logged[0].channels, [CHANNEL]);
     assert_eq!(logged[0].peer, slow.local_addr().unwrap().to_string());
-    assert!(logged[0].backpressured_ms > 5000 && logged[0].dropped > 0, "{:?}", logged[0]);
+    // Evicted once 5 s of backpressure have passed, at the next check (every 100 ms), with
+    // room for a busy machine.
+    assert!((5001..6000).contains(&logged[0].backpressured_ms) && logged[0].dropped > 0, "{:?}", logged[0]);
     let rss_growth_mib = resident_kib().saturating_sub(rss_before) / 1024;
     assert!(rss_growth_mib < 64, "memory grew by {rss_growth_mib} MiB while flooding a stuck client");
 
