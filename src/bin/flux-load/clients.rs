@@ -52,6 +52,8 @@ pub enum Report {
     Tick(Tick),
     /// The counts since the last tick; the shard has stopped.
     Done(Tick),
+    /// The shard could not run, or its process ended before its last report.
+    Failed(String),
 }
 
 enum Conn {

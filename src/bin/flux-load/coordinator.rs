@@ -39,7 +39,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         args.label
     );
     while live.subscribed() < total && Instant::now() < connect_deadline {
-        live.receive(&shards, Duration::from_millis(200));
+        live.receive(&shards, Duration::from_millis(200))?;
         live.print_connecting(total);
     }
     if live.subscribed() < total {
@@ -47,7 +47,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     let hold_until = Instant::now() + Duration::from_secs_f64(args.hold_secs.max(0.0));
     while Instant::now() < hold_until {
-        live.receive(&shards, Duration::from_millis(200));
+        live.receive(&shards, Duration::from_millis(200))?;
         live.print_connecting(total);
     }
     live.totals = Tick::default();
@@ -64,7 +64,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     };
     live.start(started);
     while !publisher.is_finished() {
-        live.receive(&shards, Duration::from_millis(100));
+        live.receive(&shards, Duration::from_millis(100))?;
         live.print_running(calls.load(Ordering::Relaxed));
     }
     let published = publisher.join().map_err(|_| "the publisher panicked")?;
@@ -76,7 +76,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let mut quiet_since = Instant::now();
     let mut last_delivered = live.totals.delivered();
     while Instant::now() < drain_deadline {
-        live.receive(&shards, Duration::from_millis(100));
+        live.receive(&shards, Duration::from_millis(100))?;
         live.print_running(calls.load(Ordering::Relaxed));
         if live.totals.delivered() != last_delivered {
             last_delivered = live.totals.delivered();
@@ -103,6 +103,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
                 live.add(shard, &tick);
             }
             Ok((shard, Report::Tick(tick))) => live.add(shard, &tick),
+            Ok((_, Report::Failed(why))) => return Err(why),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -162,13 +163,16 @@ impl Live {
         self.next_print = at + Duration::from_secs(1);
     }
 
-    fn receive(&mut self, shards: &Shards, wait: Duration) {
-        if let Ok((shard, Report::Tick(tick) | Report::Done(tick))) = shards.reports.recv_timeout(wait) {
-            self.add(shard, &tick);
+    /// Takes the shards' reports for up to `wait`; a shard that failed ends the run.
+    fn receive(&mut self, shards: &Shards, wait: Duration) -> Result<(), String> {
+        let first = shards.reports.recv_timeout(wait).ok();
+        for (shard, report) in first.into_iter().chain(shards.reports.try_iter()) {
+            match report {
+                Report::Tick(tick) | Report::Done(tick) => self.add(shard, &tick),
+                Report::Failed(why) => return Err(why),
+            }
         }
-        while let Ok((shard, Report::Tick(tick) | Report::Done(tick))) = shards.reports.try_recv() {
-            self.add(shard, &tick);
-        }
+        Ok(())
     }
 
     fn add(&mut self, shard: usize, tick: &Tick) {

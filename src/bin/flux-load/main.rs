@@ -92,15 +92,12 @@ impl Shards {
             let app = App::from_args(&args.app);
             let rate = args.connect_rate;
             threads.push(std::thread::spawn(move || {
-                let shard = match Shard::new(&plan, &app, 0, 1, rate) {
-                    Ok(shard) => shard,
-                    Err(e) => return error!("shard: {e}"),
-                };
                 let mut report = |r: Report| {
                     let _ = report_tx.send((0, r));
                 };
-                if let Err(e) = shard.run(&rx, &mut report) {
-                    error!("shard: {e}");
+                let ran = Shard::new(&plan, &app, 0, 1, rate).and_then(|shard| shard.run(&rx, &mut report));
+                if let Err(e) = ran {
+                    report(Report::Failed(format!("shard: {e}")));
                 }
             }));
             senders.push(ShardLink::Thread(tx));
@@ -109,7 +106,7 @@ impl Shards {
             for index in 0..count {
                 let mut child = Process::new(&exe)
                     .args(std::env::args_os().skip(1))
-                    .args(["--quiet", "--shard", &index.to_string(), &count.to_string()])
+                    .args(["--shard", &index.to_string(), &count.to_string()])
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()
@@ -118,15 +115,21 @@ impl Shards {
                 let stdout = child.stdout.take().ok_or("no stdout")?;
                 let tx = report_tx.clone();
                 threads.push(std::thread::spawn(move || {
+                    let mut finished = false;
                     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                         match serde_json::from_str::<Report>(&line) {
                             Ok(report) => {
+                                finished |= matches!(report, Report::Done(_) | Report::Failed(_));
                                 if tx.send((index, report)).is_err() {
-                                    break;
+                                    return;
                                 }
                             }
                             Err(e) => warn!("shard {index} sent an unreadable report: {e}"),
                         }
+                    }
+                    if !finished {
+                        let lost = format!("shard process {index} ended before its last report (its error, if any, is above)");
+                        let _ = tx.send((index, Report::Failed(lost)));
                     }
                 }));
                 senders.push(ShardLink::Process(child, stdin));
