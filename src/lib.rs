@@ -17,9 +17,11 @@
 //! - [`webhooks`]: Pusher-style webhooks to the app's server, from their own thread through a
 //!   bounded queue, so a slow endpoint never slows an event loop.
 //! - [`config`]: settings, each a flag and an environment variable.
+//! - [`clock`]: wall-clock time for timestamps that leave the process.
 
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod fanout;

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::Serialize;
@@ -135,10 +135,6 @@ impl History {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn unix_seconds() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// Starts the sampler thread. It stops when `stop`'s sender is dropped (or sends).
 pub fn spawn(observer: Observer, history: Arc<History>, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
@@ -152,7 +148,7 @@ pub fn spawn(observer: Observer, history: Arc<History>, stop: Receiver<()>) -> s
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
             }
             let reading = Reading::take(&observer);
-            history.push(Sample::between(&previous, &reading, unix_seconds()));
+            history.push(Sample::between(&previous, &reading, crate::clock::since_unix_epoch().as_secs_f64()));
             previous = reading;
             // Ticks stay on a one-second grid; after a stall (a suspended machine) start afresh
             // rather than sampling in a burst to catch up.

@@ -12,7 +12,7 @@ pub mod evictions;
 mod node;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
@@ -442,7 +442,7 @@ impl PusherService {
     }
 
     fn handle_rest(&mut self, conns: &mut Conns<Session>, request: &Request) -> Response {
-        let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let unix_now = crate::clock::since_unix_epoch().as_secs();
         let context = RestContext {
             app: &self.policy.app,
             directory: &self.directory,
@@ -566,7 +566,7 @@ impl Service for PusherService {
         debug!("socket {} closed: {why:?}", session.socket_id());
         if let Ended::Evicted { backpressured_for, dropped, queued } = why {
             self.evictions.record(Eviction {
-                at_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                at_unix_ms: crate::clock::since_unix_epoch().as_millis() as u64,
                 worker: self.id.0,
                 socket_id: session.socket_id().to_string(),
                 peer: conns.peer(id).map_or_else(String::new, |peer| peer.to_string()),

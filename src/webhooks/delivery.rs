@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select};
 use log::{debug, warn};
@@ -138,7 +138,7 @@ impl Courier {
 
     /// Posts one batch, retrying as the settings say; counts the outcome.
     fn deliver(&mut self, batch: Vec<WebhookEvent>) {
-        let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let time_ms = crate::clock::since_unix_epoch().as_millis() as u64;
         let body = match event::body(&batch, time_ms) {
             Ok(body) => body,
             Err(e) => {

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use log::debug;
@@ -660,7 +660,7 @@ fn sequence(text: &str) -> Option<(u64, u64)> {
 
 /// Microseconds since the epoch: the clock publisher and clients share on one machine.
 pub fn unix_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    flux::clock::since_unix_epoch().as_micros() as u64
 }
 
 /// The key of a member's join time (µs since the epoch) in the user_info it subscribes with.
