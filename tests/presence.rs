@@ -6,6 +6,7 @@
 mod common;
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,17 @@ fn member_of(event: &Value) -> String {
     data["user_id"].as_str().expect("user_id").to_owned()
 }
 
+/// Publishes a message to the channel and checks it takes `user`'s waiting member_added along,
+/// ahead of itself.
+fn publish_carries_member_added(addr: SocketAddr, member: &mut Client, user: &str) {
+    let (status, body) = common::publish(addr, &[CHANNEL], "hello", "{}", None);
+    assert_eq!(status, 200, "{body}");
+    let first = member.next_event();
+    assert_eq!(first["event"], "pusher_internal:member_added", "{first}");
+    assert_eq!(member_of(&first), user);
+    assert_eq!(member.next_event()["event"], "hello");
+}
+
 /// Sleeps until `at` after `start`, and checks the test thread was not descheduled past `by`.
 fn sleep_until(start: Instant, at: Duration, by: Duration) {
     thread::sleep(at.saturating_sub(start.elapsed()));
@@ -78,23 +90,13 @@ fn a_member_event_rides_with_the_next_message_or_goes_alone_by_its_deadline() {
     assert_eq!(poll_event(&mut ann, Duration::from_millis(100)), None, "member_added waits for other traffic");
 
     // A message to the channel takes the waiting member_added with it, ahead of itself.
-    let (status, body) = common::publish(addr, &[CHANNEL], "hello", "{}", None);
-    assert_eq!(status, 200, "{body}");
-    let first = ann.next_event();
-    assert_eq!(first["event"], "pusher_internal:member_added", "{first}");
-    assert_eq!(member_of(&first), "bob");
-    assert_eq!(ann.next_event()["event"], "hello");
+    publish_carries_member_added(addr, &mut ann, "bob");
 
     // Carol's member_added, announced at 2 x WINDOW just as Bob's deadline (already met by the
     // message) passes, gets a deadline of its own: at 2.5 x WINDOW it still waits.
     sleep_until(start, WINDOW * 5 / 2, WINDOW * 3);
     assert_eq!(poll_event(&mut ann, Duration::from_millis(100)), None, "a deadline met by a write does not hurry the next event");
-    let (status, body) = common::publish(addr, &[CHANNEL], "hello", "{}", None);
-    assert_eq!(status, 200, "{body}");
-    let first = ann.next_event();
-    assert_eq!(first["event"], "pusher_internal:member_added", "{first}");
-    assert_eq!(member_of(&first), "carol");
-    assert_eq!(ann.next_event()["event"], "hello");
+    publish_carries_member_added(addr, &mut ann, "carol");
 
     // With no other traffic, member_removed goes out alone once its deadline passes.
     drop(bob);

@@ -135,7 +135,6 @@ impl History {
     }
 }
 
-
 /// Starts the sampler thread. It stops when `stop`'s sender is dropped (or sends).
 pub fn spawn(observer: Observer, history: Arc<History>, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("flux-dashboard-sampler".into()).spawn(move || {

@@ -213,13 +213,10 @@ impl<S> Conns<S> {
                 break;
             }
             self.deferred.pop_front();
-            if let Some(conn) = self.slab.get_mut(id.0) {
-                if conn.deferred_until == Some(due) {
-                    conn.deferred_until = None;
-                    if !conn.outbound.is_empty() {
-                        mark_dirty(&mut self.dirty, conn, id);
-                    }
-                }
+            let Some(conn) = self.slab.get_mut(id.0).filter(|conn| conn.deferred_until == Some(due)) else { continue };
+            conn.deferred_until = None;
+            if !conn.outbound.is_empty() {
+                mark_dirty(&mut self.dirty, conn, id);
             }
         }
     }

@@ -98,12 +98,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let stop_deadline = Instant::now() + Duration::from_secs(20);
     while done < shards.count() && Instant::now() < stop_deadline {
         match shards.reports.recv_timeout(Duration::from_millis(200)) {
-            Ok((shard, Report::Done(tick))) => {
-                done += 1;
-                live.add(shard, &tick);
-            }
-            Ok((shard, Report::Tick(tick))) => live.add(shard, &tick),
-            Ok((_, Report::Failed(why))) => return Err(why),
+            Ok((shard, report)) => done += usize::from(live.take(shard, report)?),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -167,12 +162,22 @@ impl Live {
     fn receive(&mut self, shards: &Shards, wait: Duration) -> Result<(), String> {
         let first = shards.reports.recv_timeout(wait).ok();
         for (shard, report) in first.into_iter().chain(shards.reports.try_iter()) {
-            match report {
-                Report::Tick(tick) | Report::Done(tick) => self.add(shard, &tick),
-                Report::Failed(why) => return Err(why),
-            }
+            self.take(shard, report)?;
         }
         Ok(())
+    }
+
+    /// Adds one report's counts; whether it was the shard's last, or why the shard failed.
+    fn take(&mut self, shard: usize, report: Report) -> Result<bool, String> {
+        match report {
+            Report::Tick(tick) => self.add(shard, &tick),
+            Report::Done(tick) => {
+                self.add(shard, &tick);
+                return Ok(true);
+            }
+            Report::Failed(why) => return Err(why),
+        }
+        Ok(false)
     }
 
     fn add(&mut self, shard: usize, tick: &Tick) {
