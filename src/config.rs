@@ -62,6 +62,12 @@ pub struct Config {
     #[arg(long, env = "FLUX_PRESENCE_COALESCE_MS", default_value_t = 150)]
     pub presence_coalesce_ms: u64,
 
+    /// Subscriptions the whole node holds at most (one connection on one channel is one);
+    /// subscribing past it gets `pusher:subscription_error` (LimitReached, status 503). Each
+    /// costs about a kilobyte, so this bounds what anonymous clients can make the node hold.
+    #[arg(long, env = "FLUX_MAX_SUBSCRIPTIONS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_subscriptions: u64,
+
     /// Frames each connection may have queued before new frames are dropped.
     #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub ring_slots: u32,
@@ -139,6 +145,7 @@ impl Default for Config {
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce_ms: 150,
+            max_subscriptions: 1_000_000,
             ring_slots: 256,
             evict_after_ms: 5000,
             workers: None,

@@ -86,7 +86,11 @@ counters! {
         writes_would_block,
         /// Times a connection's read budget for one loop turn ran out (a flooding client).
         read_budget_exhausted,
-        /// Messages for another worker dropped because its inbox was full.
+        /// Messages for another worker that found its inbox full and waited in this worker's
+        /// backlog for it instead.
+        inbox_full,
+        /// Messages for another worker lost because its inbox and this worker's backlog for it
+        /// were both full.
         inbox_overflows,
     }
 }

@@ -140,6 +140,8 @@ fn at_the_open_file_limit_accepts_back_off_and_the_loop_stays_responsive() {
     std::thread::sleep(Duration::from_secs(2));
     let used = flux.cpu_time() - before;
     assert!(used < Duration::from_millis(500), "{used:?} of CPU in 2 s at the file limit: spinning");
+    // About 20 retries in those 2 s, and one line in the log for all of them.
+    assert_eq!(flux.log().matches("accept failed").count(), 1, "{}", flux.log());
 
     // An established client is still served while the limit holds.
     client.send(json!({"event": "pusher:ping", "data": {}}));
@@ -163,5 +165,6 @@ fn at_the_open_file_limit_accepts_back_off_and_the_loop_stays_responsive() {
     );
     let mut newcomer = Client::connect(flux.addr);
     newcomer.subscribe("room");
+    assert!(flux.log().contains("accepting again after"), "the episode's end is logged: {}", flux.log());
     assert!(!flux.log().contains("panicked"), "{}", flux.log());
 }

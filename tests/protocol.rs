@@ -184,3 +184,75 @@ fn health_and_unknown_paths_answer_json() {
     let missing = agent.get(&format!("http://{}/nope", node.local_addr())).call().unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 }
+
+/// pusher-js subscribes to all its channels at once on connect: far more requests than the
+/// 256-frame ring holds can arrive in one read. Every one must be answered, in order.
+#[test]
+fn a_burst_of_requests_larger_than_the_ring_gets_every_answer() {
+    let node = common::start(&common::config());
+    let mut client = Client::connect(node.local_addr());
+    let mut burst = Vec::new();
+    for i in 0..1000 {
+        let request = match i % 4 {
+            3 => json!({"event": "pusher:ping", "data": {}}),
+            2 => {
+                json!({"event": "pusher:subscribe", "data": {"channel": format!("bad channel {i}")}})
+            }
+            _ => json!({"event": "pusher:subscribe", "data": {"channel": format!("burst-{i}")}}),
+        };
+        burst.extend(common::masked_text(request.to_string().as_bytes()));
+    }
+    client.ws.get_mut().write_all(&burst).unwrap();
+    for i in 0..1000 {
+        let reply = client.next_event();
+        let expected = match i % 4 {
+            3 => "pusher:pong",
+            2 => "pusher:subscription_error",
+            _ => "pusher_internal:subscription_succeeded",
+        };
+        assert_eq!(reply["event"], expected, "answer {i}: {reply}");
+        if i % 4 < 2 {
+            assert_eq!(reply["channel"], format!("burst-{i}"), "answers come in request order");
+        }
+    }
+    // Every subscription is live: a broadcast to the last channel arrives.
+    let (status, _) = common::publish(node.local_addr(), &["burst-997"], "after", "{}", None);
+    assert_eq!(status, 200);
+    assert_eq!(client.next_event()["event"], "after");
+}
+
+#[test]
+fn subscriptions_past_the_node_maximum_are_refused_until_one_ends() {
+    let node = common::start(&flux::config::Config { max_subscriptions: 3, ..common::config() });
+    let mut alice = Client::connect(node.local_addr());
+    let mut bob = Client::connect(node.local_addr());
+    alice.subscribe("one");
+    alice.subscribe("two");
+    bob.subscribe("one"); // One connection on one channel is one subscription: three now.
+    bob.send(json!({"event": "pusher:subscribe", "data": {"channel": "three"}}));
+    let refused = bob.next_event();
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["channel"], "three");
+    assert_eq!(refused["data"]["type"], "LimitReached");
+    assert_eq!(refused["data"]["status"], 503);
+    alice.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "two"}}));
+    assert!(
+        common::wait_until(Duration::from_secs(5), || {
+            bob.send(json!({"event": "pusher:subscribe", "data": {"channel": "three"}}));
+            bob.next_event()["event"] == "pusher_internal:subscription_succeeded"
+        }),
+        "an ended subscription makes room"
+    );
+}
+
+#[test]
+fn a_subscription_error_does_not_echo_a_huge_channel_name() {
+    let node = common::start(&common::config());
+    let mut client = Client::connect(node.local_addr());
+    let huge = "x".repeat(10_000);
+    client.send(json!({"event": "pusher:subscribe", "data": {"channel": huge}}));
+    let error = client.next_event();
+    assert_eq!(error["event"], "pusher:subscription_error");
+    let echoed = error["channel"].as_str().expect("the channel, cut short");
+    assert!(huge.starts_with(echoed) && echoed.len() <= 164, "{} bytes echoed", echoed.len());
+}

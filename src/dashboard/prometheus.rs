@@ -39,7 +39,8 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_frames_dropped", "Frames dropped because a connection's ring was full.", |c| c.drops),
     ("flux_evictions", "Slow consumers evicted with close code 4100.", |c| c.evictions),
     ("flux_read_budget_exhausted", "Times a connection's per-turn read budget ran out.", |c| c.read_budget_exhausted),
-    ("flux_inbox_overflows", "Messages between workers dropped because an inbox was full.", |c| c.inbox_overflows),
+    ("flux_inbox_full", "Messages between workers that found an inbox full and waited in the sender's backlog.", |c| c.inbox_full),
+    ("flux_inbox_overflows", "Messages between workers lost because an inbox and the sender's backlog were full.", |c| c.inbox_overflows),
 ];
 
 /// Upper bounds of the fan-out time histogram's buckets, in microseconds (100 µs to 5 s).
@@ -112,12 +113,7 @@ fn webhooks(encoder: &mut DescriptorEncoder, stats: &WebhookStats) -> Result<(),
             "flux_webhook_events",
             "Webhook events: queued or dropped (queue full) when emitted; delivered or given up when their batch ends.",
         ),
-        [
-            ("queued", c.events_queued),
-            ("dropped", c.events_dropped),
-            ("delivered", c.events_delivered),
-            ("given_up", c.events_given_up),
-        ],
+        [("queued", c.events_queued), ("dropped", c.events_dropped), ("delivered", c.events_delivered), ("given_up", c.events_given_up)],
     )?;
     labelled_counter(
         encoder,

@@ -8,6 +8,7 @@
 //! subscription always sees it. A cluster adapter would keep one more replica, fed by other nodes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::WorkerId;
 use crate::pusher::protocol::ChannelName;
@@ -24,6 +25,25 @@ pub struct Occupancy {
     pub channel: ChannelName,
     /// Its subscriptions on that worker now.
     pub count: u32,
+}
+
+/// The channels whose count changed on one worker during one loop turn, each once, with its
+/// count at the end of the turn. However many channels a turn touched (a mass disconnect can
+/// vacate hundreds of thousands), this is the one message each other worker gets about them,
+/// and the entries are shared, not copied, between those messages.
+#[derive(Debug, Clone)]
+pub struct OccupancyBatch {
+    /// The worker reporting.
+    pub worker: WorkerId,
+    /// Each changed channel with its subscriptions on that worker now.
+    pub counts: Arc<[(ChannelName, u32)]>,
+}
+
+impl OccupancyBatch {
+    /// The batch as single updates.
+    pub fn updates(&self) -> impl Iterator<Item = Occupancy> + '_ {
+        self.counts.iter().map(|(channel, count)| Occupancy { worker: self.worker, channel: channel.clone(), count: *count })
+    }
 }
 
 /// A set of workers.

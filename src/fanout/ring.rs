@@ -5,7 +5,12 @@
 //! what the socket did (`advance` after a write, `handle_would_block` when the kernel buffer is
 //! full) and the time, and asks whether the connection is due for eviction.
 //!
-//! - A frame offered to a full ring is dropped and counted; the producer never waits.
+//! - A broadcast offered to a full ring is dropped and counted; the producer never waits.
+//! - Replies (the answers to a client's own requests) are never dropped. They are queued in the
+//!   same ring, so order is kept, but they count against a bound of their own: the connection
+//!   may only be read while [`Outbound::may_read`] says a reply still fits, so the client is
+//!   slowed down (backpressure on its reader, as in any request-response protocol) instead of
+//!   losing answers, and its replies can never crowd out broadcasts or the other way round.
 //! - A connection enters backpressure when a write would block with frames still queued, and
 //!   leaves it only when its ring drains; leaving resets the clock.
 //! - Backpressured continuously for longer than the eviction threshold, it is due for eviction.
@@ -33,11 +38,23 @@ pub enum Offer {
     Closed,
 }
 
+/// A queued frame, and whether it answers one of the client's own requests.
+#[derive(Debug)]
+struct Queued {
+    frame: Bytes,
+    reply: bool,
+}
+
 /// The queue state of one connection.
 #[derive(Debug)]
 pub struct Outbound {
-    ring: VecDeque<Bytes>,
+    ring: VecDeque<Queued>,
+    /// The bound on queued broadcasts, and separately on replies (queued plus promised).
     slots: usize,
+    /// Reply frames in `ring`.
+    replies: usize,
+    /// Replies owed to requests being answered elsewhere (another worker), not yet queued.
+    promised: usize,
     /// Bytes of the front frame already written to the socket.
     front_written: usize,
     backpressured_since: Option<Instant>,
@@ -52,6 +69,8 @@ impl Outbound {
         Outbound {
             ring: VecDeque::with_capacity(slots.min(INITIAL_SLOTS)),
             slots,
+            replies: 0,
+            promised: 0,
             front_written: 0,
             backpressured_since: None,
             dropped: 0,
@@ -59,18 +78,46 @@ impl Outbound {
         }
     }
 
-    /// Queues a clone of `frame` if there is room.
+    /// Queues a clone of the broadcast `frame` if fewer than `slots` broadcasts are queued.
     #[inline]
     pub fn offer(&mut self, frame: &Bytes) -> Offer {
         if self.closing {
             Offer::Closed
-        } else if self.ring.len() >= self.slots {
+        } else if self.ring.len() - self.replies >= self.slots {
             self.dropped += 1;
             Offer::Dropped
         } else {
-            self.ring.push_back(frame.clone());
+            self.ring.push_back(Queued { frame: frame.clone(), reply: false });
             Offer::Queued
         }
+    }
+
+    /// Queues a reply: the answer to one of the client's requests, or a frame the server owes
+    /// the connection itself (its `connection_established`, an activity ping). Never dropped:
+    /// the reader gate ([`may_read`](Self::may_read)) is what keeps their number bounded.
+    pub fn push_reply(&mut self, frame: &Bytes) -> Offer {
+        if self.closing {
+            return Offer::Closed;
+        }
+        self.ring.push_back(Queued { frame: frame.clone(), reply: true });
+        self.replies += 1;
+        Offer::Queued
+    }
+
+    /// Reserves room for a reply that will come later (a request answered by another worker).
+    pub fn promise_reply(&mut self) {
+        self.promised += 1;
+    }
+
+    /// Queues the reply that a [`promise_reply`](Self::promise_reply) reserved room for.
+    pub fn push_promised(&mut self, frame: &Bytes) -> Offer {
+        self.promised = self.promised.saturating_sub(1);
+        self.push_reply(frame)
+    }
+
+    /// Whether the connection's input may be read: one more request's reply still fits.
+    pub fn may_read(&self) -> bool {
+        self.replies + self.promised < self.slots
     }
 
     /// Queues a final frame (a WebSocket close, or the last HTTP response) and refuses anything
@@ -82,7 +129,8 @@ impl Outbound {
         }
         let keep = usize::from(self.front_written > 0);
         self.ring.truncate(keep);
-        self.ring.push_back(last);
+        self.replies = self.ring.iter().filter(|queued| queued.reply).count();
+        self.ring.push_back(Queued { frame: last, reply: false });
         self.closing = true;
     }
 
@@ -92,7 +140,7 @@ impl Outbound {
         if self.closing {
             return;
         }
-        self.ring.push_back(last);
+        self.ring.push_back(Queued { frame: last, reply: false });
         self.closing = true;
     }
 
@@ -100,7 +148,7 @@ impl Outbound {
     /// many slices were filled.
     pub fn write_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
         let mut filled = 0;
-        for (i, frame) in self.ring.iter().enumerate() {
+        for (i, Queued { frame, .. }) in self.ring.iter().enumerate() {
             if filled == out.len() {
                 break;
             }
@@ -116,14 +164,17 @@ impl Outbound {
     pub fn advance(&mut self, mut written: usize) -> usize {
         let mut completed = 0;
         while written > 0 {
-            let Some(front) = self.ring.front() else { break };
-            let remaining = front.len() - self.front_written;
+            let Some(front) = self.ring.front() else {
+                break;
+            };
+            let remaining = front.frame.len() - self.front_written;
             if written < remaining {
                 self.front_written += written;
                 written = 0;
             } else {
                 written -= remaining;
                 self.front_written = 0;
+                self.replies -= usize::from(front.reply);
                 self.ring.pop_front();
                 completed += 1;
             }
@@ -214,6 +265,65 @@ mod tests {
         assert_eq!(out.offer(&f), Offer::Dropped);
         assert_eq!(out.len(), 2);
         assert_eq!(out.dropped(), 2);
+    }
+
+    #[test]
+    fn replies_are_never_dropped_and_do_not_take_broadcast_slots() {
+        let mut out = Outbound::new(2);
+        let f = frame("b");
+        out.offer(&f);
+        out.offer(&f);
+        assert_eq!(out.push_reply(&frame("r")), Offer::Queued, "a full ring of broadcasts still takes a reply");
+        assert_eq!(out.push_reply(&frame("r")), Offer::Queued);
+        assert_eq!(out.offer(&f), Offer::Dropped, "broadcasts keep their own bound");
+        assert_eq!(out.len(), 4);
+        assert_eq!(out.dropped(), 1);
+        assert_eq!(unwritten(&out), b"bbrr", "one queue, in order");
+    }
+
+    #[test]
+    fn the_reader_gate_closes_when_replies_fill_their_bound_and_opens_as_they_drain() {
+        let mut out = Outbound::new(2);
+        assert!(out.may_read());
+        out.push_reply(&frame("a"));
+        assert!(out.may_read(), "one more reply fits");
+        out.push_reply(&frame("b"));
+        assert!(!out.may_read(), "no room for another request's answer: stop reading");
+        for _ in 0..10 {
+            out.offer(&frame("x"));
+        }
+        out.advance(1);
+        assert!(out.may_read(), "a written reply makes room");
+    }
+
+    #[test]
+    fn broadcasts_never_close_the_reader_gate() {
+        let mut out = Outbound::new(2);
+        for _ in 0..5 {
+            out.offer(&frame("x"));
+        }
+        assert!(out.may_read(), "a slow consumer is evicted for its broadcasts, not stopped from asking");
+    }
+
+    #[test]
+    fn promised_replies_hold_room_until_they_arrive() {
+        let mut out = Outbound::new(2);
+        out.promise_reply();
+        out.push_reply(&frame("a"));
+        assert!(!out.may_read(), "the promised answer still needs its room");
+        assert_eq!(out.push_promised(&frame("p")), Offer::Queued);
+        out.advance(2);
+        assert!(out.may_read());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn closing_forgets_the_replies_it_discards() {
+        let mut out = Outbound::new(1);
+        out.push_reply(&frame("a"));
+        out.close_with(frame("CLOSE"));
+        assert!(out.may_read(), "the discarded reply no longer counts");
+        assert_eq!(out.push_reply(&frame("late")), Offer::Closed);
     }
 
     #[test]

@@ -11,18 +11,19 @@
 pub mod evictions;
 mod node;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
+use indexmap::IndexSet;
 use log::{debug, warn};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub use node::{ConnectionSnapshot, Gateway, Observer};
 
-use crate::fanout::directory::{Directory, Occupancy};
-use evictions::{Eviction, EvictionLog};
+use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
 use crate::fanout::ring::Offer;
@@ -33,16 +34,17 @@ use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
-use crate::server::{Conns, Ended, Flush, Outbox, Routed, Service, WorkerContext};
+use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
+use evictions::{Eviction, EvictionLog};
 
 /// What workers of a gateway send each other.
 pub enum Message {
     /// A framed event for the local subscribers of a channel.
     Broadcast(Broadcast),
-    /// A worker's new subscription count for a channel.
-    Occupancy(Occupancy),
+    /// A worker's new subscription counts for the channels that changed in one of its turns.
+    Occupancy(OccupancyBatch),
     /// A request for this worker's connections.
     Snapshot(Sender<Vec<ConnectionSnapshot>>),
     /// Close every connection signed in as this user (REST `terminate_connections`).
@@ -116,10 +118,13 @@ pub struct PusherService {
     fanout_times: FanoutRecorder,
     socket_id_high: u32,
     socket_id_next: u32,
-    /// Channels whose local count changed this turn; told to the other workers at turn end.
-    changed_occupancy: Vec<ChannelName>,
+    /// Channels whose local count changed this turn, each once; told to the other workers in
+    /// one batch at turn end.
+    changed_occupancy: IndexSet<ChannelName>,
     /// The node's eviction log, shared by every worker.
     evictions: Arc<EvictionLog>,
+    /// Subscriptions held by every worker of the node together, against the policy's maximum.
+    subscriptions: Arc<AtomicUsize>,
     /// Rosters of the presence channels this worker owns.
     rosters: Rosters,
     /// This worker's replica of every presence channel's users (for the REST API).
@@ -133,7 +138,13 @@ pub struct PusherService {
 
 impl PusherService {
     /// The service of the worker described by `context`.
-    pub fn new(context: WorkerContext<Message>, policy: Arc<Policy>, evictions: Arc<EvictionLog>, webhooks: Webhooks) -> Self {
+    pub fn new(
+        context: WorkerContext<Message>,
+        policy: Arc<Policy>,
+        evictions: Arc<EvictionLog>,
+        subscriptions: Arc<AtomicUsize>,
+        webhooks: Webhooks,
+    ) -> Self {
         let workers = context.peers.len();
         PusherService {
             id: context.id,
@@ -146,8 +157,9 @@ impl PusherService {
             // Random per worker, so ids differ across workers, restarts and (later) nodes.
             socket_id_high: fastrand::u32(1..1_000_000_000),
             socket_id_next: fastrand::u32(1..1_000_000),
-            changed_occupancy: Vec::new(),
+            changed_occupancy: IndexSet::new(),
             evictions,
+            subscriptions,
             rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
             membership: Membership::default(),
             policy,
@@ -173,13 +185,8 @@ impl PusherService {
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
-        let broadcast = Broadcast {
-            channel: publish.channel.clone(),
-            frame,
-            except: publish.except,
-            published_at,
-            may_wait: publish.may_wait(),
-        };
+        let broadcast =
+            Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, may_wait: publish.may_wait() };
         for worker in self.directory.workers_with(&publish.channel).iter() {
             if worker == self.id {
                 self.deliver(conns, &broadcast);
@@ -193,7 +200,9 @@ impl PusherService {
     /// Queues a broadcast to this worker's subscribers of its channel: per recipient, one
     /// reference-count increment and one ring slot.
     fn deliver(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
-        let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else { return };
+        let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else {
+            return;
+        };
         // Waiting up to one more coalescing window lets a presence batch ride along with the
         // next message to each member instead of costing every member a write of its own.
         let flush = if broadcast.may_wait { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
@@ -214,6 +223,7 @@ impl PusherService {
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String) {
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
         if let Some(count) = self.registry.subscribe(&name, id) {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
             self.occupancy_changed(&name, count);
         }
         if let Some(session) = conns.session_mut(id) {
@@ -224,6 +234,7 @@ impl PusherService {
 
     fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
         if let Some(count) = self.registry.unsubscribe(channel, id) {
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.occupancy_changed(channel, count);
         }
         if ChannelKind::of(channel) == ChannelKind::Presence {
@@ -239,8 +250,12 @@ impl PusherService {
 
     /// Connection `id` asks to join a presence channel: its owner decides, here or on its worker.
     fn join_presence(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, member: Member, now: Instant) {
-        let Some(socket) = conns.session(id).map(Session::socket_id) else { return };
+        let Some(socket) = conns.session(id).map(Session::socket_id) else {
+            return;
+        };
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
+        // The answer may come from another worker, later: hold its room until it does.
+        conns.promise_reply(id);
         let owner = owner_of(&name, self.outbox.workers());
         if owner == self.id {
             let result = self.roster_join(&name, &member, socket, now);
@@ -284,31 +299,51 @@ impl PusherService {
         (0..self.outbox.workers()).map(WorkerId).filter(move |&w| w != me)
     }
 
-    /// Puts `message` in `worker`'s inbox. A full inbox loses it: that is counted and logged as
-    /// `lost`, and false is returned.
+    /// Puts `message` in `worker`'s inbox, or in this worker's backlog for it while the inbox
+    /// is full. Only a full backlog loses it: that is counted and logged as `lost`, and false
+    /// is returned.
     fn send_to(&mut self, worker: WorkerId, message: Message, lost: std::fmt::Arguments<'_>) -> bool {
-        let sent = self.outbox.send(worker, message);
-        if !sent {
-            WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-            warn!("worker {} inbox full: {lost} was lost", worker.0);
+        match self.outbox.send(worker, message, Instant::now()) {
+            Sent::Now => true,
+            Sent::Later => {
+                WorkerMetrics::add(&self.metrics.counters.inbox_full, 1);
+                true
+            }
+            Sent::Lost => {
+                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
+                warn!("worker {} inbox and backlog full: {lost} was lost", worker.0);
+                false
+            }
         }
-        sent
     }
 
     /// The roster's answer reached the joining connection's worker: subscribe and confirm with
-    /// the member list, or refuse. A connection that has gone meanwhile already sent its leave.
-    fn presence_joined(&mut self, conns: &mut Conns<Session>, id: ConnId, socket: SocketId, channel: &ChannelName, result: Result<String, String>) {
-        let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else { return };
+    /// the member list, or refuse, in the reply room promised at the join. A connection that
+    /// has gone meanwhile already sent its leave.
+    fn presence_joined(
+        &mut self,
+        conns: &mut Conns<Session>,
+        id: ConnId,
+        socket: SocketId,
+        channel: &ChannelName,
+        result: Result<String, String>,
+    ) {
+        let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else {
+            return;
+        };
         match result {
             Ok(data) => {
                 if let Some(count) = self.registry.subscribe(channel, id) {
+                    self.subscriptions.fetch_add(1, Ordering::Relaxed);
                     self.occupancy_changed(channel, count);
                 }
-                self.send_text(conns, id, &protocol::presence_subscription_succeeded(channel, &data));
+                let reply = text_frame(&self.pool, &protocol::presence_subscription_succeeded(channel, &data));
+                conns.send_promised(id, &reply);
             }
             Err(reason) => {
                 session.unsubscribed(channel);
-                self.send_text(conns, id, &protocol::subscription_error(channel, "LimitReached", &reason, 403));
+                let reply = text_frame(&self.pool, &protocol::subscription_error(channel, "LimitReached", &reason, 403));
+                conns.send_promised(id, &reply);
             }
         }
     }
@@ -358,9 +393,7 @@ impl PusherService {
     /// Applies a local count change to this worker's directory and marks it for the others.
     fn occupancy_changed(&mut self, channel: &ChannelName, count: u32) {
         self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count });
-        if !self.changed_occupancy.contains(channel) {
-            self.changed_occupancy.push(channel.clone());
-        }
+        self.changed_occupancy.insert(channel.clone());
     }
 
     /// Applies a worker's count to this replica. The channel's owner worker (the same one that
@@ -403,6 +436,13 @@ impl PusherService {
         match action {
             Action::None => {}
             Action::Reply(text) => self.send_text(conns, id, &text),
+            Action::Subscribe(channel) | Action::JoinPresence { channel, .. } if self.node_is_full() => {
+                if let Some(session) = conns.session_mut(id) {
+                    session.unsubscribed(&channel); // A presence join was recorded in advance.
+                }
+                let message = format!("This server holds its maximum of {} subscriptions; try again later", self.policy.max_subscriptions);
+                self.send_text(conns, id, &protocol::subscription_error(&channel, "LimitReached", &message, 503));
+            }
             Action::Subscribe(channel) => self.subscribe(conns, id, channel),
             Action::Unsubscribe(channel) => {
                 if let Some(socket) = conns.session(id).map(Session::socket_id) {
@@ -432,6 +472,13 @@ impl PusherService {
                 }
             }
         }
+    }
+
+    /// Whether the node holds its maximum of subscriptions. Workers check and count apart, so
+    /// the maximum may be passed by the few subscriptions that other workers are making at the
+    /// same moment; it bounds memory, it is no quota.
+    fn node_is_full(&self) -> bool {
+        self.subscriptions.load(Ordering::Relaxed) >= self.policy.max_subscriptions
     }
 
     fn forget(&mut self, id: ConnId, mut session: Session, now: Instant) {
@@ -483,7 +530,7 @@ impl PusherService {
             reason,
         };
         if key != self.policy.app.key {
-            let message = format!("App key {} does not exist", truncated(key));
+            let message = format!("App key {} does not exist", protocol::truncate(key, 64));
             return refuse(&self.pool, code::APP_NOT_FOUND, &message, "App not found");
         }
         match request.query_param("protocol") {
@@ -519,10 +566,6 @@ impl PusherService {
     }
 }
 
-fn truncated(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 impl Service for PusherService {
     type Session = Session;
     type Message = Message;
@@ -541,13 +584,17 @@ impl Service for PusherService {
     }
 
     fn on_open(&mut self, conns: &mut Conns<Session>, id: ConnId, _now: Instant) {
-        let Some(session) = conns.session(id) else { return };
+        let Some(session) = conns.session(id) else {
+            return;
+        };
         let established = protocol::connection_established(session.socket_id(), self.policy.timeouts.activity.as_secs());
         self.send_text(conns, id, &established);
     }
 
     fn on_message(&mut self, conns: &mut Conns<Session>, id: ConnId, message: Incoming<'_>, now: Instant) {
-        let Some(session) = conns.session_mut(id) else { return };
+        let Some(session) = conns.session_mut(id) else {
+            return;
+        };
         let action = match message {
             Incoming::Text(text) => session.handle_text(text, now, &self.policy),
             Incoming::Binary(_) => {
@@ -581,8 +628,7 @@ impl Service for PusherService {
 
     fn on_tick(&mut self, conns: &mut Conns<Session>, now: Instant) {
         let timeouts = self.policy.timeouts;
-        let due: Vec<ConnId> =
-            conns.sessions().filter(|(_, s)| s.poll_timeout(&timeouts) <= now).map(|(id, _)| id).collect();
+        let due: Vec<ConnId> = conns.sessions().filter(|(_, s)| s.poll_timeout(&timeouts) <= now).map(|(id, _)| id).collect();
         for id in due {
             if let Some(session) = conns.session_mut(id) {
                 let action = session.handle_timeout(now, &timeouts);
@@ -595,7 +641,11 @@ impl Service for PusherService {
     fn on_inbox(&mut self, conns: &mut Conns<Session>, message: Message, now: Instant) {
         match message {
             Message::Broadcast(broadcast) => self.deliver(conns, &broadcast),
-            Message::Occupancy(update) => self.apply_occupancy(&update),
+            Message::Occupancy(batch) => {
+                for update in batch.updates() {
+                    self.apply_occupancy(&update);
+                }
+            }
             Message::Snapshot(reply) => {
                 // The asker may have given up waiting; that is fine.
                 let _ = reply.send(self.snapshot(conns, now));
@@ -617,30 +667,32 @@ impl Service for PusherService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.rosters.poll_timeout()
+        [self.rosters.poll_timeout(), self.outbox.retry_due()].into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
         if self.rosters.poll_timeout().is_some_and(|due| due <= now) {
             self.announce_presence(conns, now);
         }
+        self.outbox.retry(now);
         // Occupancy goes out before this turn's frames are flushed, so another worker learns of
-        // a subscription before the client hears it succeeded. Updates carry absolute counts,
-        // so one that finds an inbox full is simply sent again next turn.
-        let mut unsent = Vec::new();
-        for channel in std::mem::take(&mut self.changed_occupancy) {
-            let count = self.registry.subscribers(&channel).map_or(0, |s| s.len() as u32);
-            let mut all_sent = true;
+        // a subscription before the client hears it succeeded: one batch per worker per turn,
+        // with absolute counts, whatever the number of channels that changed.
+        if !self.changed_occupancy.is_empty() {
+            let registry = &self.registry;
+            let counts = self
+                .changed_occupancy
+                .drain(..)
+                .map(|channel| {
+                    let count = registry.subscribers(&channel).map_or(0, |s| s.len() as u32);
+                    (channel, count)
+                })
+                .collect();
+            let batch = OccupancyBatch { worker: self.id, counts };
             for worker in self.other_workers() {
-                let update = Occupancy { worker: self.id, channel: channel.clone(), count };
-                all_sent &= self.outbox.send(worker, Message::Occupancy(update));
-            }
-            if !all_sent {
-                WorkerMetrics::add(&self.metrics.counters.inbox_overflows, 1);
-                unsent.push(channel);
+                self.send_to(worker, Message::Occupancy(batch.clone()), format_args!("an occupancy update"));
             }
         }
-        self.changed_occupancy = unsent;
         self.outbox.wake_all();
     }
 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,7 @@ impl Gateway {
             client_events_per_sec: config.client_events_per_sec,
             presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
+            max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
         });
         let server_settings = ServerSettings {
             listen: config.listen_addr(),
@@ -108,8 +110,9 @@ impl Gateway {
             handle_signals,
         };
         let evictions = Arc::new(EvictionLog::default());
+        let subscriptions = Arc::new(AtomicUsize::new(0));
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, policy.clone(), evictions.clone(), webhooks.clone())
+            PusherService::new(context, policy.clone(), evictions.clone(), subscriptions.clone(), webhooks.clone())
         })?;
         let observer = Observer {
             peers: server.peers().clone(),
@@ -206,8 +209,7 @@ impl Observer {
     pub fn connections(&self, timeout: Duration) -> Vec<ConnectionSnapshot> {
         let workers = self.peers.len();
         let (tx, rx) = crossbeam_channel::bounded(workers);
-        let asked =
-            (0..workers).filter(|&w| self.peers.send_now(WorkerId(w), Message::Snapshot(tx.clone()))).count();
+        let asked = (0..workers).filter(|&w| self.peers.send_now(WorkerId(w), Message::Snapshot(tx.clone()))).count();
         let deadline = Instant::now() + timeout;
         let mut all = Vec::new();
         for _ in 0..asked {

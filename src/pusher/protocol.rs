@@ -290,11 +290,23 @@ struct SubscriptionErrorData<'a> {
     status: u16,
 }
 
+/// The first `max` bytes of `s`, or fewer to end on a character: for echoing what a client
+/// sent without echoing all of it.
+pub fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `pusher:subscription_error`, which pusher-js hands to the channel's error callback.
+/// The channel is echoed back so the client can match the error to its channel; a name too
+/// long to be valid is cut to the longest valid length, so a bad request is never mirrored whole.
 pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> String {
     to_json(&ObjectEvent {
         event: "pusher:subscription_error",
-        channel: Some(channel),
+        channel: Some(truncate(channel, MAX_CHANNEL_NAME_LEN)),
         data: SubscriptionErrorData { kind, error: message, status },
     })
 }

@@ -48,6 +48,8 @@ pub struct Policy {
     pub presence_max_members: usize,
     /// Window over which a user's presence changes collapse into their net effect.
     pub presence_coalesce: Duration,
+    /// Subscriptions the node holds at most, across its workers.
+    pub max_subscriptions: usize,
 }
 
 /// What the caller must do after an input.
@@ -144,7 +146,15 @@ pub struct Session {
 impl Session {
     /// A new session, as of `now`.
     pub fn new(socket_id: SocketId, now: Instant) -> Self {
-        Session { socket_id, subscriptions: Vec::new(), memberships: Vec::new(), user_id: None, client_events: None, last_heard: now, ping_sent_at: None }
+        Session {
+            socket_id,
+            subscriptions: Vec::new(),
+            memberships: Vec::new(),
+            user_id: None,
+            client_events: None,
+            last_heard: now,
+            ping_sent_at: None,
+        }
     }
 
     /// This connection's socket id.
@@ -208,7 +218,7 @@ impl Session {
             },
             "pusher:signin" => self.handle_signin(&message, &policy.app),
             event if event.starts_with("client-") => self.handle_client_event(&message, now, policy),
-            event => Action::Reply(protocol::error(None, &format!("Unsupported event {:?}", truncate(event, 64)))),
+            event => Action::Reply(protocol::error(None, &format!("Unsupported event {:?}", protocol::truncate(event, 64)))),
         }
     }
 
@@ -310,7 +320,7 @@ impl Session {
             ChannelKind::Public => return refuse("Client events are only supported on private and presence channels"),
         }
         let Some(channel) = self.subscriptions.iter().find(|c| &***c == channel).cloned() else {
-            return refuse(&format!("Client event rejected: not subscribed to {}", truncate(channel, 64)));
+            return refuse(&format!("Client event rejected: not subscribed to {}", protocol::truncate(channel, 64)));
         };
         if message.event.len() > protocol::MAX_EVENT_NAME_LEN {
             return refuse(&format!("Event names are at most {} characters", protocol::MAX_EVENT_NAME_LEN));
@@ -363,16 +373,9 @@ impl Session {
 
 /// The `subscription_error` pusher-js reports when a signature is wrong (status 401).
 fn auth_error(channel: &str, socket_id: &str) -> String {
-    let message = format!("Invalid signature: expected HMAC-SHA256 of \"{socket_id}:{}\" with the app secret", truncate(channel, 164));
+    let message =
+        format!("Invalid signature: expected HMAC-SHA256 of \"{socket_id}:{}\" with the app secret", protocol::truncate(channel, 164));
     protocol::subscription_error(channel, "AuthError", &message, 401)
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -389,6 +392,7 @@ mod tests {
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce: Duration::from_millis(150),
+            max_subscriptions: 1_000_000,
         }
     }
 
@@ -480,7 +484,12 @@ mod tests {
         let action = s.handle_text(&client_event("private-x", serde_json::json!({"who": "ann"})), t0, &policy());
         assert_eq!(
             action,
-            Action::ClientEvent { channel: "private-x".into(), event: "client-typing".into(), data: r#"{"who":"ann"}"#.into(), user_id: None }
+            Action::ClientEvent {
+                channel: "private-x".into(),
+                event: "client-typing".into(),
+                data: r#"{"who":"ann"}"#.into(),
+                user_id: None
+            }
         );
         // A string is passed on unchanged.
         let action = s.handle_text(&client_event("private-x", serde_json::json!("hi")), t0, &policy());
@@ -522,7 +531,8 @@ mod tests {
     fn presence_subscribe(channel: &str, socket: &str, channel_data: &str, secret: &str) -> String {
         let app = App { secret: secret.into(), ..policy().app };
         let auth = signature::channel_auth(&app, socket, channel, Some(channel_data));
-        serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
+        serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}})
+            .to_string()
     }
 
     #[test]
@@ -535,7 +545,10 @@ mod tests {
         assert_eq!(action, Action::JoinPresence { channel: "presence-room".into(), member: member.clone() });
         assert_eq!(s.subscriptions(), &["presence-room".into()] as &[ChannelName]);
         // Asking again asks the roster again (for the member list), without a second subscription.
-        assert_eq!(s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy()), Action::JoinPresence { channel: "presence-room".into(), member });
+        assert_eq!(
+            s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy()),
+            Action::JoinPresence { channel: "presence-room".into(), member }
+        );
         assert_eq!(s.subscriptions().len(), 1);
         // Client events there carry the sender's user id.
         let event = s.handle_text(&client_event("presence-room", serde_json::json!({})), t0, &policy());
@@ -559,7 +572,8 @@ mod tests {
         // Properly signed but unusable channel_data.
         let long_id = format!(r#"{{"user_id":"{}"}}"#, "u".repeat(200));
         for bad in ["not json", r#"{"user_info":{}}"#, long_id.as_str()] {
-            let reply = reply_event(&session(t0).handle_text(&presence_subscribe("presence-room", "1.1", bad, "app-secret"), t0, &policy()));
+            let reply =
+                reply_event(&session(t0).handle_text(&presence_subscribe("presence-room", "1.1", bad, "app-secret"), t0, &policy()));
             assert_eq!(reply["event"], "pusher:subscription_error", "{bad}");
             assert_eq!(reply["data"]["status"], 400, "{bad}");
         }
@@ -597,7 +611,16 @@ mod tests {
     #[test]
     fn bad_input_gets_pusher_error() {
         let t0 = Instant::now();
-        for text in ["not json", "[]", r#"{"no_event":1}"#, r#"{"event":"pusher:subscribe"}"#, r#"{"event":"pusher:subscribe","data":{"chan":1}}"#, r#"{"event":"whatever"}"#, r#"{"event":"client-x","channel":"chat","data":{}}"#, r#"{"event":"pusher:signin","data":{}}"#] {
+        for text in [
+            "not json",
+            "[]",
+            r#"{"no_event":1}"#,
+            r#"{"event":"pusher:subscribe"}"#,
+            r#"{"event":"pusher:subscribe","data":{"chan":1}}"#,
+            r#"{"event":"whatever"}"#,
+            r#"{"event":"client-x","channel":"chat","data":{}}"#,
+            r#"{"event":"pusher:signin","data":{}}"#,
+        ] {
             let reply = reply_event(&session(t0).handle_text(text, t0, &policy()));
             assert_eq!(reply["event"], "pusher:error", "{text}");
         }

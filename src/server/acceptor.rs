@@ -3,7 +3,12 @@
 //!
 //! An accept error other than WouldBlock — above all EMFILE at the open-file limit — pauses
 //! accepting for a moment instead of retrying at once: with an edge-triggered listener a retry
-//! loop would spin, and the workers keep serving the connections they have meanwhile.
+//! loop would spin, and the workers keep serving the connections they have meanwhile. Such an
+//! episode is logged when it starts and summed up when it ends, not once per retry.
+//!
+//! A connection is never refused because a worker is busy: one whose inbox is full is skipped
+//! for the next, and when every inbox is full the connection is held and accepting stops (the
+//! kernel's backlog keeps the rest) until a retry, with backoff, hands it over.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use std::net::SocketAddr;
+
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -25,6 +32,31 @@ const SIGNALS: Token = Token(2);
 
 /// How long accepting pauses after an accept error such as EMFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// First wait before a held connection is offered to the workers again; it doubles up to
+/// [`HAND_OVER_RETRY_MAX`].
+const HAND_OVER_RETRY_FIRST: Duration = Duration::from_millis(1);
+const HAND_OVER_RETRY_MAX: Duration = Duration::from_millis(64);
+
+/// An accepted connection no worker could take yet, ready to be handed over.
+struct Held<M> {
+    adopt: Envelope<M>,
+    peer: SocketAddr,
+}
+
+/// Why accepting stopped before WouldBlock.
+enum Stopped<M> {
+    /// Every worker's inbox is full; a connection is held.
+    WorkersBusy(Held<M>),
+    /// accept() failed (EMFILE and the like).
+    Failed(io::Error),
+}
+
+/// A run of failed accepts, logged once when it starts and once when it ends.
+struct FailedEpisode {
+    since: Instant,
+    failures: u64,
+}
 
 pub(crate) struct Acceptor<M> {
     pub(crate) poll: Poll,
@@ -43,8 +75,11 @@ impl<M: Send + 'static> Acceptor<M> {
         let mut signals = if self.handle_signals { self.register_signals() } else { None };
         let mut events = Events::with_capacity(64);
         let mut next_worker = 0usize;
+        // Accepting waits until this instant: after an accept error, or while a connection is held.
         let mut paused_until: Option<Instant> = None;
-        let mut accept_errors = 0u64;
+        let mut held: Option<Held<M>> = None;
+        let mut hand_over_backoff = HAND_OVER_RETRY_FIRST;
+        let mut failing: Option<FailedEpisode> = None;
         loop {
             let timeout = paused_until.map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -63,15 +98,42 @@ impl<M: Send + 'static> Acceptor<M> {
                     break;
                 }
             }
-            let resume = paused_until.is_some_and(|t| Instant::now() >= t);
-            if resume || events.iter().any(|e| e.token() == LISTENER) {
-                paused_until = None;
-                if let Err(e) = self.accept_ready(&mut next_worker) {
-                    accept_errors += 1;
-                    // Logged once per pause, not per attempt.
-                    warn!("accept failed ({e}); pausing accepts for {} ms ({accept_errors} so far)", ACCEPT_PAUSE.as_millis());
-                    paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+            if paused_until.is_some_and(|t| Instant::now() < t) {
+                continue; // After an accept error, or with a connection held: not yet.
+            }
+            let resumed = paused_until.take().is_some();
+            if let Some(connection) = held.take() {
+                if let Err(still_held) = self.hand_over(connection, &mut next_worker) {
+                    held = Some(still_held);
+                    hand_over_backoff = (hand_over_backoff * 2).min(HAND_OVER_RETRY_MAX);
+                    paused_until = Some(Instant::now() + hand_over_backoff);
+                    continue;
                 }
+                hand_over_backoff = HAND_OVER_RETRY_FIRST;
+            }
+            if !resumed && !events.iter().any(|e| e.token() == LISTENER) {
+                continue;
+            }
+            match self.accept_ready(&mut next_worker) {
+                Ok(()) => {}
+                Err(Stopped::WorkersBusy(connection)) => {
+                    warn!("every worker's inbox is full; holding the connection from {} until one has room", connection.peer);
+                    held = Some(connection);
+                    paused_until = Some(Instant::now() + hand_over_backoff);
+                    continue;
+                }
+                Err(Stopped::Failed(e)) => {
+                    let episode = failing.get_or_insert_with(|| {
+                        warn!("accept failed ({e}); pausing accepts, retrying every {} ms until it works", ACCEPT_PAUSE.as_millis());
+                        FailedEpisode { since: Instant::now(), failures: 0 }
+                    });
+                    episode.failures += 1;
+                    paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    continue;
+                }
+            }
+            if let Some(episode) = failing.take() {
+                info!("accepting again after {} failed attempts over {} ms", episode.failures, episode.since.elapsed().as_millis());
             }
         }
         self.shutdown_workers();
@@ -94,29 +156,42 @@ impl<M: Send + 'static> Acceptor<M> {
         }
     }
 
-    /// Accepts until WouldBlock; returns the error that stopped it otherwise.
-    fn accept_ready(&mut self, next_worker: &mut usize) -> io::Result<()> {
+    /// Accepts until WouldBlock, handing each connection to a worker; says why it stopped
+    /// otherwise.
+    fn accept_ready(&mut self, next_worker: &mut usize) -> Result<(), Stopped<M>> {
         loop {
             match self.listener.accept() {
                 Ok((socket, peer)) => {
-                    let worker = *next_worker % self.workers.len();
-                    *next_worker = next_worker.wrapping_add(1);
-                    if !self.workers.deliver(worker, Envelope::Adopt(socket, peer)) {
-                        warn!("worker {worker} inbox full; refusing connection from {peer}");
-                    }
+                    let connection = Held { adopt: Envelope::Adopt(socket, peer), peer };
+                    self.hand_over(connection, next_worker).map_err(Stopped::WorkersBusy)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(Stopped::Failed(e)),
             }
         }
+    }
+
+    /// Gives `connection` to the next worker in turn, or to the first after it whose inbox has
+    /// room; hands it back when every inbox is full.
+    fn hand_over(&self, connection: Held<M>, next_worker: &mut usize) -> Result<(), Held<M>> {
+        let Held { mut adopt, peer } = connection;
+        for _ in 0..self.workers.len() {
+            let worker = *next_worker % self.workers.len();
+            *next_worker = next_worker.wrapping_add(1);
+            match self.workers.deliver(worker, adopt) {
+                Ok(()) => return Ok(()),
+                Err(refused) => adopt = refused,
+            }
+        }
+        Err(Held { adopt, peer })
     }
 
     fn shutdown_workers(&self) {
         for worker in 0..self.workers.len() {
             // A full inbox cannot refuse this: keep trying briefly, the worker is draining it.
             let deadline = Instant::now() + Duration::from_secs(1);
-            while !self.workers.deliver(worker, Envelope::Shutdown) && Instant::now() < deadline {
+            while self.workers.deliver(worker, Envelope::Shutdown).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

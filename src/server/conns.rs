@@ -62,6 +62,9 @@ pub(crate) struct Connection<S> {
     pub(crate) deferred_until: Option<Instant>,
     /// Writable interest is registered.
     pub(crate) writable_interest: bool,
+    /// Input is not read: its replies have no room (see [`Outbound::may_read`]). The worker
+    /// resumes it when a flush makes room.
+    pub(crate) reading_paused: bool,
 }
 
 /// What a service may know about a connection.
@@ -119,14 +122,7 @@ pub struct Conns<S> {
 
 impl<S> Conns<S> {
     pub(crate) fn new(limits: ConnLimits, pool: FramePool, metrics: Arc<WorkerMetrics>) -> Self {
-        Conns {
-            slab: Slab::with_capacity(1024),
-            dirty: Vec::with_capacity(1024),
-            deferred: VecDeque::new(),
-            limits,
-            pool,
-            metrics,
-        }
+        Conns { slab: Slab::with_capacity(1024), dirty: Vec::with_capacity(1024), deferred: VecDeque::new(), limits, pool, metrics }
     }
 
     pub(crate) fn insert(&mut self, socket: TcpStream, peer: SocketAddr, deadline: Instant) -> ConnId {
@@ -140,6 +136,7 @@ impl<S> Conns<S> {
             dirty: false,
             deferred_until: None,
             writable_interest: false,
+            reading_paused: false,
         }))
     }
 
@@ -153,16 +150,42 @@ impl<S> Conns<S> {
         &self.metrics
     }
 
-    /// Queues `frame` on connection `id` (a reply, or any frame for one connection).
+    /// Queues `frame`, a reply or any other frame for connection `id` alone. Replies are never
+    /// dropped: the worker reads a connection's requests only while their replies have room.
     pub fn send(&mut self, id: ConnId, frame: &Bytes) -> Offer {
-        let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
-        let offer = conn.outbound.offer(frame);
-        match offer {
-            Offer::Queued => mark_dirty(&mut self.dirty, conn, id),
-            Offer::Dropped => WorkerMetrics::add(&self.metrics.counters.drops, 1),
-            Offer::Closed => {}
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Offer::Closed;
+        };
+        let offer = conn.outbound.push_reply(frame);
+        if offer == Offer::Queued {
+            mark_dirty(&mut self.dirty, conn, id);
         }
         offer
+    }
+
+    /// Reserves room on connection `id` for a reply that another worker will supply, so the
+    /// connection's requests stop being read before that reply could lack room.
+    pub fn promise_reply(&mut self, id: ConnId) {
+        if let Some(conn) = self.slab.get_mut(id.0) {
+            conn.outbound.promise_reply();
+        }
+    }
+
+    /// Queues the reply that [`promise_reply`](Self::promise_reply) reserved room for.
+    pub fn send_promised(&mut self, id: ConnId, frame: &Bytes) -> Offer {
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Offer::Closed;
+        };
+        let offer = conn.outbound.push_promised(frame);
+        if offer == Offer::Queued {
+            mark_dirty(&mut self.dirty, conn, id);
+        }
+        offer
+    }
+
+    /// Whether one more request of connection `id` may be read: its reply would have room.
+    pub fn may_read(&self, id: ConnId) -> bool {
+        self.slab.get(id.0).is_some_and(|conn| conn.outbound.may_read())
     }
 
     /// Offers a broadcast `frame` to connection `id` if it is an open WebSocket whose session
@@ -170,8 +193,12 @@ impl<S> Conns<S> {
     /// increment and a ring slot, no allocation. Drops are counted by the caller, per broadcast.
     #[inline]
     pub fn offer(&mut self, id: ConnId, frame: &Bytes, flush: Flush, wanted: impl FnOnce(&S) -> bool) -> Offer {
-        let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
-        let Phase::Open { session, .. } = &conn.phase else { return Offer::Closed };
+        let Some(conn) = self.slab.get_mut(id.0) else {
+            return Offer::Closed;
+        };
+        let Phase::Open { session, .. } = &conn.phase else {
+            return Offer::Closed;
+        };
         if !wanted(session) {
             return Offer::Closed;
         }
@@ -213,7 +240,9 @@ impl<S> Conns<S> {
                 break;
             }
             self.deferred.pop_front();
-            let Some(conn) = self.slab.get_mut(id.0).filter(|conn| conn.deferred_until == Some(due)) else { continue };
+            let Some(conn) = self.slab.get_mut(id.0).filter(|conn| conn.deferred_until == Some(due)) else {
+                continue;
+            };
             conn.deferred_until = None;
             if !conn.outbound.is_empty() {
                 mark_dirty(&mut self.dirty, conn, id);
@@ -277,7 +306,9 @@ impl<S> Conns<S> {
         }
         let keep_decoder = then == AfterFlush::AwaitPeerClose;
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing { decoder: None, then });
-        let Phase::Open { decoder, session } = phase else { return None };
+        let Phase::Open { decoder, session } = phase else {
+            return None;
+        };
         if keep_decoder {
             conn.phase = Phase::Closing { decoder: Some(decoder), then };
         }

@@ -24,7 +24,7 @@ use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
 pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
-pub use peers::{Outbox, Peers};
+pub use peers::{Outbox, Peers, Sent};
 pub use service::{Ended, Routed, Service};
 
 use crate::fanout::pool::FramePool;
@@ -113,12 +113,8 @@ where
     for (index, (poll, waker, inbox)) in parts.into_iter().enumerate() {
         let worker_metrics = Arc::new(WorkerMetrics::default());
         metrics.push(worker_metrics.clone());
-        let service = make_service(WorkerContext {
-            id: WorkerId(index),
-            peers: peers.clone(),
-            metrics: worker_metrics.clone(),
-            pool: pool.clone(),
-        });
+        let service =
+            make_service(WorkerContext { id: WorkerId(index), peers: peers.clone(), metrics: worker_metrics.clone(), pool: pool.clone() });
         let (limits, pool, timing) = (settings.limits.clone(), pool.clone(), timing.clone());
         // Built on its own thread: sessions never cross threads, so they need not be `Send`.
         let run = move || {
@@ -131,8 +127,7 @@ where
     let poll = Poll::new()?;
     let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::stop_token())?);
     let stop = Arc::new(AtomicBool::new(false));
-    let acceptor =
-        Acceptor { poll, listener, workers: peers.clone(), stop: stop.clone(), handle_signals: settings.handle_signals };
+    let acceptor = Acceptor { poll, listener, workers: peers.clone(), stop: stop.clone(), handle_signals: settings.handle_signals };
     threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
 
     Ok(Server { local_addr, peers, metrics, pool, stop, acceptor_waker, threads })

@@ -17,6 +17,13 @@
 //!
 //! Writable interest is registered only while a ring is non-empty after a WouldBlock, which is
 //! exactly when a connection is backpressured; it is removed when the ring drains.
+//!
+//! A connection's requests are read only while their replies have room in its ring (see
+//! [`Outbound::may_read`](crate::fanout::ring::Outbound::may_read)): a client that sends more
+//! than its ring holds in one go (pusher-js subscribing a thousand channels on connect) has its
+//! reading paused, the rest of its input held by its decoder and its socket left unread, and
+//! resumed by the flush that makes room. So no reply is ever dropped, and a client that asks
+//! without reading the answers is a slow consumer like any other, evicted on the same clock.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
@@ -99,6 +106,8 @@ pub(crate) struct Worker<Svc: Service> {
     last_large_flush: Option<Instant>,
     /// A large fan-out is waiting for the interval to end.
     holding: bool,
+    /// Connections whose reading was paused and whose replies have room again.
+    resuming: Vec<ConnId>,
     scratch: Vec<ConnId>,
 }
 
@@ -129,6 +138,7 @@ impl<Svc: Service> Worker<Svc> {
             shutdown_deadline: None,
             last_large_flush: None,
             holding: false,
+            resuming: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -153,6 +163,7 @@ impl<Svc: Service> Worker<Svc> {
             }
             let now = Instant::now();
             self.drain_inbox(now);
+            self.resume_reading(now);
             for event in events.iter() {
                 if event.token() == WAKER {
                     continue; // The inbox was drained above.
@@ -198,7 +209,9 @@ impl<Svc: Service> Worker<Svc> {
 
     fn drain_inbox(&mut self, now: Instant) {
         for _ in 0..INBOX_BUDGET {
-            let Ok(envelope) = self.inbox.try_recv() else { return };
+            let Ok(envelope) = self.inbox.try_recv() else {
+                return;
+            };
             match envelope {
                 Envelope::Adopt(socket, peer) => self.adopt(socket, peer, now),
                 Envelope::Shutdown => self.begin_shutdown(now),
@@ -229,8 +242,12 @@ impl<Svc: Service> Worker<Svc> {
         WorkerMetrics::add(&counters.connections_total, 1);
     }
 
-    /// Reads what the socket has, up to the budget, and processes it.
+    /// Reads what the socket has, up to the budget, and processes it. A connection whose
+    /// reading is paused is left alone: the socket keeps its bytes, so TCP slows the client.
     fn readable(&mut self, id: ConnId, now: Instant) {
+        if self.conns.slab.get(id.0).is_none_or(|conn| conn.reading_paused) {
+            return;
+        }
         let mut buf = std::mem::take(&mut self.read_buf);
         self.read_into(id, &mut buf, now);
         self.read_buf = buf;
@@ -238,7 +255,9 @@ impl<Svc: Service> Worker<Svc> {
 
     fn read_into(&mut self, id: ConnId, buf: &mut [u8], now: Instant) {
         for _ in 0..READ_BUDGET {
-            let Some(conn) = self.conns.slab.get_mut(id.0) else { return };
+            let Some(conn) = self.conns.slab.get_mut(id.0) else {
+                return;
+            };
             match conn.socket.read(buf) {
                 Ok(0) => return self.remove(id, Ended::ByClient),
                 Ok(n) => {
@@ -269,7 +288,9 @@ impl<Svc: Service> Worker<Svc> {
 
     /// Handles bytes read from connection `id`. Returns whether to keep reading it.
     fn process(&mut self, id: ConnId, bytes: &mut [u8], now: Instant) -> bool {
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return false };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return false;
+        };
         match &mut conn.phase {
             Phase::Http(reader) => {
                 reader.push(bytes);
@@ -283,8 +304,12 @@ impl<Svc: Service> Worker<Svc> {
 
     fn handle_requests(&mut self, id: ConnId, now: Instant) -> bool {
         loop {
-            let Some(conn) = self.conns.slab.get_mut(id.0) else { return false };
-            let Phase::Http(reader) = &mut conn.phase else { return true };
+            let Some(conn) = self.conns.slab.get_mut(id.0) else {
+                return false;
+            };
+            let Phase::Http(reader) = &mut conn.phase else {
+                return true;
+            };
             let request = match reader.next_request() {
                 Ok(Some(request)) => request,
                 Ok(None) => return true,
@@ -332,7 +357,9 @@ impl<Svc: Service> Worker<Svc> {
 
     /// Queues an HTTP response; with `close`, it is the connection's last.
     fn respond(&mut self, id: ConnId, response: &Response, close: bool, now: Instant) {
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return;
+        };
         let bytes = Bytes::from(response.to_bytes(close));
         if close {
             conn.outbound.finish_with(bytes);
@@ -352,8 +379,12 @@ impl<Svc: Service> Worker<Svc> {
     /// Completes the WebSocket handshake and hands the connection to the service.
     fn open(&mut self, id: ConnId, accept: Vec<u8>, session: Svc::Session, now: Instant) -> bool {
         let max_message = self.conns.limits.max_message;
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return false };
-        let Phase::Http(reader) = &mut conn.phase else { return false };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return false;
+        };
+        let Phase::Http(reader) = &mut conn.phase else {
+            return false;
+        };
         let mut early = reader.take_rest();
         conn.outbound.offer(&Bytes::from(accept));
         conn.phase = Phase::Open { decoder: Decoder::new(max_message), session };
@@ -371,7 +402,9 @@ impl<Svc: Service> Worker<Svc> {
         let close = close_frame(self.conns.pool(), code, reason);
         let max_message = self.conns.limits.max_message;
         let linger = self.conns.limits.close_linger;
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return;
+        };
         conn.outbound.offer(&Bytes::from(accept));
         conn.outbound.offer(&frame);
         conn.outbound.finish_with(close);
@@ -380,10 +413,35 @@ impl<Svc: Service> Worker<Svc> {
         self.conns.mark_dirty(id);
     }
 
-    /// Decodes WebSocket bytes of an open connection and passes messages to the service.
+    /// Goes on reading the connections whose replies have room again: first the requests held
+    /// in their decoders, then their sockets (whose readiness was not drained when they paused).
+    fn resume_reading(&mut self, now: Instant) {
+        let mut resuming = std::mem::take(&mut self.resuming);
+        for &id in &resuming {
+            let Some(conn) = self.conns.slab.get_mut(id.0) else {
+                continue;
+            };
+            if conn.reading_paused || !matches!(conn.phase, Phase::Open { .. }) {
+                continue; // Paused again meanwhile, or no longer open.
+            }
+            if self.decode_open(id, &mut [], now) {
+                self.readable(id, now);
+            }
+        }
+        resuming.clear();
+        self.resuming = resuming;
+    }
+
+    /// Decodes WebSocket bytes of an open connection and passes messages to the service. Stops
+    /// (and pauses reading) when the connection's replies have no room for another request's.
+    /// Returns whether to keep reading it.
     fn decode_open(&mut self, id: ConnId, bytes: &mut [u8], now: Instant) -> bool {
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return false };
-        let Phase::Open { decoder, .. } = &mut conn.phase else { return true };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return false;
+        };
+        let Phase::Open { decoder, .. } = &mut conn.phase else {
+            return true;
+        };
         // The decoder is lent out so the service can use the connection table meanwhile.
         let mut decoder = std::mem::replace(decoder, Decoder::new(0));
         let mut peer_close: Option<u16> = None;
@@ -403,10 +461,12 @@ impl<Svc: Service> Worker<Svc> {
             }
             service.on_message(conns, id, message, now);
             // The service may have closed the connection.
-            if conns.session(id).is_some() {
+            if conns.session(id).is_none() {
+                Flow::Stop
+            } else if conns.may_read(id) {
                 Flow::Continue
             } else {
-                Flow::Stop
+                Flow::Pause
             }
         });
         if let Some(Phase::Open { decoder: lent, .. }) = self.conns.slab.get_mut(id.0).map(|c| &mut c.phase) {
@@ -422,19 +482,28 @@ impl<Svc: Service> Worker<Svc> {
             (Ok(()), Some(code)) => self.conns.begin_close(id, code, "", AfterFlush::Drop, now).map(|s| (s, Ended::ByClient)),
             (Ok(()), None) => None,
         };
-        match ended {
-            Some((session, why)) => {
-                self.service.on_close(&mut self.conns, id, session, why);
-                false
-            }
-            None => self.conns.session(id).is_some(),
+        if let Some((session, why)) = ended {
+            self.service.on_close(&mut self.conns, id, session, why);
+            return false;
         }
+        if self.conns.session(id).is_none() {
+            return false;
+        }
+        let may_read = self.conns.may_read(id);
+        if let Some(conn) = self.conns.slab.get_mut(id.0) {
+            conn.reading_paused = !may_read;
+        }
+        may_read
     }
 
     /// Watches a closing connection's input for the peer's close frame.
     fn decode_closing(&mut self, id: ConnId, bytes: &mut [u8]) -> bool {
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return false };
-        let Phase::Closing { decoder: Some(decoder), then } = &mut conn.phase else { return true };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return false;
+        };
+        let Phase::Closing { decoder: Some(decoder), then } = &mut conn.phase else {
+            return true;
+        };
         let mut closed = false;
         let result = decoder.decode(bytes, &mut |message: Incoming<'_>| {
             if matches!(message, Incoming::Close(_)) {
@@ -490,7 +559,9 @@ impl<Svc: Service> Worker<Svc> {
     }
 
     fn evict(&mut self, id: ConnId, now: Instant) {
-        let Some(conn) = self.conns.slab.get(id.0) else { return };
+        let Some(conn) = self.conns.slab.get(id.0) else {
+            return;
+        };
         let backpressured_for = conn.outbound.backpressured_for(now).unwrap_or_default();
         let (dropped, queued) = (conn.outbound.dropped(), conn.outbound.len());
         warn!(
@@ -510,12 +581,12 @@ impl<Svc: Service> Worker<Svc> {
     /// Times out unfinished requests, idle keep-alive connections and close handshakes.
     fn sweep_deadlines(&mut self, now: Instant) {
         self.scratch.clear();
-        self.scratch.extend(
-            self.conns.slab.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(key, _)| ConnId(key)),
-        );
+        self.scratch.extend(self.conns.slab.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(key, _)| ConnId(key)));
         for i in 0..self.scratch.len() {
             let id = self.scratch[i];
-            let Some(conn) = self.conns.slab.get_mut(id.0) else { continue };
+            let Some(conn) = self.conns.slab.get_mut(id.0) else {
+                continue;
+            };
             match &conn.phase {
                 Phase::Http(reader) if !reader.is_empty() => {
                     debug!("request from {} timed out", conn.peer);
@@ -538,12 +609,12 @@ impl<Svc: Service> Worker<Svc> {
         let code = crate::pusher::protocol::code::RECONNECT_NOW;
         let ids: Vec<ConnId> = self.conns.slab.iter().map(|(key, _)| ConnId(key)).collect();
         for id in ids {
-            let Some(conn) = self.conns.slab.get(id.0) else { continue };
+            let Some(conn) = self.conns.slab.get(id.0) else {
+                continue;
+            };
             match conn.phase {
                 Phase::Open { .. } => {
-                    if let Some(session) =
-                        self.conns.begin_close(id, code, "Server shutting down", AfterFlush::AwaitPeerClose, now)
-                    {
+                    if let Some(session) = self.conns.begin_close(id, code, "Server shutting down", AfterFlush::AwaitPeerClose, now) {
                         self.service.on_close(&mut self.conns, id, session, Ended::Shutdown);
                     }
                 }
@@ -588,7 +659,9 @@ impl<Svc: Service> Worker<Svc> {
     /// Writes connection `id`'s ring until it is empty or the socket would block.
     fn flush(&mut self, id: ConnId, now: Instant) {
         let counters = &self.metrics.counters;
-        let Some(conn) = self.conns.slab.get_mut(id.0) else { return };
+        let Some(conn) = self.conns.slab.get_mut(id.0) else {
+            return;
+        };
         if conn.outbound.is_empty() {
             return;
         }
@@ -616,6 +689,14 @@ impl<Svc: Service> Worker<Svc> {
                     debug!("write to conn {} failed: {e}", id.0);
                     return self.remove(id, Ended::ByClient);
                 }
+            }
+        }
+        if conn.reading_paused && conn.outbound.may_read() {
+            conn.reading_paused = false;
+            self.resuming.push(id);
+            // Come straight back to read it, whatever else the next poll would wait for.
+            if let Err(e) = self.waker.wake() {
+                warn!("could not wake worker to resume reading: {e}");
             }
         }
         if blocked {
@@ -651,7 +732,9 @@ impl<Svc: Service> Worker<Svc> {
 
     /// Drops connection `id` now, telling the service if its WebSocket was open.
     fn remove(&mut self, id: ConnId, why: Ended) {
-        let Some(mut conn) = self.conns.slab.try_remove(id.0) else { return };
+        let Some(mut conn) = self.conns.slab.try_remove(id.0) else {
+            return;
+        };
         self.backpressured.swap_remove(&id);
         let counters = &self.metrics.counters;
         WorkerMetrics::sub(&counters.connections, 1);

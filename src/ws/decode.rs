@@ -40,6 +40,9 @@ pub enum Flow {
     Continue,
     /// Stop: the connection is closing; further input is ignored.
     Stop,
+    /// Stop for now: the rest of the input is kept, undecoded, and decoded by the next call
+    /// (the caller is not ready for more messages, e.g. while their replies have no room).
+    Pause,
 }
 
 /// Why the peer violated the protocol. Each maps to the close code it is answered with.
@@ -100,7 +103,8 @@ impl Decoder {
     }
 
     /// Decodes `input` (which it may unmask in place), calling `on_message` for every complete
-    /// message or control frame, until the input is used up or `on_message` says stop.
+    /// message or control frame, until the input is used up or `on_message` says stop or
+    /// pause. After a pause, a call with empty input goes on where it left off.
     pub fn decode<F>(&mut self, input: &mut [u8], on_message: &mut F) -> Result<(), DecodeError>
     where
         F: FnMut(Incoming<'_>) -> Flow,
@@ -156,8 +160,10 @@ impl Decoder {
                 unmask(payload, mask);
             }
             pos = start + len;
-            if self.handle_frame(&header, payload, on_message)? == Flow::Stop {
-                self.stopped = true;
+            match self.handle_frame(&header, payload, on_message)? {
+                Flow::Continue => {}
+                Flow::Stop => self.stopped = true,
+                Flow::Pause => break,
             }
         }
         Ok(pos)
@@ -186,9 +192,7 @@ impl Decoder {
             OpCode::Data(data) => {
                 let already = match (&self.fragments, data) {
                     (None, Data::Continue) => return Err(DecodeError::Protocol("continuation frame without a message")),
-                    (Some(_), Data::Text | Data::Binary) => {
-                        return Err(DecodeError::Protocol("new message inside a fragmented message"))
-                    }
+                    (Some(_), Data::Text | Data::Binary) => return Err(DecodeError::Protocol("new message inside a fragmented message")),
                     (Some(f), _) => f.payload.len() as u64,
                     (None, _) => 0,
                 };
@@ -213,9 +217,7 @@ impl Decoder {
                 Ok(Flow::Stop)
             }
             // The header parser refuses reserved opcodes.
-            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                Err(DecodeError::Protocol("reserved opcode"))
-            }
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => Err(DecodeError::Protocol("reserved opcode")),
             OpCode::Data(Data::Text) if header.is_final => {
                 let text = std::str::from_utf8(payload).map_err(|_| DecodeError::InvalidUtf8)?;
                 Ok(on_message(Incoming::Text(text)))
@@ -241,7 +243,9 @@ impl Decoder {
                 if !header.is_final {
                     return Ok(Flow::Continue);
                 }
-                let Some(done) = self.fragments.take() else { return Ok(Flow::Continue) };
+                let Some(done) = self.fragments.take() else {
+                    return Ok(Flow::Continue);
+                };
                 if done.text {
                     let text = std::str::from_utf8(&done.payload).map_err(|_| DecodeError::InvalidUtf8)?;
                     Ok(on_message(Incoming::Text(text)))
@@ -361,18 +365,43 @@ mod tests {
         wire.extend(frame(PING, b"p"));
         wire.extend(frame(BINARY, &[0, 1, 2]));
         wire.extend(frame(TEXT, &vec![b'a'; 70_000]));
-        let expected = vec![
-            Got::Text("hello".into()),
-            Got::Ping(b"p".to_vec()),
-            Got::Binary(vec![0, 1, 2]),
-            Got::Text("a".repeat(70_000)),
-        ];
+        let expected = vec![Got::Text("hello".into()), Got::Ping(b"p".to_vec()), Got::Binary(vec![0, 1, 2]), Got::Text("a".repeat(70_000))];
         for chunk in [1, 2, 3, 7, 100, 4096, wire.len()] {
             let chunks: Vec<&[u8]> = wire.chunks(chunk).collect();
             let mut decoder = Decoder::new(1 << 20);
             assert_eq!(decode_chunks(&mut decoder, &chunks).unwrap(), expected, "chunk size {chunk}");
             assert_eq!(decoder.buffered(), 0, "nothing kept after whole messages (chunk {chunk})");
         }
+    }
+
+    #[test]
+    fn a_pause_keeps_the_rest_for_the_next_call() {
+        let mut wire = Vec::new();
+        for word in ["one", "two", "three"] {
+            wire.extend(frame(TEXT, word.as_bytes()));
+        }
+        wire.extend(&frame(TEXT, b"four")[..3]); // and the start of a fourth
+        let mut decoder = Decoder::new(1 << 20);
+        let mut got = Vec::new();
+        let one_at_a_time = |decoder: &mut Decoder, input: &mut [u8], got: &mut Vec<String>| {
+            decoder
+                .decode(input, &mut |m: Incoming<'_>| {
+                    if let Incoming::Text(t) = m {
+                        got.push(t.to_string());
+                    }
+                    Flow::Pause
+                })
+                .unwrap();
+        };
+        one_at_a_time(&mut decoder, &mut wire, &mut got);
+        assert_eq!(got, ["one"]);
+        for _ in 0..3 {
+            one_at_a_time(&mut decoder, &mut [], &mut got);
+        }
+        assert_eq!(got, ["one", "two", "three"], "one message per call, none lost, none repeated");
+        let mut rest = frame(TEXT, b"four")[3..].to_vec();
+        one_at_a_time(&mut decoder, &mut rest, &mut got);
+        assert_eq!(got.last().map(String::as_str), Some("four"), "a partial frame after a pause completes as usual");
     }
 
     #[test]

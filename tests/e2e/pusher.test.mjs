@@ -161,6 +161,27 @@ describe("pusher-js and the pusher server SDK", () => {
     assert.deepEqual(await received, data);
   });
 
+  test("1,000 channels subscribed before connecting are all confirmed, and each receives events", BOUNDED, async () => {
+    // pusher-js sends every pending subscription at once on connect (and on every reconnect):
+    // one read brings the server far more requests than a connection's 256-frame ring holds.
+    const pusher = pusherClient();
+    const names = Array.from({ length: 1000 }, (_, i) => `many-${i}`);
+    let confirmed = 0;
+    const channels = names.map((name) => {
+      const channel = pusher.subscribe(name);
+      channel.bind("pusher:subscription_succeeded", () => confirmed++);
+      return channel;
+    });
+    await eventually(() => confirmed === names.length, 8000, "1,000 subscription_succeeded").catch((error) => {
+      throw new Error(`${error.message}: ${confirmed} arrived`);
+    });
+    assert.ok(channels.every((channel) => channel.subscribed), "pusher-js marks every channel subscribed");
+    const last = names[names.length - 1];
+    const received = once(channels[channels.length - 1], "after-burst");
+    await pusherServer().trigger(last, "after-burst", { ok: true });
+    assert.deepEqual(await received, { ok: true });
+  });
+
   test("one trigger reaches every channel it names", BOUNDED, async () => {
     const [alice, bob] = await Promise.all([connected(pusherClient()), connected(pusherClient())]);
     const names = ["multi-a", "multi-b", "multi-c"];
