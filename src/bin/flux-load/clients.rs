@@ -115,7 +115,13 @@ pub struct Shard<'p> {
 
 impl<'p> Shard<'p> {
     /// A shard for the plan's clients whose index is `index` modulo `count`.
-    pub fn new(plan: &'p Plan, app: &App, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
+    pub fn new(
+        plan: &'p Plan,
+        app: &App,
+        index: usize,
+        count: usize,
+        connect_rate: u32,
+    ) -> io::Result<Self> {
         let clients: Vec<Client> = plan
             .clients
             .iter()
@@ -137,7 +143,12 @@ impl<'p> Shard<'p> {
                 wake_at: None,
             })
             .collect();
-        let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
+        let churners = clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.role == Role::Churn)
+            .map(|(i, _)| i)
+            .collect();
         Ok(Shard {
             plan,
             app: app.clone(),
@@ -158,7 +169,11 @@ impl<'p> Shard<'p> {
     }
 
     /// Runs until [`Command::Stop`], reporting once a second through `report`.
-    pub fn run(mut self, commands: &Receiver<Command>, report: &mut dyn FnMut(Report)) -> io::Result<()> {
+    pub fn run(
+        mut self,
+        commands: &Receiver<Command>,
+        report: &mut dyn FnMut(Report),
+    ) -> io::Result<()> {
         let mut events = Events::with_capacity(4096);
         let mut next_tick = Instant::now() + TICK;
         let mut connect_budget = 0.0f64;
@@ -171,11 +186,14 @@ impl<'p> Shard<'p> {
                 Err(TryRecvError::Empty) => {}
             }
             let now = Instant::now();
-            connect_budget = (connect_budget + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
-                .min(f64::from(self.connect_rate) / 10.0);
+            connect_budget = (connect_budget
+                + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
+            .min(f64::from(self.connect_rate) / 10.0);
             last_turn = now;
             while connect_budget >= 1.0 {
-                let Some(i) = self.to_connect.pop_front() else { break };
+                let Some(i) = self.to_connect.pop_front() else {
+                    break;
+                };
                 connect_budget -= 1.0;
                 self.connect(i);
             }
@@ -216,7 +234,13 @@ impl<'p> Shard<'p> {
         for client in &mut self.clients {
             if client.role == Role::Slow {
                 client.reading = false;
-                client.wake_at = Some(now + if injection.slow_mode == SlowMode::Stop { injection.stall } else { injection.read_delay });
+                client.wake_at = Some(
+                    now + if injection.slow_mode == SlowMode::Stop {
+                        injection.stall
+                    } else {
+                        injection.read_delay
+                    },
+                );
             }
         }
         for i in 0..self.clients.len() {
@@ -243,7 +267,8 @@ impl<'p> Shard<'p> {
         }
         while let Some(due) = self.churn_due.filter(|&d| d <= now) {
             // Each shard churns its share of the rate.
-            let shards = (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
+            let shards =
+                (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
             let interval = Duration::from_secs_f64(shards / self.plan.injection.churn_per_sec);
             self.churn_due = Some(due + interval);
             let i = self.churners[self.next_churn % self.churners.len()];
@@ -254,7 +279,9 @@ impl<'p> Shard<'p> {
             }
         }
         for i in 0..self.clients.len() {
-            let Some(due) = self.clients[i].wake_at.filter(|&d| d <= now) else { continue };
+            let Some(due) = self.clients[i].wake_at.filter(|&d| d <= now) else {
+                continue;
+            };
             let client = &mut self.clients[i];
             client.wake_at = None;
             match (&client.conn, client.role) {
@@ -281,7 +308,11 @@ impl<'p> Shard<'p> {
         match open_socket(client.source, server, client.role == Role::Slow) {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                if let Err(e) = self.poll.registry().register(&mut stream, Token(i), interest) {
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut stream, Token(i), interest)
+                {
                     debug!("register failed: {e}");
                     return self.schedule_reconnect(i, Instant::now());
                 }
@@ -296,7 +327,9 @@ impl<'p> Shard<'p> {
 
     fn writable(&mut self, i: usize) {
         let key = self.app.key.clone();
-        let Some(client) = self.clients.get_mut(i) else { return };
+        let Some(client) = self.clients.get_mut(i) else {
+            return;
+        };
         if let Conn::Connecting(stream) = &mut client.conn {
             if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
                 return self.connection_lost(i, None);
@@ -307,7 +340,9 @@ impl<'p> Shard<'p> {
                 self.plan.server
             );
             client.out.extend_from_slice(request.as_bytes());
-            let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else { return };
+            let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else {
+                return;
+            };
             client.conn = Conn::Handshake(stream, Vec::new());
         }
         self.flush(i);
@@ -316,7 +351,9 @@ impl<'p> Shard<'p> {
     /// Writes pending bytes; keeps writable interest only while some remain.
     fn flush(&mut self, i: usize) {
         let client = &mut self.clients[i];
-        let Some(stream) = client.conn.stream() else { return };
+        let Some(stream) = client.conn.stream() else {
+            return;
+        };
         while !client.out.is_empty() {
             match stream.write(&client.out) {
                 Ok(0) => break,
@@ -341,7 +378,12 @@ impl<'p> Shard<'p> {
         };
         // A client that must not read still needs some interest; readable events are ignored.
         if let Some(stream) = client.conn.stream() {
-            if self.poll.registry().reregister(stream, Token(i), interest).is_err() {
+            if self
+                .poll
+                .registry()
+                .reregister(stream, Token(i), interest)
+                .is_err()
+            {
                 self.connection_lost(i, None);
             }
         }
@@ -355,7 +397,9 @@ impl<'p> Shard<'p> {
             if !client.reading && limit.is_none() {
                 break;
             }
-            let Some(stream) = client.conn.stream() else { break };
+            let Some(stream) = client.conn.stream() else {
+                break;
+            };
             match stream.read(&mut buf[..len]) {
                 Ok(0) => {
                     self.connection_lost(i, None);
@@ -384,14 +428,22 @@ impl<'p> Shard<'p> {
         let bytes: &mut [u8] = match &mut client.conn {
             Conn::Handshake(_, head) => {
                 head.extend_from_slice(bytes);
-                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else { return true };
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    return true;
+                };
                 if !head.starts_with(b"HTTP/1.1 101") {
-                    debug!("handshake refused: {}", String::from_utf8_lossy(&head[..end]));
+                    debug!(
+                        "handshake refused: {}",
+                        String::from_utf8_lossy(&head[..end])
+                    );
                     self.connection_lost(i, None);
                     return false;
                 }
                 early = head.split_off(end + 4);
-                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle) else { return false };
+                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle)
+                else {
+                    return false;
+                };
                 client.conn = Conn::Open(stream);
                 &mut early
             }
@@ -431,10 +483,19 @@ impl<'p> Shard<'p> {
         if let Some(event) = field(text, "\"event\":\"").filter(|e| e.starts_with("pusher")) {
             return self.protocol_message(i, event, text, read_at);
         }
-        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else { return };
+        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text))
+        else {
+            return;
+        };
         let plan = self.plan;
         let client = &mut self.clients[i];
-        let Some(slot) = client.channels.iter().position(|&c| plan.channels[c] == channel) else { return };
+        let Some(slot) = client
+            .channels
+            .iter()
+            .position(|&c| plan.channels[c] == channel)
+        else {
+            return;
+        };
         let counts = &mut self.tick.roles[client.role.index()];
         counts.delivered += 1;
         self.tick.last_delivery_unix_us = read_at;
@@ -458,8 +519,10 @@ impl<'p> Shard<'p> {
         match event {
             "pusher:connection_established" => {
                 let message: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-                let data: serde_json::Value =
-                    message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let data: serde_json::Value = message["data"]
+                    .as_str()
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or_default();
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
                 let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
@@ -468,7 +531,9 @@ impl<'p> Shard<'p> {
                 let subscribes: Vec<String> = client
                     .channels
                     .iter()
-                    .map(|&c| subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id))
+                    .map(|&c| {
+                        subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id)
+                    })
                     .collect();
                 for subscribe in subscribes {
                     self.send(i, subscribe);
@@ -481,7 +546,10 @@ impl<'p> Shard<'p> {
                 if client.confirmed == client.channels.len() {
                     // Before publishing, the stream starts at 0; later, at whatever comes first.
                     let first = if started { None } else { Some(0) };
-                    client.seen.iter_mut().for_each(|s| *s = SeqWindow::starting_at(first));
+                    client
+                        .seen
+                        .iter_mut()
+                        .for_each(|s| *s = SeqWindow::starting_at(first));
                     if client.rejoining {
                         client.rejoining = false;
                         self.tick.roles[client.role.index()].reconnects += 1;
@@ -491,7 +559,9 @@ impl<'p> Shard<'p> {
             "pusher_internal:member_added" => {
                 self.tick.member_events += 1;
                 if let Some(joined_at) = number_after(text, JOINED_AT) {
-                    self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
+                    self.tick
+                        .member_added_latency
+                        .record(read_at.saturating_sub(joined_at));
                 }
             }
             "pusher_internal:member_removed" => self.tick.member_events += 1,
@@ -536,7 +606,9 @@ impl<'p> Shard<'p> {
     /// Closes client `i`'s socket, counts the disconnect, and schedules its return.
     fn drop_connection(&mut self, i: usize, now: Instant, for_good: bool) {
         let client = &mut self.clients[i];
-        let Some(stream) = client.conn.stream() else { return };
+        let Some(stream) = client.conn.stream() else {
+            return;
+        };
         let _ = self.poll.registry().deregister(stream);
         let was_established = client.established;
         client.conn = Conn::Idle;
@@ -544,7 +616,10 @@ impl<'p> Shard<'p> {
         client.decoder = Decoder::for_client(MAX_MESSAGE);
         client.confirmed = 0;
         client.established = false;
-        client.seen.iter_mut().for_each(|s| *s = SeqWindow::default());
+        client
+            .seen
+            .iter_mut()
+            .for_each(|s| *s = SeqWindow::default());
         if was_established {
             self.tick.roles[client.role.index()].disconnects += 1;
             client.rejoining = true;
@@ -560,7 +635,9 @@ impl<'p> Shard<'p> {
         let backoff = if client.role == Role::Churn {
             self.plan.injection.churn_away
         } else {
-            let exponential = BACKOFF_FIRST.saturating_mul(1 << client.attempts.min(5)).min(BACKOFF_MAX);
+            let exponential = BACKOFF_FIRST
+                .saturating_mul(1 << client.attempts.min(5))
+                .min(BACKOFF_MAX);
             // Jitter, so reconnecting clients do not arrive in lockstep.
             exponential.mul_f64(0.5 + fastrand::f64())
         };
@@ -570,7 +647,11 @@ impl<'p> Shard<'p> {
 
     fn gauges(&mut self) {
         self.tick.connected = self.clients.iter().filter(|c| c.established).count() as u64;
-        self.tick.subscribed = self.clients.iter().filter(|c| c.confirmed == c.channels.len()).count() as u64;
+        self.tick.subscribed = self
+            .clients
+            .iter()
+            .filter(|c| c.confirmed == c.channels.len())
+            .count() as u64;
     }
 }
 
@@ -610,9 +691,17 @@ impl SeqWindow {
         if seq - base >= Self::SIZE {
             let shift = seq - base - Self::SIZE + 1;
             let in_window = shift.min(Self::SIZE);
-            let mask = if in_window == Self::SIZE { u128::MAX } else { (1u128 << in_window) - 1 };
+            let mask = if in_window == Self::SIZE {
+                u128::MAX
+            } else {
+                (1u128 << in_window) - 1
+            };
             skipped = in_window - u64::from((self.bits & mask).count_ones()) + (shift - in_window);
-            self.bits = if shift >= Self::SIZE { 0 } else { self.bits >> shift };
+            self.bits = if shift >= Self::SIZE {
+                0
+            } else {
+                self.bits >> shift
+            };
             base += shift;
         }
         let bit = 1u128 << (seq - base);
@@ -621,14 +710,22 @@ impl SeqWindow {
         }
         self.bits |= bit;
         let complete = u64::from(self.bits.trailing_ones());
-        self.bits = if complete >= Self::SIZE { 0 } else { self.bits >> complete };
+        self.bits = if complete >= Self::SIZE {
+            0
+        } else {
+            self.bits >> complete
+        };
         self.base = Some(base + complete);
         Seen::New { skipped }
     }
 }
 
 /// A non-blocking TCP connection from `source` to `server`, under way.
-fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
+fn open_socket(
+    source: Ipv4Addr,
+    server: SocketAddr,
+    small_receive_buffer: bool,
+) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -671,7 +768,9 @@ const JOINED_AT: &str = "joined_at_us";
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];
     let digits = rest.trim_start_matches(['\\', '"', ':', ' ']);
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
@@ -679,9 +778,12 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 /// app's auth endpoint would, for a member whose `user_info` holds the join time.
 fn subscribe_message(app: &App, channel: &str, socket_id: &str, user_id: &str) -> String {
     if !channel.starts_with("presence-") {
-        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
+        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}})
+            .to_string();
     }
-    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}}).to_string();
+    let channel_data =
+        serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}})
+            .to_string();
     let auth = channel_auth(app, socket_id, channel, Some(&channel_data));
     serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
 }
@@ -694,7 +796,16 @@ mod tests {
     fn the_sequence_window_tolerates_reordering_and_counts_what_is_lost() {
         let mut window = SeqWindow::starting_at(Some(0));
         let seen: Vec<Seen> = [0, 2, 1, 1, 3].into_iter().map(|n| window.see(n)).collect();
-        assert_eq!(seen, [Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::Duplicate, Seen::New { skipped: 0 }]);
+        assert_eq!(
+            seen,
+            [
+                Seen::New { skipped: 0 },
+                Seen::New { skipped: 0 },
+                Seen::New { skipped: 0 },
+                Seen::Duplicate,
+                Seen::New { skipped: 0 }
+            ]
+        );
         // 4 and 5 never come: they are skipped once the window moves past them.
         assert_eq!(window.see(6), Seen::New { skipped: 0 });
         assert_eq!(window.see(6 + 128), Seen::New { skipped: 2 });
@@ -714,7 +825,10 @@ mod tests {
             assert_eq!(field(text, "\"channel\":\""), Some("guild"));
             assert_eq!(sequence(text), Some((12, 1_700_000_000_000_000)));
         }
-        assert_eq!(sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#), None);
+        assert_eq!(
+            sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#),
+            None
+        );
     }
 
     #[test]
@@ -728,16 +842,28 @@ mod tests {
 
     #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
-        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
-        let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
+        let app = App {
+            id: "a".into(),
+            key: "k".into(),
+            secret: "s".into(),
+        };
+        let message: serde_json::Value =
+            serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
         let data = &message["data"];
         let channel_data = data["channel_data"].as_str().unwrap();
         let member: serde_json::Value = serde_json::from_str(channel_data).unwrap();
         assert_eq!(member["user_id"], "u7");
         assert!(member["user_info"][JOINED_AT].as_u64().unwrap() > 0);
         let auth = data["auth"].as_str().unwrap();
-        assert!(flux::pusher::signature::channel_auth_matches(&app, "1.2", "presence-g", Some(channel_data), auth));
-        let public: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
+        assert!(flux::pusher::signature::channel_auth_matches(
+            &app,
+            "1.2",
+            "presence-g",
+            Some(channel_data),
+            auth
+        ));
+        let public: serde_json::Value =
+            serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
         assert!(public["data"].get("auth").is_none());
     }
 }

@@ -43,7 +43,11 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         live.print_connecting(total);
     }
     if live.subscribed() < total {
-        eprintln!("warning: only {} of {total} clients subscribed within {} s", live.subscribed(), args.connect_timeout);
+        eprintln!(
+            "warning: only {} of {total} clients subscribed within {} s",
+            live.subscribed(),
+            args.connect_timeout
+        );
     }
     let hold_until = Instant::now() + Duration::from_secs_f64(args.hold_secs.max(0.0));
     while Instant::now() < hold_until {
@@ -59,7 +63,8 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let publisher = {
-        let (plan, calls, stop, publishers) = (plan.clone(), calls.clone(), stop.clone(), args.publishers);
+        let (plan, calls, stop, publishers) =
+            (plan.clone(), calls.clone(), stop.clone(), args.publishers);
         std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
     };
     live.start(started);
@@ -83,7 +88,8 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
             quiet_since = Instant::now();
         }
         let healthy_done = live.totals.roles[Role::Healthy.index()].unique >= expected;
-        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow) || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
+        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow)
+            || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
         if (healthy_done && slow_settled && quiet_since.elapsed() > Duration::from_millis(500))
             || quiet_since.elapsed() > Duration::from_secs(3)
         {
@@ -105,11 +111,20 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     shards.join();
 
-    let summary = summarize(args, plan, &published, &live, publish_time, expected, processes);
+    let summary = summarize(
+        args,
+        plan,
+        &published,
+        &live,
+        publish_time,
+        expected,
+        processes,
+    );
     print_summary(plan, &summary, &live.totals);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("summary written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
@@ -117,7 +132,12 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
 
 /// Healthy deliveries the run owes: every event of a channel, to each healthy subscriber of it.
 fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
-    published.per_channel.iter().enumerate().map(|(c, &n)| n * plan.members(Role::Healthy, c)).sum()
+    published
+        .per_channel
+        .iter()
+        .enumerate()
+        .map(|(c, &n)| n * plan.members(Role::Healthy, c))
+        .sum()
 }
 
 /// Running totals and the live line.
@@ -182,7 +202,11 @@ impl Live {
 
     fn add(&mut self, shard: usize, tick: &Tick) {
         self.gauges[shard] = (tick.connected, tick.subscribed);
-        let deltas = Tick { connected: 0, subscribed: 0, ..tick.clone() };
+        let deltas = Tick {
+            connected: 0,
+            subscribed: 0,
+            ..tick.clone()
+        };
         self.totals.add(&deltas);
         self.second.add(&deltas);
     }
@@ -201,8 +225,17 @@ impl Live {
         }
         self.next_print += Duration::from_secs(1);
         if !self.quiet {
-            let phase = if self.subscribed() >= total { "holding" } else { "connecting" };
-            eprintln!("[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed", self.began.elapsed().as_secs_f64(), self.connected(), self.subscribed());
+            let phase = if self.subscribed() >= total {
+                "holding"
+            } else {
+                "connecting"
+            };
+            eprintln!(
+                "[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed",
+                self.began.elapsed().as_secs_f64(),
+                self.connected(),
+                self.subscribed()
+            );
         }
     }
 
@@ -250,7 +283,11 @@ fn summarize(
     let totals = &live.totals;
     let healthy = &totals.roles[Role::Healthy.index()];
     let delivered = totals.delivered();
-    let last_delivery = Duration::from_micros(totals.last_delivery_unix_us.saturating_sub(live.started_unix_us));
+    let last_delivery = Duration::from_micros(
+        totals
+            .last_delivery_unix_us
+            .saturating_sub(live.started_unix_us),
+    );
     let window = last_delivery.max(publish_time).as_secs_f64().max(1e-3);
     let roles: serde_json::Map<String, serde_json::Value> = Role::ALL
         .iter()
@@ -340,7 +377,12 @@ fn summarize(
 
 fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     println!();
-    println!("{} against {}: {} clients", summary["scenario"].as_str().unwrap_or(""), summary["server"].as_str().unwrap_or(""), summary["connections"]);
+    println!(
+        "{} against {}: {} clients",
+        summary["scenario"].as_str().unwrap_or(""),
+        summary["server"].as_str().unwrap_or(""),
+        summary["connections"]
+    );
     println!(
         "published {} events ({} calls, {} errors) in {:.1} s; delivered {} ({} deliveries/s, peak {}/s)",
         summary["published"], summary["publish_calls"], summary["publish_errors"],
@@ -349,8 +391,12 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     );
     println!(
         "healthy clients: expected {}, gaps {}; latency p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
-        summary["expected"], summary["gaps"],
-        summary["latency_ms"]["p50"], summary["latency_ms"]["p95"], summary["latency_ms"]["p99"], summary["latency_ms"]["max"]
+        summary["expected"],
+        summary["gaps"],
+        summary["latency_ms"]["p50"],
+        summary["latency_ms"]["p95"],
+        summary["latency_ms"]["p99"],
+        summary["latency_ms"]["max"]
     );
     if let Some(presence) = summary.get("presence") {
         println!(
@@ -362,7 +408,18 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     println!();
     println!(
         "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
-        "role", "clients", "delivered", "seq gaps", "dups", "evict", "disconnects", "reconnects", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "role",
+        "clients",
+        "delivered",
+        "seq gaps",
+        "dups",
+        "evict",
+        "disconnects",
+        "reconnects",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms"
     );
     for role in Role::ALL {
         let clients = plan.clients.iter().filter(|c| c.role == role).count();
@@ -372,18 +429,42 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
         let c = &totals.roles[role.index()];
         println!(
             "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
-            role.name(), clients, c.delivered, c.seq_gaps, c.duplicates, c.evicted, c.disconnects, c.reconnects,
-            c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95), c.latency.quantile_ms(0.99), c.latency.max_ms()
+            role.name(),
+            clients,
+            c.delivered,
+            c.seq_gaps,
+            c.duplicates,
+            c.evicted,
+            c.disconnects,
+            c.reconnects,
+            c.latency.quantile_ms(0.5),
+            c.latency.quantile_ms(0.95),
+            c.latency.quantile_ms(0.99),
+            c.latency.max_ms()
         );
     }
     if let Some(phases) = summary["phases"].as_array() {
         println!();
-        println!("{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}", "phase", "channels", "rounds", "deliveries", "to last p50 ms", "to last p99 ms", "ns per delivery");
+        println!(
+            "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
+            "phase",
+            "channels",
+            "rounds",
+            "deliveries",
+            "to last p50 ms",
+            "to last p99 ms",
+            "ns per delivery"
+        );
         for p in phases {
             println!(
                 "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
-                p["name"].as_str().unwrap_or(""), p["channels"], p["rounds"], p["deliveries_per_round"],
-                p["completion_ms"]["p50"], p["completion_ms"]["p99"], p["ns_per_delivery"]
+                p["name"].as_str().unwrap_or(""),
+                p["channels"],
+                p["rounds"],
+                p["deliveries_per_round"],
+                p["completion_ms"]["p50"],
+                p["completion_ms"]["p99"],
+                p["ns_per_delivery"]
             );
         }
     }

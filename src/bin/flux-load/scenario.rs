@@ -173,9 +173,17 @@ pub struct ClientSpec {
 #[derive(Debug, Clone)]
 pub enum Publishing {
     /// `rate` events per second to `channel` for `duration`.
-    Steady { channel: usize, rate: f64, duration: Duration },
+    Steady {
+        channel: usize,
+        rate: f64,
+        duration: Duration,
+    },
     /// Phases of `rounds` publishes `interval` apart; each publish goes to all the phase's channels.
-    Rounds { phases: Vec<Phase>, rounds: usize, interval: Duration },
+    Rounds {
+        phases: Vec<Phase>,
+        rounds: usize,
+        interval: Duration,
+    },
 }
 
 /// One phase of a rounds publisher.
@@ -230,14 +238,38 @@ impl Plan {
     pub fn new(args: &Args) -> Plan {
         let scenario = args.scenario;
         let (healthy, slow, partitioned, churners) = match scenario {
-            Scenario::SlowConsumer => (args.connections.unwrap_or(200), args.slow.unwrap_or(5), args.partition.unwrap_or(0), 0),
-            Scenario::ChatStorm => (args.connections.unwrap_or(890), args.slow.unwrap_or(10), args.partition.unwrap_or(100), 0),
-            Scenario::BigChannel => (args.connections.unwrap_or(10_000), args.slow.unwrap_or(0), args.partition.unwrap_or(0), 0),
+            Scenario::SlowConsumer => (
+                args.connections.unwrap_or(200),
+                args.slow.unwrap_or(5),
+                args.partition.unwrap_or(0),
+                0,
+            ),
+            Scenario::ChatStorm => (
+                args.connections.unwrap_or(890),
+                args.slow.unwrap_or(10),
+                args.partition.unwrap_or(100),
+                0,
+            ),
+            Scenario::BigChannel => (
+                args.connections.unwrap_or(10_000),
+                args.slow.unwrap_or(0),
+                args.partition.unwrap_or(0),
+                0,
+            ),
             Scenario::PresenceStorm => {
                 let members = args.connections.unwrap_or(5_000);
                 // A tenth of the guild takes turns leaving and rejoining.
-                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 { (members / 10).max(1) } else { 0 };
-                (members - churners.min(members), args.slow.unwrap_or(0), args.partition.unwrap_or(0), churners)
+                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 {
+                    (members / 10).max(1)
+                } else {
+                    0
+                };
+                (
+                    members - churners.min(members),
+                    args.slow.unwrap_or(0),
+                    args.partition.unwrap_or(0),
+                    churners,
+                )
             }
         };
         let default_rate = match scenario {
@@ -277,7 +309,11 @@ impl Plan {
             .map(|(i, role)| ClientSpec {
                 role,
                 // big-channel: every client is on the big channel and on one of the small ones.
-                channels: if scenario == Scenario::BigChannel { vec![0, 1 + i % spread] } else { vec![0] },
+                channels: if scenario == Scenario::BigChannel {
+                    vec![0, 1 + i % spread]
+                } else {
+                    vec![0]
+                },
                 source: Ipv4Addr::new(127, 0, 0, 1 + (i / per_ip).min(253) as u8),
             })
             .collect();
@@ -285,13 +321,23 @@ impl Plan {
         let publishing = match scenario {
             Scenario::BigChannel => Publishing::Rounds {
                 phases: vec![
-                    Phase { name: "one channel", channels: vec![0] },
-                    Phase { name: "spread channels", channels: (1..=spread).collect() },
+                    Phase {
+                        name: "one channel",
+                        channels: vec![0],
+                    },
+                    Phase {
+                        name: "spread channels",
+                        channels: (1..=spread).collect(),
+                    },
                 ],
                 rounds: args.rounds.max(1),
                 interval: Duration::from_millis(args.round_interval_ms),
             },
-            _ => Publishing::Steady { channel: 0, rate: args.rate.unwrap_or(default_rate), duration },
+            _ => Publishing::Steady {
+                channel: 0,
+                rate: args.rate.unwrap_or(default_rate),
+                duration,
+            },
         };
         let slow_mode = args.slow_mode.unwrap_or(match scenario {
             Scenario::ChatStorm => SlowMode::Delay,
@@ -308,8 +354,14 @@ impl Plan {
                 slow_mode,
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
-                partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
-                churn_per_sec: if churners > 0 { args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) } else { 0.0 },
+                partition_at: Duration::from_secs_f64(
+                    args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0),
+                ),
+                churn_per_sec: if churners > 0 {
+                    args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN)
+                } else {
+                    0.0
+                },
                 churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
@@ -318,7 +370,10 @@ impl Plan {
 
     /// Clients of `role` subscribed to channel `channel`.
     pub fn members(&self, role: Role, channel: usize) -> u64 {
-        self.clients.iter().filter(|c| c.role == role && c.channels.contains(&channel)).count() as u64
+        self.clients
+            .iter()
+            .filter(|c| c.role == role && c.channels.contains(&channel))
+            .count() as u64
     }
 
     /// How many processes the clients are spread over.
@@ -333,7 +388,9 @@ mod tests {
     use super::*;
 
     fn plan(argv: &[&str]) -> Plan {
-        Plan::new(&Args::parse_from(std::iter::once("flux-load").chain(argv.iter().copied())))
+        Plan::new(&Args::parse_from(
+            std::iter::once("flux-load").chain(argv.iter().copied()),
+        ))
     }
 
     #[test]
@@ -341,7 +398,14 @@ mod tests {
         let plan = plan(&["chat-storm"]);
         assert_eq!(plan.clients.len(), 1_000);
         let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
-        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned)), (890, 10, 100));
+        assert_eq!(
+            (
+                count(Role::Healthy),
+                count(Role::Slow),
+                count(Role::Partitioned)
+            ),
+            (890, 10, 100)
+        );
         assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1_000.0));
     }
 

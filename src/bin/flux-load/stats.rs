@@ -103,8 +103,11 @@ impl Latency {
 /// Histograms cross process boundaries as (value, count) pairs of their recorded buckets.
 impl Serialize for Latency {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(u64, u64)> =
-            self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+        let pairs: Vec<(u64, u64)> = self
+            .0
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
         pairs.serialize(serializer)
     }
 }
@@ -220,7 +223,10 @@ impl Tick {
         for role in &mut self.roles {
             let mut latency = std::mem::take(&mut role.latency);
             latency.clear();
-            *role = RoleCounts { latency, ..RoleCounts::default() };
+            *role = RoleCounts {
+                latency,
+                ..RoleCounts::default()
+            };
         }
         self.completions.clear();
         self.member_events = 0;
@@ -262,13 +268,29 @@ mod tests {
 
     #[test]
     fn ticks_add_and_reset() {
-        let mut tick = Tick { connected: 3, ..Tick::default() };
+        let mut tick = Tick {
+            connected: 3,
+            ..Tick::default()
+        };
         tick.roles[0].delivered = 5;
         tick.roles[0].latency.record(10);
-        tick.completions.insert(7, Completion { deliveries: 2, last_us: 50 });
+        tick.completions.insert(
+            7,
+            Completion {
+                deliveries: 2,
+                last_us: 50,
+            },
+        );
         let taken = tick.take_deltas();
         assert_eq!((taken.delivered(), taken.roles[0].latency.len()), (5, 1));
-        assert_eq!((tick.delivered(), tick.roles[0].latency.len(), tick.connected), (0, 0, 3));
+        assert_eq!(
+            (
+                tick.delivered(),
+                tick.roles[0].latency.len(),
+                tick.connected
+            ),
+            (0, 0, 3)
+        );
         let mut sum = Tick::default();
         sum.add(&taken);
         sum.add(&taken);
