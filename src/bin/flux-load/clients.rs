@@ -1,8 +1,10 @@
 //! A shard of Pusher clients on one mio event loop: it connects its clients (from their source
 //! addresses, at a bounded rate), completes the WebSocket handshake, subscribes, then reads
 //! every event and measures it, and plays its clients' roles: slow consumers stop reading or
-//! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin.
+//! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin,
+//! vacaters close all at once and stay away.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -82,6 +84,8 @@ struct Client {
     out: Vec<u8>,
     /// Per subscribed channel, the sequence numbers seen.
     seen: Vec<SeqWindow>,
+    /// Subscriptions asked for on this connection, and those confirmed.
+    requested: usize,
     confirmed: usize,
     established: bool,
     /// Lost its connection at least once: its next full subscription is a reconnect.
@@ -106,6 +110,7 @@ pub struct Shard<'p> {
     tick: Tick,
     started: Option<Instant>,
     stopping: bool,
+    /// The partition time has come: partitioned clients dropped, vacaters closed.
     partitioned: bool,
     churners: Vec<usize>,
     next_churn: usize,
@@ -135,6 +140,7 @@ impl<'p> Shard<'p> {
                 decoder: Decoder::for_client(MAX_MESSAGE),
                 out: Vec::new(),
                 seen: vec![SeqWindow::default(); spec.channels.len()],
+                requested: 0,
                 confirmed: 0,
                 established: false,
                 rejoining: false,
@@ -253,16 +259,21 @@ impl<'p> Shard<'p> {
         }
     }
 
-    /// Due actions: reconnects, slow reads, the partition, churn.
+    /// Due actions: reconnects, slow reads, the partition and the vacate storm, churn.
     fn scheduled(&mut self, now: Instant) {
         if let Some(started) = self.started {
             if !self.partitioned && now >= started + self.plan.injection.partition_at {
                 self.partitioned = true;
                 for i in 0..self.clients.len() {
-                    if self.clients[i].role == Role::Partitioned {
-                        self.drop_connection(i, now, false);
+                    match self.clients[i].role {
+                        Role::Partitioned => self.drop_connection(i, now, false),
+                        Role::Vacater => self.vacate(i, now),
+                        _ => {}
                     }
                 }
+                // Vacaters still waiting for their turn to connect stay away too.
+                self.to_connect
+                    .retain(|&i| self.clients[i].role != Role::Vacater);
             }
         }
         while let Some(due) = self.churn_due.filter(|&d| d <= now) {
@@ -334,12 +345,9 @@ impl<'p> Shard<'p> {
             if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
                 return self.connection_lost(i, None);
             }
-            let request = format!(
-                "GET /app/{key}?protocol=7&client=flux-load&version=1 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                self.plan.server
-            );
-            client.out.extend_from_slice(request.as_bytes());
+            client
+                .out
+                .extend_from_slice(upgrade_request(&key, self.plan.server).as_bytes());
             let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else {
                 return;
             };
@@ -428,18 +436,15 @@ impl<'p> Shard<'p> {
         let bytes: &mut [u8] = match &mut client.conn {
             Conn::Handshake(_, head) => {
                 head.extend_from_slice(bytes);
-                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    return true;
-                };
-                if !head.starts_with(b"HTTP/1.1 101") {
-                    debug!(
-                        "handshake refused: {}",
-                        String::from_utf8_lossy(&head[..end])
-                    );
-                    self.connection_lost(i, None);
-                    return false;
+                match upgrade_reply(head) {
+                    UpgradeReply::Incomplete => return true,
+                    UpgradeReply::Refused(status) => {
+                        debug!("handshake refused: {status}");
+                        self.connection_lost(i, None);
+                        return false;
+                    }
+                    UpgradeReply::Accepted { head_len } => early = head.split_off(head_len),
                 }
-                early = head.split_off(end + 4);
                 let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle)
                 else {
                     return false;
@@ -506,6 +511,10 @@ impl<'p> Shard<'p> {
                 counts.unique += 1;
                 counts.seq_gaps += skipped;
             }
+            Seen::Late => {
+                counts.unique += 1;
+                counts.late += 1;
+            }
             Seen::Duplicate => counts.duplicates += 1,
         }
         if plan.track_completions {
@@ -528,16 +537,15 @@ impl<'p> Shard<'p> {
                 let client = &mut self.clients[i];
                 client.established = true;
                 client.attempts = 0;
-                let subscribes: Vec<String> = client
-                    .channels
-                    .iter()
-                    .map(|&c| {
-                        subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id)
-                    })
-                    .collect();
-                for subscribe in subscribes {
-                    self.send(i, subscribe);
+                client.requested = client.channels.len();
+                // One burst, as pusher-js subscribes to everything it holds once connected: a
+                // frame each, written together.
+                for &c in &client.channels {
+                    let subscribe =
+                        subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id);
+                    queue_text(&mut client.out, subscribe);
                 }
+                self.flush(i);
             }
             "pusher_internal:subscription_succeeded" => {
                 let started = self.started.is_some();
@@ -573,11 +581,8 @@ impl<'p> Shard<'p> {
 
     /// Sends a text message as a masked client frame.
     fn send(&mut self, i: usize, text: String) {
-        let mut frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
-        frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
-        if frame.format(&mut self.clients[i].out).is_ok() {
-            self.flush(i);
-        }
+        queue_text(&mut self.clients[i].out, text);
+        self.flush(i);
     }
 
     /// A churner leaves politely: close frame, then the socket.
@@ -590,6 +595,17 @@ impl<'p> Shard<'p> {
             let _ = stream.write(&client.out);
         }
         self.drop_connection(i, Instant::now(), false);
+    }
+
+    /// A vacater goes for good, without a close frame, as when a load balancer drops it: the
+    /// server learns of it from the socket alone and must release every channel it held.
+    fn vacate(&mut self, i: usize, now: Instant) {
+        let client = &mut self.clients[i];
+        // A reconnect it was waiting for is called off.
+        client.wake_at = None;
+        self.tick.subscriptions_vacated += client.requested as u64;
+        self.tick.confirmed_subscriptions_vacated += client.confirmed as u64;
+        self.drop_connection(i, now, true);
     }
 
     /// The server closed (with `code`), or the connection broke.
@@ -614,6 +630,7 @@ impl<'p> Shard<'p> {
         client.conn = Conn::Idle;
         client.out.clear();
         client.decoder = Decoder::for_client(MAX_MESSAGE);
+        client.requested = 0;
         client.confirmed = 0;
         client.established = false;
         client
@@ -652,18 +669,24 @@ impl<'p> Shard<'p> {
             .iter()
             .filter(|c| c.confirmed == c.channels.len())
             .count() as u64;
+        self.tick.subscriptions = self.clients.iter().map(|c| c.confirmed as u64).sum();
     }
 }
 
 /// The sequence numbers of one channel a client has seen: all below `base`, and a window of 128
 /// above it, so events that concurrent publishers deliver slightly out of order are neither
-/// gaps nor duplicates.
-#[derive(Debug, Clone, Copy, Default)]
+/// gaps nor duplicates. Numbers the window moves past unseen are remembered (the latest
+/// [`SeqWindow::MISSING`] of them), so one that still comes is late, not a duplicate: an event
+/// that reaches a client through a backlogged worker's inbox can trail those delivered directly
+/// by thousands.
+#[derive(Debug, Clone, Default)]
 struct SeqWindow {
     /// The lowest number not yet seen (None: take the first one seen).
     base: Option<u64>,
     /// Bit i: `base + i` was seen.
     bits: u128,
+    /// Numbers below `base` not seen: counted as skipped, still welcome.
+    missing: BTreeSet<u64>,
 }
 
 /// What one sequence number was.
@@ -671,21 +694,33 @@ struct SeqWindow {
 enum Seen {
     /// First time; `skipped` numbers fell out of the window unseen to make room.
     New { skipped: u64 },
+    /// First time, after the window had moved past it (it was counted as skipped then).
+    Late,
     /// Seen before (or too old to tell).
     Duplicate,
 }
 
 impl SeqWindow {
     const SIZE: u64 = 128;
+    /// Skipped numbers remembered, at most: a few hundred kilobytes for a client that loses
+    /// everything, nothing for one that loses nothing.
+    const MISSING: usize = 4096;
 
     fn starting_at(base: Option<u64>) -> Self {
-        SeqWindow { base, bits: 0 }
+        SeqWindow {
+            base,
+            ..SeqWindow::default()
+        }
     }
 
     fn see(&mut self, seq: u64) -> Seen {
         let mut base = *self.base.get_or_insert(seq);
         if seq < base {
-            return Seen::Duplicate;
+            return if self.missing.remove(&seq) {
+                Seen::Late
+            } else {
+                Seen::Duplicate
+            };
         }
         let mut skipped = 0;
         if seq - base >= Self::SIZE {
@@ -697,6 +732,17 @@ impl SeqWindow {
                 (1u128 << in_window) - 1
             };
             skipped = in_window - u64::from((self.bits & mask).count_ones()) + (shift - in_window);
+            // The numbers leaving unseen, latest first: those beyond the window (none could be
+            // seen), then the window's own gaps.
+            let beyond = (base + in_window..base + shift).rev();
+            let gaps = (0..in_window)
+                .rev()
+                .filter(|&j| self.bits & (1u128 << j) == 0)
+                .map(|j| base + j);
+            self.missing.extend(beyond.chain(gaps).take(Self::MISSING));
+            while self.missing.len() > Self::MISSING {
+                self.missing.pop_first();
+            }
             self.bits = if shift >= Self::SIZE {
                 0
             } else {
@@ -718,6 +764,49 @@ impl SeqWindow {
         self.base = Some(base + complete);
         Seen::New { skipped }
     }
+}
+
+/// Appends `text` to `out` as a masked client frame.
+fn queue_text(out: &mut Vec<u8>, text: String) {
+    let mut frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
+    frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+    // Writing into a Vec does not fail; were a frame ever refused, the missing reply would show
+    // in the counts.
+    let _ = frame.format(out);
+}
+
+/// The request that opens a Pusher WebSocket connection to the app with `key`.
+pub fn upgrade_request(key: &str, server: SocketAddr) -> String {
+    format!(
+        "GET /app/{key}?protocol=7&client=flux-load&version=1 HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// The server's answer to an upgrade request, as far as it has arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpgradeReply {
+    /// The response head is not complete yet.
+    Incomplete,
+    /// The server answered something other than 101; its status line.
+    Refused(String),
+    /// Switched to WebSocket; frames start `head_len` bytes in.
+    Accepted { head_len: usize },
+}
+
+/// Reads the response head at the start of `received`.
+pub fn upgrade_reply(received: &[u8]) -> UpgradeReply {
+    let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return UpgradeReply::Incomplete;
+    };
+    if received.starts_with(b"HTTP/1.1 101") {
+        return UpgradeReply::Accepted { head_len: end + 4 };
+    }
+    let status_line = received[..end]
+        .split(|&b| b == b'\r')
+        .next()
+        .unwrap_or_default();
+    UpgradeReply::Refused(String::from_utf8_lossy(status_line).into_owned())
 }
 
 /// A non-blocking TCP connection from `source` to `server`, under way.
@@ -742,7 +831,7 @@ fn open_socket(
 }
 
 /// The string value of the JSON field starting with `prefix` (`"channel":"`), unescaped text only.
-fn field<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+pub fn field<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
     let start = text.find(prefix)? + prefix.len();
     let len = text[start..].find('"')?;
     Some(&text[start..start + len])
@@ -812,6 +901,20 @@ mod tests {
         // The window now covers 873..=1000: 7..=872 went by, all unseen but 134.
         assert_eq!(window.see(1_000), Seen::New { skipped: 866 - 1 });
         assert_eq!(window.see(3), Seen::Duplicate);
+        // A skipped number that comes after all is late, once.
+        assert_eq!(window.see(700), Seen::Late);
+        assert_eq!(window.see(700), Seen::Duplicate);
+        // Only the latest skipped numbers are remembered.
+        let mut jumped = SeqWindow::starting_at(Some(0));
+        assert_eq!(
+            jumped.see(1_000_000),
+            Seen::New {
+                skipped: 1_000_000 - 127
+            }
+        );
+        assert_eq!(jumped.missing.len(), SeqWindow::MISSING);
+        assert_eq!(jumped.see(999_000), Seen::Late);
+        assert_eq!(jumped.see(10), Seen::Duplicate);
         let mut fresh = SeqWindow::default();
         assert_eq!(fresh.see(42), Seen::New { skipped: 0 });
         assert_eq!(fresh.see(41), Seen::Duplicate);

@@ -1,6 +1,6 @@
-//! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher,
-//! prints a live line every second, drains, stops the shards, and reports: a table on the
-//! terminal and, with `--json`, the summary as JSON.
+//! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher
+//! (and, in vacate-storm, the storm watch), prints a live line every second, drains, stops the
+//! shards, and reports: a table on the terminal and, with `--json`, the summary as JSON.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,12 +16,14 @@ use crate::clients::{unix_micros, Command, Report};
 use crate::publisher::{self, Published};
 use crate::scenario::{Args, Plan, Publishing};
 use crate::stats::{Latency, Role, Tick};
+use crate::storm::{Storm, StormWatch, BUSY_ABOVE_BASELINE};
 use crate::Shards;
 
 /// After publishing ends, how long deliveries may keep arriving, at most.
 const MAX_DRAIN: Duration = Duration::from_secs(15);
 
-/// Runs the plan; returns success unless the run could not be carried out.
+/// Runs the plan; returns success unless the run could not be carried out or, in vacate-storm,
+/// failed its check (see [`verdict`]).
 pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let processes = plan.processes(args);
     let mut shards = Shards::start(args, plan, processes)?;
@@ -29,6 +31,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
 
     // Connect and subscribe everyone before the first publish.
     let total = plan.clients.len() as u64;
+    let planned_subscriptions = plan.clients.iter().map(|c| c.channels.len() as u64).sum();
     let connect_deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
     eprintln!(
         "flux-load {}: {} clients in {} process(es) against {} ({})",
@@ -40,19 +43,20 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     );
     while live.subscribed() < total && Instant::now() < connect_deadline {
         live.receive(&shards, Duration::from_millis(200))?;
-        live.print_connecting(total);
+        live.print_connecting(total, planned_subscriptions);
     }
     if live.subscribed() < total {
         eprintln!(
-            "warning: only {} of {total} clients subscribed within {} s",
+            "warning: only {} of {total} clients subscribed within {} s ({} of {planned_subscriptions} subscriptions confirmed)",
             live.subscribed(),
-            args.connect_timeout
+            args.connect_timeout,
+            live.subscriptions()
         );
     }
     let hold_until = Instant::now() + Duration::from_secs_f64(args.hold_secs.max(0.0));
     while Instant::now() < hold_until {
         live.receive(&shards, Duration::from_millis(200))?;
-        live.print_connecting(total);
+        live.print_connecting(total, planned_subscriptions);
     }
     live.totals = Tick::default();
 
@@ -67,6 +71,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
             (plan.clone(), calls.clone(), stop.clone(), args.publishers);
         std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
     };
+    let storm = StormWatch::start(args, plan);
     live.start(started);
     while !publisher.is_finished() {
         live.receive(&shards, Duration::from_millis(100))?;
@@ -97,6 +102,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    let storm = storm.map(StormWatch::finish);
 
     // Stop the shards and collect their last counts.
     shards.broadcast(Command::Stop);
@@ -111,7 +117,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     shards.join();
 
-    let summary = summarize(
+    let mut summary = summarize(
         args,
         plan,
         &published,
@@ -120,6 +126,9 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         expected,
         processes,
     );
+    if let Some(storm) = &storm {
+        summary["vacate"] = storm.summary(plan, &live.totals);
+    }
     print_summary(plan, &summary, &live.totals);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
@@ -127,24 +136,78 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("summary written to {}", path.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(verdict(&summary, storm.as_ref()))
 }
 
 /// Healthy deliveries the run owes: every event of a channel, to each healthy subscriber of it.
 fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
-    published
+    // Only the channels published to: vacate-storm has 200,000 others.
+    let published_channels = published
         .per_channel
         .iter()
         .enumerate()
+        .filter(|(_, &n)| n > 0);
+    published_channels
         .map(|(c, &n)| n * plan.members(Role::Healthy, c))
         .sum()
+}
+
+/// The exit code. The scenarios measure and pass whatever they measured, except vacate-storm,
+/// which reproduces a defect and so is also a check: it fails when events were lost (never
+/// delivered to the healthy subscribers, or refused by the REST API), a new connection failed
+/// during the storm, or the storm never came.
+fn verdict(summary: &serde_json::Value, storm: Option<&Storm>) -> ExitCode {
+    let Some(storm) = storm else {
+        return ExitCode::SUCCESS;
+    };
+    let mut failures = Vec::new();
+    // Publishes that timed out may still have gone out, and so make up for losses in `gaps`; the
+    // sequence numbers that never arrived catch those.
+    let lost = summary["gaps"].as_u64().unwrap_or(0);
+    let never_arrived = summary["roles"]["healthy"]["seq_gaps"]
+        .as_u64()
+        .unwrap_or(0);
+    if lost > 0 || never_arrived > 0 {
+        failures.push(format!(
+            "the healthy subscribers lost events ({lost} fewer than published reached them; {never_arrived} sequence numbers never arrived)"
+        ));
+    }
+    let refused = summary["publish_errors"].as_u64().unwrap_or(0);
+    if refused > 0 {
+        failures.push(format!("{refused} publishes failed"));
+    }
+    match storm {
+        Storm::Watched(report) if report.probes.failed() > 0 => {
+            failures.push(format!(
+                "{} of the connect probes failed",
+                report.probes.failed()
+            ));
+        }
+        Storm::Watched(_) => {}
+        Storm::Missed => failures
+            .push("the run ended before the storm (--partition-at is past its end)".to_string()),
+    }
+    if failures.is_empty() {
+        println!("vacate-storm: passed");
+        return ExitCode::SUCCESS;
+    }
+    println!("vacate-storm: FAILED: {}", failures.join("; "));
+    ExitCode::FAILURE
+}
+
+/// A shard's latest gauges.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gauges {
+    connected: u64,
+    subscribed: u64,
+    subscriptions: u64,
 }
 
 /// Running totals and the live line.
 struct Live {
     totals: Tick,
     /// Each shard's latest gauges.
-    gauges: Vec<(u64, u64)>,
+    gauges: Vec<Gauges>,
     /// Counts since the last live line.
     second: Tick,
     started: Option<Instant>,
@@ -160,7 +223,7 @@ impl Live {
     fn new(shards: usize, quiet: bool) -> Self {
         Live {
             totals: Tick::default(),
-            gauges: vec![(0, 0); shards],
+            gauges: vec![Gauges::default(); shards],
             second: Tick::default(),
             started: None,
             began: Instant::now(),
@@ -201,10 +264,15 @@ impl Live {
     }
 
     fn add(&mut self, shard: usize, tick: &Tick) {
-        self.gauges[shard] = (tick.connected, tick.subscribed);
+        self.gauges[shard] = Gauges {
+            connected: tick.connected,
+            subscribed: tick.subscribed,
+            subscriptions: tick.subscriptions,
+        };
         let deltas = Tick {
             connected: 0,
             subscribed: 0,
+            subscriptions: 0,
             ..tick.clone()
         };
         self.totals.add(&deltas);
@@ -212,14 +280,20 @@ impl Live {
     }
 
     fn connected(&self) -> u64 {
-        self.gauges.iter().map(|g| g.0).sum()
+        self.gauges.iter().map(|g| g.connected).sum()
     }
 
     fn subscribed(&self) -> u64 {
-        self.gauges.iter().map(|g| g.1).sum()
+        self.gauges.iter().map(|g| g.subscribed).sum()
     }
 
-    fn print_connecting(&mut self, total: u64) {
+    fn subscriptions(&self) -> u64 {
+        self.gauges.iter().map(|g| g.subscriptions).sum()
+    }
+
+    /// While connecting: clients connected and subscribed, and the subscriptions when clients
+    /// hold more than one.
+    fn print_connecting(&mut self, total: u64, planned_subscriptions: u64) {
         if Instant::now() < self.next_print {
             return;
         }
@@ -230,8 +304,16 @@ impl Live {
             } else {
                 "connecting"
             };
+            let subscriptions = if planned_subscriptions > total {
+                format!(
+                    " ({} / {planned_subscriptions} subscriptions)",
+                    self.subscriptions()
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed",
+                "[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed{subscriptions}",
                 self.began.elapsed().as_secs_f64(),
                 self.connected(),
                 self.subscribed()
@@ -263,7 +345,7 @@ impl Live {
             delivered,
             latency.quantile_ms(0.5),
             latency.quantile_ms(0.99),
-            healthy.seq_gaps,
+            healthy.gaps(),
             self.totals.roles.iter().map(|r| r.duplicates).sum::<u64>(),
             self.totals.roles.iter().map(|r| r.disconnects).sum::<u64>(),
             self.totals.evicted(),
@@ -301,7 +383,8 @@ fn summarize(
                     "clients": clients,
                     "delivered": counts.delivered,
                     "unique": counts.unique,
-                    "seq_gaps": counts.seq_gaps,
+                    "seq_gaps": counts.gaps(),
+                    "late": counts.late,
                     "duplicates": counts.duplicates,
                     "disconnects": counts.disconnects,
                     "reconnects": counts.reconnects,
@@ -375,6 +458,38 @@ fn summarize(
     summary
 }
 
+/// The summary's `vacate` section, on the terminal.
+fn print_storm(vacate: &serde_json::Value) {
+    println!(
+        "storm at {:.1} s: {} vacaters closed at once, vacating the {} subscriptions they had asked for (of {} planned; {} confirmed)",
+        vacate["storm_at_seconds"].as_f64().unwrap_or(0.0),
+        vacate["vacaters"], vacate["subscriptions_vacated"], vacate["subscriptions_planned"], vacate["confirmed_subscriptions_vacated"]
+    );
+    let probes = &vacate["probes"];
+    println!(
+        "connect probes over the {:.1} s from the storm: {} made, {} established, {} refused, {} timed out; connect p50 {} ms, p99 {} ms, max {} ms",
+        vacate["watched_seconds"].as_f64().unwrap_or(0.0),
+        probes["probes"], probes["established"], probes["refused"], probes["timed_out"],
+        probes["connect_ms"]["p50"], probes["connect_ms"]["p99"], probes["connect_ms"]["max"]
+    );
+    let cpu = &vacate["server_cpu"];
+    if !cpu.is_null() {
+        println!(
+            "server CPU from the storm: {} s, {} s above the pre-storm rate of {} cores; per 100,000 subscriptions vacated {} s, {} s above it",
+            cpu["seconds"], cpu["seconds_above_baseline"], cpu["before_storm_cores"],
+            cpu["per_100k_subscriptions"], cpu["per_100k_subscriptions_above_baseline"]
+        );
+        println!(
+            "server busy (over {BUSY_ABOVE_BASELINE} cores above that rate) for {} s after the storm, peak {} cores over a second{}",
+            cpu["busy_seconds"], cpu["peak_cores"],
+            if cpu["settled"].as_bool() == Some(true) { "" } else { "; still busy at the last reading" }
+        );
+    }
+    if let Some(overflows) = vacate["inbox_overflows"].as_u64() {
+        println!("server inbox overflows from the storm: {overflows}");
+    }
+}
+
 fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     println!();
     println!(
@@ -405,13 +520,17 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
             presence["member_added_latency_ms"]["p50"], presence["member_added_latency_ms"]["p99"]
         );
     }
+    if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {
+        print_storm(vacate);
+    }
     println!();
     println!(
-        "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "{:<12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
         "role",
         "clients",
         "delivered",
         "seq gaps",
+        "late",
         "dups",
         "evict",
         "disconnects",
@@ -428,19 +547,9 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
         }
         let c = &totals.roles[role.index()];
         println!(
-            "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
-            role.name(),
-            clients,
-            c.delivered,
-            c.seq_gaps,
-            c.duplicates,
-            c.evicted,
-            c.disconnects,
-            c.reconnects,
-            c.latency.quantile_ms(0.5),
-            c.latency.quantile_ms(0.95),
-            c.latency.quantile_ms(0.99),
-            c.latency.max_ms()
+            "{:<12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
+            role.name(), clients, c.delivered, c.gaps(), c.late, c.duplicates, c.evicted, c.disconnects, c.reconnects,
+            c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95), c.latency.quantile_ms(0.99), c.latency.max_ms()
         );
     }
     if let Some(phases) = summary["phases"].as_array() {

@@ -8,9 +8,11 @@
 
 mod clients;
 mod coordinator;
+mod prober;
 mod publisher;
 mod scenario;
 mod stats;
+mod storm;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command as Process, ExitCode, Stdio};

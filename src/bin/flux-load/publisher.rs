@@ -117,7 +117,8 @@ impl Published {
     }
 }
 
-fn pace(at: Instant) {
+/// Sleeps until `at`, if it is still to come.
+pub fn pace(at: Instant) {
     let now = Instant::now();
     if at > now {
         std::thread::sleep(at - now);
