@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SCENARIOS=(chat-storm fanout-1k big-channel-16k presence-5k presence-10k slow-consumer idle-15k)
+ALL_SCENARIOS=(chat-storm fanout-1k big-channel-16k presence-5k presence-10k slow-consumer idle-15k vacate-storm)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=("${ALL_SCENARIOS[@]}")
 SERVERS="${SERVERS:-flux sockudo raw}"
@@ -38,6 +38,10 @@ scenario_args() {
     slow-consumer) echo "slow-consumer" ;;
     # Connect, subscribe and sit idle for 10 s: memory per idle connection.
     idle-15k) echo "chat-storm --connections 15000 --slow 0 --partition 0 --rate 0 --hold-secs 10" ;;
+    # 200 clients on 1,000 channels each close at once; 10 healthy subscribers and a connect
+    # prober watch what the mass unsubscribe costs. A server that loses confirmations under the
+    # subscribe burst gets 20 s, not 60, before the run goes on without them.
+    vacate-storm) echo "vacate-storm --connections 200 --channels 1000 --duration 10 --connect-timeout 20" ;;
     *) echo "unknown scenario $1 (known: ${ALL_SCENARIOS[*]})" >&2; exit 2 ;;
   esac
 }
@@ -119,9 +123,12 @@ for scenario in "${SCENARIOS[@]}"; do
        r="$(rss_kib "$SERVER_PID")"; [ "${r:-0}" -gt "$peak" ] && peak="$r" && echo "$peak" >"$base.peak"
        sleep 0.5; done) &
     sampler=$!
+    # vacate-storm reads the server's CPU itself, from the storm on, besides the whole run's below.
+    storm_args=()
+    [ "$scenario" != vacate-storm ] || storm_args=(--server-pid "$SERVER_PID")
     # shellcheck disable=SC2086
-    timeout 600 target/release/flux-load $args --port "$PORT" --label "$server" --quiet --json "$base.json" \
-      >"$base.load.log" 2>&1 || echo "flux-load failed against $server; see $base.load.log" >&2
+    timeout 600 target/release/flux-load $args "${storm_args[@]}" --port "$PORT" --label "$server" --quiet --json "$base.json" \
+      >"$base.load.log" 2>&1 || echo "flux-load failed against $server (or vacate-storm's check did); see $base.load.log" >&2
     cpu_end="$(cpu_secs "$SERVER_PID")"
     rss_end="$(rss_kib "$SERVER_PID")"
     kill "$sampler" 2>/dev/null || true

@@ -59,6 +59,17 @@ def rows_for(scenario, runs):
             ("member_added latency from the join p50 ms", lambda s: s["presence"]["member_added_latency_ms"]["p50"], True),
             ("member_added latency from the join p99 ms", lambda s: s["presence"]["member_added_latency_ms"]["p99"], True),
         ]
+    if any(s.get("vacate") for s in runs.values()):
+        v = lambda s: s.get("vacate") or {}
+        rows += [
+            ("subscriptions vacated at once", lambda s: f"{v(s).get('subscriptions_vacated', 0):,}", None),
+            ("connect probes failed / made", lambda s: f"{v(s)['probes']['refused'] + v(s)['probes']['timed_out']} / {v(s)['probes']['probes']}", None),
+            ("connect during the storm p99 ms", lambda s: v(s)["probes"]["connect_ms"]["p99"], True),
+            ("connect during the storm max ms", lambda s: v(s)["probes"]["connect_ms"]["max"], True),
+            ("server CPU s from the storm", lambda s: (v(s).get("server_cpu") or {}).get("seconds"), True),
+            ("server CPU s per 100k subscriptions vacated", lambda s: (v(s).get("server_cpu") or {}).get("per_100k_subscriptions"), True),
+            ("server busy after the storm s", lambda s: (v(s).get("server_cpu") or {}).get("busy_seconds"), True),
+        ]
     if scenario.startswith("big-channel"):
         for name in ("one channel", "spread channels"):
             rows.append((f"{name}: publish to last delivery p50 ms", lambda s, n=name: phase(s, n)["completion_ms"]["p50"], True))

@@ -1,8 +1,10 @@
 //! A shard of Pusher clients on one mio event loop: it connects its clients (from their source
 //! addresses, at a bounded rate), completes the WebSocket handshake, subscribes, then reads
 //! every event and measures it, and plays its clients' roles: slow consumers stop reading or
-//! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin.
+//! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin,
+//! vacaters close all at once and stay away.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -82,6 +84,8 @@ struct Client {
     out: Vec<u8>,
     /// Per subscribed channel, the sequence numbers seen.
     seen: Vec<SeqWindow>,
+    /// Subscriptions asked for on this connection, and those confirmed.
+    requested: usize,
     confirmed: usize,
     established: bool,
     /// Lost its connection at least once: its next full subscription is a reconnect.
@@ -106,6 +110,7 @@ pub struct Shard<'p> {
     tick: Tick,
     started: Option<Instant>,
     stopping: bool,
+    /// The partition time has come: partitioned clients dropped, vacaters closed.
     partitioned: bool,
     churners: Vec<usize>,
     next_churn: usize,
@@ -115,7 +120,13 @@ pub struct Shard<'p> {
 
 impl<'p> Shard<'p> {
     /// A shard for the plan's clients whose index is `index` modulo `count`.
-    pub fn new(plan: &'p Plan, app: &App, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
+    pub fn new(
+        plan: &'p Plan,
+        app: &App,
+        index: usize,
+        count: usize,
+        connect_rate: u32,
+    ) -> io::Result<Self> {
         let clients: Vec<Client> = plan
             .clients
             .iter()
@@ -129,6 +140,7 @@ impl<'p> Shard<'p> {
                 decoder: Decoder::for_client(MAX_MESSAGE),
                 out: Vec::new(),
                 seen: vec![SeqWindow::default(); spec.channels.len()],
+                requested: 0,
                 confirmed: 0,
                 established: false,
                 rejoining: false,
@@ -137,7 +149,12 @@ impl<'p> Shard<'p> {
                 wake_at: None,
             })
             .collect();
-        let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
+        let churners = clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.role == Role::Churn)
+            .map(|(i, _)| i)
+            .collect();
         Ok(Shard {
             plan,
             app: app.clone(),
@@ -158,7 +175,11 @@ impl<'p> Shard<'p> {
     }
 
     /// Runs until [`Command::Stop`], reporting once a second through `report`.
-    pub fn run(mut self, commands: &Receiver<Command>, report: &mut dyn FnMut(Report)) -> io::Result<()> {
+    pub fn run(
+        mut self,
+        commands: &Receiver<Command>,
+        report: &mut dyn FnMut(Report),
+    ) -> io::Result<()> {
         let mut events = Events::with_capacity(4096);
         let mut next_tick = Instant::now() + TICK;
         let mut connect_budget = 0.0f64;
@@ -171,11 +192,14 @@ impl<'p> Shard<'p> {
                 Err(TryRecvError::Empty) => {}
             }
             let now = Instant::now();
-            connect_budget = (connect_budget + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
-                .min(f64::from(self.connect_rate) / 10.0);
+            connect_budget = (connect_budget
+                + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
+            .min(f64::from(self.connect_rate) / 10.0);
             last_turn = now;
             while connect_budget >= 1.0 {
-                let Some(i) = self.to_connect.pop_front() else { break };
+                let Some(i) = self.to_connect.pop_front() else {
+                    break;
+                };
                 connect_budget -= 1.0;
                 self.connect(i);
             }
@@ -216,7 +240,13 @@ impl<'p> Shard<'p> {
         for client in &mut self.clients {
             if client.role == Role::Slow {
                 client.reading = false;
-                client.wake_at = Some(now + if injection.slow_mode == SlowMode::Stop { injection.stall } else { injection.read_delay });
+                client.wake_at = Some(
+                    now + if injection.slow_mode == SlowMode::Stop {
+                        injection.stall
+                    } else {
+                        injection.read_delay
+                    },
+                );
             }
         }
         for i in 0..self.clients.len() {
@@ -229,21 +259,27 @@ impl<'p> Shard<'p> {
         }
     }
 
-    /// Due actions: reconnects, slow reads, the partition, churn.
+    /// Due actions: reconnects, slow reads, the partition and the vacate storm, churn.
     fn scheduled(&mut self, now: Instant) {
         if let Some(started) = self.started {
             if !self.partitioned && now >= started + self.plan.injection.partition_at {
                 self.partitioned = true;
                 for i in 0..self.clients.len() {
-                    if self.clients[i].role == Role::Partitioned {
-                        self.drop_connection(i, now, false);
+                    match self.clients[i].role {
+                        Role::Partitioned => self.drop_connection(i, now, false),
+                        Role::Vacater => self.vacate(i, now),
+                        _ => {}
                     }
                 }
+                // Vacaters still waiting for their turn to connect stay away too.
+                self.to_connect
+                    .retain(|&i| self.clients[i].role != Role::Vacater);
             }
         }
         while let Some(due) = self.churn_due.filter(|&d| d <= now) {
             // Each shard churns its share of the rate.
-            let shards = (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
+            let shards =
+                (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
             let interval = Duration::from_secs_f64(shards / self.plan.injection.churn_per_sec);
             self.churn_due = Some(due + interval);
             let i = self.churners[self.next_churn % self.churners.len()];
@@ -254,7 +290,9 @@ impl<'p> Shard<'p> {
             }
         }
         for i in 0..self.clients.len() {
-            let Some(due) = self.clients[i].wake_at.filter(|&d| d <= now) else { continue };
+            let Some(due) = self.clients[i].wake_at.filter(|&d| d <= now) else {
+                continue;
+            };
             let client = &mut self.clients[i];
             client.wake_at = None;
             match (&client.conn, client.role) {
@@ -281,7 +319,11 @@ impl<'p> Shard<'p> {
         match open_socket(client.source, server, client.role == Role::Slow) {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                if let Err(e) = self.poll.registry().register(&mut stream, Token(i), interest) {
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut stream, Token(i), interest)
+                {
                     debug!("register failed: {e}");
                     return self.schedule_reconnect(i, Instant::now());
                 }
@@ -296,18 +338,19 @@ impl<'p> Shard<'p> {
 
     fn writable(&mut self, i: usize) {
         let key = self.app.key.clone();
-        let Some(client) = self.clients.get_mut(i) else { return };
+        let Some(client) = self.clients.get_mut(i) else {
+            return;
+        };
         if let Conn::Connecting(stream) = &mut client.conn {
             if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
                 return self.connection_lost(i, None);
             }
-            let request = format!(
-                "GET /app/{key}?protocol=7&client=flux-load&version=1 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                self.plan.server
-            );
-            client.out.extend_from_slice(request.as_bytes());
-            let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else { return };
+            client
+                .out
+                .extend_from_slice(upgrade_request(&key, self.plan.server).as_bytes());
+            let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else {
+                return;
+            };
             client.conn = Conn::Handshake(stream, Vec::new());
         }
         self.flush(i);
@@ -316,7 +359,9 @@ impl<'p> Shard<'p> {
     /// Writes pending bytes; keeps writable interest only while some remain.
     fn flush(&mut self, i: usize) {
         let client = &mut self.clients[i];
-        let Some(stream) = client.conn.stream() else { return };
+        let Some(stream) = client.conn.stream() else {
+            return;
+        };
         while !client.out.is_empty() {
             match stream.write(&client.out) {
                 Ok(0) => break,
@@ -341,7 +386,12 @@ impl<'p> Shard<'p> {
         };
         // A client that must not read still needs some interest; readable events are ignored.
         if let Some(stream) = client.conn.stream() {
-            if self.poll.registry().reregister(stream, Token(i), interest).is_err() {
+            if self
+                .poll
+                .registry()
+                .reregister(stream, Token(i), interest)
+                .is_err()
+            {
                 self.connection_lost(i, None);
             }
         }
@@ -355,7 +405,9 @@ impl<'p> Shard<'p> {
             if !client.reading && limit.is_none() {
                 break;
             }
-            let Some(stream) = client.conn.stream() else { break };
+            let Some(stream) = client.conn.stream() else {
+                break;
+            };
             match stream.read(&mut buf[..len]) {
                 Ok(0) => {
                     self.connection_lost(i, None);
@@ -384,14 +436,19 @@ impl<'p> Shard<'p> {
         let bytes: &mut [u8] = match &mut client.conn {
             Conn::Handshake(_, head) => {
                 head.extend_from_slice(bytes);
-                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else { return true };
-                if !head.starts_with(b"HTTP/1.1 101") {
-                    debug!("handshake refused: {}", String::from_utf8_lossy(&head[..end]));
-                    self.connection_lost(i, None);
-                    return false;
+                match upgrade_reply(head) {
+                    UpgradeReply::Incomplete => return true,
+                    UpgradeReply::Refused(status) => {
+                        debug!("handshake refused: {status}");
+                        self.connection_lost(i, None);
+                        return false;
+                    }
+                    UpgradeReply::Accepted { head_len } => early = head.split_off(head_len),
                 }
-                early = head.split_off(end + 4);
-                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle) else { return false };
+                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle)
+                else {
+                    return false;
+                };
                 client.conn = Conn::Open(stream);
                 &mut early
             }
@@ -431,10 +488,19 @@ impl<'p> Shard<'p> {
         if let Some(event) = field(text, "\"event\":\"").filter(|e| e.starts_with("pusher")) {
             return self.protocol_message(i, event, text, read_at);
         }
-        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else { return };
+        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text))
+        else {
+            return;
+        };
         let plan = self.plan;
         let client = &mut self.clients[i];
-        let Some(slot) = client.channels.iter().position(|&c| plan.channels[c] == channel) else { return };
+        let Some(slot) = client
+            .channels
+            .iter()
+            .position(|&c| plan.channels[c] == channel)
+        else {
+            return;
+        };
         let counts = &mut self.tick.roles[client.role.index()];
         counts.delivered += 1;
         self.tick.last_delivery_unix_us = read_at;
@@ -444,6 +510,10 @@ impl<'p> Shard<'p> {
             Seen::New { skipped } => {
                 counts.unique += 1;
                 counts.seq_gaps += skipped;
+            }
+            Seen::Late => {
+                counts.unique += 1;
+                counts.late += 1;
             }
             Seen::Duplicate => counts.duplicates += 1,
         }
@@ -458,21 +528,24 @@ impl<'p> Shard<'p> {
         match event {
             "pusher:connection_established" => {
                 let message: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-                let data: serde_json::Value =
-                    message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let data: serde_json::Value = message["data"]
+                    .as_str()
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or_default();
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
                 let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
                 client.established = true;
                 client.attempts = 0;
-                let subscribes: Vec<String> = client
-                    .channels
-                    .iter()
-                    .map(|&c| subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id))
-                    .collect();
-                for subscribe in subscribes {
-                    self.send(i, subscribe);
+                client.requested = client.channels.len();
+                // One burst, as pusher-js subscribes to everything it holds once connected: a
+                // frame each, written together.
+                for &c in &client.channels {
+                    let subscribe =
+                        subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id);
+                    queue_text(&mut client.out, subscribe);
                 }
+                self.flush(i);
             }
             "pusher_internal:subscription_succeeded" => {
                 let started = self.started.is_some();
@@ -481,7 +554,10 @@ impl<'p> Shard<'p> {
                 if client.confirmed == client.channels.len() {
                     // Before publishing, the stream starts at 0; later, at whatever comes first.
                     let first = if started { None } else { Some(0) };
-                    client.seen.iter_mut().for_each(|s| *s = SeqWindow::starting_at(first));
+                    client
+                        .seen
+                        .iter_mut()
+                        .for_each(|s| *s = SeqWindow::starting_at(first));
                     if client.rejoining {
                         client.rejoining = false;
                         self.tick.roles[client.role.index()].reconnects += 1;
@@ -491,7 +567,9 @@ impl<'p> Shard<'p> {
             "pusher_internal:member_added" => {
                 self.tick.member_events += 1;
                 if let Some(joined_at) = number_after(text, JOINED_AT) {
-                    self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
+                    self.tick
+                        .member_added_latency
+                        .record(read_at.saturating_sub(joined_at));
                 }
             }
             "pusher_internal:member_removed" => self.tick.member_events += 1,
@@ -503,11 +581,8 @@ impl<'p> Shard<'p> {
 
     /// Sends a text message as a masked client frame.
     fn send(&mut self, i: usize, text: String) {
-        let mut frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
-        frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
-        if frame.format(&mut self.clients[i].out).is_ok() {
-            self.flush(i);
-        }
+        queue_text(&mut self.clients[i].out, text);
+        self.flush(i);
     }
 
     /// A churner leaves politely: close frame, then the socket.
@@ -520,6 +595,17 @@ impl<'p> Shard<'p> {
             let _ = stream.write(&client.out);
         }
         self.drop_connection(i, Instant::now(), false);
+    }
+
+    /// A vacater goes for good, without a close frame, as when a load balancer drops it: the
+    /// server learns of it from the socket alone and must release every channel it held.
+    fn vacate(&mut self, i: usize, now: Instant) {
+        let client = &mut self.clients[i];
+        // A reconnect it was waiting for is called off.
+        client.wake_at = None;
+        self.tick.subscriptions_vacated += client.requested as u64;
+        self.tick.confirmed_subscriptions_vacated += client.confirmed as u64;
+        self.drop_connection(i, now, true);
     }
 
     /// The server closed (with `code`), or the connection broke.
@@ -536,15 +622,21 @@ impl<'p> Shard<'p> {
     /// Closes client `i`'s socket, counts the disconnect, and schedules its return.
     fn drop_connection(&mut self, i: usize, now: Instant, for_good: bool) {
         let client = &mut self.clients[i];
-        let Some(stream) = client.conn.stream() else { return };
+        let Some(stream) = client.conn.stream() else {
+            return;
+        };
         let _ = self.poll.registry().deregister(stream);
         let was_established = client.established;
         client.conn = Conn::Idle;
         client.out.clear();
         client.decoder = Decoder::for_client(MAX_MESSAGE);
+        client.requested = 0;
         client.confirmed = 0;
         client.established = false;
-        client.seen.iter_mut().for_each(|s| *s = SeqWindow::default());
+        client
+            .seen
+            .iter_mut()
+            .for_each(|s| *s = SeqWindow::default());
         if was_established {
             self.tick.roles[client.role.index()].disconnects += 1;
             client.rejoining = true;
@@ -560,7 +652,9 @@ impl<'p> Shard<'p> {
         let backoff = if client.role == Role::Churn {
             self.plan.injection.churn_away
         } else {
-            let exponential = BACKOFF_FIRST.saturating_mul(1 << client.attempts.min(5)).min(BACKOFF_MAX);
+            let exponential = BACKOFF_FIRST
+                .saturating_mul(1 << client.attempts.min(5))
+                .min(BACKOFF_MAX);
             // Jitter, so reconnecting clients do not arrive in lockstep.
             exponential.mul_f64(0.5 + fastrand::f64())
         };
@@ -570,19 +664,29 @@ impl<'p> Shard<'p> {
 
     fn gauges(&mut self) {
         self.tick.connected = self.clients.iter().filter(|c| c.established).count() as u64;
-        self.tick.subscribed = self.clients.iter().filter(|c| c.confirmed == c.channels.len()).count() as u64;
+        self.tick.subscribed = self
+            .clients
+            .iter()
+            .filter(|c| c.confirmed == c.channels.len())
+            .count() as u64;
+        self.tick.subscriptions = self.clients.iter().map(|c| c.confirmed as u64).sum();
     }
 }
 
 /// The sequence numbers of one channel a client has seen: all below `base`, and a window of 128
 /// above it, so events that concurrent publishers deliver slightly out of order are neither
-/// gaps nor duplicates.
-#[derive(Debug, Clone, Copy, Default)]
+/// gaps nor duplicates. Numbers the window moves past unseen are remembered (the latest
+/// [`SeqWindow::MISSING`] of them), so one that still comes is late, not a duplicate: an event
+/// that reaches a client through a backlogged worker's inbox can trail those delivered directly
+/// by thousands.
+#[derive(Debug, Clone, Default)]
 struct SeqWindow {
     /// The lowest number not yet seen (None: take the first one seen).
     base: Option<u64>,
     /// Bit i: `base + i` was seen.
     bits: u128,
+    /// Numbers below `base` not seen: counted as skipped, still welcome.
+    missing: BTreeSet<u64>,
 }
 
 /// What one sequence number was.
@@ -590,29 +694,60 @@ struct SeqWindow {
 enum Seen {
     /// First time; `skipped` numbers fell out of the window unseen to make room.
     New { skipped: u64 },
+    /// First time, after the window had moved past it (it was counted as skipped then).
+    Late,
     /// Seen before (or too old to tell).
     Duplicate,
 }
 
 impl SeqWindow {
     const SIZE: u64 = 128;
+    /// Skipped numbers remembered, at most: a few hundred kilobytes for a client that loses
+    /// everything, nothing for one that loses nothing.
+    const MISSING: usize = 4096;
 
     fn starting_at(base: Option<u64>) -> Self {
-        SeqWindow { base, bits: 0 }
+        SeqWindow {
+            base,
+            ..SeqWindow::default()
+        }
     }
 
     fn see(&mut self, seq: u64) -> Seen {
         let mut base = *self.base.get_or_insert(seq);
         if seq < base {
-            return Seen::Duplicate;
+            return if self.missing.remove(&seq) {
+                Seen::Late
+            } else {
+                Seen::Duplicate
+            };
         }
         let mut skipped = 0;
         if seq - base >= Self::SIZE {
             let shift = seq - base - Self::SIZE + 1;
             let in_window = shift.min(Self::SIZE);
-            let mask = if in_window == Self::SIZE { u128::MAX } else { (1u128 << in_window) - 1 };
+            let mask = if in_window == Self::SIZE {
+                u128::MAX
+            } else {
+                (1u128 << in_window) - 1
+            };
             skipped = in_window - u64::from((self.bits & mask).count_ones()) + (shift - in_window);
-            self.bits = if shift >= Self::SIZE { 0 } else { self.bits >> shift };
+            // The numbers leaving unseen, latest first: those beyond the window (none could be
+            // seen), then the window's own gaps.
+            let beyond = (base + in_window..base + shift).rev();
+            let gaps = (0..in_window)
+                .rev()
+                .filter(|&j| self.bits & (1u128 << j) == 0)
+                .map(|j| base + j);
+            self.missing.extend(beyond.chain(gaps).take(Self::MISSING));
+            while self.missing.len() > Self::MISSING {
+                self.missing.pop_first();
+            }
+            self.bits = if shift >= Self::SIZE {
+                0
+            } else {
+                self.bits >> shift
+            };
             base += shift;
         }
         let bit = 1u128 << (seq - base);
@@ -621,14 +756,65 @@ impl SeqWindow {
         }
         self.bits |= bit;
         let complete = u64::from(self.bits.trailing_ones());
-        self.bits = if complete >= Self::SIZE { 0 } else { self.bits >> complete };
+        self.bits = if complete >= Self::SIZE {
+            0
+        } else {
+            self.bits >> complete
+        };
         self.base = Some(base + complete);
         Seen::New { skipped }
     }
 }
 
+/// Appends `text` to `out` as a masked client frame.
+fn queue_text(out: &mut Vec<u8>, text: String) {
+    let mut frame = Frame::message(text.into_bytes(), OpCode::Data(Data::Text), true);
+    frame.header_mut().mask = Some(fastrand::u32(..).to_ne_bytes());
+    // Writing into a Vec does not fail; were a frame ever refused, the missing reply would show
+    // in the counts.
+    let _ = frame.format(out);
+}
+
+/// The request that opens a Pusher WebSocket connection to the app with `key`.
+pub fn upgrade_request(key: &str, server: SocketAddr) -> String {
+    format!(
+        "GET /app/{key}?protocol=7&client=flux-load&version=1 HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// The server's answer to an upgrade request, as far as it has arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpgradeReply {
+    /// The response head is not complete yet.
+    Incomplete,
+    /// The server answered something other than 101; its status line.
+    Refused(String),
+    /// Switched to WebSocket; frames start `head_len` bytes in.
+    Accepted { head_len: usize },
+}
+
+/// Reads the response head at the start of `received`.
+pub fn upgrade_reply(received: &[u8]) -> UpgradeReply {
+    let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return UpgradeReply::Incomplete;
+    };
+    if received.starts_with(b"HTTP/1.1 101") {
+        return UpgradeReply::Accepted { head_len: end + 4 };
+    }
+    let status_line = received[..end]
+        .split(|&b| b == b'\r')
+        .next()
+        .unwrap_or_default();
+    UpgradeReply::Refused(String::from_utf8_lossy(status_line).into_owned())
+}
+
 /// A non-blocking TCP connection from `source` to `server`, under way.
-fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
+fn open_socket(
+    source: Ipv4Addr,
+    server: SocketAddr,
+    small_receive_buffer: bool,
+) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -645,7 +831,7 @@ fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool)
 }
 
 /// The string value of the JSON field starting with `prefix` (`"channel":"`), unescaped text only.
-fn field<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+pub fn field<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
     let start = text.find(prefix)? + prefix.len();
     let len = text[start..].find('"')?;
     Some(&text[start..start + len])
@@ -671,7 +857,9 @@ const JOINED_AT: &str = "joined_at_us";
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];
     let digits = rest.trim_start_matches(['\\', '"', ':', ' ']);
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
@@ -679,9 +867,12 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 /// app's auth endpoint would, for a member whose `user_info` holds the join time.
 fn subscribe_message(app: &App, channel: &str, socket_id: &str, user_id: &str) -> String {
     if !channel.starts_with("presence-") {
-        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
+        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}})
+            .to_string();
     }
-    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}}).to_string();
+    let channel_data =
+        serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}})
+            .to_string();
     let auth = channel_auth(app, socket_id, channel, Some(&channel_data));
     serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
 }
@@ -694,13 +885,36 @@ mod tests {
     fn the_sequence_window_tolerates_reordering_and_counts_what_is_lost() {
         let mut window = SeqWindow::starting_at(Some(0));
         let seen: Vec<Seen> = [0, 2, 1, 1, 3].into_iter().map(|n| window.see(n)).collect();
-        assert_eq!(seen, [Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::Duplicate, Seen::New { skipped: 0 }]);
+        assert_eq!(
+            seen,
+            [
+                Seen::New { skipped: 0 },
+                Seen::New { skipped: 0 },
+                Seen::New { skipped: 0 },
+                Seen::Duplicate,
+                Seen::New { skipped: 0 }
+            ]
+        );
         // 4 and 5 never come: they are skipped once the window moves past them.
         assert_eq!(window.see(6), Seen::New { skipped: 0 });
         assert_eq!(window.see(6 + 128), Seen::New { skipped: 2 });
         // The window now covers 873..=1000: 7..=872 went by, all unseen but 134.
         assert_eq!(window.see(1_000), Seen::New { skipped: 866 - 1 });
         assert_eq!(window.see(3), Seen::Duplicate);
+        // A skipped number that comes after all is late, once.
+        assert_eq!(window.see(700), Seen::Late);
+        assert_eq!(window.see(700), Seen::Duplicate);
+        // Only the latest skipped numbers are remembered.
+        let mut jumped = SeqWindow::starting_at(Some(0));
+        assert_eq!(
+            jumped.see(1_000_000),
+            Seen::New {
+                skipped: 1_000_000 - 127
+            }
+        );
+        assert_eq!(jumped.missing.len(), SeqWindow::MISSING);
+        assert_eq!(jumped.see(999_000), Seen::Late);
+        assert_eq!(jumped.see(10), Seen::Duplicate);
         let mut fresh = SeqWindow::default();
         assert_eq!(fresh.see(42), Seen::New { skipped: 0 });
         assert_eq!(fresh.see(41), Seen::Duplicate);
@@ -714,7 +928,10 @@ mod tests {
             assert_eq!(field(text, "\"channel\":\""), Some("guild"));
             assert_eq!(sequence(text), Some((12, 1_700_000_000_000_000)));
         }
-        assert_eq!(sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#), None);
+        assert_eq!(
+            sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#),
+            None
+        );
     }
 
     #[test]
@@ -728,16 +945,28 @@ mod tests {
 
     #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
-        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
-        let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
+        let app = App {
+            id: "a".into(),
+            key: "k".into(),
+            secret: "s".into(),
+        };
+        let message: serde_json::Value =
+            serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
         let data = &message["data"];
         let channel_data = data["channel_data"].as_str().unwrap();
         let member: serde_json::Value = serde_json::from_str(channel_data).unwrap();
         assert_eq!(member["user_id"], "u7");
         assert!(member["user_info"][JOINED_AT].as_u64().unwrap() > 0);
         let auth = data["auth"].as_str().unwrap();
-        assert!(flux::pusher::signature::channel_auth_matches(&app, "1.2", "presence-g", Some(channel_data), auth));
-        let public: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
+        assert!(flux::pusher::signature::channel_auth_matches(
+            &app,
+            "1.2",
+            "presence-g",
+            Some(channel_data),
+            auth
+        ));
+        let public: serde_json::Value =
+            serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
         assert!(public["data"].get("auth").is_none());
     }
 }

@@ -1,6 +1,6 @@
-//! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher,
-//! prints a live line every second, drains, stops the shards, and reports: a table on the
-//! terminal and, with `--json`, the summary as JSON.
+//! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher
+//! (and, in vacate-storm, the storm watch), prints a live line every second, drains, stops the
+//! shards, and reports: a table on the terminal and, with `--json`, the summary as JSON.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,12 +16,14 @@ use crate::clients::{unix_micros, Command, Report};
 use crate::publisher::{self, Published};
 use crate::scenario::{Args, Plan, Publishing};
 use crate::stats::{Latency, Role, Tick};
+use crate::storm::{Storm, StormWatch, BUSY_ABOVE_BASELINE};
 use crate::Shards;
 
 /// After publishing ends, how long deliveries may keep arriving, at most.
 const MAX_DRAIN: Duration = Duration::from_secs(15);
 
-/// Runs the plan; returns success unless the run could not be carried out.
+/// Runs the plan; returns success unless the run could not be carried out or, in vacate-storm,
+/// failed its check (see [`verdict`]).
 pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let processes = plan.processes(args);
     let mut shards = Shards::start(args, plan, processes)?;
@@ -29,6 +31,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
 
     // Connect and subscribe everyone before the first publish.
     let total = plan.clients.len() as u64;
+    let planned_subscriptions = plan.clients.iter().map(|c| c.channels.len() as u64).sum();
     let connect_deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
     eprintln!(
         "flux-load {}: {} clients in {} process(es) against {} ({})",
@@ -40,15 +43,20 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     );
     while live.subscribed() < total && Instant::now() < connect_deadline {
         live.receive(&shards, Duration::from_millis(200))?;
-        live.print_connecting(total);
+        live.print_connecting(total, planned_subscriptions);
     }
     if live.subscribed() < total {
-        eprintln!("warning: only {} of {total} clients subscribed within {} s", live.subscribed(), args.connect_timeout);
+        eprintln!(
+            "warning: only {} of {total} clients subscribed within {} s ({} of {planned_subscriptions} subscriptions confirmed)",
+            live.subscribed(),
+            args.connect_timeout,
+            live.subscriptions()
+        );
     }
     let hold_until = Instant::now() + Duration::from_secs_f64(args.hold_secs.max(0.0));
     while Instant::now() < hold_until {
         live.receive(&shards, Duration::from_millis(200))?;
-        live.print_connecting(total);
+        live.print_connecting(total, planned_subscriptions);
     }
     live.totals = Tick::default();
 
@@ -59,9 +67,11 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let publisher = {
-        let (plan, calls, stop, publishers) = (plan.clone(), calls.clone(), stop.clone(), args.publishers);
+        let (plan, calls, stop, publishers) =
+            (plan.clone(), calls.clone(), stop.clone(), args.publishers);
         std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
     };
+    let storm = StormWatch::start(args, plan);
     live.start(started);
     while !publisher.is_finished() {
         live.receive(&shards, Duration::from_millis(100))?;
@@ -83,7 +93,8 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
             quiet_since = Instant::now();
         }
         let healthy_done = live.totals.roles[Role::Healthy.index()].unique >= expected;
-        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow) || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
+        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow)
+            || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
         if (healthy_done && slow_settled && quiet_since.elapsed() > Duration::from_millis(500))
             || quiet_since.elapsed() > Duration::from_secs(3)
         {
@@ -91,6 +102,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    let storm = storm.map(StormWatch::finish);
 
     // Stop the shards and collect their last counts.
     shards.broadcast(Command::Stop);
@@ -105,26 +117,97 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     shards.join();
 
-    let summary = summarize(args, plan, &published, &live, publish_time, expected, processes);
+    let mut summary = summarize(
+        args,
+        plan,
+        &published,
+        &live,
+        publish_time,
+        expected,
+        processes,
+    );
+    if let Some(storm) = &storm {
+        summary["vacate"] = storm.summary(plan, &live.totals);
+    }
     print_summary(plan, &summary, &live.totals);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("summary written to {}", path.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(verdict(&summary, storm.as_ref()))
 }
 
 /// Healthy deliveries the run owes: every event of a channel, to each healthy subscriber of it.
 fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
-    published.per_channel.iter().enumerate().map(|(c, &n)| n * plan.members(Role::Healthy, c)).sum()
+    // Only the channels published to: vacate-storm has 200,000 others.
+    let published_channels = published
+        .per_channel
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0);
+    published_channels
+        .map(|(c, &n)| n * plan.members(Role::Healthy, c))
+        .sum()
+}
+
+/// The exit code. The scenarios measure and pass whatever they measured, except vacate-storm,
+/// which reproduces a defect and so is also a check: it fails when events were lost (never
+/// delivered to the healthy subscribers, or refused by the REST API), a new connection failed
+/// during the storm, or the storm never came.
+fn verdict(summary: &serde_json::Value, storm: Option<&Storm>) -> ExitCode {
+    let Some(storm) = storm else {
+        return ExitCode::SUCCESS;
+    };
+    let mut failures = Vec::new();
+    // Publishes that timed out may still have gone out, and so make up for losses in `gaps`; the
+    // sequence numbers that never arrived catch those.
+    let lost = summary["gaps"].as_u64().unwrap_or(0);
+    let never_arrived = summary["roles"]["healthy"]["seq_gaps"]
+        .as_u64()
+        .unwrap_or(0);
+    if lost > 0 || never_arrived > 0 {
+        failures.push(format!(
+            "the healthy subscribers lost events ({lost} fewer than published reached them; {never_arrived} sequence numbers never arrived)"
+        ));
+    }
+    let refused = summary["publish_errors"].as_u64().unwrap_or(0);
+    if refused > 0 {
+        failures.push(format!("{refused} publishes failed"));
+    }
+    match storm {
+        Storm::Watched(report) if report.probes.failed() > 0 => {
+            failures.push(format!(
+                "{} of the connect probes failed",
+                report.probes.failed()
+            ));
+        }
+        Storm::Watched(_) => {}
+        Storm::Missed => failures
+            .push("the run ended before the storm (--partition-at is past its end)".to_string()),
+    }
+    if failures.is_empty() {
+        println!("vacate-storm: passed");
+        return ExitCode::SUCCESS;
+    }
+    println!("vacate-storm: FAILED: {}", failures.join("; "));
+    ExitCode::FAILURE
+}
+
+/// A shard's latest gauges.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gauges {
+    connected: u64,
+    subscribed: u64,
+    subscriptions: u64,
 }
 
 /// Running totals and the live line.
 struct Live {
     totals: Tick,
     /// Each shard's latest gauges.
-    gauges: Vec<(u64, u64)>,
+    gauges: Vec<Gauges>,
     /// Counts since the last live line.
     second: Tick,
     started: Option<Instant>,
@@ -140,7 +223,7 @@ impl Live {
     fn new(shards: usize, quiet: bool) -> Self {
         Live {
             totals: Tick::default(),
-            gauges: vec![(0, 0); shards],
+            gauges: vec![Gauges::default(); shards],
             second: Tick::default(),
             started: None,
             began: Instant::now(),
@@ -181,28 +264,60 @@ impl Live {
     }
 
     fn add(&mut self, shard: usize, tick: &Tick) {
-        self.gauges[shard] = (tick.connected, tick.subscribed);
-        let deltas = Tick { connected: 0, subscribed: 0, ..tick.clone() };
+        self.gauges[shard] = Gauges {
+            connected: tick.connected,
+            subscribed: tick.subscribed,
+            subscriptions: tick.subscriptions,
+        };
+        let deltas = Tick {
+            connected: 0,
+            subscribed: 0,
+            subscriptions: 0,
+            ..tick.clone()
+        };
         self.totals.add(&deltas);
         self.second.add(&deltas);
     }
 
     fn connected(&self) -> u64 {
-        self.gauges.iter().map(|g| g.0).sum()
+        self.gauges.iter().map(|g| g.connected).sum()
     }
 
     fn subscribed(&self) -> u64 {
-        self.gauges.iter().map(|g| g.1).sum()
+        self.gauges.iter().map(|g| g.subscribed).sum()
     }
 
-    fn print_connecting(&mut self, total: u64) {
+    fn subscriptions(&self) -> u64 {
+        self.gauges.iter().map(|g| g.subscriptions).sum()
+    }
+
+    /// While connecting: clients connected and subscribed, and the subscriptions when clients
+    /// hold more than one.
+    fn print_connecting(&mut self, total: u64, planned_subscriptions: u64) {
         if Instant::now() < self.next_print {
             return;
         }
         self.next_print += Duration::from_secs(1);
         if !self.quiet {
-            let phase = if self.subscribed() >= total { "holding" } else { "connecting" };
-            eprintln!("[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed", self.began.elapsed().as_secs_f64(), self.connected(), self.subscribed());
+            let phase = if self.subscribed() >= total {
+                "holding"
+            } else {
+                "connecting"
+            };
+            let subscriptions = if planned_subscriptions > total {
+                format!(
+                    " ({} / {planned_subscriptions} subscriptions)",
+                    self.subscriptions()
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "[{:>4.0}s] {phase}: {} connected, {} / {total} subscribed{subscriptions}",
+                self.began.elapsed().as_secs_f64(),
+                self.connected(),
+                self.subscribed()
+            );
         }
     }
 
@@ -230,7 +345,7 @@ impl Live {
             delivered,
             latency.quantile_ms(0.5),
             latency.quantile_ms(0.99),
-            healthy.seq_gaps,
+            healthy.gaps(),
             self.totals.roles.iter().map(|r| r.duplicates).sum::<u64>(),
             self.totals.roles.iter().map(|r| r.disconnects).sum::<u64>(),
             self.totals.evicted(),
@@ -250,7 +365,11 @@ fn summarize(
     let totals = &live.totals;
     let healthy = &totals.roles[Role::Healthy.index()];
     let delivered = totals.delivered();
-    let last_delivery = Duration::from_micros(totals.last_delivery_unix_us.saturating_sub(live.started_unix_us));
+    let last_delivery = Duration::from_micros(
+        totals
+            .last_delivery_unix_us
+            .saturating_sub(live.started_unix_us),
+    );
     let window = last_delivery.max(publish_time).as_secs_f64().max(1e-3);
     let roles: serde_json::Map<String, serde_json::Value> = Role::ALL
         .iter()
@@ -264,7 +383,8 @@ fn summarize(
                     "clients": clients,
                     "delivered": counts.delivered,
                     "unique": counts.unique,
-                    "seq_gaps": counts.seq_gaps,
+                    "seq_gaps": counts.gaps(),
+                    "late": counts.late,
                     "duplicates": counts.duplicates,
                     "disconnects": counts.disconnects,
                     "reconnects": counts.reconnects,
@@ -338,9 +458,46 @@ fn summarize(
     summary
 }
 
+/// The summary's `vacate` section, on the terminal.
+fn print_storm(vacate: &serde_json::Value) {
+    println!(
+        "storm at {:.1} s: {} vacaters closed at once, vacating the {} subscriptions they had asked for (of {} planned; {} confirmed)",
+        vacate["storm_at_seconds"].as_f64().unwrap_or(0.0),
+        vacate["vacaters"], vacate["subscriptions_vacated"], vacate["subscriptions_planned"], vacate["confirmed_subscriptions_vacated"]
+    );
+    let probes = &vacate["probes"];
+    println!(
+        "connect probes over the {:.1} s from the storm: {} made, {} established, {} refused, {} timed out; connect p50 {} ms, p99 {} ms, max {} ms",
+        vacate["watched_seconds"].as_f64().unwrap_or(0.0),
+        probes["probes"], probes["established"], probes["refused"], probes["timed_out"],
+        probes["connect_ms"]["p50"], probes["connect_ms"]["p99"], probes["connect_ms"]["max"]
+    );
+    let cpu = &vacate["server_cpu"];
+    if !cpu.is_null() {
+        println!(
+            "server CPU from the storm: {} s, {} s above the pre-storm rate of {} cores; per 100,000 subscriptions vacated {} s, {} s above it",
+            cpu["seconds"], cpu["seconds_above_baseline"], cpu["before_storm_cores"],
+            cpu["per_100k_subscriptions"], cpu["per_100k_subscriptions_above_baseline"]
+        );
+        println!(
+            "server busy (over {BUSY_ABOVE_BASELINE} cores above that rate) for {} s after the storm, peak {} cores over a second{}",
+            cpu["busy_seconds"], cpu["peak_cores"],
+            if cpu["settled"].as_bool() == Some(true) { "" } else { "; still busy at the last reading" }
+        );
+    }
+    if let Some(overflows) = vacate["inbox_overflows"].as_u64() {
+        println!("server inbox overflows from the storm: {overflows}");
+    }
+}
+
 fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     println!();
-    println!("{} against {}: {} clients", summary["scenario"].as_str().unwrap_or(""), summary["server"].as_str().unwrap_or(""), summary["connections"]);
+    println!(
+        "{} against {}: {} clients",
+        summary["scenario"].as_str().unwrap_or(""),
+        summary["server"].as_str().unwrap_or(""),
+        summary["connections"]
+    );
     println!(
         "published {} events ({} calls, {} errors) in {:.1} s; delivered {} ({} deliveries/s, peak {}/s)",
         summary["published"], summary["publish_calls"], summary["publish_errors"],
@@ -349,8 +506,12 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     );
     println!(
         "healthy clients: expected {}, gaps {}; latency p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
-        summary["expected"], summary["gaps"],
-        summary["latency_ms"]["p50"], summary["latency_ms"]["p95"], summary["latency_ms"]["p99"], summary["latency_ms"]["max"]
+        summary["expected"],
+        summary["gaps"],
+        summary["latency_ms"]["p50"],
+        summary["latency_ms"]["p95"],
+        summary["latency_ms"]["p99"],
+        summary["latency_ms"]["max"]
     );
     if let Some(presence) = summary.get("presence") {
         println!(
@@ -359,10 +520,25 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
             presence["member_added_latency_ms"]["p50"], presence["member_added_latency_ms"]["p99"]
         );
     }
+    if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {
+        print_storm(vacate);
+    }
     println!();
     println!(
-        "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
-        "role", "clients", "delivered", "seq gaps", "dups", "evict", "disconnects", "reconnects", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "{:<12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>6} {:>11} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "role",
+        "clients",
+        "delivered",
+        "seq gaps",
+        "late",
+        "dups",
+        "evict",
+        "disconnects",
+        "reconnects",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms"
     );
     for role in Role::ALL {
         let clients = plan.clients.iter().filter(|c| c.role == role).count();
@@ -371,19 +547,33 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
         }
         let c = &totals.roles[role.index()];
         println!(
-            "{:<12} {:>7} {:>11} {:>9} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
-            role.name(), clients, c.delivered, c.seq_gaps, c.duplicates, c.evicted, c.disconnects, c.reconnects,
+            "{:<12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
+            role.name(), clients, c.delivered, c.gaps(), c.late, c.duplicates, c.evicted, c.disconnects, c.reconnects,
             c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95), c.latency.quantile_ms(0.99), c.latency.max_ms()
         );
     }
     if let Some(phases) = summary["phases"].as_array() {
         println!();
-        println!("{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}", "phase", "channels", "rounds", "deliveries", "to last p50 ms", "to last p99 ms", "ns per delivery");
+        println!(
+            "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
+            "phase",
+            "channels",
+            "rounds",
+            "deliveries",
+            "to last p50 ms",
+            "to last p99 ms",
+            "ns per delivery"
+        );
         for p in phases {
             println!(
                 "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
-                p["name"].as_str().unwrap_or(""), p["channels"], p["rounds"], p["deliveries_per_round"],
-                p["completion_ms"]["p50"], p["completion_ms"]["p99"], p["ns_per_delivery"]
+                p["name"].as_str().unwrap_or(""),
+                p["channels"],
+                p["rounds"],
+                p["deliveries_per_round"],
+                p["completion_ms"]["p50"],
+                p["completion_ms"]["p99"],
+                p["ns_per_delivery"]
             );
         }
     }

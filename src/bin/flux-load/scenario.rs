@@ -31,7 +31,8 @@ pub struct Args {
     #[command(flatten)]
     pub app: AppArgs,
 
-    /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers).
+    /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers;
+    /// vacate-storm: the vacaters, which close all at once).
     #[arg(long)]
     pub connections: Option<usize>,
     /// Slow consumers.
@@ -52,7 +53,8 @@ pub struct Args {
     /// Clients that drop their connection and reconnect with backoff (a network partition).
     #[arg(long)]
     pub partition: Option<usize>,
-    /// Seconds into publishing when the partition happens.
+    /// Seconds into publishing when the partition happens (vacate-storm: when every vacater
+    /// closes). Default: a third of `--duration`.
     #[arg(long)]
     pub partition_at: Option<f64>,
     /// Leaves and rejoins per second (presence-storm; each is two membership changes).
@@ -80,9 +82,11 @@ pub struct Args {
     /// Bytes of event data.
     #[arg(long)]
     pub payload: Option<usize>,
-    /// big-channel: the channels the subscribers are spread over in the second phase.
-    #[arg(long, default_value_t = 50)]
-    pub channels: usize,
+    /// big-channel: the channels the subscribers are spread over in the second phase (default
+    /// 50). vacate-storm: the distinct channels each vacater subscribes to (default 1000, Flux's
+    /// limit per connection).
+    #[arg(long)]
+    pub channels: Option<usize>,
     /// big-channel: publishes per phase.
     #[arg(long, default_value_t = 30)]
     pub rounds: usize,
@@ -108,6 +112,13 @@ pub struct Args {
     /// Name of the server under test, recorded in the JSON summary.
     #[arg(long, default_value = "flux")]
     pub label: String,
+    /// vacate-storm: the server's process id, to read its CPU time from /proc around the storm.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// vacate-storm: the server's dashboard port, to read `flux_inbox_overflows_total` from its
+    /// /metrics before and after the storm (Flux only).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
     /// Writes the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -123,6 +134,10 @@ pub struct Args {
 /// presence-storm's leaves and rejoins per second: 100 membership changes a second.
 const DEFAULT_PRESENCE_CHURN: f64 = 50.0;
 
+/// vacate-storm's healthy subscribers: enough to see lost events, few enough that the storm is
+/// the vacaters' alone.
+const VACATE_STORM_WITNESSES: usize = 10;
+
 /// The named scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
@@ -135,6 +150,9 @@ pub enum Scenario {
     /// A 5,000-10,000 member guild on a presence channel: joins and leaves (each announced to
     /// every member) while 10 events/s are published to it.
     PresenceStorm,
+    /// 200 vacaters, each on 1,000 channels of its own, close at once while 10 healthy
+    /// subscribers take 200 events/s and a prober times new connections.
+    VacateStorm,
 }
 
 impl Scenario {
@@ -145,6 +163,7 @@ impl Scenario {
             Scenario::ChatStorm => "chat-storm",
             Scenario::BigChannel => "big-channel",
             Scenario::PresenceStorm => "presence-storm",
+            Scenario::VacateStorm => "vacate-storm",
         }
     }
 }
@@ -173,9 +192,17 @@ pub struct ClientSpec {
 #[derive(Debug, Clone)]
 pub enum Publishing {
     /// `rate` events per second to `channel` for `duration`.
-    Steady { channel: usize, rate: f64, duration: Duration },
+    Steady {
+        channel: usize,
+        rate: f64,
+        duration: Duration,
+    },
     /// Phases of `rounds` publishes `interval` apart; each publish goes to all the phase's channels.
-    Rounds { phases: Vec<Phase>, rounds: usize, interval: Duration },
+    Rounds {
+        phases: Vec<Phase>,
+        rounds: usize,
+        interval: Duration,
+    },
 }
 
 /// One phase of a rounds publisher.
@@ -196,7 +223,7 @@ pub struct Injection {
     pub stall: Duration,
     /// Delay mode: time between reads.
     pub read_delay: Duration,
-    /// When partitioned clients drop.
+    /// When partitioned clients drop and vacaters close.
     pub partition_at: Duration,
     /// Leaves and rejoins per second.
     pub churn_per_sec: f64,
@@ -225,30 +252,92 @@ pub struct Plan {
     pub track_completions: bool,
 }
 
+/// How many clients of each role a plan has, in the order they are numbered.
+#[derive(Debug, Clone, Copy, Default)]
+struct Population {
+    healthy: usize,
+    slow: usize,
+    partitioned: usize,
+    churners: usize,
+    vacaters: usize,
+}
+
+impl Population {
+    fn of(args: &Args) -> Population {
+        let slow = args.slow.unwrap_or(0);
+        let partitioned = args.partition.unwrap_or(0);
+        match args.scenario {
+            Scenario::SlowConsumer => Population {
+                healthy: args.connections.unwrap_or(200),
+                slow: args.slow.unwrap_or(5),
+                partitioned,
+                ..Population::default()
+            },
+            Scenario::ChatStorm => Population {
+                healthy: args.connections.unwrap_or(890),
+                slow: args.slow.unwrap_or(10),
+                partitioned: args.partition.unwrap_or(100),
+                ..Population::default()
+            },
+            Scenario::BigChannel => Population {
+                healthy: args.connections.unwrap_or(10_000),
+                slow,
+                partitioned,
+                ..Population::default()
+            },
+            Scenario::PresenceStorm => {
+                let members = args.connections.unwrap_or(5_000);
+                // A tenth of the guild takes turns leaving and rejoining.
+                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 {
+                    (members / 10).max(1)
+                } else {
+                    0
+                };
+                Population {
+                    healthy: members - churners.min(members),
+                    slow,
+                    partitioned,
+                    churners,
+                    vacaters: 0,
+                }
+            }
+            Scenario::VacateStorm => Population {
+                healthy: VACATE_STORM_WITNESSES,
+                slow,
+                partitioned,
+                churners: 0,
+                vacaters: args.connections.unwrap_or(200),
+            },
+        }
+    }
+
+    /// Every client's role, in index order.
+    fn roles(self) -> impl Iterator<Item = Role> {
+        std::iter::repeat_n(Role::Healthy, self.healthy)
+            .chain(std::iter::repeat_n(Role::Slow, self.slow))
+            .chain(std::iter::repeat_n(Role::Partitioned, self.partitioned))
+            .chain(std::iter::repeat_n(Role::Churn, self.churners))
+            .chain(std::iter::repeat_n(Role::Vacater, self.vacaters))
+    }
+}
+
 impl Plan {
     /// The plan for `args`.
     pub fn new(args: &Args) -> Plan {
         let scenario = args.scenario;
-        let (healthy, slow, partitioned, churners) = match scenario {
-            Scenario::SlowConsumer => (args.connections.unwrap_or(200), args.slow.unwrap_or(5), args.partition.unwrap_or(0), 0),
-            Scenario::ChatStorm => (args.connections.unwrap_or(890), args.slow.unwrap_or(10), args.partition.unwrap_or(100), 0),
-            Scenario::BigChannel => (args.connections.unwrap_or(10_000), args.slow.unwrap_or(0), args.partition.unwrap_or(0), 0),
-            Scenario::PresenceStorm => {
-                let members = args.connections.unwrap_or(5_000);
-                // A tenth of the guild takes turns leaving and rejoining.
-                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 { (members / 10).max(1) } else { 0 };
-                (members - churners.min(members), args.slow.unwrap_or(0), args.partition.unwrap_or(0), churners)
-            }
-        };
+        let population = Population::of(args);
         let default_rate = match scenario {
             Scenario::SlowConsumer => 1_000.0,
             Scenario::ChatStorm => 1_000.0,
             Scenario::BigChannel => 0.0,
             // A light chat in the guild: the latency probe while membership churns.
             Scenario::PresenceStorm => 10.0,
+            // Steady enough that a stall of a few hundred milliseconds shows as late or lost events.
+            Scenario::VacateStorm => 200.0,
         };
         let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
             Scenario::SlowConsumer => 20.0,
+            Scenario::VacateStorm => 10.0,
             _ => 30.0,
         }));
         let payload = args.payload.unwrap_or(match scenario {
@@ -260,24 +349,40 @@ impl Plan {
             Scenario::BigChannel => "big".to_string(),
             // A real presence channel: every join and leave is announced to every member.
             Scenario::PresenceStorm => "presence-guild".to_string(),
+            Scenario::VacateStorm => "healthy".to_string(),
             _ => "guild-chat".to_string(),
         }];
-        let spread = args.channels.max(1);
-        if scenario == Scenario::BigChannel {
-            channels.extend((0..spread).map(|i| format!("small-{i}")));
+        let spread = args.channels.unwrap_or(50).max(1);
+        let per_vacater = args.channels.unwrap_or(1000).max(1);
+        match scenario {
+            Scenario::BigChannel => channels.extend((0..spread).map(|i| format!("small-{i}"))),
+            Scenario::VacateStorm => channels.extend(
+                (0..population.vacaters)
+                    .flat_map(|v| (0..per_vacater).map(move |k| format!("vacate-{v}-{k}"))),
+            ),
+            _ => {}
         }
 
-        let roles = std::iter::repeat_n(Role::Healthy, healthy)
-            .chain(std::iter::repeat_n(Role::Slow, slow))
-            .chain(std::iter::repeat_n(Role::Partitioned, partitioned))
-            .chain(std::iter::repeat_n(Role::Churn, churners));
         let per_ip = args.per_source_ip.max(1);
-        let clients = roles
+        let first_vacater = population
+            .roles()
+            .position(|role| role == Role::Vacater)
+            .unwrap_or(0);
+        let clients = population
+            .roles()
             .enumerate()
             .map(|(i, role)| ClientSpec {
                 role,
-                // big-channel: every client is on the big channel and on one of the small ones.
-                channels: if scenario == Scenario::BigChannel { vec![0, 1 + i % spread] } else { vec![0] },
+                channels: match (scenario, role) {
+                    // Every client is on the big channel and on one of the small ones.
+                    (Scenario::BigChannel, _) => vec![0, 1 + i % spread],
+                    // Each vacater holds its own run of channels, after the healthy one.
+                    (Scenario::VacateStorm, Role::Vacater) => {
+                        let first = 1 + (i - first_vacater) * per_vacater;
+                        (first..first + per_vacater).collect()
+                    }
+                    _ => vec![0],
+                },
                 source: Ipv4Addr::new(127, 0, 0, 1 + (i / per_ip).min(253) as u8),
             })
             .collect();
@@ -285,13 +390,23 @@ impl Plan {
         let publishing = match scenario {
             Scenario::BigChannel => Publishing::Rounds {
                 phases: vec![
-                    Phase { name: "one channel", channels: vec![0] },
-                    Phase { name: "spread channels", channels: (1..=spread).collect() },
+                    Phase {
+                        name: "one channel",
+                        channels: vec![0],
+                    },
+                    Phase {
+                        name: "spread channels",
+                        channels: (1..=spread).collect(),
+                    },
                 ],
                 rounds: args.rounds.max(1),
                 interval: Duration::from_millis(args.round_interval_ms),
             },
-            _ => Publishing::Steady { channel: 0, rate: args.rate.unwrap_or(default_rate), duration },
+            _ => Publishing::Steady {
+                channel: 0,
+                rate: args.rate.unwrap_or(default_rate),
+                duration,
+            },
         };
         let slow_mode = args.slow_mode.unwrap_or(match scenario {
             Scenario::ChatStorm => SlowMode::Delay,
@@ -308,8 +423,14 @@ impl Plan {
                 slow_mode,
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
-                partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
-                churn_per_sec: if churners > 0 { args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) } else { 0.0 },
+                partition_at: Duration::from_secs_f64(
+                    args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0),
+                ),
+                churn_per_sec: if population.churners > 0 {
+                    args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN)
+                } else {
+                    0.0
+                },
                 churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
@@ -318,7 +439,10 @@ impl Plan {
 
     /// Clients of `role` subscribed to channel `channel`.
     pub fn members(&self, role: Role, channel: usize) -> u64 {
-        self.clients.iter().filter(|c| c.role == role && c.channels.contains(&channel)).count() as u64
+        self.clients
+            .iter()
+            .filter(|c| c.role == role && c.channels.contains(&channel))
+            .count() as u64
     }
 
     /// How many processes the clients are spread over.
@@ -333,7 +457,9 @@ mod tests {
     use super::*;
 
     fn plan(argv: &[&str]) -> Plan {
-        Plan::new(&Args::parse_from(std::iter::once("flux-load").chain(argv.iter().copied())))
+        Plan::new(&Args::parse_from(
+            std::iter::once("flux-load").chain(argv.iter().copied()),
+        ))
     }
 
     #[test]
@@ -341,8 +467,81 @@ mod tests {
         let plan = plan(&["chat-storm"]);
         assert_eq!(plan.clients.len(), 1_000);
         let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
-        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned)), (890, 10, 100));
+        assert_eq!(
+            (
+                count(Role::Healthy),
+                count(Role::Slow),
+                count(Role::Partitioned)
+            ),
+            (890, 10, 100)
+        );
         assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1_000.0));
+    }
+
+    #[test]
+    fn vacate_storm_gives_each_vacater_channels_of_its_own() {
+        let plan = plan(&[
+            "vacate-storm",
+            "--connections",
+            "3",
+            "--channels",
+            "4",
+            "--duration",
+            "6",
+        ]);
+        let vacaters: Vec<&ClientSpec> = plan
+            .clients
+            .iter()
+            .filter(|c| c.role == Role::Vacater)
+            .collect();
+        assert_eq!(
+            (plan.clients.len(), vacaters.len()),
+            (VACATE_STORM_WITNESSES + 3, 3)
+        );
+        assert_eq!(
+            plan.members(Role::Healthy, 0),
+            VACATE_STORM_WITNESSES as u64
+        );
+        assert_eq!(plan.channels[0], "healthy");
+        let held: Vec<usize> = vacaters
+            .iter()
+            .flat_map(|c| c.channels.iter().copied())
+            .collect();
+        let distinct: std::collections::HashSet<&str> =
+            held.iter().map(|&c| plan.channels[c].as_str()).collect();
+        assert_eq!((held.len(), distinct.len()), (12, 12));
+        assert!(!held.contains(&0));
+        assert_eq!(plan.channels.len(), 1 + 12);
+        assert_eq!(plan.channels[vacaters[2].channels[3]], "vacate-2-3");
+        assert!(
+            matches!(plan.publishing, Publishing::Steady { channel: 0, rate, duration } if rate == 200.0 && duration == Duration::from_secs(6))
+        );
+        assert_eq!(plan.injection.partition_at, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_channels_flag_defaults_by_scenario() {
+        let storm = plan(&["vacate-storm"]);
+        assert_eq!(
+            storm
+                .clients
+                .iter()
+                .filter(|c| c.role == Role::Vacater)
+                .count(),
+            200
+        );
+        assert_eq!(storm.channels.len(), 1 + 200 * 1000);
+        assert!(storm
+            .clients
+            .iter()
+            .filter(|c| c.role == Role::Vacater)
+            .all(|c| c.channels.len() == 1000));
+        assert_eq!(
+            plan(&["big-channel", "--connections", "100"])
+                .channels
+                .len(),
+            1 + 50
+        );
     }
 
     #[test]

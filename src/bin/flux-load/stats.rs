@@ -22,11 +22,19 @@ pub enum Role {
     Partitioned,
     /// Leaves and rejoins continuously (presence churn).
     Churn,
+    /// Holds many channels of its own, then closes for good with every other vacater at once.
+    Vacater,
 }
 
 impl Role {
     /// Every role, in report order.
-    pub const ALL: [Role; 4] = [Role::Healthy, Role::Slow, Role::Partitioned, Role::Churn];
+    pub const ALL: [Role; 5] = [
+        Role::Healthy,
+        Role::Slow,
+        Role::Partitioned,
+        Role::Churn,
+        Role::Vacater,
+    ];
 
     /// Index into per-role arrays.
     pub fn index(self) -> usize {
@@ -40,6 +48,7 @@ impl Role {
             Role::Slow => "slow",
             Role::Partitioned => "partitioned",
             Role::Churn => "churn",
+            Role::Vacater => "vacater",
         }
     }
 }
@@ -103,8 +112,11 @@ impl Latency {
 /// Histograms cross process boundaries as (value, count) pairs of their recorded buckets.
 impl Serialize for Latency {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(u64, u64)> =
-            self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+        let pairs: Vec<(u64, u64)> = self
+            .0
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
         pairs.serialize(serializer)
     }
 }
@@ -140,9 +152,11 @@ pub struct RoleCounts {
     pub delivered: u64,
     /// Events received for the first time, in sequence order or after a gap.
     pub unique: u64,
-    /// Sequence numbers skipped while connected.
+    /// Sequence numbers skipped while connected (some may come later: see `late`).
     pub seq_gaps: u64,
-    /// Events received again or out of order.
+    /// Skipped numbers that came after all, behind later ones.
+    pub late: u64,
+    /// Events received again (or too late to tell: see `SeqWindow`).
     pub duplicates: u64,
     /// Connections lost (closed by the server, reset, or dropped on purpose).
     pub disconnects: u64,
@@ -155,10 +169,16 @@ pub struct RoleCounts {
 }
 
 impl RoleCounts {
+    /// Sequence numbers skipped that never came.
+    pub fn gaps(&self) -> u64 {
+        self.seq_gaps.saturating_sub(self.late)
+    }
+
     fn add(&mut self, other: &RoleCounts) {
         self.delivered += other.delivered;
         self.unique += other.unique;
         self.seq_gaps += other.seq_gaps;
+        self.late += other.late;
         self.duplicates += other.duplicates;
         self.disconnects += other.disconnects;
         self.reconnects += other.reconnects;
@@ -183,8 +203,10 @@ pub struct Tick {
     pub connected: u64,
     /// Clients subscribed to all their channels (gauge).
     pub subscribed: u64,
+    /// Subscriptions confirmed and held, every client (gauge).
+    pub subscriptions: u64,
     /// Per-role counts since the previous tick.
-    pub roles: [RoleCounts; 4],
+    pub roles: [RoleCounts; 5],
     /// Per publish (keyed by its timestamp), when tracked: deliveries and the last one's latency.
     pub completions: BTreeMap<u64, Completion>,
     /// When the latest delivery of this tick was read (Unix microseconds; 0 if none), so the
@@ -194,6 +216,11 @@ pub struct Tick {
     pub member_events: u64,
     /// From a member's join (the time in its `user_info`) to another member hearing of it.
     pub member_added_latency: Latency,
+    /// Subscriptions the vacaters had asked for when they closed: what the server held, unless
+    /// it refused some (a lost confirmation does not mean a lost subscription).
+    pub subscriptions_vacated: u64,
+    /// Of those, the ones whose `subscription_succeeded` had arrived.
+    pub confirmed_subscriptions_vacated: u64,
 }
 
 impl Tick {
@@ -201,6 +228,7 @@ impl Tick {
     pub fn add(&mut self, other: &Tick) {
         self.connected += other.connected;
         self.subscribed += other.subscribed;
+        self.subscriptions += other.subscriptions;
         for (mine, theirs) in self.roles.iter_mut().zip(&other.roles) {
             mine.add(theirs);
         }
@@ -212,6 +240,8 @@ impl Tick {
         self.last_delivery_unix_us = self.last_delivery_unix_us.max(other.last_delivery_unix_us);
         self.member_events += other.member_events;
         self.member_added_latency.add(&other.member_added_latency);
+        self.subscriptions_vacated += other.subscriptions_vacated;
+        self.confirmed_subscriptions_vacated += other.confirmed_subscriptions_vacated;
     }
 
     /// Takes the deltas out, leaving gauges and empty counters.
@@ -220,11 +250,16 @@ impl Tick {
         for role in &mut self.roles {
             let mut latency = std::mem::take(&mut role.latency);
             latency.clear();
-            *role = RoleCounts { latency, ..RoleCounts::default() };
+            *role = RoleCounts {
+                latency,
+                ..RoleCounts::default()
+            };
         }
         self.completions.clear();
         self.member_events = 0;
         self.member_added_latency.clear();
+        self.subscriptions_vacated = 0;
+        self.confirmed_subscriptions_vacated = 0;
         taken
     }
 
@@ -262,13 +297,29 @@ mod tests {
 
     #[test]
     fn ticks_add_and_reset() {
-        let mut tick = Tick { connected: 3, ..Tick::default() };
+        let mut tick = Tick {
+            connected: 3,
+            ..Tick::default()
+        };
         tick.roles[0].delivered = 5;
         tick.roles[0].latency.record(10);
-        tick.completions.insert(7, Completion { deliveries: 2, last_us: 50 });
+        tick.completions.insert(
+            7,
+            Completion {
+                deliveries: 2,
+                last_us: 50,
+            },
+        );
         let taken = tick.take_deltas();
         assert_eq!((taken.delivered(), taken.roles[0].latency.len()), (5, 1));
-        assert_eq!((tick.delivered(), tick.roles[0].latency.len(), tick.connected), (0, 0, 3));
+        assert_eq!(
+            (
+                tick.delivered(),
+                tick.roles[0].latency.len(),
+                tick.connected
+            ),
+            (0, 0, 3)
+        );
         let mut sum = Tick::default();
         sum.add(&taken);
         sum.add(&taken);
