@@ -94,3 +94,45 @@ fn vacating_many_channels_at_once_costs_no_broadcast_no_connection_and_no_inbox_
     let counters = node.observer().counters();
     assert_eq!(counters.inbox_overflows, 0, "no message between workers was lost");
 }
+
+/// Closed connections' subscriptions are removed a slice per turn, so their keys stay in the
+/// channel registry for a while. A new connection that is given one of those keys (the worker's
+/// slab hands out the last freed key first) must start with none of those subscriptions.
+#[test]
+fn a_new_connection_on_a_closed_ones_key_gets_none_of_its_channels() {
+    let node = common::start(&flux::config::Config { workers: Some(1), ..common::config() });
+    let addr = node.local_addr();
+    let leaving: Vec<Client> = (0..50)
+        .map(|c| {
+            let mut client = Client::connect(addr);
+            let mut burst = Vec::new();
+            for k in 0..CHANNELS_EACH {
+                let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": format!("old-{c}-{k}")}});
+                burst.extend(masked_text(subscribe.to_string().as_bytes()));
+            }
+            client.ws.get_mut().write_all(&burst).expect("send the subscriptions");
+            client
+        })
+        .collect();
+    let mut leaving: Vec<Client> = leaving
+        .into_iter()
+        .map(|mut client| {
+            for _ in 0..CHANNELS_EACH {
+                assert_eq!(client.next_event()["event"], "pusher_internal:subscription_succeeded");
+            }
+            client
+        })
+        .collect();
+    leaving.iter_mut().for_each(|client| client.ws.get_mut().shutdown(std::net::Shutdown::Both).expect("close"));
+    drop(leaving);
+
+    // Connects while tens of thousands of subscriptions are still being removed.
+    let mut newcomer = Client::connect(addr);
+    let last_channels: Vec<String> = (0..50).map(|c| format!("old-{c}-{}", CHANNELS_EACH - 1)).collect();
+    let channels: Vec<&str> = last_channels.iter().map(String::as_str).collect();
+    let (status, body) = common::publish(addr, &channels, "stray", "{}", None);
+    assert_eq!(status, 200, "{body}");
+    newcomer.subscribe("mine");
+    common::publish(addr, &["mine"], "first", "{}", None);
+    assert_eq!(newcomer.next_event()["event"], "first", "nothing meant for the closed connections arrived");
+}

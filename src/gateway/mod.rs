@@ -11,6 +11,7 @@
 pub mod evictions;
 mod node;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -134,6 +135,26 @@ pub struct PusherService {
     /// Presence channels that emptied while member changes were still to be announced: their
     /// `channel_vacated` waits for the last `member_removed`, as on Pusher.
     vacated_after_presence: Vec<ChannelName>,
+    /// Closed connections whose subscriptions are still to be removed, oldest first.
+    vacating: VecDeque<Vacating>,
+    /// When the next turn must come to go on removing them.
+    vacate_due: Option<Instant>,
+}
+
+/// Subscriptions removed per loop turn when connections close. A mass disconnect can leave
+/// hundreds of thousands to remove (a worker with 250 clients of 1,000 channels each); done in
+/// one turn, that held the worker (and, through their directories, the others) for most of a
+/// second. In slices of this size each turn stays within a few milliseconds, and the
+/// occupancy batches that carry the changes to the other workers stay as small.
+const VACATE_BUDGET: usize = 512;
+
+/// A closed connection's subscriptions, removed a slice per turn. Until they are all removed
+/// its key stays in the registry: broadcasts skip it (no open connection has it), and a new
+/// connection that is given the key finishes the removal before it can subscribe.
+struct Vacating {
+    id: ConnId,
+    socket: SocketId,
+    channels: indexmap::set::IntoIter<ChannelName>,
 }
 
 impl PusherService {
@@ -165,6 +186,8 @@ impl PusherService {
             policy,
             webhooks,
             vacated_after_presence: Vec::new(),
+            vacating: VecDeque::new(),
+            vacate_due: None,
         }
     }
 
@@ -468,7 +491,7 @@ impl PusherService {
             }
             Action::Close(code, reason) => {
                 if let Some(session) = conns.close(id, code, reason, now) {
-                    self.forget(id, session, now);
+                    self.forget(id, session);
                 }
             }
         }
@@ -481,10 +504,37 @@ impl PusherService {
         self.subscriptions.load(Ordering::Relaxed) >= self.policy.max_subscriptions
     }
 
-    fn forget(&mut self, id: ConnId, mut session: Session, now: Instant) {
-        let socket = session.socket_id();
-        for channel in session.take_subscriptions() {
+    /// Queues a closed connection's subscriptions for removal at the end of this and the next
+    /// turns (see [`Vacating`]).
+    fn forget(&mut self, id: ConnId, mut session: Session) {
+        let channels = session.take_subscriptions();
+        if !channels.is_empty() {
+            self.vacating.push_back(Vacating { id, socket: session.socket_id(), channels: channels.into_iter() });
+        }
+    }
+
+    /// Removes up to `budget` subscriptions of closed connections, oldest first.
+    fn vacate(&mut self, mut budget: usize, now: Instant) {
+        while budget > 0 {
+            let Some(closed) = self.vacating.front_mut() else { return };
+            let (id, socket) = (closed.id, closed.socket);
+            let Some(channel) = closed.channels.next() else {
+                self.vacating.pop_front();
+                continue;
+            };
             self.unsubscribe(id, socket, &channel, now);
+            budget -= 1;
+        }
+    }
+
+    /// Finishes the removal of a closed connection's subscriptions that used key `id`, so a new
+    /// connection given the same key starts with none of them.
+    fn vacate_key(&mut self, id: ConnId, now: Instant) {
+        let Some(index) = self.vacating.iter().position(|closed| closed.id == id) else { return };
+        if let Some(closed) = self.vacating.remove(index) {
+            for channel in closed.channels {
+                self.unsubscribe(id, closed.socket, &channel, now);
+            }
         }
     }
 
@@ -583,7 +633,8 @@ impl Service for PusherService {
         }
     }
 
-    fn on_open(&mut self, conns: &mut Conns<Session>, id: ConnId, _now: Instant) {
+    fn on_open(&mut self, conns: &mut Conns<Session>, id: ConnId, now: Instant) {
+        self.vacate_key(id, now);
         let Some(session) = conns.session(id) else {
             return;
         };
@@ -623,7 +674,7 @@ impl Service for PusherService {
                 dropped,
             });
         }
-        self.forget(id, session, Instant::now());
+        self.forget(id, session);
     }
 
     fn on_tick(&mut self, conns: &mut Conns<Session>, now: Instant) {
@@ -667,7 +718,7 @@ impl Service for PusherService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.rosters.poll_timeout(), self.outbox.retry_due()].into_iter().flatten().min()
+        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due].into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
@@ -675,6 +726,8 @@ impl Service for PusherService {
             self.announce_presence(conns, now);
         }
         self.outbox.retry(now);
+        self.vacate(VACATE_BUDGET, now);
+        self.vacate_due = (!self.vacating.is_empty()).then_some(now);
         // Occupancy goes out before this turn's frames are flushed, so another worker learns of
         // a subscription before the client hears it succeeded: one batch per worker per turn,
         // with absolute counts, whatever the number of channels that changed.

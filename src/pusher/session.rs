@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use indexmap::IndexSet;
 use serde::Deserialize;
 
 use super::presence::Member;
@@ -134,7 +135,8 @@ impl Budget {
 #[derive(Debug)]
 pub struct Session {
     socket_id: SocketId,
-    subscriptions: Vec<ChannelName>,
+    /// A set, so a client of a thousand channels costs no scan of them per request.
+    subscriptions: IndexSet<ChannelName>,
     /// The user id this connection is on each presence channel it joined.
     memberships: Vec<(ChannelName, String)>,
     user_id: Option<String>,
@@ -148,7 +150,7 @@ impl Session {
     pub fn new(socket_id: SocketId, now: Instant) -> Self {
         Session {
             socket_id,
-            subscriptions: Vec::new(),
+            subscriptions: IndexSet::new(),
             memberships: Vec::new(),
             user_id: None,
             client_events: None,
@@ -168,31 +170,29 @@ impl Session {
     }
 
     /// The channels this connection is subscribed to.
-    pub fn subscriptions(&self) -> &[ChannelName] {
+    pub fn subscriptions(&self) -> &IndexSet<ChannelName> {
         &self.subscriptions
     }
 
     /// Hands over the subscriptions, for cleanup when the connection ends.
-    pub fn take_subscriptions(&mut self) -> Vec<ChannelName> {
+    pub fn take_subscriptions(&mut self) -> IndexSet<ChannelName> {
         self.memberships.clear();
         std::mem::take(&mut self.subscriptions)
     }
 
     /// Forgets a subscription the caller could not carry out (a refused presence join).
     pub fn unsubscribed(&mut self, channel: &str) {
-        self.subscriptions.retain(|c| &**c != channel);
+        self.subscriptions.swap_remove(channel);
         self.memberships.retain(|(c, _)| &**c != channel);
     }
 
     /// Records a subscription the caller carried out.
     pub fn subscribed(&mut self, channel: ChannelName) {
-        if !self.is_subscribed(&channel) {
-            self.subscriptions.push(channel);
-        }
+        self.subscriptions.insert(channel);
     }
 
     fn is_subscribed(&self, channel: &str) -> bool {
-        self.subscriptions.iter().any(|c| &**c == channel)
+        self.subscriptions.contains(channel)
     }
 
     /// Something (any frame) arrived from the client: it is alive.
@@ -271,7 +271,7 @@ impl Session {
         if !self.is_subscribed(&channel) {
             let name: ChannelName = channel.as_str().into();
             self.memberships.push((name.clone(), member.user_id.clone()));
-            self.subscriptions.push(name);
+            self.subscriptions.insert(name);
         }
         Action::JoinPresence { channel, member }
     }
@@ -319,7 +319,7 @@ impl Session {
             ChannelKind::PrivateEncrypted => return refuse("Client events are not supported on encrypted channels"),
             ChannelKind::Public => return refuse("Client events are only supported on private and presence channels"),
         }
-        let Some(channel) = self.subscriptions.iter().find(|c| &***c == channel).cloned() else {
+        let Some(channel) = self.subscriptions.get(channel).cloned() else {
             return refuse(&format!("Client event rejected: not subscribed to {}", protocol::truncate(channel, 64)));
         };
         if message.event.len() > protocol::MAX_EVENT_NAME_LEN {
@@ -342,10 +342,7 @@ impl Session {
 
     fn handle_unsubscribe(&mut self, channel: &str) -> Action {
         self.memberships.retain(|(c, _)| &**c != channel);
-        match self.subscriptions.iter().position(|c| &**c == channel) {
-            Some(index) => Action::Unsubscribe(self.subscriptions.swap_remove(index)),
-            None => Action::None,
-        }
+        self.subscriptions.swap_take(channel).map_or(Action::None, Action::Unsubscribe)
     }
 
     /// The next time [`handle_timeout`](Self::handle_timeout) has something to do.
@@ -543,7 +540,7 @@ mod tests {
         let action = s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy());
         let member = Member::parse(data).unwrap();
         assert_eq!(action, Action::JoinPresence { channel: "presence-room".into(), member: member.clone() });
-        assert_eq!(s.subscriptions(), &["presence-room".into()] as &[ChannelName]);
+        assert_eq!(s.subscriptions().iter().map(|c| &**c).collect::<Vec<_>>(), ["presence-room"]);
         // Asking again asks the roster again (for the member list), without a second subscription.
         assert_eq!(
             s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy()),

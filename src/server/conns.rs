@@ -313,6 +313,8 @@ impl<S> Conns<S> {
             conn.phase = Phase::Closing { decoder: Some(decoder), then };
         }
         conn.outbound.close_with(frame);
+        // Its requests no longer matter, but the peer's close frame must still be read.
+        conn.reading_paused = false;
         conn.deadline = Some(now + self.limits.close_linger);
         mark_dirty(&mut self.dirty, conn, id);
         WorkerMetrics::sub(&self.metrics.counters.websockets, 1);
