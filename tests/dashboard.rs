@@ -17,8 +17,7 @@ use serde_json::{json, Value};
 /// A gateway and its dashboard, both on free loopback ports.
 fn start() -> (Gateway, Dashboard) {
     let gateway = common::start(&common::config());
-    let dashboard =
-        Dashboard::start(SocketAddr::from(([127, 0, 0, 1], 0)), gateway.observer().clone()).expect("dashboard starts");
+    let dashboard = Dashboard::start(SocketAddr::from(([127, 0, 0, 1], 0)), gateway.observer().clone()).expect("dashboard starts");
     (gateway, dashboard)
 }
 
@@ -47,8 +46,7 @@ fn request(dashboard: &Dashboard, method: &str, path: &str) -> Got {
     }
     .expect("HTTP request");
     let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let (status, content_type, allow) =
-        (response.status().as_u16(), header("content-type").unwrap_or_default(), header("allow"));
+    let (status, content_type, allow) = (response.status().as_u16(), header("content-type").unwrap_or_default(), header("allow"));
     let body = response.into_body().read_to_string().expect("response body");
     Got { status, content_type, allow, body }
 }
@@ -240,8 +238,5 @@ fn stopping_the_dashboard_closes_its_port() {
     let addr = dashboard.local_addr();
     assert_eq!(request(&dashboard, "GET", "/api/stats").status, 200);
     dashboard.stop();
-    assert!(
-        wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_err()),
-        "the dashboard still accepts connections after stop"
-    );
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_err()), "the dashboard still accepts connections after stop");
 }

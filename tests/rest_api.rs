@@ -70,7 +70,8 @@ fn batch_events_arrive_in_order() {
     let mut client = Client::connect(addr);
     client.subscribe("x");
     client.subscribe("y");
-    let batch: Vec<Value> = (0..10).map(|i| json!({"name": "n", "channel": if i % 2 == 0 { "x" } else { "y" }, "data": i.to_string()})).collect();
+    let batch: Vec<Value> =
+        (0..10).map(|i| json!({"name": "n", "channel": if i % 2 == 0 { "x" } else { "y" }, "data": i.to_string()})).collect();
     let (status, body) = rest(addr, "POST", "/apps/app-id/batch_events", &json!({ "batch": batch }).to_string(), &[]);
     assert_eq!((status, body), (200, json!({})));
     for i in 0..10 {
@@ -97,7 +98,9 @@ fn channel_queries_count_subscriptions_across_workers() {
     // Unsubscribing and disconnecting both vacate.
     news[0].send(json!({"event": "pusher:unsubscribe", "data": {"channel": "news-1"}}));
     news.truncate(1);
-    assert!(wait_until(Duration::from_secs(5), || subscription_count(addr, "news-1") == json!({"occupied": false, "subscription_count": 0})));
+    assert!(
+        wait_until(Duration::from_secs(5), || subscription_count(addr, "news-1") == json!({"occupied": false, "subscription_count": 0}))
+    );
 }
 
 #[test]
@@ -110,7 +113,10 @@ fn refusals_have_the_right_status_and_a_json_error() {
     };
 
     // A bad signature and a stale timestamp: 401.
-    let url = format!("http://{addr}/apps/app-id/channels?auth_key=app-key&auth_timestamp={}&auth_version=1.0&auth_signature=abcd", common::unix_now());
+    let url = format!(
+        "http://{addr}/apps/app-id/channels?auth_key=app-key&auth_timestamp={}&auth_version=1.0&auth_signature=abcd",
+        common::unix_now()
+    );
     expect_error(raw_get(&url), 401);
     let stale = flux::pusher::signature::sign_query(&common::app(), "GET", "/apps/app-id/channels", b"", &[], common::unix_now() - 3600);
     expect_error(raw_get(&format!("http://{addr}/apps/app-id/channels?{stale}")), 401);

@@ -163,12 +163,9 @@ fn events_are_posted_batched_and_signed_as_pusher_posts_them() {
 #[test]
 fn a_full_batch_goes_without_waiting_for_the_window() {
     let receiver = Receiver::answering(&[]);
-    let (webhooks, _delivery) = Webhooks::start(WebhookSettings {
-        batch_max: 2,
-        batch_window: Duration::from_secs(30),
-        ..settings(receiver.url.clone())
-    })
-    .expect("starts");
+    let (webhooks, _delivery) =
+        Webhooks::start(WebhookSettings { batch_max: 2, batch_window: Duration::from_secs(30), ..settings(receiver.url.clone()) })
+            .expect("starts");
     for n in 0..4 {
         webhooks.emit(occupied(&format!("c{n}")));
     }
@@ -266,8 +263,7 @@ fn gateway_config(receiver: &Receiver, batch_ms: u64) -> Config {
 fn a_node_sends_webhooks_and_shows_them_in_stats_and_metrics() {
     let receiver = Receiver::answering(&[]);
     let gateway = common::start(&gateway_config(&receiver, 10));
-    let dashboard =
-        Dashboard::start(SocketAddr::from(([127, 0, 0, 1], 0)), gateway.observer().clone()).expect("dashboard starts");
+    let dashboard = Dashboard::start(SocketAddr::from(([127, 0, 0, 1], 0)), gateway.observer().clone()).expect("dashboard starts");
     assert!(gateway.observer().webhooks().enabled);
     assert_eq!(gateway.webhooks().emit(occupied("node")), Emitted::Queued);
     let post = receiver.next(WAIT);

@@ -58,10 +58,7 @@ type Broadcast = Arc<Vec<(String, Bytes)>>;
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     match run(SocketAddr::new(args.host, args.port), threads) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -92,10 +92,7 @@ impl Dashboard {
     pub fn start(addr: SocketAddr, observer: Observer) -> Result<Dashboard, DashboardError> {
         let bind_error = |source| DashboardError::Bind { addr, source };
         let server = Server::http(addr).map_err(|e| bind_error(io::Error::other(e)))?;
-        let local_addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| bind_error(io::Error::other("the server is not on an IP address")))?;
+        let local_addr = server.server_addr().to_ip().ok_or_else(|| bind_error(io::Error::other("the server is not on an IP address")))?;
         let server = Arc::new(server);
         let history = Arc::new(History::default());
         let (stop_sampler, sampler_stop) = crossbeam_channel::bounded(1);
@@ -109,12 +106,8 @@ impl Dashboard {
         // From here on, a failed spawn drops `dashboard`, which stops the threads already started.
         let sampler = sampler::spawn(observer.clone(), history.clone(), sampler_stop).map_err(DashboardError::Spawn)?;
         dashboard.threads.push(sampler);
-        let shared = Arc::new(Shared {
-            registry: prometheus::registry(observer.clone()),
-            observer,
-            history,
-            snapshots: SnapshotCache::default(),
-        });
+        let shared =
+            Arc::new(Shared { registry: prometheus::registry(observer.clone()), observer, history, snapshots: SnapshotCache::default() });
         for index in 0..REQUEST_THREADS {
             let (server, shared, stopping) = (server.clone(), shared.clone(), dashboard.stopping.clone());
             let thread = std::thread::Builder::new()
@@ -259,9 +252,7 @@ fn answer(shared: &Shared, method: &Method, url: &str) -> Reply {
 
 fn route_reply(shared: &Shared, route: Route, query: &str) -> Result<Reply, DashboardError> {
     match route {
-        Route::Asset(asset) => {
-            Ok(Reply { status: 200, content_type: asset.content_type, body: asset.body.to_vec(), allow_get: false })
-        }
+        Route::Asset(asset) => Ok(Reply { status: 200, content_type: asset.content_type, body: asset.body.to_vec(), allow_get: false }),
         Route::Stats => Reply::json(&api::stats(&shared.observer, &shared.history)),
         Route::History => Reply::json(&api::history(&shared.history)),
         Route::Connections => {

@@ -173,13 +173,7 @@ mod tests {
         };
         let later = Reading {
             at: at + Duration::from_secs(2),
-            counters: Counters {
-                messages_out: 300,
-                writes_immediate: 1009,
-                writes_would_block: 1,
-                websockets: 7,
-                ..Counters::default()
-            },
+            counters: Counters { messages_out: 300, writes_immediate: 1009, writes_would_block: 1, websockets: 7, ..Counters::default() },
             pool: PoolStats { hits: 30, misses: 10, idle: 4 },
         };
         let sample = Sample::between(&earlier, &later, 1.0);

@@ -39,11 +39,7 @@ impl Request {
     /// Whether a comma-separated header contains `token`, case-insensitively
     /// (`Connection: keep-alive, Upgrade`).
     pub fn header_has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        self.headers.iter().filter(|(n, _)| n == name).flat_map(|(_, v)| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
     /// The first value of query parameter `name`, percent-decoded.
@@ -141,21 +137,12 @@ impl RequestReader {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let mut headers = Vec::with_capacity(parsed.headers.len());
         for h in parsed.headers.iter() {
-            let value = std::str::from_utf8(h.value)
-                .map_err(|_| RequestError::Malformed(format!("header {} is not UTF-8", h.name)))?;
+            let value = std::str::from_utf8(h.value).map_err(|_| RequestError::Malformed(format!("header {} is not UTF-8", h.name)))?;
             headers.push((h.name.to_ascii_lowercase(), value.trim().to_string()));
         }
         let http10 = parsed.version == Some(0);
-        let mut request = Request {
-            method,
-            path: path.to_string(),
-            query: query.to_string(),
-            headers,
-            body: Vec::new(),
-            close: false,
-        };
-        request.close = http10 && !request.header_has_token("connection", "keep-alive")
-            || request.header_has_token("connection", "close");
+        let mut request = Request { method, path: path.to_string(), query: query.to_string(), headers, body: Vec::new(), close: false };
+        request.close = http10 && !request.header_has_token("connection", "keep-alive") || request.header_has_token("connection", "close");
 
         if request.header("transfer-encoding").is_some() {
             return Err(RequestError::LengthRequired);
@@ -163,8 +150,7 @@ impl RequestReader {
         let body_len = match request.header("content-length") {
             None => 0,
             Some(v) => {
-                let announced: u64 =
-                    v.parse().map_err(|_| RequestError::Malformed(format!("bad Content-Length {v:?}")))?;
+                let announced: u64 = v.parse().map_err(|_| RequestError::Malformed(format!("bad Content-Length {v:?}")))?;
                 if announced > self.max_body as u64 {
                     return Err(RequestError::BodyTooLarge { announced, limit: self.max_body });
                 }

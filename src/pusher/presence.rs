@@ -420,7 +420,10 @@ mod tests {
         assert!(rosters.join(&room(), &member("a"), socket(1), t0).unwrap().new_member);
         assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW));
         assert_eq!(rosters.poll_changes(t0 + WINDOW - Duration::from_millis(1)), vec![]);
-        assert_eq!(rosters.poll_changes(t0 + WINDOW), vec![Change::Added { channel: room(), member: member("a"), except: Some(socket(1)) }]);
+        assert_eq!(
+            rosters.poll_changes(t0 + WINDOW),
+            vec![Change::Added { channel: room(), member: member("a"), except: Some(socket(1)) }]
+        );
         // A second connection of the same user: no news, either way.
         let t1 = t0 + Duration::from_secs(1);
         rosters.join(&room(), &member("a"), socket(2), t1).unwrap();

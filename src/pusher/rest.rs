@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{event_data_text, validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
 use super::presence::Membership;
+use super::protocol::{event_data_text, validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
 use super::signature;
 use super::App;
 use crate::fanout::directory::Directory;
@@ -241,11 +241,7 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
         attributes.push(info.attributes(&item.channel, context)?);
         publishes.push(Publish { channel: item.channel.as_str().into(), event: item.name.clone(), data, except, user_id: None });
     }
-    let response = if any_info {
-        Response::json(200, json!({ "batch": attributes }).to_string())
-    } else {
-        Response::json(200, "{}")
-    };
+    let response = if any_info { Response::json(200, json!({ "batch": attributes }).to_string()) } else { Response::json(200, "{}") };
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
@@ -423,7 +419,8 @@ mod tests {
 
     #[test]
     fn batch_events_publish_in_order() {
-        let body = r#"{"batch":[{"name":"a","channel":"x","data":"1"},{"name":"b","channel":"news","data":"2","info":"subscription_count"}]}"#;
+        let body =
+            r#"{"batch":[{"name":"a","channel":"x","data":"1"},{"name":"b","channel":"news","data":"2","info":"subscription_count"}]}"#;
         let outcome = call("POST", "/apps/app-id/batch_events", body, &[]);
         assert_eq!(outcome.response.status, 200);
         assert_eq!(body_json(&outcome), json!({"batch": [{}, {"subscription_count": 5}]}));
@@ -450,7 +447,10 @@ mod tests {
     #[test]
     fn errors_have_pushers_statuses_and_json_messages() {
         let cases: Vec<(u16, RestOutcome)> = vec![
-            (401, call_with_query("GET", "/apps/app-id/channels", "", "auth_key=app-key&auth_timestamp=1&auth_version=1.0&auth_signature=00")),
+            (
+                401,
+                call_with_query("GET", "/apps/app-id/channels", "", "auth_key=app-key&auth_timestamp=1&auth_version=1.0&auth_signature=00"),
+            ),
             (404, call("GET", "/apps/other/channels", "", &[])),
             (404, call("GET", "/apps/app-id/nothing", "", &[])),
             (405, call("GET", "/apps/app-id/events", "", &[])),

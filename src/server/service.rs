@@ -60,8 +60,7 @@ pub trait Service: 'static {
     type Message: Send + 'static;
 
     /// A complete HTTP request arrived on connection `id`.
-    fn on_request(&mut self, conns: &mut Conns<Self::Session>, id: ConnId, request: &Request, now: Instant)
-        -> Routed<Self::Session>;
+    fn on_request(&mut self, conns: &mut Conns<Self::Session>, id: ConnId, request: &Request, now: Instant) -> Routed<Self::Session>;
 
     /// The WebSocket of connection `id` is open (its session is in `conns`).
     fn on_open(&mut self, conns: &mut Conns<Self::Session>, id: ConnId, now: Instant);

@@ -53,12 +53,7 @@ pub struct Courier {
 
 impl Courier {
     /// A courier for `settings`, reading `events` until `stop` says when to be done.
-    pub fn new(
-        settings: WebhookSettings,
-        events: Receiver<WebhookEvent>,
-        stop: Receiver<Instant>,
-        stats: Arc<StatCells>,
-    ) -> Courier {
+    pub fn new(settings: WebhookSettings, events: Receiver<WebhookEvent>, stop: Receiver<Instant>, stats: Arc<StatCells>) -> Courier {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(settings.timeout))
             // Statuses are outcomes to count and retry, not errors to unpack.

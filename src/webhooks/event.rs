@@ -132,10 +132,7 @@ mod tests {
 
     #[test]
     fn the_body_carries_time_ms_and_the_events_in_order() {
-        let events = [
-            WebhookEvent::ChannelOccupied { channel: "a".into() },
-            WebhookEvent::ChannelVacated { channel: "a".into() },
-        ];
+        let events = [WebhookEvent::ChannelOccupied { channel: "a".into() }, WebhookEvent::ChannelVacated { channel: "a".into() }];
         let body = body(&events, 1_396_258_618_139).expect("serializes");
         let value: Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(value["time_ms"], 1_396_258_618_139u64);

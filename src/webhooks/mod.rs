@@ -226,8 +226,7 @@ impl Webhooks {
 
     /// The counters and the queue's depth now.
     pub fn stats(&self) -> WebhookStats {
-        let (queue_depth, queue_capacity) =
-            self.queue.as_ref().map_or((0, 0), |q| (q.len() as u64, q.capacity().unwrap_or(0) as u64));
+        let (queue_depth, queue_capacity) = self.queue.as_ref().map_or((0, 0), |q| (q.len() as u64, q.capacity().unwrap_or(0) as u64));
         WebhookStats { enabled: self.is_enabled(), counters: self.stats.snapshot(), queue_depth, queue_capacity }
     }
 }

@@ -50,10 +50,8 @@ pub fn upgrade_response(request: &Request) -> Result<Vec<u8>, UpgradeError> {
         return Err(UpgradeError::BadKey);
     }
     let accept = derive_accept_key(key.as_bytes());
-    Ok(format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into_bytes())
+    Ok(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+        .into_bytes())
 }
 
 #[cfg(test)]

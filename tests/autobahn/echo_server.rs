@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use flux::fanout::pool::FramePool;
 use flux::fanout::ConnId;
 use flux::http::{Request, Response};
-use flux::server::{self, ConnLimits, Conns, Ended, Routed, Service, ServerSettings};
+use flux::server::{self, ConnLimits, Conns, Ended, Routed, ServerSettings, Service};
 use flux::ws::{binary_frame, text_frame, Incoming};
 
 struct Echo {

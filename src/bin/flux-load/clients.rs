@@ -120,13 +120,7 @@ pub struct Shard<'p> {
 
 impl<'p> Shard<'p> {
     /// A shard for the plan's clients whose index is `index` modulo `count`.
-    pub fn new(
-        plan: &'p Plan,
-        app: &App,
-        index: usize,
-        count: usize,
-        connect_rate: u32,
-    ) -> io::Result<Self> {
+    pub fn new(plan: &'p Plan, app: &App, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
         let clients: Vec<Client> = plan
             .clients
             .iter()
@@ -149,12 +143,7 @@ impl<'p> Shard<'p> {
                 wake_at: None,
             })
             .collect();
-        let churners = clients
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.role == Role::Churn)
-            .map(|(i, _)| i)
-            .collect();
+        let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
         Ok(Shard {
             plan,
             app: app.clone(),
@@ -175,11 +164,7 @@ impl<'p> Shard<'p> {
     }
 
     /// Runs until [`Command::Stop`], reporting once a second through `report`.
-    pub fn run(
-        mut self,
-        commands: &Receiver<Command>,
-        report: &mut dyn FnMut(Report),
-    ) -> io::Result<()> {
+    pub fn run(mut self, commands: &Receiver<Command>, report: &mut dyn FnMut(Report)) -> io::Result<()> {
         let mut events = Events::with_capacity(4096);
         let mut next_tick = Instant::now() + TICK;
         let mut connect_budget = 0.0f64;
@@ -192,9 +177,8 @@ impl<'p> Shard<'p> {
                 Err(TryRecvError::Empty) => {}
             }
             let now = Instant::now();
-            connect_budget = (connect_budget
-                + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
-            .min(f64::from(self.connect_rate) / 10.0);
+            connect_budget = (connect_budget + now.duration_since(last_turn).as_secs_f64() * f64::from(self.connect_rate))
+                .min(f64::from(self.connect_rate) / 10.0);
             last_turn = now;
             while connect_budget >= 1.0 {
                 let Some(i) = self.to_connect.pop_front() else {
@@ -240,13 +224,7 @@ impl<'p> Shard<'p> {
         for client in &mut self.clients {
             if client.role == Role::Slow {
                 client.reading = false;
-                client.wake_at = Some(
-                    now + if injection.slow_mode == SlowMode::Stop {
-                        injection.stall
-                    } else {
-                        injection.read_delay
-                    },
-                );
+                client.wake_at = Some(now + if injection.slow_mode == SlowMode::Stop { injection.stall } else { injection.read_delay });
             }
         }
         for i in 0..self.clients.len() {
@@ -272,14 +250,12 @@ impl<'p> Shard<'p> {
                     }
                 }
                 // Vacaters still waiting for their turn to connect stay away too.
-                self.to_connect
-                    .retain(|&i| self.clients[i].role != Role::Vacater);
+                self.to_connect.retain(|&i| self.clients[i].role != Role::Vacater);
             }
         }
         while let Some(due) = self.churn_due.filter(|&d| d <= now) {
             // Each shard churns its share of the rate.
-            let shards =
-                (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
+            let shards = (self.plan.clients.len() as f64 / self.clients.len().max(1) as f64).max(1.0);
             let interval = Duration::from_secs_f64(shards / self.plan.injection.churn_per_sec);
             self.churn_due = Some(due + interval);
             let i = self.churners[self.next_churn % self.churners.len()];
@@ -319,11 +295,7 @@ impl<'p> Shard<'p> {
         match open_socket(client.source, server, client.role == Role::Slow) {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                if let Err(e) = self
-                    .poll
-                    .registry()
-                    .register(&mut stream, Token(i), interest)
-                {
+                if let Err(e) = self.poll.registry().register(&mut stream, Token(i), interest) {
                     debug!("register failed: {e}");
                     return self.schedule_reconnect(i, Instant::now());
                 }
@@ -345,9 +317,7 @@ impl<'p> Shard<'p> {
             if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
                 return self.connection_lost(i, None);
             }
-            client
-                .out
-                .extend_from_slice(upgrade_request(&key, self.plan.server).as_bytes());
+            client.out.extend_from_slice(upgrade_request(&key, self.plan.server).as_bytes());
             let Conn::Connecting(stream) = std::mem::replace(&mut client.conn, Conn::Idle) else {
                 return;
             };
@@ -386,12 +356,7 @@ impl<'p> Shard<'p> {
         };
         // A client that must not read still needs some interest; readable events are ignored.
         if let Some(stream) = client.conn.stream() {
-            if self
-                .poll
-                .registry()
-                .reregister(stream, Token(i), interest)
-                .is_err()
-            {
+            if self.poll.registry().reregister(stream, Token(i), interest).is_err() {
                 self.connection_lost(i, None);
             }
         }
@@ -445,8 +410,7 @@ impl<'p> Shard<'p> {
                     }
                     UpgradeReply::Accepted { head_len } => early = head.split_off(head_len),
                 }
-                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle)
-                else {
+                let Conn::Handshake(stream, _) = std::mem::replace(&mut client.conn, Conn::Idle) else {
                     return false;
                 };
                 client.conn = Conn::Open(stream);
@@ -488,17 +452,12 @@ impl<'p> Shard<'p> {
         if let Some(event) = field(text, "\"event\":\"").filter(|e| e.starts_with("pusher")) {
             return self.protocol_message(i, event, text, read_at);
         }
-        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text))
-        else {
+        let (Some(channel), Some((seq, sent_at))) = (field(text, "\"channel\":\""), sequence(text)) else {
             return;
         };
         let plan = self.plan;
         let client = &mut self.clients[i];
-        let Some(slot) = client
-            .channels
-            .iter()
-            .position(|&c| plan.channels[c] == channel)
-        else {
+        let Some(slot) = client.channels.iter().position(|&c| plan.channels[c] == channel) else {
             return;
         };
         let counts = &mut self.tick.roles[client.role.index()];
@@ -528,10 +487,7 @@ impl<'p> Shard<'p> {
         match event {
             "pusher:connection_established" => {
                 let message: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-                let data: serde_json::Value = message["data"]
-                    .as_str()
-                    .and_then(|d| serde_json::from_str(d).ok())
-                    .unwrap_or_default();
+                let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
                 let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
@@ -541,8 +497,7 @@ impl<'p> Shard<'p> {
                 // One burst, as pusher-js subscribes to everything it holds once connected: a
                 // frame each, written together.
                 for &c in &client.channels {
-                    let subscribe =
-                        subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id);
+                    let subscribe = subscribe_message(&self.app, &self.plan.channels[c], &socket_id, &user_id);
                     queue_text(&mut client.out, subscribe);
                 }
                 self.flush(i);
@@ -554,10 +509,7 @@ impl<'p> Shard<'p> {
                 if client.confirmed == client.channels.len() {
                     // Before publishing, the stream starts at 0; later, at whatever comes first.
                     let first = if started { None } else { Some(0) };
-                    client
-                        .seen
-                        .iter_mut()
-                        .for_each(|s| *s = SeqWindow::starting_at(first));
+                    client.seen.iter_mut().for_each(|s| *s = SeqWindow::starting_at(first));
                     if client.rejoining {
                         client.rejoining = false;
                         self.tick.roles[client.role.index()].reconnects += 1;
@@ -567,9 +519,7 @@ impl<'p> Shard<'p> {
             "pusher_internal:member_added" => {
                 self.tick.member_events += 1;
                 if let Some(joined_at) = number_after(text, JOINED_AT) {
-                    self.tick
-                        .member_added_latency
-                        .record(read_at.saturating_sub(joined_at));
+                    self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
                 }
             }
             "pusher_internal:member_removed" => self.tick.member_events += 1,
@@ -633,10 +583,7 @@ impl<'p> Shard<'p> {
         client.requested = 0;
         client.confirmed = 0;
         client.established = false;
-        client
-            .seen
-            .iter_mut()
-            .for_each(|s| *s = SeqWindow::default());
+        client.seen.iter_mut().for_each(|s| *s = SeqWindow::default());
         if was_established {
             self.tick.roles[client.role.index()].disconnects += 1;
             client.rejoining = true;
@@ -652,9 +599,7 @@ impl<'p> Shard<'p> {
         let backoff = if client.role == Role::Churn {
             self.plan.injection.churn_away
         } else {
-            let exponential = BACKOFF_FIRST
-                .saturating_mul(1 << client.attempts.min(5))
-                .min(BACKOFF_MAX);
+            let exponential = BACKOFF_FIRST.saturating_mul(1 << client.attempts.min(5)).min(BACKOFF_MAX);
             // Jitter, so reconnecting clients do not arrive in lockstep.
             exponential.mul_f64(0.5 + fastrand::f64())
         };
@@ -664,11 +609,7 @@ impl<'p> Shard<'p> {
 
     fn gauges(&mut self) {
         self.tick.connected = self.clients.iter().filter(|c| c.established).count() as u64;
-        self.tick.subscribed = self
-            .clients
-            .iter()
-            .filter(|c| c.confirmed == c.channels.len())
-            .count() as u64;
+        self.tick.subscribed = self.clients.iter().filter(|c| c.confirmed == c.channels.len()).count() as u64;
         self.tick.subscriptions = self.clients.iter().map(|c| c.confirmed as u64).sum();
     }
 }
@@ -707,47 +648,29 @@ impl SeqWindow {
     const MISSING: usize = 4096;
 
     fn starting_at(base: Option<u64>) -> Self {
-        SeqWindow {
-            base,
-            ..SeqWindow::default()
-        }
+        SeqWindow { base, ..SeqWindow::default() }
     }
 
     fn see(&mut self, seq: u64) -> Seen {
         let mut base = *self.base.get_or_insert(seq);
         if seq < base {
-            return if self.missing.remove(&seq) {
-                Seen::Late
-            } else {
-                Seen::Duplicate
-            };
+            return if self.missing.remove(&seq) { Seen::Late } else { Seen::Duplicate };
         }
         let mut skipped = 0;
         if seq - base >= Self::SIZE {
             let shift = seq - base - Self::SIZE + 1;
             let in_window = shift.min(Self::SIZE);
-            let mask = if in_window == Self::SIZE {
-                u128::MAX
-            } else {
-                (1u128 << in_window) - 1
-            };
+            let mask = if in_window == Self::SIZE { u128::MAX } else { (1u128 << in_window) - 1 };
             skipped = in_window - u64::from((self.bits & mask).count_ones()) + (shift - in_window);
             // The numbers leaving unseen, latest first: those beyond the window (none could be
             // seen), then the window's own gaps.
             let beyond = (base + in_window..base + shift).rev();
-            let gaps = (0..in_window)
-                .rev()
-                .filter(|&j| self.bits & (1u128 << j) == 0)
-                .map(|j| base + j);
+            let gaps = (0..in_window).rev().filter(|&j| self.bits & (1u128 << j) == 0).map(|j| base + j);
             self.missing.extend(beyond.chain(gaps).take(Self::MISSING));
             while self.missing.len() > Self::MISSING {
                 self.missing.pop_first();
             }
-            self.bits = if shift >= Self::SIZE {
-                0
-            } else {
-                self.bits >> shift
-            };
+            self.bits = if shift >= Self::SIZE { 0 } else { self.bits >> shift };
             base += shift;
         }
         let bit = 1u128 << (seq - base);
@@ -756,11 +679,7 @@ impl SeqWindow {
         }
         self.bits |= bit;
         let complete = u64::from(self.bits.trailing_ones());
-        self.bits = if complete >= Self::SIZE {
-            0
-        } else {
-            self.bits >> complete
-        };
+        self.bits = if complete >= Self::SIZE { 0 } else { self.bits >> complete };
         self.base = Some(base + complete);
         Seen::New { skipped }
     }
@@ -802,19 +721,12 @@ pub fn upgrade_reply(received: &[u8]) -> UpgradeReply {
     if received.starts_with(b"HTTP/1.1 101") {
         return UpgradeReply::Accepted { head_len: end + 4 };
     }
-    let status_line = received[..end]
-        .split(|&b| b == b'\r')
-        .next()
-        .unwrap_or_default();
+    let status_line = received[..end].split(|&b| b == b'\r').next().unwrap_or_default();
     UpgradeReply::Refused(String::from_utf8_lossy(status_line).into_owned())
 }
 
 /// A non-blocking TCP connection from `source` to `server`, under way.
-fn open_socket(
-    source: Ipv4Addr,
-    server: SocketAddr,
-    small_receive_buffer: bool,
-) -> io::Result<TcpStream> {
+fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
@@ -857,9 +769,7 @@ const JOINED_AT: &str = "joined_at_us";
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];
     let digits = rest.trim_start_matches(['\\', '"', ':', ' ']);
-    let end = digits
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(digits.len());
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
@@ -867,12 +777,9 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 /// app's auth endpoint would, for a member whose `user_info` holds the join time.
 fn subscribe_message(app: &App, channel: &str, socket_id: &str, user_id: &str) -> String {
     if !channel.starts_with("presence-") {
-        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}})
-            .to_string();
+        return serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
     }
-    let channel_data =
-        serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}})
-            .to_string();
+    let channel_data = serde_json::json!({"user_id": user_id, "user_info": {JOINED_AT: unix_micros()}}).to_string();
     let auth = channel_auth(app, socket_id, channel, Some(&channel_data));
     serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}).to_string()
 }
@@ -887,13 +794,7 @@ mod tests {
         let seen: Vec<Seen> = [0, 2, 1, 1, 3].into_iter().map(|n| window.see(n)).collect();
         assert_eq!(
             seen,
-            [
-                Seen::New { skipped: 0 },
-                Seen::New { skipped: 0 },
-                Seen::New { skipped: 0 },
-                Seen::Duplicate,
-                Seen::New { skipped: 0 }
-            ]
+            [Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::New { skipped: 0 }, Seen::Duplicate, Seen::New { skipped: 0 }]
         );
         // 4 and 5 never come: they are skipped once the window moves past them.
         assert_eq!(window.see(6), Seen::New { skipped: 0 });
@@ -906,12 +807,7 @@ mod tests {
         assert_eq!(window.see(700), Seen::Duplicate);
         // Only the latest skipped numbers are remembered.
         let mut jumped = SeqWindow::starting_at(Some(0));
-        assert_eq!(
-            jumped.see(1_000_000),
-            Seen::New {
-                skipped: 1_000_000 - 127
-            }
-        );
+        assert_eq!(jumped.see(1_000_000), Seen::New { skipped: 1_000_000 - 127 });
         assert_eq!(jumped.missing.len(), SeqWindow::MISSING);
         assert_eq!(jumped.see(999_000), Seen::Late);
         assert_eq!(jumped.see(10), Seen::Duplicate);
@@ -928,10 +824,7 @@ mod tests {
             assert_eq!(field(text, "\"channel\":\""), Some("guild"));
             assert_eq!(sequence(text), Some((12, 1_700_000_000_000_000)));
         }
-        assert_eq!(
-            sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#),
-            None
-        );
+        assert_eq!(sequence(r#"{"event":"m","channel":"c","data":"{\"x\":1}"}"#), None);
     }
 
     #[test]
@@ -945,28 +838,16 @@ mod tests {
 
     #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
-        let app = App {
-            id: "a".into(),
-            key: "k".into(),
-            secret: "s".into(),
-        };
-        let message: serde_json::Value =
-            serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
+        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
+        let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
         let data = &message["data"];
         let channel_data = data["channel_data"].as_str().unwrap();
         let member: serde_json::Value = serde_json::from_str(channel_data).unwrap();
         assert_eq!(member["user_id"], "u7");
         assert!(member["user_info"][JOINED_AT].as_u64().unwrap() > 0);
         let auth = data["auth"].as_str().unwrap();
-        assert!(flux::pusher::signature::channel_auth_matches(
-            &app,
-            "1.2",
-            "presence-g",
-            Some(channel_data),
-            auth
-        ));
-        let public: serde_json::Value =
-            serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
+        assert!(flux::pusher::signature::channel_auth_matches(&app, "1.2", "presence-g", Some(channel_data), auth));
+        let public: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "chat", "1.2", "u7")).unwrap();
         assert!(public["data"].get("auth").is_none());
     }
 }

@@ -67,8 +67,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let publisher = {
-        let (plan, calls, stop, publishers) =
-            (plan.clone(), calls.clone(), stop.clone(), args.publishers);
+        let (plan, calls, stop, publishers) = (plan.clone(), calls.clone(), stop.clone(), args.publishers);
         std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
     };
     let storm = StormWatch::start(args, plan);
@@ -93,8 +92,8 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
             quiet_since = Instant::now();
         }
         let healthy_done = live.totals.roles[Role::Healthy.index()].unique >= expected;
-        let slow_settled = !plan.clients.iter().any(|c| c.role == Role::Slow)
-            || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
+        let slow_settled =
+            !plan.clients.iter().any(|c| c.role == Role::Slow) || started.elapsed() > plan.injection.stall + Duration::from_secs(2);
         if (healthy_done && slow_settled && quiet_since.elapsed() > Duration::from_millis(500))
             || quiet_since.elapsed() > Duration::from_secs(3)
         {
@@ -117,23 +116,14 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     shards.join();
 
-    let mut summary = summarize(
-        args,
-        plan,
-        &published,
-        &live,
-        publish_time,
-        expected,
-        processes,
-    );
+    let mut summary = summarize(args, plan, &published, &live, publish_time, expected, processes);
     if let Some(storm) = &storm {
         summary["vacate"] = storm.summary(plan, &live.totals);
     }
     print_summary(plan, &summary, &live.totals);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("summary written to {}", path.display());
     }
     Ok(verdict(&summary, storm.as_ref()))
@@ -142,14 +132,8 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
 /// Healthy deliveries the run owes: every event of a channel, to each healthy subscriber of it.
 fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
     // Only the channels published to: vacate-storm has 200,000 others.
-    let published_channels = published
-        .per_channel
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n > 0);
-    published_channels
-        .map(|(c, &n)| n * plan.members(Role::Healthy, c))
-        .sum()
+    let published_channels = published.per_channel.iter().enumerate().filter(|(_, &n)| n > 0);
+    published_channels.map(|(c, &n)| n * plan.members(Role::Healthy, c)).sum()
 }
 
 /// The exit code. The scenarios measure and pass whatever they measured, except vacate-storm,
@@ -164,9 +148,7 @@ fn verdict(summary: &serde_json::Value, storm: Option<&Storm>) -> ExitCode {
     // Publishes that timed out may still have gone out, and so make up for losses in `gaps`; the
     // sequence numbers that never arrived catch those.
     let lost = summary["gaps"].as_u64().unwrap_or(0);
-    let never_arrived = summary["roles"]["healthy"]["seq_gaps"]
-        .as_u64()
-        .unwrap_or(0);
+    let never_arrived = summary["roles"]["healthy"]["seq_gaps"].as_u64().unwrap_or(0);
     if lost > 0 || never_arrived > 0 {
         failures.push(format!(
             "the healthy subscribers lost events ({lost} fewer than published reached them; {never_arrived} sequence numbers never arrived)"
@@ -178,14 +160,10 @@ fn verdict(summary: &serde_json::Value, storm: Option<&Storm>) -> ExitCode {
     }
     match storm {
         Storm::Watched(report) if report.probes.failed() > 0 => {
-            failures.push(format!(
-                "{} of the connect probes failed",
-                report.probes.failed()
-            ));
+            failures.push(format!("{} of the connect probes failed", report.probes.failed()));
         }
         Storm::Watched(_) => {}
-        Storm::Missed => failures
-            .push("the run ended before the storm (--partition-at is past its end)".to_string()),
+        Storm::Missed => failures.push("the run ended before the storm (--partition-at is past its end)".to_string()),
     }
     if failures.is_empty() {
         println!("vacate-storm: passed");
@@ -264,17 +242,8 @@ impl Live {
     }
 
     fn add(&mut self, shard: usize, tick: &Tick) {
-        self.gauges[shard] = Gauges {
-            connected: tick.connected,
-            subscribed: tick.subscribed,
-            subscriptions: tick.subscriptions,
-        };
-        let deltas = Tick {
-            connected: 0,
-            subscribed: 0,
-            subscriptions: 0,
-            ..tick.clone()
-        };
+        self.gauges[shard] = Gauges { connected: tick.connected, subscribed: tick.subscribed, subscriptions: tick.subscriptions };
+        let deltas = Tick { connected: 0, subscribed: 0, subscriptions: 0, ..tick.clone() };
         self.totals.add(&deltas);
         self.second.add(&deltas);
     }
@@ -299,16 +268,9 @@ impl Live {
         }
         self.next_print += Duration::from_secs(1);
         if !self.quiet {
-            let phase = if self.subscribed() >= total {
-                "holding"
-            } else {
-                "connecting"
-            };
+            let phase = if self.subscribed() >= total { "holding" } else { "connecting" };
             let subscriptions = if planned_subscriptions > total {
-                format!(
-                    " ({} / {planned_subscriptions} subscriptions)",
-                    self.subscriptions()
-                )
+                format!(" ({} / {planned_subscriptions} subscriptions)", self.subscriptions())
             } else {
                 String::new()
             };
@@ -365,11 +327,7 @@ fn summarize(
     let totals = &live.totals;
     let healthy = &totals.roles[Role::Healthy.index()];
     let delivered = totals.delivered();
-    let last_delivery = Duration::from_micros(
-        totals
-            .last_delivery_unix_us
-            .saturating_sub(live.started_unix_us),
-    );
+    let last_delivery = Duration::from_micros(totals.last_delivery_unix_us.saturating_sub(live.started_unix_us));
     let window = last_delivery.max(publish_time).as_secs_f64().max(1e-3);
     let roles: serde_json::Map<String, serde_json::Value> = Role::ALL
         .iter()
@@ -463,7 +421,10 @@ fn print_storm(vacate: &serde_json::Value) {
     println!(
         "storm at {:.1} s: {} vacaters closed at once, vacating the {} subscriptions they had asked for (of {} planned; {} confirmed)",
         vacate["storm_at_seconds"].as_f64().unwrap_or(0.0),
-        vacate["vacaters"], vacate["subscriptions_vacated"], vacate["subscriptions_planned"], vacate["confirmed_subscriptions_vacated"]
+        vacate["vacaters"],
+        vacate["subscriptions_vacated"],
+        vacate["subscriptions_planned"],
+        vacate["confirmed_subscriptions_vacated"]
     );
     let probes = &vacate["probes"];
     println!(
@@ -481,7 +442,8 @@ fn print_storm(vacate: &serde_json::Value) {
         );
         println!(
             "server busy (over {BUSY_ABOVE_BASELINE} cores above that rate) for {} s after the storm, peak {} cores over a second{}",
-            cpu["busy_seconds"], cpu["peak_cores"],
+            cpu["busy_seconds"],
+            cpu["peak_cores"],
             if cpu["settled"].as_bool() == Some(true) { "" } else { "; still busy at the last reading" }
         );
     }
@@ -500,9 +462,13 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     );
     println!(
         "published {} events ({} calls, {} errors) in {:.1} s; delivered {} ({} deliveries/s, peak {}/s)",
-        summary["published"], summary["publish_calls"], summary["publish_errors"],
+        summary["published"],
+        summary["publish_calls"],
+        summary["publish_errors"],
         summary["publish_seconds"].as_f64().unwrap_or(0.0),
-        summary["delivered"], summary["deliveries_per_sec"], summary["peak_deliveries_per_sec"]
+        summary["delivered"],
+        summary["deliveries_per_sec"],
+        summary["peak_deliveries_per_sec"]
     );
     println!(
         "healthy clients: expected {}, gaps {}; latency p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
@@ -516,8 +482,10 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     if let Some(presence) = summary.get("presence") {
         println!(
             "presence: {} member_added/member_removed received ({} /s); member_added latency from the join p50 {} ms, p99 {} ms",
-            presence["member_events"], presence["member_events_per_sec"],
-            presence["member_added_latency_ms"]["p50"], presence["member_added_latency_ms"]["p99"]
+            presence["member_events"],
+            presence["member_events_per_sec"],
+            presence["member_added_latency_ms"]["p50"],
+            presence["member_added_latency_ms"]["p99"]
         );
     }
     if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {
@@ -548,21 +516,26 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
         let c = &totals.roles[role.index()];
         println!(
             "{:<12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>6} {:>11} {:>10} {:>8.2} {:>9.2} {:>9.2} {:>9.2}",
-            role.name(), clients, c.delivered, c.gaps(), c.late, c.duplicates, c.evicted, c.disconnects, c.reconnects,
-            c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95), c.latency.quantile_ms(0.99), c.latency.max_ms()
+            role.name(),
+            clients,
+            c.delivered,
+            c.gaps(),
+            c.late,
+            c.duplicates,
+            c.evicted,
+            c.disconnects,
+            c.reconnects,
+            c.latency.quantile_ms(0.5),
+            c.latency.quantile_ms(0.95),
+            c.latency.quantile_ms(0.99),
+            c.latency.max_ms()
         );
     }
     if let Some(phases) = summary["phases"].as_array() {
         println!();
         println!(
             "{:<16} {:>9} {:>7} {:>12} {:>14} {:>14} {:>16}",
-            "phase",
-            "channels",
-            "rounds",
-            "deliveries",
-            "to last p50 ms",
-            "to last p99 ms",
-            "ns per delivery"
+            "phase", "channels", "rounds", "deliveries", "to last p50 ms", "to last p99 ms", "ns per delivery"
         );
         for p in phases {
             println!(

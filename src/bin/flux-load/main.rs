@@ -43,12 +43,7 @@ fn main() -> ExitCode {
 }
 
 /// A child process: one shard, commands from stdin, reports to stdout.
-fn run_child_shard(
-    args: &Args,
-    plan: &Plan,
-    index: usize,
-    count: usize,
-) -> Result<ExitCode, String> {
+fn run_child_shard(args: &Args, plan: &Plan, index: usize, count: usize) -> Result<ExitCode, String> {
     let (commands, receive) = unbounded();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines().map_while(Result::ok) {
@@ -61,14 +56,8 @@ fn run_child_shard(
         // The coordinator went away: stop.
         let _ = commands.send(Command::Stop);
     });
-    let shard = Shard::new(
-        plan,
-        &App::from_args(&args.app),
-        index,
-        count,
-        args.connect_rate / count as u32,
-    )
-    .map_err(|e| format!("shard {index}: {e}"))?;
+    let shard = Shard::new(plan, &App::from_args(&args.app), index, count, args.connect_rate / count as u32)
+        .map_err(|e| format!("shard {index}: {e}"))?;
     let mut stdout = std::io::stdout().lock();
     let mut report = |report: Report| {
         if let Ok(line) = serde_json::to_string(&report) {
@@ -76,9 +65,7 @@ fn run_child_shard(
             let _ = stdout.flush();
         }
     };
-    shard
-        .run(&receive, &mut report)
-        .map_err(|e| format!("shard {index}: {e}"))?;
+    shard.run(&receive, &mut report).map_err(|e| format!("shard {index}: {e}"))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -110,16 +97,14 @@ impl Shards {
                 let mut report = |r: Report| {
                     let _ = report_tx.send((0, r));
                 };
-                let ran = Shard::new(&plan, &app, 0, 1, rate)
-                    .and_then(|shard| shard.run(&rx, &mut report));
+                let ran = Shard::new(&plan, &app, 0, 1, rate).and_then(|shard| shard.run(&rx, &mut report));
                 if let Err(e) = ran {
                     report(Report::Failed(format!("shard: {e}")));
                 }
             }));
             senders.push(ShardLink::Thread(tx));
         } else {
-            let exe =
-                std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+            let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
             for index in 0..count {
                 let mut child = Process::new(&exe)
                     .args(std::env::args_os().skip(1))
@@ -152,11 +137,7 @@ impl Shards {
                 senders.push(ShardLink::Process(child, stdin));
             }
         }
-        Ok(Shards {
-            reports,
-            senders,
-            threads,
-        })
+        Ok(Shards { reports, senders, threads })
     }
 
     /// Number of shards.

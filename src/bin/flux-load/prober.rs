@@ -146,13 +146,7 @@ fn probe(server: SocketAddr, key: &str, deadline: Instant, stop: &AtomicBool) ->
                 Progress::Established => return Outcome::Established,
                 Progress::Refused(why) => return Outcome::Refused(why),
             },
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
             Err(e) => return Outcome::Refused(format!("read: {e}")),
         }
     }
@@ -184,9 +178,7 @@ impl Reply {
             self.head.extend_from_slice(bytes);
             return match upgrade_reply(&self.head) {
                 UpgradeReply::Incomplete => Progress::Waiting,
-                UpgradeReply::Refused(status) => {
-                    Progress::Refused(format!("upgrade answered {status}"))
-                }
+                UpgradeReply::Refused(status) => Progress::Refused(format!("upgrade answered {status}")),
                 UpgradeReply::Accepted { head_len } => {
                     let mut early = self.head.split_off(head_len);
                     self.frames = Some(Decoder::for_client(MAX_MESSAGE));
@@ -197,15 +189,8 @@ impl Reply {
         let mut progress = Progress::Waiting;
         let decoded = decoder.decode(bytes, &mut |message: Incoming<'_>| {
             progress = match message {
-                Incoming::Text(text)
-                    if field(text, "\"event\":\"") == Some("pusher:connection_established") =>
-                {
-                    Progress::Established
-                }
-                Incoming::Close(close) => Progress::Refused(format!(
-                    "closed with {}",
-                    close.map_or(1005, |(code, _)| code)
-                )),
+                Incoming::Text(text) if field(text, "\"event\":\"") == Some("pusher:connection_established") => Progress::Established,
+                Incoming::Close(close) => Progress::Refused(format!("closed with {}", close.map_or(1005, |(code, _)| code))),
                 _ => return Flow::Continue,
             };
             Flow::Stop
@@ -238,36 +223,20 @@ mod tests {
         for split in [1, 20, 58, 60, whole.len() - 1] {
             let mut reply = Reply::default();
             let (first, second) = whole.split_at(split);
-            assert_eq!(
-                reply.received(&mut first.to_vec()),
-                Progress::Waiting,
-                "split at {split}"
-            );
-            assert_eq!(
-                reply.received(&mut second.to_vec()),
-                Progress::Established,
-                "split at {split}"
-            );
+            assert_eq!(reply.received(&mut first.to_vec()), Progress::Waiting, "split at {split}");
+            assert_eq!(reply.received(&mut second.to_vec()), Progress::Established, "split at {split}");
         }
     }
 
     #[test]
     fn a_refused_upgrade_or_an_early_close_is_a_refusal() {
         let mut reply = Reply::default();
-        let refused = reply.received(
-            &mut b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec(),
-        );
-        assert_eq!(
-            refused,
-            Progress::Refused("upgrade answered HTTP/1.1 503 Service Unavailable".into())
-        );
+        let refused = reply.received(&mut b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec());
+        assert_eq!(refused, Progress::Refused("upgrade answered HTTP/1.1 503 Service Unavailable".into()));
 
         let mut closed = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
         closed.extend(server_frame(0x8, &4100u16.to_be_bytes()));
-        assert_eq!(
-            Reply::default().received(&mut closed),
-            Progress::Refused("closed with 4100".into())
-        );
+        assert_eq!(Reply::default().received(&mut closed), Progress::Refused("closed with 4100".into()));
     }
 
     #[test]
@@ -276,9 +245,6 @@ mod tests {
         let mut head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
         head.extend(server_frame(0x9, b""));
         assert_eq!(reply.received(&mut head), Progress::Waiting);
-        assert_eq!(
-            reply.received(&mut server_frame(0x1, ESTABLISHED.as_bytes())),
-            Progress::Established
-        );
+        assert_eq!(reply.received(&mut server_frame(0x1, ESTABLISHED.as_bytes())), Progress::Established);
     }
 }

@@ -35,20 +35,10 @@ pub struct Published {
 /// so the rate does not depend on one call's round trip. Publish number `n` carries sequence
 /// number `n`; with several connections, events may reach the server slightly out of order,
 /// which the clients' sequence windows tolerate.
-pub fn run(
-    plan: &Plan,
-    app: &App,
-    threads: usize,
-    calls: &AtomicU64,
-    stop: &AtomicBool,
-) -> Published {
+pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &AtomicBool) -> Published {
     let start = Instant::now();
     match &plan.publishing {
-        Publishing::Steady {
-            channel,
-            rate,
-            duration,
-        } => {
+        Publishing::Steady { channel, rate, duration } => {
             let total = (rate * duration.as_secs_f64()).round() as u64;
             // Threads take the next number from one counter, so the events in flight are always
             // within `threads` of each other, however far behind schedule the server falls.
@@ -73,20 +63,13 @@ pub fn run(
                     .collect();
                 handles.into_iter().filter_map(|h| h.join().ok()).collect()
             });
-            let mut published = Published {
-                per_channel: vec![0; plan.channels.len()],
-                ..Published::default()
-            };
+            let mut published = Published { per_channel: vec![0; plan.channels.len()], ..Published::default() };
             for part in parts {
                 published.merge(part);
             }
             published
         }
-        Publishing::Rounds {
-            phases,
-            rounds,
-            interval,
-        } => {
+        Publishing::Rounds { phases, rounds, interval } => {
             let mut publisher = Publisher::new(plan, app);
             let mut n = 0u32;
             for phase in phases {
@@ -139,15 +122,8 @@ impl<'a> Publisher<'a> {
         Publisher {
             plan,
             app,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .into(),
-            published: Published {
-                per_channel: vec![0; plan.channels.len()],
-                ..Published::default()
-            },
+            agent: ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(10))).build().into(),
+            published: Published { per_channel: vec![0; plan.channels.len()], ..Published::default() },
             padding: "x".repeat(plan.payload),
             last_ts: 0,
         }
@@ -159,34 +135,15 @@ impl<'a> Publisher<'a> {
         let ts = unix_micros().max(self.last_ts + 1);
         self.last_ts = ts;
         let head = format!("{seq} {ts} ");
-        let data = format!(
-            "{head}{}",
-            &self.padding[..self.plan.payload.saturating_sub(head.len())]
-        );
-        let names: Vec<&str> = channels
-            .iter()
-            .map(|&c| self.plan.channels[c].as_str())
-            .collect();
+        let data = format!("{head}{}", &self.padding[..self.plan.payload.saturating_sub(head.len())]);
+        let names: Vec<&str> = channels.iter().map(|&c| self.plan.channels[c].as_str()).collect();
         let body = serde_json::json!({"name": "load", "channels": names, "data": data}).to_string();
         let path = format!("/apps/{}/events", self.app.id);
-        let query = sign_query(
-            self.app,
-            "POST",
-            &path,
-            body.as_bytes(),
-            &[],
-            ts / 1_000_000,
-        );
+        let query = sign_query(self.app, "POST", &path, body.as_bytes(), &[], ts / 1_000_000);
         let url = format!("http://{}{path}?{query}", self.plan.server);
         let began = Instant::now();
-        let result = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .send(body.as_str());
-        self.published
-            .call_latency
-            .record(began.elapsed().as_micros() as u64);
+        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str());
+        self.published.call_latency.record(began.elapsed().as_micros() as u64);
         self.published.calls += 1;
         match result {
             Ok(response) if response.status() == 200 => {
@@ -200,11 +157,7 @@ impl<'a> Publisher<'a> {
             Ok(response) => {
                 self.published.errors += 1;
                 if self.published.errors <= 3 {
-                    warn!(
-                        "publish answered {}: {:?}",
-                        response.status(),
-                        response.into_body().read_to_string()
-                    );
+                    warn!("publish answered {}: {:?}", response.status(), response.into_body().read_to_string());
                 }
             }
             Err(e) => {

@@ -192,17 +192,9 @@ pub struct ClientSpec {
 #[derive(Debug, Clone)]
 pub enum Publishing {
     /// `rate` events per second to `channel` for `duration`.
-    Steady {
-        channel: usize,
-        rate: f64,
-        duration: Duration,
-    },
+    Steady { channel: usize, rate: f64, duration: Duration },
     /// Phases of `rounds` publishes `interval` apart; each publish goes to all the phase's channels.
-    Rounds {
-        phases: Vec<Phase>,
-        rounds: usize,
-        interval: Duration,
-    },
+    Rounds { phases: Vec<Phase>, rounds: usize, interval: Duration },
 }
 
 /// One phase of a rounds publisher.
@@ -267,47 +259,25 @@ impl Population {
         let slow = args.slow.unwrap_or(0);
         let partitioned = args.partition.unwrap_or(0);
         match args.scenario {
-            Scenario::SlowConsumer => Population {
-                healthy: args.connections.unwrap_or(200),
-                slow: args.slow.unwrap_or(5),
-                partitioned,
-                ..Population::default()
-            },
+            Scenario::SlowConsumer => {
+                Population { healthy: args.connections.unwrap_or(200), slow: args.slow.unwrap_or(5), partitioned, ..Population::default() }
+            }
             Scenario::ChatStorm => Population {
                 healthy: args.connections.unwrap_or(890),
                 slow: args.slow.unwrap_or(10),
                 partitioned: args.partition.unwrap_or(100),
                 ..Population::default()
             },
-            Scenario::BigChannel => Population {
-                healthy: args.connections.unwrap_or(10_000),
-                slow,
-                partitioned,
-                ..Population::default()
-            },
+            Scenario::BigChannel => Population { healthy: args.connections.unwrap_or(10_000), slow, partitioned, ..Population::default() },
             Scenario::PresenceStorm => {
                 let members = args.connections.unwrap_or(5_000);
                 // A tenth of the guild takes turns leaving and rejoining.
-                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 {
-                    (members / 10).max(1)
-                } else {
-                    0
-                };
-                Population {
-                    healthy: members - churners.min(members),
-                    slow,
-                    partitioned,
-                    churners,
-                    vacaters: 0,
-                }
+                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 { (members / 10).max(1) } else { 0 };
+                Population { healthy: members - churners.min(members), slow, partitioned, churners, vacaters: 0 }
             }
-            Scenario::VacateStorm => Population {
-                healthy: VACATE_STORM_WITNESSES,
-                slow,
-                partitioned,
-                churners: 0,
-                vacaters: args.connections.unwrap_or(200),
-            },
+            Scenario::VacateStorm => {
+                Population { healthy: VACATE_STORM_WITNESSES, slow, partitioned, churners: 0, vacaters: args.connections.unwrap_or(200) }
+            }
         }
     }
 
@@ -356,18 +326,14 @@ impl Plan {
         let per_vacater = args.channels.unwrap_or(1000).max(1);
         match scenario {
             Scenario::BigChannel => channels.extend((0..spread).map(|i| format!("small-{i}"))),
-            Scenario::VacateStorm => channels.extend(
-                (0..population.vacaters)
-                    .flat_map(|v| (0..per_vacater).map(move |k| format!("vacate-{v}-{k}"))),
-            ),
+            Scenario::VacateStorm => {
+                channels.extend((0..population.vacaters).flat_map(|v| (0..per_vacater).map(move |k| format!("vacate-{v}-{k}"))))
+            }
             _ => {}
         }
 
         let per_ip = args.per_source_ip.max(1);
-        let first_vacater = population
-            .roles()
-            .position(|role| role == Role::Vacater)
-            .unwrap_or(0);
+        let first_vacater = population.roles().position(|role| role == Role::Vacater).unwrap_or(0);
         let clients = population
             .roles()
             .enumerate()
@@ -390,23 +356,13 @@ impl Plan {
         let publishing = match scenario {
             Scenario::BigChannel => Publishing::Rounds {
                 phases: vec![
-                    Phase {
-                        name: "one channel",
-                        channels: vec![0],
-                    },
-                    Phase {
-                        name: "spread channels",
-                        channels: (1..=spread).collect(),
-                    },
+                    Phase { name: "one channel", channels: vec![0] },
+                    Phase { name: "spread channels", channels: (1..=spread).collect() },
                 ],
                 rounds: args.rounds.max(1),
                 interval: Duration::from_millis(args.round_interval_ms),
             },
-            _ => Publishing::Steady {
-                channel: 0,
-                rate: args.rate.unwrap_or(default_rate),
-                duration,
-            },
+            _ => Publishing::Steady { channel: 0, rate: args.rate.unwrap_or(default_rate), duration },
         };
         let slow_mode = args.slow_mode.unwrap_or(match scenario {
             Scenario::ChatStorm => SlowMode::Delay,
@@ -423,14 +379,8 @@ impl Plan {
                 slow_mode,
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
-                partition_at: Duration::from_secs_f64(
-                    args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0),
-                ),
-                churn_per_sec: if population.churners > 0 {
-                    args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN)
-                } else {
-                    0.0
-                },
+                partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
+                churn_per_sec: if population.churners > 0 { args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) } else { 0.0 },
                 churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
@@ -439,10 +389,7 @@ impl Plan {
 
     /// Clients of `role` subscribed to channel `channel`.
     pub fn members(&self, role: Role, channel: usize) -> u64 {
-        self.clients
-            .iter()
-            .filter(|c| c.role == role && c.channels.contains(&channel))
-            .count() as u64
+        self.clients.iter().filter(|c| c.role == role && c.channels.contains(&channel)).count() as u64
     }
 
     /// How many processes the clients are spread over.
@@ -457,9 +404,7 @@ mod tests {
     use super::*;
 
     fn plan(argv: &[&str]) -> Plan {
-        Plan::new(&Args::parse_from(
-            std::iter::once("flux-load").chain(argv.iter().copied()),
-        ))
+        Plan::new(&Args::parse_from(std::iter::once("flux-load").chain(argv.iter().copied())))
     }
 
     #[test]
@@ -467,48 +412,19 @@ mod tests {
         let plan = plan(&["chat-storm"]);
         assert_eq!(plan.clients.len(), 1_000);
         let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
-        assert_eq!(
-            (
-                count(Role::Healthy),
-                count(Role::Slow),
-                count(Role::Partitioned)
-            ),
-            (890, 10, 100)
-        );
+        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned)), (890, 10, 100));
         assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1_000.0));
     }
 
     #[test]
     fn vacate_storm_gives_each_vacater_channels_of_its_own() {
-        let plan = plan(&[
-            "vacate-storm",
-            "--connections",
-            "3",
-            "--channels",
-            "4",
-            "--duration",
-            "6",
-        ]);
-        let vacaters: Vec<&ClientSpec> = plan
-            .clients
-            .iter()
-            .filter(|c| c.role == Role::Vacater)
-            .collect();
-        assert_eq!(
-            (plan.clients.len(), vacaters.len()),
-            (VACATE_STORM_WITNESSES + 3, 3)
-        );
-        assert_eq!(
-            plan.members(Role::Healthy, 0),
-            VACATE_STORM_WITNESSES as u64
-        );
+        let plan = plan(&["vacate-storm", "--connections", "3", "--channels", "4", "--duration", "6"]);
+        let vacaters: Vec<&ClientSpec> = plan.clients.iter().filter(|c| c.role == Role::Vacater).collect();
+        assert_eq!((plan.clients.len(), vacaters.len()), (VACATE_STORM_WITNESSES + 3, 3));
+        assert_eq!(plan.members(Role::Healthy, 0), VACATE_STORM_WITNESSES as u64);
         assert_eq!(plan.channels[0], "healthy");
-        let held: Vec<usize> = vacaters
-            .iter()
-            .flat_map(|c| c.channels.iter().copied())
-            .collect();
-        let distinct: std::collections::HashSet<&str> =
-            held.iter().map(|&c| plan.channels[c].as_str()).collect();
+        let held: Vec<usize> = vacaters.iter().flat_map(|c| c.channels.iter().copied()).collect();
+        let distinct: std::collections::HashSet<&str> = held.iter().map(|&c| plan.channels[c].as_str()).collect();
         assert_eq!((held.len(), distinct.len()), (12, 12));
         assert!(!held.contains(&0));
         assert_eq!(plan.channels.len(), 1 + 12);
@@ -522,26 +438,10 @@ mod tests {
     #[test]
     fn the_channels_flag_defaults_by_scenario() {
         let storm = plan(&["vacate-storm"]);
-        assert_eq!(
-            storm
-                .clients
-                .iter()
-                .filter(|c| c.role == Role::Vacater)
-                .count(),
-            200
-        );
+        assert_eq!(storm.clients.iter().filter(|c| c.role == Role::Vacater).count(), 200);
         assert_eq!(storm.channels.len(), 1 + 200 * 1000);
-        assert!(storm
-            .clients
-            .iter()
-            .filter(|c| c.role == Role::Vacater)
-            .all(|c| c.channels.len() == 1000));
-        assert_eq!(
-            plan(&["big-channel", "--connections", "100"])
-                .channels
-                .len(),
-            1 + 50
-        );
+        assert!(storm.clients.iter().filter(|c| c.role == Role::Vacater).all(|c| c.channels.len() == 1000));
+        assert_eq!(plan(&["big-channel", "--connections", "100"]).channels.len(), 1 + 50);
     }
 
     #[test]

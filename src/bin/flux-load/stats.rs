@@ -28,13 +28,7 @@ pub enum Role {
 
 impl Role {
     /// Every role, in report order.
-    pub const ALL: [Role; 5] = [
-        Role::Healthy,
-        Role::Slow,
-        Role::Partitioned,
-        Role::Churn,
-        Role::Vacater,
-    ];
+    pub const ALL: [Role; 5] = [Role::Healthy, Role::Slow, Role::Partitioned, Role::Churn, Role::Vacater];
 
     /// Index into per-role arrays.
     pub fn index(self) -> usize {
@@ -96,12 +90,7 @@ impl Latency {
 
     /// The summary the JSON report carries.
     pub fn summary(&self) -> LatencyMs {
-        LatencyMs {
-            p50: self.quantile_ms(0.50),
-            p95: self.quantile_ms(0.95),
-            p99: self.quantile_ms(0.99),
-            max: self.max_ms(),
-        }
+        LatencyMs { p50: self.quantile_ms(0.50), p95: self.quantile_ms(0.95), p99: self.quantile_ms(0.99), max: self.max_ms() }
     }
 
     fn clear(&mut self) {
@@ -112,11 +101,7 @@ impl Latency {
 /// Histograms cross process boundaries as (value, count) pairs of their recorded buckets.
 impl Serialize for Latency {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(u64, u64)> = self
-            .0
-            .iter_recorded()
-            .map(|v| (v.value_iterated_to(), v.count_at_value()))
-            .collect();
+        let pairs: Vec<(u64, u64)> = self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
         pairs.serialize(serializer)
     }
 }
@@ -250,10 +235,7 @@ impl Tick {
         for role in &mut self.roles {
             let mut latency = std::mem::take(&mut role.latency);
             latency.clear();
-            *role = RoleCounts {
-                latency,
-                ..RoleCounts::default()
-            };
+            *role = RoleCounts { latency, ..RoleCounts::default() };
         }
         self.completions.clear();
         self.member_events = 0;
@@ -297,29 +279,13 @@ mod tests {
 
     #[test]
     fn ticks_add_and_reset() {
-        let mut tick = Tick {
-            connected: 3,
-            ..Tick::default()
-        };
+        let mut tick = Tick { connected: 3, ..Tick::default() };
         tick.roles[0].delivered = 5;
         tick.roles[0].latency.record(10);
-        tick.completions.insert(
-            7,
-            Completion {
-                deliveries: 2,
-                last_us: 50,
-            },
-        );
+        tick.completions.insert(7, Completion { deliveries: 2, last_us: 50 });
         let taken = tick.take_deltas();
         assert_eq!((taken.delivered(), taken.roles[0].latency.len()), (5, 1));
-        assert_eq!(
-            (
-                tick.delivered(),
-                tick.roles[0].latency.len(),
-                tick.connected
-            ),
-            (0, 0, 3)
-        );
+        assert_eq!((tick.delivered(), tick.roles[0].latency.len(), tick.connected), (0, 0, 3));
         let mut sum = Tick::default();
         sum.add(&taken);
         sum.add(&taken);

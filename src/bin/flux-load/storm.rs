@@ -66,13 +66,8 @@ impl StormWatch {
             server: plan.server,
             key: args.app.app_key.clone(),
             pid: args.server_pid,
-            metrics_url: args
-                .metrics_port
-                .map(|port| format!("http://{}/metrics", SocketAddr::new(args.host, port))),
-            agent: ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(2)))
-                .build()
-                .into(),
+            metrics_url: args.metrics_port.map(|port| format!("http://{}/metrics", SocketAddr::new(args.host, port))),
+            agent: ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(2))).build().into(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -111,9 +106,7 @@ impl Target {
         let cpu_before = self.cpu_seconds();
         let storm = Instant::now();
         let mut trace = match (cpu_at_start, cpu_before) {
-            (Some(start), Some(before)) => Some(CpuTrace::new(
-                (before - start) / storm.duration_since(began).as_secs_f64().max(1e-3),
-            )),
+            (Some(start), Some(before)) => Some(CpuTrace::new((before - start) / storm.duration_since(began).as_secs_f64().max(1e-3))),
             _ => None,
         };
         let probes = std::thread::scope(|scope| {
@@ -136,21 +129,12 @@ impl Target {
             pace(next);
             self.sample(&mut trace, storm, cpu_before);
         }
-        let overflows = overflows_before
-            .zip(self.inbox_overflows())
-            .map(|(before, after)| after.saturating_sub(before));
-        Storm::Watched(StormReport {
-            watched: storm.elapsed(),
-            probes,
-            cpu: trace,
-            inbox_overflows: overflows,
-        })
+        let overflows = overflows_before.zip(self.inbox_overflows()).map(|(before, after)| after.saturating_sub(before));
+        Storm::Watched(StormReport { watched: storm.elapsed(), probes, cpu: trace, inbox_overflows: overflows })
     }
 
     fn sample(&self, trace: &mut Option<CpuTrace>, storm: Instant, cpu_before: Option<f64>) {
-        if let (Some(trace), Some(before), Some(now)) =
-            (trace.as_mut(), cpu_before, self.cpu_seconds())
-        {
+        if let (Some(trace), Some(before), Some(now)) = (trace.as_mut(), cpu_before, self.cpu_seconds()) {
             trace.record(storm.elapsed(), now - before);
         }
     }
@@ -175,11 +159,7 @@ impl Target {
     /// The server's `flux_inbox_overflows_total` (None without `--metrics-port`).
     fn inbox_overflows(&self) -> Option<u64> {
         let url = self.metrics_url.as_deref()?;
-        let text = self
-            .agent
-            .get(url)
-            .call()
-            .and_then(|response| response.into_body().read_to_string());
+        let text = self.agent.get(url).call().and_then(|response| response.into_body().read_to_string());
         match text.map(|text| counter_value(&text, INBOX_OVERFLOWS)) {
             Ok(Some(value)) => Some(value),
             Ok(None) => {
@@ -220,11 +200,7 @@ impl Storm {
 
 impl StormReport {
     fn summary(&self, plan: &Plan, totals: &Tick) -> serde_json::Value {
-        let vacaters: Vec<_> = plan
-            .clients
-            .iter()
-            .filter(|c| c.role == Role::Vacater)
-            .collect();
+        let vacaters: Vec<_> = plan.clients.iter().filter(|c| c.role == Role::Vacater).collect();
         let subscriptions = totals.subscriptions_vacated;
         let per_100k = |seconds: f64| {
             if subscriptions > 0 {
@@ -283,10 +259,7 @@ pub struct CpuTrace {
 
 impl CpuTrace {
     fn new(baseline: f64) -> Self {
-        CpuTrace {
-            baseline,
-            samples: vec![(Duration::ZERO, 0.0)],
-        }
+        CpuTrace { baseline, samples: vec![(Duration::ZERO, 0.0)] }
     }
 
     fn record(&mut self, since_storm: Duration, cpu_seconds: f64) {
@@ -307,12 +280,7 @@ impl CpuTrace {
 
     /// Cores in use between consecutive samples, with the end of each interval.
     fn loads(&self) -> impl Iterator<Item = (Duration, f64)> + '_ {
-        self.samples.windows(2).map(|w| {
-            (
-                w[1].0,
-                (w[1].1 - w[0].1) / (w[1].0 - w[0].0).as_secs_f64().max(1e-3),
-            )
-        })
+        self.samples.windows(2).map(|w| (w[1].0, (w[1].1 - w[0].1) / (w[1].0 - w[0].0).as_secs_f64().max(1e-3)))
     }
 
     fn busy(&self, cores: f64) -> bool {
@@ -321,11 +289,7 @@ impl CpuTrace {
 
     /// From the storm to the end of the last interval the server was busy in.
     fn busy_for(&self) -> Duration {
-        self.loads()
-            .filter(|&(_, cores)| self.busy(cores))
-            .map(|(end, _)| end)
-            .last()
-            .unwrap_or_default()
+        self.loads().filter(|&(_, cores)| self.busy(cores)).map(|(end, _)| end).last().unwrap_or_default()
     }
 
     /// Whether the server has not been busy for [`SETTLE_WINDOW`].
@@ -339,9 +303,7 @@ impl CpuTrace {
         let mut peak = 0.0f64;
         let mut from = 0;
         for &(at, cpu) in &self.samples {
-            while from + 1 < self.samples.len()
-                && at.saturating_sub(self.samples[from + 1].0) >= Duration::from_secs(1)
-            {
+            while from + 1 < self.samples.len() && at.saturating_sub(self.samples[from + 1].0) >= Duration::from_secs(1) {
                 from += 1;
             }
             let (start, start_cpu) = self.samples[from];
@@ -368,12 +330,7 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
 fn counter_value(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let value = line.strip_prefix(name)?.strip_prefix(' ')?;
-        value
-            .split_whitespace()
-            .next()?
-            .parse::<f64>()
-            .ok()
-            .map(|v| v as u64)
+        value.split_whitespace().next()?.parse::<f64>().ok().map(|v| v as u64)
     })
 }
 
@@ -392,10 +349,7 @@ mod tests {
     fn a_counter_is_found_by_its_whole_name() {
         let text = "# TYPE flux_inbox_overflows counter\nflux_inbox_overflows_total_x 9\nflux_inbox_overflows_total 17\n# EOF\n";
         assert_eq!(counter_value(text, INBOX_OVERFLOWS), Some(17));
-        assert_eq!(
-            counter_value("flux_evictions_total 3\n", INBOX_OVERFLOWS),
-            None
-        );
+        assert_eq!(counter_value("flux_evictions_total 3\n", INBOX_OVERFLOWS), None);
     }
 
     /// A trace sampled every 250 ms at these loads (cores), after a baseline of 0.05 cores.
