@@ -6,6 +6,7 @@
 mod common;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,29 @@ const CHANNELS_EACH: usize = 1000;
 /// Events published to the healthy subscriber while the others leave.
 const EVENTS: usize = 300;
 
+/// `count` clients, each subscribed to `CHANNELS_EACH` channels `{prefix}-{client}-{k}` of its
+/// own, asked for in one write as pusher-js does; returns once every subscription is confirmed.
+fn clients_on_channels(addr: SocketAddr, count: usize, prefix: &str) -> Vec<Client> {
+    let mut clients: Vec<Client> = (0..count)
+        .map(|c| {
+            let mut client = Client::connect(addr);
+            let mut burst = Vec::new();
+            for k in 0..CHANNELS_EACH {
+                let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": format!("{prefix}-{c}-{k}")}});
+                burst.extend(masked_text(subscribe.to_string().as_bytes()));
+            }
+            client.ws.get_mut().write_all(&burst).expect("send the subscriptions");
+            client
+        })
+        .collect();
+    for client in &mut clients {
+        for _ in 0..CHANNELS_EACH {
+            assert_eq!(client.next_event()["event"], "pusher_internal:subscription_succeeded");
+        }
+    }
+    clients
+}
+
 #[test]
 fn vacating_many_channels_at_once_costs_no_broadcast_no_connection_and_no_inbox_overflow() {
     let node = common::start(&common::config());
@@ -29,23 +53,7 @@ fn vacating_many_channels_at_once_costs_no_broadcast_no_connection_and_no_inbox_
     let mut healthy = Client::connect(addr);
     healthy.subscribe("healthy");
 
-    let mut leaving: Vec<Client> = (0..LEAVING)
-        .map(|c| {
-            let mut client = Client::connect(addr);
-            let mut burst = Vec::new();
-            for k in 0..CHANNELS_EACH {
-                let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": format!("vacate-{c}-{k}")}});
-                burst.extend(masked_text(subscribe.to_string().as_bytes()));
-            }
-            client.ws.get_mut().write_all(&burst).expect("send the subscriptions");
-            client
-        })
-        .collect();
-    for client in &mut leaving {
-        for _ in 0..CHANNELS_EACH {
-            assert_eq!(client.next_event()["event"], "pusher_internal:subscription_succeeded");
-        }
-    }
+    let leaving = clients_on_channels(addr, LEAVING, "vacate");
     let occupied = || common::rest(addr, "GET", "/apps/app-id/channels", "", &[]).1["channels"].as_object().map_or(0, |c| c.len());
     assert!(
         common::wait_until(Duration::from_secs(30), || occupied() == LEAVING * CHANNELS_EACH + 1),
@@ -102,27 +110,7 @@ fn vacating_many_channels_at_once_costs_no_broadcast_no_connection_and_no_inbox_
 fn a_new_connection_on_a_closed_ones_key_gets_none_of_its_channels() {
     let node = common::start(&flux::config::Config { workers: Some(1), ..common::config() });
     let addr = node.local_addr();
-    let leaving: Vec<Client> = (0..50)
-        .map(|c| {
-            let mut client = Client::connect(addr);
-            let mut burst = Vec::new();
-            for k in 0..CHANNELS_EACH {
-                let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": format!("old-{c}-{k}")}});
-                burst.extend(masked_text(subscribe.to_string().as_bytes()));
-            }
-            client.ws.get_mut().write_all(&burst).expect("send the subscriptions");
-            client
-        })
-        .collect();
-    let mut leaving: Vec<Client> = leaving
-        .into_iter()
-        .map(|mut client| {
-            for _ in 0..CHANNELS_EACH {
-                assert_eq!(client.next_event()["event"], "pusher_internal:subscription_succeeded");
-            }
-            client
-        })
-        .collect();
+    let mut leaving = clients_on_channels(addr, 50, "old");
     leaving.iter_mut().for_each(|client| client.ws.get_mut().shutdown(std::net::Shutdown::Both).expect("close"));
     drop(leaving);
 

@@ -153,14 +153,7 @@ impl<S> Conns<S> {
     /// Queues `frame`, a reply or any other frame for connection `id` alone. Replies are never
     /// dropped: the worker reads a connection's requests only while their replies have room.
     pub fn send(&mut self, id: ConnId, frame: &Bytes) -> Offer {
-        let Some(conn) = self.slab.get_mut(id.0) else {
-            return Offer::Closed;
-        };
-        let offer = conn.outbound.push_reply(frame);
-        if offer == Offer::Queued {
-            mark_dirty(&mut self.dirty, conn, id);
-        }
-        offer
+        self.queue_reply(id, |outbound| outbound.push_reply(frame))
     }
 
     /// Reserves room on connection `id` for a reply that another worker will supply, so the
@@ -173,10 +166,13 @@ impl<S> Conns<S> {
 
     /// Queues the reply that [`promise_reply`](Self::promise_reply) reserved room for.
     pub fn send_promised(&mut self, id: ConnId, frame: &Bytes) -> Offer {
-        let Some(conn) = self.slab.get_mut(id.0) else {
-            return Offer::Closed;
-        };
-        let offer = conn.outbound.push_promised(frame);
+        self.queue_reply(id, |outbound| outbound.push_promised(frame))
+    }
+
+    /// Queues a reply with `push` and marks the connection for this turn's flush.
+    fn queue_reply(&mut self, id: ConnId, push: impl FnOnce(&mut Outbound) -> Offer) -> Offer {
+        let Some(conn) = self.slab.get_mut(id.0) else { return Offer::Closed };
+        let offer = push(&mut conn.outbound);
         if offer == Offer::Queued {
             mark_dirty(&mut self.dirty, conn, id);
         }
