@@ -256,3 +256,28 @@ fn a_subscription_error_does_not_echo_a_huge_channel_name() {
     let echoed = error["channel"].as_str().expect("the channel, cut short");
     assert!(huge.starts_with(echoed) && echoed.len() <= 164, "{} bytes echoed", echoed.len());
 }
+
+/// Presence joins are answered by each channel's owner worker, often another one: their replies
+/// are promised room before they are asked for, so a burst of joins larger than the ring is
+/// answered in full too.
+#[test]
+fn a_burst_of_presence_joins_larger_than_the_ring_gets_every_member_list() {
+    let node = common::start(&common::config());
+    let mut client = Client::connect(node.local_addr());
+    let channel_data = json!({"user_id": "burst-user"}).to_string();
+    let channels: Vec<String> = (0..600).map(|i| format!("presence-burst-{i}")).collect();
+    let mut burst = Vec::new();
+    for channel in &channels {
+        let auth = flux::pusher::signature::channel_auth(&common::app(), &client.socket_id, channel, Some(&channel_data));
+        let join = json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}});
+        burst.extend(common::masked_text(join.to_string().as_bytes()));
+    }
+    client.ws.get_mut().write_all(&burst).unwrap();
+    let mut answered = std::collections::HashSet::new();
+    for _ in &channels {
+        let reply = client.next_event();
+        assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
+        answered.insert(reply["channel"].as_str().expect("channel").to_string());
+    }
+    assert_eq!(answered.len(), channels.len(), "one member list per channel");
+}

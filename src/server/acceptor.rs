@@ -11,13 +11,12 @@
 //! kernel's backlog keeps the rest) until a retry, with backoff, hands it over.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use std::net::SocketAddr;
-
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -201,4 +200,51 @@ impl<M: Send + 'static> Acceptor<M> {
 /// Wakes an acceptor's poll from another thread to make it stop.
 pub(crate) fn stop_token() -> Token {
     STOP
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::WorkerId;
+
+    /// An acceptor over two workers whose inboxes hold one envelope each, and those inboxes.
+    fn acceptor() -> (Acceptor<u32>, Vec<crossbeam_channel::Receiver<Envelope<u32>>>, Poll) {
+        let poll = Poll::new().expect("poll");
+        let (mut handles, mut inboxes) = (Vec::new(), Vec::new());
+        for token in 0..2 {
+            let waker = Arc::new(mio::Waker::new(poll.registry(), Token(10 + token)).expect("waker"));
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            handles.push((tx, waker));
+            inboxes.push(rx);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let acceptor = Acceptor {
+            poll: Poll::new().expect("poll"),
+            listener,
+            workers: Peers::new(handles),
+            stop: Arc::new(AtomicBool::new(false)),
+            handle_signals: false,
+        };
+        (acceptor, inboxes, poll)
+    }
+
+    fn connection(acceptor: &Acceptor<u32>) -> Held<u32> {
+        let addr = acceptor.listener.local_addr().expect("address");
+        let socket = mio::net::TcpStream::connect(addr).expect("connect");
+        Held { adopt: Envelope::Adopt(socket, addr), peer: addr }
+    }
+
+    #[test]
+    fn a_busy_worker_is_skipped_and_a_connection_is_held_only_while_every_worker_is_busy() {
+        let (acceptor, inboxes, _poll) = acceptor();
+        let mut next_worker = 0;
+        assert!(acceptor.workers.send_now(WorkerId(0), 7), "worker 0's inbox is now full");
+        assert!(acceptor.hand_over(connection(&acceptor), &mut next_worker).is_ok(), "worker 1 takes it");
+        assert!(matches!(inboxes[1].try_recv(), Ok(Envelope::Adopt(..))));
+        assert!(acceptor.workers.send_now(WorkerId(1), 7), "worker 1's inbox is now full too");
+        let held = acceptor.hand_over(connection(&acceptor), &mut next_worker).expect_err("nobody has room: held");
+        assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Service(7))), "worker 0 drains its inbox");
+        assert!(acceptor.hand_over(held, &mut next_worker).is_ok(), "the held connection goes to worker 0");
+        assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Adopt(..))));
+    }
 }
