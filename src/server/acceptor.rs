@@ -207,15 +207,17 @@ mod tests {
     use super::*;
     use crate::fanout::WorkerId;
 
-    /// An acceptor over two workers whose inboxes hold one envelope each, and those inboxes.
-    fn acceptor() -> (Acceptor<u32>, Vec<crossbeam_channel::Receiver<Envelope<u32>>>, Poll) {
-        let poll = Poll::new().expect("poll");
-        let (mut handles, mut inboxes) = (Vec::new(), Vec::new());
-        for token in 0..2 {
-            let waker = Arc::new(mio::Waker::new(poll.registry(), Token(10 + token)).expect("waker"));
+    /// An acceptor over two workers whose inboxes hold one envelope each, those inboxes, and the
+    /// workers' polls (a waker needs a poll of its own).
+    fn acceptor() -> (Acceptor<u32>, Vec<crossbeam_channel::Receiver<Envelope<u32>>>, Vec<Poll>) {
+        let (mut handles, mut inboxes, mut polls) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let poll = Poll::new().expect("poll");
+            let waker = Arc::new(mio::Waker::new(poll.registry(), Token(10)).expect("waker"));
             let (tx, rx) = crossbeam_channel::bounded(1);
             handles.push((tx, waker));
             inboxes.push(rx);
+            polls.push(poll);
         }
         let listener = TcpListener::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
         let acceptor = Acceptor {
@@ -225,7 +227,7 @@ mod tests {
             stop: Arc::new(AtomicBool::new(false)),
             handle_signals: false,
         };
-        (acceptor, inboxes, poll)
+        (acceptor, inboxes, polls)
     }
 
     fn connection(acceptor: &Acceptor<u32>) -> Held<u32> {
@@ -236,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_busy_worker_is_skipped_and_a_connection_is_held_only_while_every_worker_is_busy() {
-        let (acceptor, inboxes, _poll) = acceptor();
+        let (acceptor, inboxes, _polls) = acceptor();
         let mut next_worker = 0;
         assert!(acceptor.workers.send_now(WorkerId(0), 7), "worker 0's inbox is now full");
         assert!(acceptor.hand_over(connection(&acceptor), &mut next_worker).is_ok(), "worker 1 takes it");
