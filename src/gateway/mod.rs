@@ -245,14 +245,20 @@ impl PusherService {
 
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String) {
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
-        if let Some(count) = self.registry.subscribe(&name, id) {
-            self.subscriptions.fetch_add(1, Ordering::Relaxed);
-            self.occupancy_changed(&name, count);
-        }
+        self.add_subscriber(&name, id);
         if let Some(session) = conns.session_mut(id) {
             session.subscribed(name.clone());
         }
         self.send_text(conns, id, &protocol::subscription_succeeded(&name));
+    }
+
+    /// Adds connection `id` to `channel`'s local subscribers, counted node-wide and told to the
+    /// other workers if it was not there yet.
+    fn add_subscriber(&mut self, channel: &ChannelName, id: ConnId) {
+        if let Some(count) = self.registry.subscribe(channel, id) {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
+            self.occupancy_changed(channel, count);
+        }
     }
 
     fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
@@ -354,21 +360,17 @@ impl PusherService {
         let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else {
             return;
         };
-        match result {
+        let reply = match result {
             Ok(data) => {
-                if let Some(count) = self.registry.subscribe(channel, id) {
-                    self.subscriptions.fetch_add(1, Ordering::Relaxed);
-                    self.occupancy_changed(channel, count);
-                }
-                let reply = text_frame(&self.pool, &protocol::presence_subscription_succeeded(channel, &data));
-                conns.send_promised(id, &reply);
+                self.add_subscriber(channel, id);
+                protocol::presence_subscription_succeeded(channel, &data)
             }
             Err(reason) => {
                 session.unsubscribed(channel);
-                let reply = text_frame(&self.pool, &protocol::subscription_error(channel, "LimitReached", &reason, 403));
-                conns.send_promised(id, &reply);
+                protocol::subscription_error(channel, "LimitReached", &reason, 403)
             }
-        }
+        };
+        conns.send_promised(id, &text_frame(&self.pool, &reply));
     }
 
     /// Announces the presence changes whose coalescing window has passed.

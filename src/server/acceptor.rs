@@ -11,7 +11,6 @@
 //! kernel's backlog keeps the rest) until a retry, with backoff, hands it over.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,16 +36,10 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const HAND_OVER_RETRY_FIRST: Duration = Duration::from_millis(1);
 const HAND_OVER_RETRY_MAX: Duration = Duration::from_millis(64);
 
-/// An accepted connection no worker could take yet, ready to be handed over.
-struct Held<M> {
-    adopt: Envelope<M>,
-    peer: SocketAddr,
-}
-
 /// Why accepting stopped before WouldBlock.
 enum Stopped<M> {
     /// Every worker's inbox is full; a connection is held.
-    WorkersBusy(Held<M>),
+    WorkersBusy(Envelope<M>),
     /// accept() failed (EMFILE and the like).
     Failed(io::Error),
 }
@@ -76,7 +69,7 @@ impl<M: Send + 'static> Acceptor<M> {
         let mut next_worker = 0usize;
         // Accepting waits until this instant: after an accept error, or while a connection is held.
         let mut paused_until: Option<Instant> = None;
-        let mut held: Option<Held<M>> = None;
+        let mut held: Option<Envelope<M>> = None;
         let mut hand_over_backoff = HAND_OVER_RETRY_FIRST;
         let mut failing: Option<FailedEpisode> = None;
         loop {
@@ -116,7 +109,9 @@ impl<M: Send + 'static> Acceptor<M> {
             match self.accept_ready(&mut next_worker) {
                 Ok(()) => {}
                 Err(Stopped::WorkersBusy(connection)) => {
-                    warn!("every worker's inbox is full; holding the connection from {} until one has room", connection.peer);
+                    if let Envelope::Adopt(_, peer) = &connection {
+                        warn!("every worker's inbox is full; holding the connection from {peer} until one has room");
+                    }
                     held = Some(connection);
                     paused_until = Some(Instant::now() + hand_over_backoff);
                     continue;
@@ -160,10 +155,7 @@ impl<M: Send + 'static> Acceptor<M> {
     fn accept_ready(&mut self, next_worker: &mut usize) -> Result<(), Stopped<M>> {
         loop {
             match self.listener.accept() {
-                Ok((socket, peer)) => {
-                    let connection = Held { adopt: Envelope::Adopt(socket, peer), peer };
-                    self.hand_over(connection, next_worker).map_err(Stopped::WorkersBusy)?;
-                }
+                Ok((socket, peer)) => self.hand_over(Envelope::Adopt(socket, peer), next_worker).map_err(Stopped::WorkersBusy)?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => return Err(Stopped::Failed(e)),
@@ -171,10 +163,9 @@ impl<M: Send + 'static> Acceptor<M> {
         }
     }
 
-    /// Gives `connection` to the next worker in turn, or to the first after it whose inbox has
+    /// Gives the connection in `adopt` to the next worker in turn, or to the first after it whose inbox has
     /// room; hands it back when every inbox is full.
-    fn hand_over(&self, connection: Held<M>, next_worker: &mut usize) -> Result<(), Held<M>> {
-        let Held { mut adopt, peer } = connection;
+    fn hand_over(&self, mut adopt: Envelope<M>, next_worker: &mut usize) -> Result<(), Envelope<M>> {
         for _ in 0..self.workers.len() {
             let worker = *next_worker % self.workers.len();
             *next_worker = next_worker.wrapping_add(1);
@@ -183,7 +174,7 @@ impl<M: Send + 'static> Acceptor<M> {
                 Err(refused) => adopt = refused,
             }
         }
-        Err(Held { adopt, peer })
+        Err(adopt)
     }
 
     fn shutdown_workers(&self) {
@@ -230,10 +221,10 @@ mod tests {
         (acceptor, inboxes, polls)
     }
 
-    fn connection(acceptor: &Acceptor<u32>) -> Held<u32> {
+    fn connection(acceptor: &Acceptor<u32>) -> Envelope<u32> {
         let addr = acceptor.listener.local_addr().expect("address");
         let socket = mio::net::TcpStream::connect(addr).expect("connect");
-        Held { adopt: Envelope::Adopt(socket, addr), peer: addr }
+        Envelope::Adopt(socket, addr)
     }
 
     #[test]

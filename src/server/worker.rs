@@ -693,11 +693,14 @@ impl<Svc: Service> Worker<Svc> {
         }
         if conn.reading_paused && conn.outbound.may_read() {
             conn.reading_paused = false;
-            self.resuming.push(id);
-            // Come straight back to read it, whatever else the next poll would wait for.
-            if let Err(e) = self.waker.wake() {
-                warn!("could not wake worker to resume reading: {e}");
+            // Come straight back to read it, whatever else the next poll would wait for: one
+            // wake-up serves every connection resumed before that poll.
+            if self.resuming.is_empty() {
+                if let Err(e) = self.waker.wake() {
+                    warn!("could not wake worker to resume reading: {e}");
+                }
             }
+            self.resuming.push(id);
         }
         if blocked {
             WorkerMetrics::add(&counters.writes_would_block, 1);
