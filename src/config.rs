@@ -131,6 +131,40 @@ pub struct Config {
     /// exponentially from 100 ms, at most 2 s apart.
     #[arg(long, env = "FLUX_WEBHOOK_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub webhook_attempts: u32,
+
+    /// Redis that joins this node to a cluster (`redis://[user:password@]host:port[/db]`): every
+    /// node on the same Redis and prefix serves the same apps as one server. Unset: one node.
+    #[arg(long, env = "FLUX_REDIS_URL", hide_env_values = true, value_parser = redis_url)]
+    pub redis_url: Option<String>,
+
+    /// This node's id in the cluster. Default: random, logged at start.
+    #[arg(long, env = "FLUX_NODE_ID", value_parser = cluster_name)]
+    pub node_id: Option<String>,
+
+    /// Milliseconds a node may be silent before the others declare it dead (its members leave
+    /// every roster, its subscriptions every count). Heartbeats go out five times as often.
+    #[arg(long, env = "FLUX_NODE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub node_timeout_ms: u64,
+
+    /// Start of the cluster's Redis channel names, so several clusters can share one Redis.
+    #[arg(long, env = "FLUX_REDIS_PREFIX", default_value = "flux", value_parser = cluster_name)]
+    pub redis_prefix: String,
+}
+
+/// A Redis URL the `redis` crate can connect with (checked at start, not at first use).
+fn redis_url(url: &str) -> Result<String, String> {
+    redis::Client::open(url)
+        .map(|_| url.to_string())
+        .map_err(|e| format!("not a Redis URL ({e}); expected redis://[user:password@]host:port[/db]"))
+}
+
+/// A node id or prefix: 1 to 64 letters, digits, `-`, `_`, `.` or `:`.
+fn cluster_name(id: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.:".contains(c);
+    if id.is_empty() || id.len() > 64 || !id.chars().all(allowed) {
+        return Err("use 1 to 64 letters, digits, '-', '_', '.' or ':'".into());
+    }
+    Ok(id.to_string())
 }
 
 impl Default for Config {
@@ -161,6 +195,10 @@ impl Default for Config {
             webhook_queue: 4096,
             webhook_timeout_ms: 2_000,
             webhook_attempts: 4,
+            redis_url: None,
+            node_id: None,
+            node_timeout_ms: 10_000,
+            redis_prefix: "flux".into(),
         }
     }
 }
@@ -267,6 +305,17 @@ mod tests {
         assert_eq!(parsed.webhook_url.map(|u| u.to_string()).as_deref(), Some("http://127.0.0.1:9000/hooks"));
         assert!(Config::try_parse_from(["flux", "--webhook-url", "https://example.com/hooks"]).is_err());
         assert!(Config::try_parse_from(["flux", "--webhook-attempts", "0"]).is_err());
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_when_parsed() {
+        let parsed =
+            Config::try_parse_from(["flux", "--redis-url", "redis://user:pw@127.0.0.1:6390/2", "--node-id", "node-1"]).expect("parses");
+        assert_eq!(parsed.redis_url.as_deref(), Some("redis://user:pw@127.0.0.1:6390/2"));
+        assert_eq!((parsed.node_timeout_ms, parsed.redis_prefix.as_str()), (10_000, "flux"));
+        assert!(Config::try_parse_from(["flux", "--redis-url", "http://127.0.0.1"]).is_err());
+        assert!(Config::try_parse_from(["flux", "--node-id", "has space"]).is_err());
+        assert!(Config::try_parse_from(["flux", "--node-timeout-ms", "10"]).is_err());
     }
 
     #[test]

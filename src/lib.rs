@@ -16,12 +16,15 @@
 //!   threads, reading the node only through [`gateway::Observer`].
 //! - [`webhooks`]: Pusher-style webhooks to the app's server, from their own thread through a
 //!   bounded queue, so a slow endpoint never slows an event loop.
+//! - [`cluster`]: several nodes on one Redis acting as one server: the sans-IO view of the
+//!   cluster and the threads that carry it to and from Redis and the workers.
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`clock`]: wall-clock time for timestamps that leave the process.
 
 #![deny(missing_docs)]
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod fanout;

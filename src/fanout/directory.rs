@@ -5,7 +5,9 @@
 //! each other through their inboxes, so reading it (routing a broadcast, answering the REST API)
 //! takes no lock. A worker sends its update before it confirms the subscription to the client,
 //! and drains its inbox before it reads sockets, so a publish that follows a confirmed
-//! subscription always sees it. A cluster adapter would keep one more replica, fed by other nodes.
+//! subscription always sees it. In a cluster, the replica also holds the other nodes'
+//! subscriptions per channel (one total for all of them, kept by the cluster), so the REST API
+//! answers for the whole cluster; routing a broadcast only ever looks at this node's workers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,17 +74,28 @@ impl WorkerSet {
     }
 }
 
-/// One worker's replica of the node's channel occupancy.
+/// One worker's replica of the node's channel occupancy (and, in a cluster, the other nodes').
 #[derive(Debug)]
 pub struct Directory {
     workers: usize,
     channels: HashMap<ChannelName, Box<[u32]>>,
+    /// Subscriptions on the other nodes of the cluster, per channel.
+    remote: HashMap<ChannelName, u32>,
 }
 
 impl Directory {
     /// An empty directory for a node of `workers` workers (at most [`MAX_WORKERS`]).
     pub fn new(workers: usize) -> Self {
-        Directory { workers: workers.clamp(1, MAX_WORKERS), channels: HashMap::new() }
+        Directory { workers: workers.clamp(1, MAX_WORKERS), channels: HashMap::new(), remote: HashMap::new() }
+    }
+
+    /// Sets the subscriptions to `channel` on the other nodes of the cluster together.
+    pub fn apply_remote(&mut self, channel: &ChannelName, count: u32) {
+        if count == 0 {
+            self.remote.remove(channel);
+        } else {
+            self.remote.insert(channel.clone(), count);
+        }
     }
 
     /// Applies one worker's new count for a channel.
@@ -105,8 +118,13 @@ impl Directory {
         counts[worker] = update.count;
     }
 
-    /// Subscriptions to `channel` across the node.
+    /// Subscriptions to `channel` across the node (and the cluster).
     pub fn subscription_count(&self, channel: &str) -> u32 {
+        self.local_count(channel) + self.remote.get(channel).copied().unwrap_or(0)
+    }
+
+    /// Subscriptions to `channel` on this node.
+    pub fn local_count(&self, channel: &str) -> u32 {
         self.channels.get(channel).map_or(0, |counts| counts.iter().sum())
     }
 
@@ -121,17 +139,24 @@ impl Directory {
         set
     }
 
-    /// Every occupied channel with its node-wide subscription count.
+    /// Every occupied channel with its subscription count across the node (and the cluster).
     pub fn channels(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        let here = self.channels.keys().map(|name| (&**name, self.subscription_count(name)));
+        let elsewhere = self.remote.iter().filter(|(name, _)| !self.channels.contains_key(*name)).map(|(name, &count)| (&**name, count));
+        here.chain(elsewhere)
+    }
+
+    /// Every channel occupied on this node, with its subscription count here.
+    pub fn local_channels(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
         self.channels.iter().map(|(name, counts)| (&**name, counts.iter().sum()))
     }
 
-    /// Number of occupied channels.
+    /// Number of channels occupied on this node.
     pub fn len(&self) -> usize {
         self.channels.len()
     }
 
-    /// No channel is occupied.
+    /// No channel is occupied on this node.
     pub fn is_empty(&self) -> bool {
         self.channels.is_empty()
     }
@@ -159,6 +184,22 @@ mod tests {
         assert_eq!(dir.subscription_count("chat"), 0);
         assert!(dir.workers_with("chat").is_empty());
         assert_eq!(dir.len(), 1, "only news is left");
+    }
+
+    #[test]
+    fn the_other_nodes_counts_add_to_queries_but_not_to_routing() {
+        let mut dir = Directory::new(2);
+        dir.apply(&occ(0, "chat", 2));
+        dir.apply_remote(&"chat".into(), 3);
+        dir.apply_remote(&"elsewhere".into(), 4);
+        assert_eq!((dir.subscription_count("chat"), dir.local_count("chat")), (5, 2));
+        let mut all: Vec<_> = dir.channels().collect();
+        all.sort();
+        assert_eq!(all, [("chat", 5), ("elsewhere", 4)]);
+        assert!(dir.workers_with("elsewhere").is_empty(), "no worker here delivers it");
+        assert_eq!(dir.local_channels().collect::<Vec<_>>(), [("chat", 2)]);
+        dir.apply_remote(&"elsewhere".into(), 0);
+        assert_eq!(dir.channels().count(), 1);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //!
 //! Each worker runs one [`PusherService`]. It owns that worker's sessions' channel registry,
 //! its replica of the node's channel directory, and its end of the fan-out. Every broadcast —
-//! from the REST API today, from client events, presence and a cluster adapter later — enters
-//! through one seam, [`PusherService::publish`]: the event is serialized and framed once into a
-//! pooled buffer, queued to this worker's subscribers, and the same bytes are handed to every
-//! other worker that has subscribers of the channel.
+//! from the REST API, client events, presence, or another node of the cluster — is serialized
+//! and framed once into a pooled buffer, queued to this worker's subscribers, and the same bytes
+//! are handed to every other worker that has subscribers of the channel. Events published on
+//! this node enter through one seam, [`PusherService::publish`], which in a cluster also hands
+//! them, once, to the [`ClusterLink`] for the other nodes.
 
 pub mod evictions;
 mod node;
@@ -24,6 +25,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub use node::{ConnectionSnapshot, Gateway, Observer};
 
+use crate::cluster::{ClusterLink, Delivery, RemoteBroadcast};
 use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
@@ -37,7 +39,7 @@ use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
 use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
-use crate::ws::{data_frame, text_frame, EncodeError, Incoming};
+use crate::ws::{data_frame, payload_of, text_frame, EncodeError, Incoming};
 use evictions::{Eviction, EvictionLog};
 
 /// What workers of a gateway send each other.
@@ -48,7 +50,8 @@ pub enum Message {
     Occupancy(OccupancyBatch),
     /// A request for this worker's connections.
     Snapshot(Sender<Vec<ConnectionSnapshot>>),
-    /// Close every connection signed in as this user (REST `terminate_connections`).
+    /// Close every connection signed in as this user (REST `terminate_connections`, here or on
+    /// another node).
     TerminateUser(Arc<str>),
     /// To a presence channel's owner: connection `conn` of worker `from` joins as `member`.
     PresenceJoin {
@@ -90,6 +93,17 @@ pub enum Message {
         /// Member now, or not.
         present: bool,
     },
+    /// From the cluster's threads: what another node published or changed.
+    Cluster(Delivery),
+}
+
+impl From<Delivery> for Message {
+    fn from(delivery: Delivery) -> Self {
+        match delivery {
+            Delivery::Terminate(user) => Message::TerminateUser(user),
+            other => Message::Cluster(other),
+        }
+    }
 }
 
 /// One event for one channel, framed once and shared by every worker that delivers it.
@@ -139,6 +153,8 @@ pub struct PusherService {
     vacating: VecDeque<Vacating>,
     /// When the next turn must come to go on removing them.
     vacate_due: Option<Instant>,
+    /// The other nodes of the cluster, if this node is in one.
+    cluster: Option<ClusterLink>,
 }
 
 /// Subscriptions removed per loop turn when connections close. A mass disconnect can leave
@@ -165,6 +181,7 @@ impl PusherService {
         evictions: Arc<EvictionLog>,
         subscriptions: Arc<AtomicUsize>,
         webhooks: Webhooks,
+        cluster: Option<ClusterLink>,
     ) -> Self {
         let workers = context.peers.len();
         PusherService {
@@ -188,6 +205,7 @@ impl PusherService {
             vacated_after_presence: Vec::new(),
             vacating: VecDeque::new(),
             vacate_due: None,
+            cluster,
         }
     }
 
@@ -196,9 +214,22 @@ impl PusherService {
         SocketId { high: self.socket_id_high, low: self.socket_id_next }
     }
 
-    /// The one entry point of every broadcast: frames `publish` once and hands it to each
-    /// worker with subscribers of its channel, this one included.
+    /// The one entry point of every event published on this node: frames `publish` once, hands
+    /// it to each worker with subscribers of its channel, this one included, and to the other
+    /// nodes of the cluster.
     pub fn publish(&mut self, conns: &mut Conns<Session>, publish: &Publish) -> Result<(), EncodeError> {
+        let broadcast = self.frame(publish)?;
+        if let Some(cluster) = &self.cluster {
+            // The frame's payload is the event message, serialized here just now as UTF-8 JSON.
+            let message = std::str::from_utf8(payload_of(&broadcast.frame)).unwrap_or_default();
+            cluster.broadcast(&publish.channel, publish.except, message, crate::clock::since_unix_epoch().as_micros() as u64);
+        }
+        self.fan_out(conns, &broadcast);
+        Ok(())
+    }
+
+    /// Frames an event once, for every recipient on the node.
+    fn frame(&self, publish: &Publish) -> Result<Broadcast, EncodeError> {
         let published_at = Instant::now();
         let message = EventMessage {
             event: &publish.event,
@@ -207,17 +238,32 @@ impl PusherService {
             user_id: publish.user_id.as_deref(),
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
+        Ok(Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, may_wait: publish.may_wait() })
+    }
+
+    /// Hands a framed event to each worker of this node with subscribers of its channel.
+    fn fan_out(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
-        let broadcast =
-            Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, may_wait: publish.may_wait() };
-        for worker in self.directory.workers_with(&publish.channel).iter() {
+        for worker in self.directory.workers_with(&broadcast.channel).iter() {
             if worker == self.id {
-                self.deliver(conns, &broadcast);
+                self.deliver(conns, broadcast);
             } else {
-                self.send_to(worker, Message::Broadcast(broadcast.clone()), format_args!("a broadcast on {}", publish.channel));
+                self.send_to(worker, Message::Broadcast(broadcast.clone()), format_args!("a broadcast on {}", broadcast.channel));
             }
         }
-        Ok(())
+    }
+
+    /// An event published on another node, given to this worker because it owns the channel:
+    /// framed once here, for the whole node.
+    fn deliver_remote(&mut self, conns: &mut Conns<Session>, remote: RemoteBroadcast) {
+        let broadcast = Broadcast {
+            frame: text_frame(&self.pool, &remote.message),
+            channel: remote.channel,
+            except: remote.except,
+            published_at: Instant::now(),
+            may_wait: false,
+        };
+        self.fan_out(conns, &broadcast);
     }
 
     /// Queues a broadcast to this worker's subscribers of its channel: per recipient, one
@@ -402,8 +448,11 @@ impl PusherService {
                     user_id: None,
                 },
             };
-            if let Err(e) = self.publish(conns, &publish) {
-                warn!("could not frame a presence change for {}: {e}", publish.channel);
+            // Presence changes stay on this node: each node announces its own view to its own
+            // clients.
+            match self.frame(&publish) {
+                Ok(broadcast) => self.fan_out(conns, &broadcast),
+                Err(e) => warn!("could not frame a presence change for {}: {e}", publish.channel),
             }
         }
         let rosters = &self.rosters;
@@ -551,6 +600,9 @@ impl PusherService {
         };
         let outcome = rest::handle(request, &context);
         if let Some(user) = outcome.terminate_user {
+            if let Some(cluster) = &self.cluster {
+                cluster.terminate(&user);
+            }
             let user: Arc<str> = user.into();
             for worker in self.other_workers() {
                 self.send_to(worker, Message::TerminateUser(user.clone()), format_args!("terminate_connections for a user"));
@@ -716,6 +768,13 @@ impl Service for PusherService {
             Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result),
             Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
             Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
+            Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
+            Message::Cluster(Delivery::Occupancy(counts)) => {
+                for (channel, count) in counts.iter() {
+                    self.directory.apply_remote(channel, *count);
+                }
+            }
+            Message::Cluster(Delivery::Terminate(_)) => {} // Arrives as TerminateUser.
         }
     }
 
@@ -746,6 +805,9 @@ impl Service for PusherService {
             let batch = OccupancyBatch { worker: self.id, counts };
             for worker in self.other_workers() {
                 self.send_to(worker, Message::Occupancy(batch.clone()), format_args!("an occupancy update"));
+            }
+            if let Some(cluster) = &self.cluster {
+                cluster.occupancy(batch);
             }
         }
         self.outbox.wake_all();

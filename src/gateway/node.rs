@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 
 use super::evictions::{Eviction, EvictionLog};
 use super::{Message, PusherService};
+use crate::cluster::{Cluster, ClusterLink, ClusterSettings, ClusterStatus};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
@@ -58,6 +59,10 @@ pub struct Gateway {
     webhooks: Webhooks,
     /// Stopped after the server, so the webhooks of the last connections' closes are posted.
     delivery: Option<DeliveryThread>,
+    /// Stopped after the server too, so the other nodes hear of the last closes before this
+    /// node says it leaves.
+    cluster: Option<Cluster>,
+    shutdown_grace: Duration,
 }
 
 /// A read-only view of a running node for other threads (the dashboard, tests). Cheap to clone
@@ -70,6 +75,7 @@ pub struct Observer {
     pool: FramePool,
     evictions: Arc<EvictionLog>,
     webhooks: Webhooks,
+    cluster: Option<ClusterLink>,
 }
 
 impl Gateway {
@@ -111,17 +117,37 @@ impl Gateway {
         };
         let evictions = Arc::new(EvictionLog::default());
         let subscriptions = Arc::new(AtomicUsize::new(0));
+        let prepared = ClusterSettings::from_config(config).map(Cluster::prepare).transpose().map_err(io::Error::other)?;
+        let link = prepared.as_ref().map(|p| p.link().clone());
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, policy.clone(), evictions.clone(), subscriptions.clone(), webhooks.clone())
+            PusherService::new(context, policy.clone(), evictions.clone(), subscriptions.clone(), webhooks.clone(), link.clone())
         })?;
+        let metrics: Arc<[Arc<WorkerMetrics>]> = server.worker_metrics().into();
+        let cluster = match prepared {
+            Some(prepared) => {
+                let all = metrics.clone();
+                let connections = move || all.iter().map(|m| m.counters.websockets.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                let started = prepared.start(server.peers().clone(), server.local_addr().to_string(), connections);
+                match started {
+                    Ok(cluster) => Some(cluster),
+                    Err(e) => {
+                        server.stop();
+                        server.join();
+                        return Err(io::Error::other(e));
+                    }
+                }
+            }
+            None => None,
+        };
         let observer = Observer {
             peers: server.peers().clone(),
-            metrics: server.worker_metrics().into(),
+            metrics,
             pool: server.pool().clone(),
             evictions,
             webhooks: webhooks.clone(),
+            cluster: link,
         };
-        Ok(Gateway { server, observer, webhooks, delivery })
+        Ok(Gateway { server, observer, webhooks, delivery, cluster, shutdown_grace: config.shutdown_grace() })
     }
 
     /// The address clients and REST callers use.
@@ -154,6 +180,9 @@ impl Gateway {
     /// `FLUX_SHUTDOWN_GRACE_MS`) and stops the webhook thread.
     pub fn join(self) {
         self.server.join();
+        if let Some(cluster) = self.cluster {
+            cluster.stop(self.shutdown_grace);
+        }
         if let Some(delivery) = self.delivery {
             delivery.stop();
         }
@@ -196,6 +225,11 @@ impl Observer {
     /// The webhook counters and queue depth (all zero when webhooks are off).
     pub fn webhooks(&self) -> WebhookStats {
         self.webhooks.stats()
+    }
+
+    /// The cluster as this node sees it; `None` for a single node.
+    pub fn cluster(&self) -> Option<ClusterStatus> {
+        self.cluster.as_ref().map(ClusterLink::status)
     }
 
     /// The most recent evictions, newest first.

@@ -33,6 +33,17 @@ pub fn data_frame(
     Ok(finish(buf, opcode))
 }
 
+/// The payload of a frame made here (unmasked, so the header's length says where it starts).
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        None => return &[],
+        Some(0..=125) => 2,
+        Some(126) => 4,
+        Some(_) => 10,
+    };
+    frame.get(header..).unwrap_or_default()
+}
+
 /// A text frame carrying `text`.
 pub fn text_frame(pool: &FramePool, text: &str) -> Bytes {
     frame_of(pool, OpCode::Data(Data::Text), &[text.as_bytes()])
@@ -108,6 +119,16 @@ mod tests {
             assert_eq!(header.mask, None, "server frames are not masked");
             assert_eq!(payload, text.as_bytes());
         }
+    }
+
+    #[test]
+    fn the_payload_is_found_behind_every_header_length() {
+        let pool = FramePool::default();
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let text = "y".repeat(len);
+            assert_eq!(payload_of(&text_frame(&pool, &text)), text.as_bytes());
+        }
+        assert_eq!(payload_of(&[]), b"");
     }
 
     #[test]

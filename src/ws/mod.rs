@@ -13,5 +13,5 @@ mod encode;
 mod handshake;
 
 pub use decode::{DecodeError, Decoder, Flow, Incoming};
-pub use encode::{binary_frame, close_frame, control_frame, data_frame, text_frame, EncodeError};
+pub use encode::{binary_frame, close_frame, control_frame, data_frame, payload_of, text_frame, EncodeError};
 pub use handshake::{upgrade_response, UpgradeError};

@@ -1,0 +1,511 @@
+//! The cluster's I/O: three threads between Redis and the workers, and no logic of their own.
+//!
+//! - The publisher owns one Redis connection and publishes what the workers and the state
+//!   machine queue, many messages per round trip (a pipeline), heartbeats and state first.
+//! - The subscriber owns another, subscribed to the cluster's channel. Events from other nodes
+//!   go straight to the worker that owns their channel (so one channel's events stay in order);
+//!   everything else goes to the state machine.
+//! - The state thread runs [`ClusterState`] on its inputs and its timers, and hands the workers
+//!   the cluster-wide counts it computes.
+//!
+//! A lost link is logged once when it goes and once when it comes back, never per message; both
+//! connections retry with backoff (100 ms doubling to 5 s). Nothing grows meanwhile: the
+//! queues to Redis are bounded and what finds them full is dropped and counted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError};
+use log::{error, info, warn};
+
+use super::state::{ClusterState, NodeStatus};
+use super::wire::{Body, Envelope};
+use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, PeerStatus, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
+use crate::fanout::directory::OccupancyBatch;
+use crate::fanout::WorkerId;
+use crate::pusher::presence::owner_of;
+use crate::pusher::protocol::SocketId;
+use crate::server::Peers;
+
+/// Messages published in one round trip at most.
+const PIPELINE: usize = 512;
+
+/// First wait before a lost Redis connection is tried again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long a blocking Redis read waits before the thread checks whether it must stop.
+const READ_WAIT: Duration = Duration::from_millis(200);
+
+/// How long an idle thread waits for work before it checks whether it must stop.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// What the state thread is told.
+pub(super) enum Input {
+    /// A state message from another node (raw; decoded by the state thread).
+    Remote(Vec<u8>),
+    /// A worker's changed counts.
+    Local(OccupancyBatch),
+    /// A Redis connection is (again) up.
+    LinkUp,
+    /// A state message was lost on its way out.
+    LostOutput,
+}
+
+/// The running cluster threads of this node.
+pub struct Cluster {
+    /// Stops the state thread (which then queues its goodbye) and the subscriber.
+    stop: Arc<AtomicBool>,
+    /// Stops the publisher, once it has published what is queued: set after the others ended.
+    stop_publisher: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    publisher: JoinHandle<()>,
+}
+
+/// The queues made before the node's workers exist (their services need the [`ClusterLink`]),
+/// and the threads started after (they need the workers' [`Peers`]).
+pub struct PreparedCluster {
+    settings: ClusterSettings,
+    link: ClusterLink,
+    client: redis::Client,
+    events: Receiver<Vec<u8>>,
+    inputs: Receiver<Input>,
+}
+
+impl Cluster {
+    /// Checks the settings and makes the queues; nothing connects yet.
+    pub fn prepare(settings: ClusterSettings) -> Result<PreparedCluster, ClusterError> {
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(ClusterError::Url)?;
+        let (events_tx, events) = bounded(EVENT_QUEUE);
+        let (inputs_tx, inputs) = bounded(EVENT_QUEUE);
+        let link = ClusterLink {
+            node: settings.node_id.clone(),
+            incarnation: fastrand::u64(..),
+            events: events_tx,
+            inputs: inputs_tx,
+            shared: Arc::new(Shared::default()),
+        };
+        Ok(PreparedCluster { settings, link, client, events, inputs })
+    }
+
+    /// Tells the other nodes this one is leaving, publishes what is still queued (for at most
+    /// `grace`), and stops the threads. A thread still stuck on Redis then is left to end with
+    /// the process.
+    pub fn stop(self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        // The threads notice their flag within their read and idle waits.
+        let join_by = |thread: JoinHandle<()>| {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        };
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().for_each(join_by);
+        self.stop_publisher.store(true, Ordering::Relaxed);
+        join_by(self.publisher);
+    }
+}
+
+impl PreparedCluster {
+    /// The link the workers use.
+    pub fn link(&self) -> &ClusterLink {
+        &self.link
+    }
+
+    /// Starts the threads: the node, whose clients connect at `addr`, joins the cluster.
+    /// `connections` reads the node's open connections for its heartbeats.
+    pub fn start<M>(self, peers: Peers<M>, addr: String, connections: impl Fn() -> u64 + Send + 'static) -> Result<Cluster, ClusterError>
+    where
+        M: From<Delivery> + Send + 'static,
+    {
+        let PreparedCluster { settings, link, client, events, inputs } = self;
+        info!("cluster: node {} joins the cluster on {} (channel {})", settings.node_id, redacted(&settings.redis_url), settings.bus());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_publisher = Arc::new(AtomicBool::new(false));
+        let (control_tx, control) = bounded(CONTROL_QUEUE);
+        // A thread that cannot be started stops the ones already running.
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(body).map_err(|e| {
+                stop.store(true, Ordering::Relaxed);
+                stop_publisher.store(true, Ordering::Relaxed);
+                ClusterError::Thread(e)
+            })
+        };
+        let publisher = Publisher {
+            client: client.clone(),
+            bus: settings.bus(),
+            control,
+            events,
+            shared: link.shared.clone(),
+            inputs: link.inputs.clone(),
+            stop: stop_publisher.clone(),
+        };
+        let publisher = spawn("flux-cluster-out", Box::new(move || publisher.run()))?;
+        let mut threads = Vec::new();
+        let subscriber = Subscriber {
+            client,
+            bus: settings.bus(),
+            me: link.node.clone(),
+            incarnation: link.incarnation,
+            peers: peers.clone(),
+            inputs: link.inputs.clone(),
+            shared: link.shared.clone(),
+            stop: stop.clone(),
+        };
+        threads.push(spawn("flux-cluster-in", Box::new(move || subscriber.run()))?);
+        let state = ClusterState::new(settings.node_id.clone(), link.incarnation, addr, peers.len(), settings.node_timeout, Instant::now());
+        let machine =
+            StateThread { state, inputs, control: control_tx, peers, shared: link.shared.clone(), stop: stop.clone(), connections };
+        threads.push(spawn("flux-cluster", Box::new(move || machine.run()))?);
+        Ok(Cluster { stop, stop_publisher, threads, publisher })
+    }
+}
+
+/// The URL without its password, for the log.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// One Redis connection's ups and downs: logs the first failure of an outage and the
+/// recovery, and paces the retries.
+struct Outage {
+    what: &'static str,
+    down_since: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Outage {
+    fn new(what: &'static str) -> Self {
+        Outage { what, down_since: None, backoff: RETRY_FIRST }
+    }
+
+    /// The connection failed: logs it if it is the outage's first failure, and waits before the
+    /// next attempt (or until `stop`).
+    fn failed(&mut self, error: &redis::RedisError, stop: &AtomicBool) {
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+            warn!("cluster: Redis link ({}) lost: {error}; retrying with backoff", self.what);
+        }
+        let until = Instant::now() + self.backoff;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+
+    /// The connection is up: true if it was down before (a reconnect).
+    fn up(&mut self) -> bool {
+        self.backoff = RETRY_FIRST;
+        match self.down_since.take() {
+            Some(since) => {
+                info!("cluster: Redis link ({}) back after {} ms", self.what, since.elapsed().as_millis());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct Publisher {
+    client: redis::Client,
+    bus: String,
+    control: Receiver<Vec<u8>>,
+    events: Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
+    inputs: crossbeam_channel::Sender<Input>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    fn run(self) {
+        let mut outage = Outage::new("publisher");
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(PIPELINE);
+        let mut first = true;
+        loop {
+            let mut connection = match self.client.get_connection_with_timeout(RETRY_MAX) {
+                Ok(connection) => connection,
+                Err(e) => {
+                    self.shared.publisher_up.store(false, Ordering::Relaxed);
+                    if self.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    outage.failed(&e, &self.stop);
+                    continue;
+                }
+            };
+            if outage.up() || first {
+                if !first {
+                    self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = self.inputs.try_send(Input::LinkUp);
+            }
+            first = false;
+            self.shared.publisher_up.store(true, Ordering::Relaxed);
+            loop {
+                let stopping = self.stop.load(Ordering::Relaxed);
+                self.next_batch(&mut batch, stopping);
+                if batch.is_empty() {
+                    if stopping {
+                        return;
+                    }
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                for message in &batch {
+                    pipe.cmd("PUBLISH").arg(&self.bus).arg(message.as_slice()).ignore();
+                }
+                match pipe.exec(&mut connection) {
+                    Ok(()) => {
+                        let stats = &self.shared.stats;
+                        stats.messages_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        stats.bytes_out.fetch_add(batch.iter().map(|m| m.len() as u64).sum(), Ordering::Relaxed);
+                        batch.clear();
+                    }
+                    Err(e) => {
+                        // Which of them Redis got is unknown: count them lost, and have the
+                        // state machine send a snapshot once the link is back.
+                        self.shared.stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        batch.clear();
+                        let _ = self.inputs.try_send(Input::LostOutput);
+                        self.shared.publisher_up.store(false, Ordering::Relaxed);
+                        if stopping {
+                            return;
+                        }
+                        outage.failed(&e, &self.stop);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills `batch` with up to [`PIPELINE`] messages, control messages first, waiting a little
+    /// for the first one (not at all once stopping: then only what is already queued).
+    fn next_batch(&self, batch: &mut Vec<Vec<u8>>, stopping: bool) {
+        if !stopping {
+            select! {
+                recv(self.control) -> message => batch.extend(message.ok()),
+                recv(self.events) -> message => batch.extend(message.ok()),
+                default(IDLE_WAIT) => {}
+            }
+        }
+        while batch.len() < PIPELINE {
+            match self.control.try_recv().or_else(|_| self.events.try_recv()) {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+struct Subscriber<M> {
+    client: redis::Client,
+    bus: String,
+    me: Arc<str>,
+    incarnation: u64,
+    peers: Peers<M>,
+    inputs: crossbeam_channel::Sender<Input>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<M: From<Delivery>> Subscriber<M> {
+    fn run(self) {
+        let mut outage = Outage::new("subscriber");
+        let mut first = true;
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.subscribed(&mut outage, &mut first) {
+                self.shared.subscriber_up.store(false, Ordering::Relaxed);
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                outage.failed(&e, &self.stop);
+            }
+        }
+    }
+
+    /// Subscribes and reads until the connection fails (an error) or the node stops (`Ok`).
+    fn subscribed(&self, outage: &mut Outage, first: &mut bool) -> redis::RedisResult<()> {
+        let mut connection = self.client.get_connection_with_timeout(RETRY_MAX)?;
+        connection.set_read_timeout(Some(READ_WAIT))?;
+        let mut pubsub = connection.as_pubsub();
+        pubsub.subscribe(&self.bus)?;
+        if outage.up() && !*first {
+            self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        *first = false;
+        self.shared.subscriber_up.store(true, Ordering::Relaxed);
+        // Whatever was published while this connection was down is lost to this node.
+        let _ = self.inputs.try_send(Input::LinkUp);
+        while !self.stop.load(Ordering::Relaxed) {
+            match pubsub.get_message() {
+                Ok(message) => self.received(message.get_payload_bytes()),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn received(&self, bytes: &[u8]) {
+        let envelope = match Envelope::decode(bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                // Something else publishes on our channel (a shared Redis and prefix?).
+                warn!("cluster: {e}");
+                return;
+            }
+        };
+        if *envelope.node == *self.me && envelope.incarnation == self.incarnation {
+            return; // Our own, back from Redis.
+        }
+        let stats = &self.shared.stats;
+        stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        match envelope.body {
+            Body::Broadcast { channel, except, published_at_us, message } => {
+                let owner = owner_of(channel, self.peers.len());
+                let broadcast = RemoteBroadcast {
+                    channel: channel.into(),
+                    except: except.map(|(high, low)| SocketId { high, low }),
+                    message: message.into(),
+                    published_at_us,
+                };
+                self.hand_to(owner, Delivery::Broadcast(broadcast));
+            }
+            Body::Terminate { user_id } => {
+                let user: Arc<str> = user_id.into();
+                for worker in 0..self.peers.len() {
+                    self.hand_to(WorkerId(worker), Delivery::Terminate(user.clone()));
+                }
+            }
+            _ => {
+                if self.inputs.send_timeout(Input::Remote(bytes.to_vec()), RETRY_MAX).is_err() {
+                    error!("cluster: the state thread is not taking messages");
+                }
+            }
+        }
+    }
+
+    /// Puts `delivery` in `worker`'s inbox, waiting for room if it is full (Redis buffers what
+    /// arrives meanwhile; past its limit it drops this connection, and the resync repairs it).
+    fn hand_to(&self, worker: WorkerId, delivery: Delivery) {
+        hand_to(&self.peers, worker, delivery, &self.shared, &self.stop);
+    }
+}
+
+/// Puts `delivery` in `worker`'s inbox, retrying with backoff while it is full, until it fits
+/// or the node stops.
+fn hand_to<M: From<Delivery>>(peers: &Peers<M>, worker: WorkerId, delivery: Delivery, shared: &Shared, stop: &AtomicBool) {
+    let mut wait = Duration::from_millis(1);
+    while !peers.send_now(worker, M::from(delivery.clone())) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        shared.stats.inbox_waits.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(64));
+    }
+}
+
+struct StateThread<M, F> {
+    state: ClusterState,
+    inputs: Receiver<Input>,
+    control: crossbeam_channel::Sender<Vec<u8>>,
+    peers: Peers<M>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    connections: F,
+}
+
+impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let wait = self.state.poll_timeout().saturating_duration_since(Instant::now()).min(IDLE_WAIT);
+            match self.inputs.recv_timeout(wait) {
+                Ok(input) => {
+                    self.handle(input);
+                    // Take what else is waiting before answering, so a burst is one answer.
+                    while let Ok(input) = self.inputs.try_recv() {
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if self.state.poll_timeout() <= now {
+                self.state.set_connections((self.connections)());
+                self.state.handle_timeout(now);
+            }
+            self.transmit(now);
+            if let Some(counts) = self.state.poll_remote_counts() {
+                let counts: Arc<[_]> = counts.into();
+                for worker in 0..self.peers.len() {
+                    hand_to(&self.peers, WorkerId(worker), Delivery::Occupancy(counts.clone()), &self.shared, &self.stop);
+                }
+            }
+            while self.state.poll_event().is_some() {}
+            self.publish_nodes(now);
+        }
+        // Stopping: say so, and let the publisher send it with what is queued.
+        self.state.handle_stop();
+        self.transmit(Instant::now());
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Remote(bytes) => match Envelope::decode(&bytes) {
+                Ok(envelope) => self.state.handle_message(&envelope, now),
+                Err(e) => warn!("cluster: {e}"),
+            },
+            Input::Local(batch) => self.state.handle_local_occupancy(&batch, now),
+            Input::LinkUp => self.state.handle_link_up(now),
+            Input::LostOutput => self.state.handle_lost_output(now),
+        }
+    }
+
+    fn transmit(&mut self, now: Instant) {
+        while let Some(bytes) = self.state.poll_transmit() {
+            if self.control.try_send(bytes).is_err() {
+                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.state.handle_lost_output(now);
+                break;
+            }
+        }
+    }
+
+    fn publish_nodes(&self, now: Instant) {
+        let nodes = self.state.nodes(now).into_iter().map(|n: NodeStatus| PeerStatus {
+            id: n.id.to_string(),
+            addr: n.addr,
+            connections: n.connections,
+            last_heard_ms: n.silent_for.as_millis() as u64,
+            synced: n.synced,
+        });
+        if let Ok(mut shared) = self.shared.nodes.lock() {
+            shared.clear();
+            shared.extend(nodes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_stay_out_of_the_log() {
+        assert_eq!(redacted("redis://user:secret@127.0.0.1:6379/0"), "redis://***@127.0.0.1:6379/0");
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

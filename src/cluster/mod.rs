@@ -1,0 +1,222 @@
+//! The cluster: several Flux nodes on one Redis act as one server.
+//!
+//! It owns everything a node knows of the others and everything it tells them, and nothing else:
+//! - [`wire`]: the messages nodes exchange, one Redis message each (postcard).
+//! - [`state`]: the sans-IO view of the cluster (which nodes live, what each holds), driven by
+//!   messages and a clock.
+//! - [`link`]: the thin I/O part, three threads of its own: one publishes to Redis, one reads
+//!   the cluster's Redis channel, and one runs the [`state`] machine.
+//!
+//! The workers never touch a Redis socket. They hand their broadcasts and count changes to a
+//! [`ClusterLink`] (bounded queues that never block them; what does not fit is dropped and
+//! counted), and the cluster threads reach them only through their inboxes, with [`Delivery`]
+//! messages: an event from another node goes to one worker, which frames it once and fans it
+//! out on the node as if it had been published there. With no `FLUX_REDIS_URL` none of this
+//! runs and a worker's only extra cost is checking that it has no link.
+
+mod link;
+pub mod state;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::fanout::directory::OccupancyBatch;
+use crate::pusher::protocol::{ChannelName, SocketId};
+pub use link::Cluster;
+pub use state::NodeId;
+use wire::{Body, Envelope};
+
+/// Broadcasts waiting to be published on Redis; past this they are dropped and counted.
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// Heartbeats and state messages waiting to be published. Kept apart from the broadcasts, so a
+/// flood of events can never delay a heartbeat into a false death.
+pub const CONTROL_QUEUE: usize = 4_096;
+
+/// Why the cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// `FLUX_REDIS_URL` is not a Redis URL.
+    #[error("FLUX_REDIS_URL is not a valid redis:// URL: {0}")]
+    Url(redis::RedisError),
+    /// A cluster thread could not be started.
+    #[error("could not start a cluster thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How this node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// The Redis to meet the others on.
+    pub redis_url: String,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Names of this cluster's Redis channels start with this, so clusters can share a Redis.
+    pub prefix: String,
+    /// A node silent this long is dead.
+    pub node_timeout: Duration,
+}
+
+impl ClusterSettings {
+    /// The settings `config` asks for, if it names a Redis. A node without `FLUX_NODE_ID` gets a
+    /// random one.
+    pub fn from_config(config: &Config) -> Option<ClusterSettings> {
+        let redis_url = config.redis_url.clone()?;
+        let node_id = config.node_id.clone().unwrap_or_else(|| format!("flux-{:08x}", fastrand::u32(..)));
+        Some(ClusterSettings {
+            redis_url,
+            node_id: node_id.into(),
+            prefix: config.redis_prefix.clone(),
+            node_timeout: Duration::from_millis(config.node_timeout_ms),
+        })
+    }
+
+    /// The one Redis channel every node of the cluster publishes on and reads.
+    pub fn bus(&self) -> String {
+        format!("{}:bus", self.prefix)
+    }
+}
+
+/// What the cluster hands a worker, through its inbox.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// An event published on another node, for this node's subscribers of its channel.
+    Broadcast(RemoteBroadcast),
+    /// The other nodes' subscription counts for the channels where they changed.
+    Occupancy(Arc<[(ChannelName, u32)]>),
+    /// Close this user's connections.
+    Terminate(Arc<str>),
+}
+
+/// An event from another node.
+#[derive(Debug, Clone)]
+pub struct RemoteBroadcast {
+    /// The channel.
+    pub channel: ChannelName,
+    /// A connection that must not receive it.
+    pub except: Option<SocketId>,
+    /// The Pusher event message, to be framed once on this node.
+    pub message: Box<str>,
+    /// When it was published, in microseconds since the Unix epoch.
+    pub published_at_us: u64,
+}
+
+crate::metrics::counters! {
+    /// The cluster's live counters.
+    StatCells,
+    /// A copy of the cluster's counters.
+    ClusterCounters {
+        /// Messages published on Redis.
+        messages_out,
+        /// Their bytes.
+        bytes_out,
+        /// Messages read from Redis (the node's own excluded).
+        messages_in,
+        /// Their bytes.
+        bytes_in,
+        /// Broadcasts not published because the queue to Redis was full (or the link down
+        /// long enough to fill it).
+        dropped,
+        /// Times the link to Redis was established again after it was lost.
+        reconnects,
+        /// Events from other nodes that waited for a worker's inbox to have room.
+        inbox_waits,
+    }
+}
+
+/// What a dashboard shows of the cluster.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    /// This node's id.
+    pub node_id: String,
+    /// Whether both Redis connections are up.
+    pub link_up: bool,
+    /// The other live nodes, by id.
+    pub nodes: Vec<PeerStatus>,
+    /// Counters since start.
+    #[serde(flatten)]
+    pub counters: ClusterCounters,
+}
+
+/// Another node, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Its id.
+    pub id: String,
+    /// Where its clients connect.
+    pub addr: String,
+    /// Its open connections at its last heartbeat.
+    pub connections: u64,
+    /// Milliseconds since it was last heard from.
+    pub last_heard_ms: u64,
+    /// Whether its counts are current.
+    pub synced: bool,
+}
+
+/// What the cluster's threads share with the rest of the node.
+#[derive(Debug, Default)]
+struct Shared {
+    stats: StatCells,
+    publisher_up: AtomicBool,
+    subscriber_up: AtomicBool,
+    nodes: Mutex<Vec<PeerStatus>>,
+}
+
+/// A worker's (or any thread's) way to tell the cluster something. Cheap to clone; no call
+/// blocks.
+#[derive(Clone)]
+pub struct ClusterLink {
+    node: NodeId,
+    incarnation: u64,
+    events: Sender<Vec<u8>>,
+    inputs: Sender<link::Input>,
+    shared: Arc<Shared>,
+}
+
+impl ClusterLink {
+    /// Publishes an event to the other nodes: one Redis message, whatever their number.
+    pub fn broadcast(&self, channel: &str, except: Option<SocketId>, message: &str, published_at_us: u64) {
+        let body = Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message };
+        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body }.encode();
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.events.try_send(bytes) {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes a user's connections on the other nodes.
+    pub fn terminate(&self, user_id: &str) {
+        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body: Body::Terminate { user_id } }.encode();
+        if self.events.try_send(bytes).is_err() {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A worker's changed counts, for the other nodes.
+    pub fn occupancy(&self, batch: OccupancyBatch) {
+        if self.inputs.try_send(link::Input::Local(batch)).is_err() {
+            // The counts will be wrong on the other nodes until they next resync.
+            let _ = self.inputs.try_send(link::Input::LostOutput);
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The cluster as this node sees it now.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node_id: self.node.to_string(),
+            link_up: self.shared.publisher_up.load(Ordering::Relaxed) && self.shared.subscriber_up.load(Ordering::Relaxed),
+            nodes: self.shared.nodes.lock().map(|n| n.clone()).unwrap_or_default(),
+            counters: self.shared.stats.snapshot(),
+        }
+    }
+}

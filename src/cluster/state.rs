@@ -1,0 +1,626 @@
+//! The cluster as this node sees it (sans-IO): which other nodes are alive, what each of them
+//! holds, and what this node must tell them. Driven by their messages, this node's own changes
+//! and `now`; it answers with bytes to publish and with the cluster-wide counts the workers need.
+//! No socket and no clock here, so heartbeats, deaths and rejoins are tested with a virtual clock.
+//!
+//! Each node's state (its subscription counts per channel) reaches the others as a stream of
+//! numbered deltas. A receiver applies them in order; one that sees a gap (a message lost while
+//! its link was down, or dropped by the sender's bounded queue) asks for a snapshot, which
+//! replaces everything it knew of that node. Heartbeats carry the number of the last state
+//! message, so even a lost last delta is noticed. A node silent for the node timeout is dead: its
+//! counts leave the cluster's totals. A node that reappears (restarted, unfrozen, or back from a
+//! partition) is asked for a snapshot, so what it held before it was declared dead never comes
+//! back unless it still holds it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indexmap::IndexSet;
+use log::{info, warn};
+
+use super::wire::{Body, Count, Envelope};
+use crate::fanout::directory::{Directory, OccupancyBatch};
+use crate::pusher::protocol::ChannelName;
+
+/// A node's id (`FLUX_NODE_ID`).
+pub type NodeId = Arc<str>;
+
+/// How long a changed count may wait for others to share its message.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// How long a node asked for a snapshot has to answer before it is asked again.
+const SYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// Heartbeats per node timeout: a node is declared dead only after missing this many.
+const HEARTBEATS_PER_TIMEOUT: u32 = 5;
+
+/// What happened to a node, for the log and the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A node was heard from for the first time (or after it was forgotten).
+    Joined(NodeId),
+    /// A node was heard from with a new incarnation: it restarted.
+    Restarted(NodeId),
+    /// A node said it is stopping.
+    Left(NodeId),
+    /// A node was silent for the node timeout.
+    Died(NodeId),
+}
+
+/// Another node as this one knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Its id.
+    pub id: NodeId,
+    /// Where its clients connect.
+    pub addr: String,
+    /// Its open connections, at its last heartbeat.
+    pub connections: u64,
+    /// How long ago it was last heard from.
+    pub silent_for: Duration,
+    /// Whether its counts are known to be current (false while a snapshot is awaited).
+    pub synced: bool,
+}
+
+#[derive(Debug)]
+struct Peer {
+    incarnation: u64,
+    last_heard: Instant,
+    /// The sequence number of the next state message expected; `None` until a snapshot arrives.
+    next_seq: Option<u64>,
+    /// When it was last asked for a snapshot.
+    asked_at: Option<Instant>,
+    counts: HashMap<ChannelName, u32>,
+    addr: String,
+    connections: u64,
+}
+
+/// This node's view of the cluster.
+#[derive(Debug)]
+pub struct ClusterState {
+    me: NodeId,
+    incarnation: u64,
+    addr: String,
+    timeout: Duration,
+    /// This node's subscription counts, per worker (fed by the workers' occupancy batches).
+    local: Directory,
+    /// Channels whose count on this node changed since the last state message.
+    local_changed: IndexSet<ChannelName>,
+    /// The sequence number of the last state message this node sent.
+    last_seq: u64,
+    /// A snapshot is to go out at the next flush instead of a delta.
+    snapshot_due: bool,
+    flush_due: Option<Instant>,
+    next_heartbeat: Instant,
+    /// When `handle_timeout` last ran, to notice that this process itself was frozen.
+    last_tick: Instant,
+    connections: u64,
+    peers: HashMap<NodeId, Peer>,
+    /// Subscriptions per channel on every other node together.
+    remote: HashMap<ChannelName, u32>,
+    remote_changed: IndexSet<ChannelName>,
+    transmit: VecDeque<Vec<u8>>,
+    events: VecDeque<NodeEvent>,
+    /// Whether another node using this node's id was already reported.
+    twin_reported: bool,
+}
+
+impl ClusterState {
+    /// The view of node `me` (this run: `incarnation`), whose clients connect at `addr`, of a
+    /// node of `workers` workers, with nodes declared dead after `timeout` of silence.
+    pub fn new(me: NodeId, incarnation: u64, addr: String, workers: usize, timeout: Duration, now: Instant) -> Self {
+        ClusterState {
+            me,
+            incarnation,
+            addr,
+            timeout,
+            local: Directory::new(workers),
+            local_changed: IndexSet::new(),
+            last_seq: 0,
+            snapshot_due: false,
+            flush_due: None,
+            next_heartbeat: now,
+            last_tick: now,
+            connections: 0,
+            peers: HashMap::new(),
+            remote: HashMap::new(),
+            remote_changed: IndexSet::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            twin_reported: false,
+        }
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    fn heartbeat_every(&self) -> Duration {
+        self.timeout / HEARTBEATS_PER_TIMEOUT
+    }
+
+    /// The link to Redis is (again) up: whatever was said meanwhile may be lost both ways, so ask
+    /// every node for its state and tell them this node's.
+    pub fn handle_link_up(&mut self, now: Instant) {
+        for peer in self.peers.values_mut() {
+            peer.next_seq = None;
+            peer.asked_at = Some(now);
+        }
+        self.send(Body::SyncRequest { target: None });
+        self.snapshot_due = true;
+        self.flush_due = Some(now);
+        self.next_heartbeat = now;
+    }
+
+    /// A state message could not be queued for Redis: the others will see a gap, so send
+    /// everything again at the next flush.
+    pub fn handle_lost_output(&mut self, now: Instant) {
+        self.snapshot_due = true;
+        self.flush_due = Some(self.flush_due.map_or(now, |due| due.min(now)));
+    }
+
+    /// One worker's new counts for the channels that changed in one of its turns.
+    pub fn handle_local_occupancy(&mut self, batch: &OccupancyBatch, now: Instant) {
+        for update in batch.updates() {
+            self.local.apply(&update);
+            self.local_changed.insert(update.channel);
+        }
+        if self.flush_due.is_none() {
+            self.flush_due = Some(now + FLUSH_EVERY);
+        }
+    }
+
+    /// This node's open connections, for its heartbeats.
+    pub fn set_connections(&mut self, connections: u64) {
+        self.connections = connections;
+    }
+
+    /// A message from Redis (this node's own come back too, and are ignored).
+    pub fn handle_message(&mut self, envelope: &Envelope<'_>, now: Instant) {
+        if *envelope.node == *self.me {
+            if envelope.incarnation != self.incarnation && !self.twin_reported {
+                self.twin_reported = true;
+                warn!("another node uses this node's id {}: give each node its own FLUX_NODE_ID", self.me);
+            }
+            return;
+        }
+        let peer = self.peer(envelope.node, envelope.incarnation, now);
+        peer.last_heard = now;
+        let node: NodeId = envelope.node.into();
+        match &envelope.body {
+            Body::Broadcast { .. } | Body::Terminate { .. } => {}
+            Body::Heartbeat { addr, connections, last_seq } => {
+                let peer = self.peer_mut(&node);
+                peer.addr.clear();
+                peer.addr.push_str(addr);
+                peer.connections = *connections;
+                let behind = peer.next_seq.is_none_or(|next| *last_seq >= next);
+                if behind {
+                    self.ask_sync(&node, now);
+                }
+            }
+            Body::Occupancy { seq, counts } => {
+                if self.peer_mut(&node).next_seq == Some(*seq) {
+                    self.apply_counts(&node, counts);
+                    self.peer_mut(&node).next_seq = Some(seq + 1);
+                } else {
+                    self.ask_sync(&node, now);
+                }
+            }
+            Body::Snapshot { seq, counts } => {
+                self.clear_counts(&node);
+                self.apply_counts(&node, counts);
+                let peer = self.peer_mut(&node);
+                peer.next_seq = Some(seq + 1);
+                peer.asked_at = None;
+            }
+            Body::SyncRequest { target } => {
+                if target.is_none_or(|t| *t == *self.me) {
+                    self.handle_lost_output(now);
+                }
+            }
+            Body::Leaving => {
+                self.forget(&node);
+                info!("cluster: node {node} left");
+                self.events.push_back(NodeEvent::Left(node));
+            }
+        }
+    }
+
+    /// The peer that sent a message, created or reset as its incarnation requires.
+    fn peer(&mut self, node: &str, incarnation: u64, now: Instant) -> &mut Peer {
+        let known = self.peers.get(node).map(|p| p.incarnation);
+        match known {
+            Some(i) if i == incarnation => {}
+            Some(_) => {
+                self.clear_counts(&node.into());
+                info!("cluster: node {node} restarted");
+                self.events.push_back(NodeEvent::Restarted(node.into()));
+            }
+            None => {
+                info!("cluster: node {node} joined");
+                self.events.push_back(NodeEvent::Joined(node.into()));
+            }
+        }
+        let fresh = || Peer {
+            incarnation,
+            last_heard: now,
+            next_seq: None,
+            asked_at: None,
+            counts: HashMap::new(),
+            addr: String::new(),
+            connections: 0,
+        };
+        let peer = self.peers.entry(node.into()).or_insert_with(fresh);
+        if peer.incarnation != incarnation {
+            *peer = fresh();
+        }
+        peer
+    }
+
+    fn peer_mut(&mut self, node: &NodeId) -> &mut Peer {
+        // Callers have just created or found the peer.
+        self.peers.get_mut(node).expect("peer exists")
+    }
+
+    /// Asks `node` for a snapshot, unless it was asked less than [`SYNC_RETRY`] ago. Until it
+    /// answers, its deltas are ignored.
+    fn ask_sync(&mut self, node: &NodeId, now: Instant) {
+        let Some(peer) = self.peers.get_mut(node) else { return };
+        peer.next_seq = None;
+        if peer.asked_at.is_some_and(|at| now < at + SYNC_RETRY) {
+            return;
+        }
+        peer.asked_at = Some(now);
+        self.send(Body::SyncRequest { target: Some(node) });
+    }
+
+    fn apply_counts(&mut self, node: &NodeId, counts: &[Count<'_>]) {
+        for &(channel, count) in counts {
+            self.set_count(node, channel, count);
+        }
+    }
+
+    /// Sets `node`'s count for `channel`, and the cluster's remote total with it.
+    fn set_count(&mut self, node: &NodeId, channel: &str, count: u32) {
+        let Some(peer) = self.peers.get_mut(node) else { return };
+        let name: ChannelName = match self.remote.get_key_value(channel) {
+            Some((name, _)) => name.clone(),
+            None => channel.into(),
+        };
+        let before =
+            if count == 0 { peer.counts.remove(channel).unwrap_or(0) } else { peer.counts.insert(name.clone(), count).unwrap_or(0) };
+        if before == count {
+            return;
+        }
+        let total = self.remote.entry(name.clone()).or_insert(0);
+        *total = (*total + count).saturating_sub(before);
+        if *total == 0 {
+            self.remote.remove(channel);
+        }
+        self.remote_changed.insert(name);
+    }
+
+    /// Takes everything `node` held out of the totals.
+    fn clear_counts(&mut self, node: &NodeId) {
+        let Some(peer) = self.peers.get_mut(node) else { return };
+        let held: Vec<ChannelName> = peer.counts.keys().cloned().collect();
+        for channel in held {
+            self.set_count(node, &channel, 0);
+        }
+    }
+
+    fn forget(&mut self, node: &NodeId) {
+        self.clear_counts(node);
+        self.peers.remove(node);
+    }
+
+    /// Heartbeats, flushes and deaths that are due by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Far longer than any wait between two calls means this process was frozen (SIGSTOP, a
+        // swapped-out host): the others' heartbeats of that time are still unread, so do not
+        // hold the silence against them.
+        if now.saturating_duration_since(self.last_tick) > self.timeout / 2 {
+            let grace = now - self.heartbeat_every();
+            for peer in self.peers.values_mut() {
+                peer.last_heard = peer.last_heard.max(grace);
+            }
+        }
+        self.last_tick = now;
+        let dead: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_heard) >= self.timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node in dead {
+            self.forget(&node);
+            warn!("cluster: node {node} silent for {} ms: declared dead", self.timeout.as_millis());
+            self.events.push_back(NodeEvent::Died(node));
+        }
+        if self.flush_due.is_some_and(|due| due <= now) {
+            self.flush_due = None;
+            self.flush();
+        }
+        if self.next_heartbeat <= now {
+            self.next_heartbeat = now + self.heartbeat_every();
+            let heartbeat = Body::Heartbeat { addr: &self.addr, connections: self.connections, last_seq: self.last_seq };
+            let bytes = Envelope { node: &self.me, incarnation: self.incarnation, body: heartbeat }.encode();
+            self.transmit.push_back(bytes);
+        }
+    }
+
+    /// Sends this node's changed counts, or all of them when a snapshot is due.
+    fn flush(&mut self) {
+        if self.snapshot_due {
+            self.snapshot_due = false;
+            self.local_changed.clear();
+            self.last_seq += 1;
+            let counts: Vec<Count<'_>> = self.local.local_channels().collect();
+            let body = Body::Snapshot { seq: self.last_seq, counts };
+            self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
+        } else if !self.local_changed.is_empty() {
+            self.last_seq += 1;
+            let local = &self.local;
+            let counts: Vec<Count<'_>> = self.local_changed.iter().map(|c| (&**c, local.local_count(c))).collect();
+            let body = Body::Occupancy { seq: self.last_seq, counts };
+            self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
+            self.local_changed.clear();
+        }
+    }
+
+    fn send(&mut self, body: Body<'_>) {
+        let bytes = Envelope { node: &self.me, incarnation: self.incarnation, body }.encode();
+        self.transmit.push_back(bytes);
+    }
+
+    /// This node is stopping: the last message it sends.
+    pub fn handle_stop(&mut self) {
+        self.send(Body::Leaving);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next run.
+    pub fn poll_timeout(&self) -> Instant {
+        let deaths = self.peers.values().map(|p| p.last_heard + self.timeout).min();
+        [Some(self.next_heartbeat), self.flush_due, deaths].into_iter().flatten().min().unwrap_or(self.next_heartbeat)
+    }
+
+    /// The next message to publish on Redis.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmit.pop_front()
+    }
+
+    /// The channels whose count on the other nodes changed, each with its new total there.
+    pub fn poll_remote_counts(&mut self) -> Option<Vec<(ChannelName, u32)>> {
+        if self.remote_changed.is_empty() {
+            return None;
+        }
+        let remote = &self.remote;
+        Some(self.remote_changed.drain(..).map(|c| (c.clone(), remote.get(&c).copied().unwrap_or(0))).collect())
+    }
+
+    /// The next thing that happened to a node.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// The other nodes alive, by id.
+    pub fn nodes(&self, now: Instant) -> Vec<NodeStatus> {
+        let mut nodes: Vec<NodeStatus> = self
+            .peers
+            .iter()
+            .map(|(id, p)| NodeStatus {
+                id: id.clone(),
+                addr: p.addr.clone(),
+                connections: p.connections,
+                silent_for: now.saturating_duration_since(p.last_heard),
+                synced: p.next_seq.is_some(),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        nodes
+    }
+
+    /// Subscriptions to `channel` on the other nodes together.
+    pub fn remote_count(&self, channel: &str) -> u32 {
+        self.remote.get(channel).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::WorkerId;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn node(id: &str, incarnation: u64, t0: Instant) -> ClusterState {
+        let mut state = ClusterState::new(id.into(), incarnation, format!("{id}:6001"), 2, TIMEOUT, t0);
+        state.handle_link_up(t0);
+        state
+    }
+
+    /// Everything `from` has to publish, delivered to each of `to` (as Redis would).
+    fn carry(from: &mut ClusterState, to: &mut [&mut ClusterState], now: Instant) -> usize {
+        let mut carried = 0;
+        while let Some(bytes) = from.poll_transmit() {
+            let envelope = Envelope::decode(&bytes).expect("decodes");
+            for node in to.iter_mut() {
+                node.handle_message(&envelope, now);
+            }
+            carried += 1;
+        }
+        carried
+    }
+
+    fn occupancy(worker: usize, counts: &[(&str, u32)]) -> OccupancyBatch {
+        OccupancyBatch { worker: WorkerId(worker), counts: counts.iter().map(|&(c, n)| (ChannelName::from(c), n)).collect() }
+    }
+
+    /// Runs both nodes' timers and carries their messages both ways until they are quiet.
+    fn settle(a: &mut ClusterState, b: &mut ClusterState, now: Instant) {
+        for _ in 0..4 {
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            carry(a, &mut [b], now);
+            carry(b, &mut [a], now);
+        }
+    }
+
+    #[test]
+    fn counts_reach_the_other_node_and_add_up_across_workers() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        settle(&mut a, &mut b, t0);
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 2), ("news", 1)]), t0);
+        a.handle_local_occupancy(&occupancy(1, &[("chat", 3)]), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        assert_eq!((b.remote_count("chat"), b.remote_count("news")), (5, 1));
+        let changed = b.poll_remote_counts().expect("changes");
+        assert!(changed.contains(&("chat".into(), 5)) && changed.contains(&("news".into(), 1)), "{changed:?}");
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 0), ("news", 0)]), t0 + FLUSH_EVERY);
+        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        assert_eq!((b.remote_count("chat"), b.remote_count("news")), (3, 0));
+        assert_eq!(a.remote_count("chat"), 0, "a's own counts are not remote to it");
+    }
+
+    #[test]
+    fn a_silent_node_dies_at_the_timeout_and_its_counts_leave_the_totals() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 4)]), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        assert_eq!(b.remote_count("chat"), 4);
+        assert!(matches!(b.poll_event(), Some(NodeEvent::Joined(n)) if &*n == "a"));
+        b.poll_remote_counts();
+        // a goes silent; b keeps ticking at its own heartbeat pace.
+        let mut now = t0 + FLUSH_EVERY;
+        while now < t0 + FLUSH_EVERY + TIMEOUT - Duration::from_millis(10) {
+            now += Duration::from_secs(1);
+            b.handle_timeout(now.min(t0 + FLUSH_EVERY + TIMEOUT - Duration::from_millis(10)));
+        }
+        assert_eq!(b.remote_count("chat"), 4, "not dead before the timeout");
+        b.handle_timeout(t0 + FLUSH_EVERY + TIMEOUT);
+        assert_eq!(b.remote_count("chat"), 0);
+        assert_eq!(b.poll_event(), Some(NodeEvent::Died("a".into())));
+        assert_eq!(b.poll_remote_counts(), Some(vec![("chat".into(), 0)]));
+        assert!(b.nodes(now).is_empty());
+    }
+
+    #[test]
+    fn heartbeats_keep_a_quiet_node_alive() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_millis(500);
+            settle(&mut a, &mut b, now);
+        }
+        assert_eq!(b.nodes(now).len(), 1, "50 s of heartbeats, no death");
+        assert!(b.nodes(now)[0].synced);
+        assert_eq!(b.nodes(now)[0].addr, "a:6001");
+    }
+
+    #[test]
+    fn a_lost_delta_is_noticed_and_repaired_by_a_snapshot() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        settle(&mut a, &mut b, t0);
+        a.handle_local_occupancy(&occupancy(0, &[("lost", 1)]), t0);
+        a.handle_timeout(t0 + FLUSH_EVERY);
+        while a.poll_transmit().is_some() {} // Redis lost it on the way to b.
+        a.handle_local_occupancy(&occupancy(0, &[("later", 2)]), t0 + FLUSH_EVERY);
+        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        assert_eq!((b.remote_count("lost"), b.remote_count("later")), (1, 2), "the gap was seen and a snapshot sent");
+    }
+
+    #[test]
+    fn a_lost_last_delta_is_noticed_at_the_next_heartbeat() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        settle(&mut a, &mut b, t0);
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 1)]), t0);
+        a.handle_timeout(t0 + FLUSH_EVERY);
+        while a.poll_transmit().is_some() {}
+        assert_eq!(b.remote_count("chat"), 0);
+        settle(&mut a, &mut b, t0 + TIMEOUT / HEARTBEATS_PER_TIMEOUT);
+        assert_eq!(b.remote_count("chat"), 1);
+    }
+
+    #[test]
+    fn a_node_declared_dead_that_comes_back_brings_only_what_it_holds_now() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        a.handle_local_occupancy(&occupancy(0, &[("old", 3), ("kept", 1)]), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        assert_eq!(b.remote_count("old"), 3);
+        // a is frozen: b declares it dead.
+        let mut now = t0 + FLUSH_EVERY;
+        for _ in 0..12 {
+            now += Duration::from_secs(1);
+            b.handle_timeout(now);
+            carry(&mut b, &mut [], now);
+        }
+        assert_eq!(b.remote_count("old"), 0);
+        // a wakes up; meanwhile its clients of "old" went away. Its first tick sees it was frozen.
+        a.handle_local_occupancy(&occupancy(0, &[("old", 0)]), now);
+        settle(&mut a, &mut b, now + FLUSH_EVERY);
+        assert_eq!((b.remote_count("old"), b.remote_count("kept")), (0, 1));
+        assert_eq!(a.nodes(now + FLUSH_EVERY).len(), 1, "a did not declare b dead for its own freeze");
+    }
+
+    #[test]
+    fn a_restarted_node_starts_from_nothing() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 3)]), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        assert_eq!(b.remote_count("chat"), 3);
+        let mut a2 = node("a", 7, t0 + FLUSH_EVERY);
+        settle(&mut a2, &mut b, t0 + 2 * FLUSH_EVERY);
+        assert_eq!(b.remote_count("chat"), 0);
+        assert!(std::iter::from_fn(|| b.poll_event()).any(|e| e == NodeEvent::Restarted("a".into())));
+    }
+
+    #[test]
+    fn a_leaving_node_is_forgotten_at_once() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 3)]), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        a.handle_stop();
+        carry(&mut a, &mut [&mut b], t0 + FLUSH_EVERY);
+        assert_eq!(b.remote_count("chat"), 0);
+        assert!(b.nodes(t0).is_empty());
+    }
+
+    #[test]
+    fn three_nodes_sum_and_one_link_drop_resyncs() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
+        let all = |a: &mut ClusterState, b: &mut ClusterState, c: &mut ClusterState, now| {
+            for _ in 0..4 {
+                for n in [&mut *a, &mut *b, &mut *c] {
+                    n.handle_timeout(now);
+                }
+                carry(a, &mut [b, c], now);
+                carry(b, &mut [a, c], now);
+                carry(c, &mut [a, b], now);
+            }
+        };
+        a.handle_local_occupancy(&occupancy(0, &[("chat", 1)]), t0);
+        b.handle_local_occupancy(&occupancy(1, &[("chat", 2)]), t0);
+        all(&mut a, &mut b, &mut c, t0 + FLUSH_EVERY);
+        assert_eq!(c.remote_count("chat"), 3);
+        // c's link drops: it misses a change of b's, then comes back.
+        b.handle_local_occupancy(&occupancy(1, &[("chat", 5)]), t0 + FLUSH_EVERY);
+        b.handle_timeout(t0 + 2 * FLUSH_EVERY);
+        carry(&mut b, &mut [&mut a], t0 + 2 * FLUSH_EVERY);
+        assert_eq!((a.remote_count("chat"), c.remote_count("chat")), (5, 3), "a heard it, c did not");
+        c.handle_link_up(t0 + 2 * FLUSH_EVERY);
+        all(&mut a, &mut b, &mut c, t0 + 3 * FLUSH_EVERY);
+        assert_eq!(c.remote_count("chat"), 6);
+    }
+}

@@ -1,0 +1,268 @@
+//! Several nodes on one real redis-server (started by the test) act as one server: events,
+//! exclusions, queries and terminations cross nodes; a node that stops, dies or loses Redis
+//! leaves the cluster's counts; a Redis restart is repaired by a resync.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::*;
+use flux::config::Config;
+use flux::gateway::Gateway;
+use flux::pusher::signature::{channel_auth, user_auth};
+use serde_json::json;
+
+/// A node of a test cluster: its own id, the test's Redis and prefix.
+fn node_config(redis: &RedisServer, id: &str, timeout_ms: u64) -> Config {
+    Config {
+        redis_url: Some(redis.url()),
+        node_id: Some(id.into()),
+        node_timeout_ms: timeout_ms,
+        redis_prefix: format!("test{}", redis.port),
+        ..config()
+    }
+}
+
+/// Whether `gateway` sees `others` other nodes, all with current counts.
+fn sees(gateway: &Gateway, others: usize) -> bool {
+    gateway.observer().cluster().is_some_and(|c| c.link_up && c.nodes.len() == others && c.nodes.iter().all(|n| n.synced))
+}
+
+/// Starts `ids.len()` nodes and waits until each sees the others.
+fn start_cluster(redis: &RedisServer, ids: &[&str], timeout_ms: u64) -> Vec<Gateway> {
+    let nodes: Vec<Gateway> = ids.iter().map(|id| start(&node_config(redis, id, timeout_ms))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, ids.len() - 1))), "the nodes never met");
+    nodes
+}
+
+/// `subscription_count` of `channel` as `addr` answers it (0 when unoccupied).
+fn subscription_count(addr: SocketAddr, channel: &str) -> u64 {
+    let (status, body) = rest(addr, "GET", &format!("/apps/app-id/channels/{channel}"), "", &[("info", "subscription_count")]);
+    assert_eq!(status, 200, "{body}");
+    body["subscription_count"].as_u64().unwrap_or(0)
+}
+
+/// Waits until `addr` reports `expected` subscriptions to `channel`.
+fn wait_for_count(addr: SocketAddr, channel: &str, expected: u64, within: Duration) -> bool {
+    wait_until(within, || subscription_count(addr, channel) == expected)
+}
+
+/// Asserts that nothing more arrives for `client` within a short wait.
+fn nothing_more(client: &mut Client) {
+    client.ws.get_ref().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    match client.ws.read() {
+        Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        other => panic!("expected nothing more, got {other:?}"),
+    }
+    client.ws.get_ref().set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+}
+
+fn subscribed(addr: SocketAddr, channel: &str) -> Client {
+    let mut client = Client::connect(addr);
+    client.subscribe(channel);
+    client
+}
+
+#[test]
+fn events_published_on_one_node_reach_every_node_once_in_order() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b", "c"], 5_000);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Gateway::local_addr).collect();
+    let mut clients: Vec<Client> = addrs.iter().flat_map(|&addr| [subscribed(addr, "chat"), subscribed(addr, "chat")]).collect();
+    for &addr in &addrs {
+        assert!(wait_for_count(addr, "chat", 6, Duration::from_secs(3)), "every node counts all six");
+    }
+    for (i, &addr) in addrs.iter().enumerate() {
+        for n in 0..20 {
+            assert_eq!(publish(addr, &["chat"], "seq", &format!("{i}:{n}"), None).0, 200);
+        }
+    }
+    for client in &mut clients {
+        for (i, _) in addrs.iter().enumerate() {
+            for n in 0..20 {
+                let event = client.next_event();
+                assert_eq!(
+                    (event["event"].as_str(), event["data"].as_str()),
+                    (Some("seq"), Some(&*format!("{i}:{n}"))),
+                    "in publish order"
+                );
+            }
+        }
+        nothing_more(client);
+    }
+    let counters = nodes[1].observer().cluster().expect("clustered").counters;
+    assert!(counters.messages_in >= 40, "b read the 40 events of a and c: {counters:?}");
+}
+
+#[test]
+fn socket_id_exclusion_works_across_nodes() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut excluded = subscribed(b, "room");
+    let mut other = subscribed(b, "room");
+    assert!(wait_for_count(a, "room", 2, Duration::from_secs(3)));
+    assert_eq!(publish(a, &["room"], "hello", "{}", Some(&excluded.socket_id)).0, 200);
+    assert_eq!(other.next_event()["event"], "hello");
+    nothing_more(&mut excluded);
+    // A client event sent on a is not echoed to its sender, and reaches b.
+    let mut sender = subscribed_private(a, "private-room");
+    let mut listener = subscribed_private(b, "private-room");
+    assert!(wait_for_count(a, "private-room", 2, Duration::from_secs(3)));
+    sender.send(json!({"event": "client-typing", "channel": "private-room", "data": {"who": "sender"}}));
+    let event = listener.next_event();
+    assert_eq!((event["event"].as_str(), event["channel"].as_str()), (Some("client-typing"), Some("private-room")), "{event}");
+    nothing_more(&mut sender);
+}
+
+fn subscribed_private(addr: SocketAddr, channel: &str) -> Client {
+    let mut client = Client::connect(addr);
+    let auth = channel_auth(&app(), &client.socket_id, channel, None);
+    client.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}));
+    assert_eq!(client.next_event()["event"], "pusher_internal:subscription_succeeded");
+    client
+}
+
+#[test]
+fn channel_queries_answer_for_the_whole_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut on_a = subscribed(a, "news-1");
+    let _on_b = subscribed(b, "news-2");
+    let _also_on_b = subscribed(b, "news-1");
+    assert!(wait_for_count(b, "news-1", 2, Duration::from_secs(2)), "within about a second");
+    let (status, body) = rest(a, "GET", "/apps/app-id/channels", "", &[("filter_by_prefix", "news-"), ("info", "subscription_count")]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["channels"], json!({"news-1": {"subscription_count": 2}, "news-2": {"subscription_count": 1}}));
+    on_a.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "news-1"}}));
+    assert!(wait_for_count(b, "news-1", 1, Duration::from_secs(2)));
+    drop(_also_on_b);
+    assert!(wait_until(Duration::from_secs(2), || {
+        let (_, body) = rest(a, "GET", "/apps/app-id/channels/news-1", "", &[]);
+        body["occupied"] == json!(false)
+    }));
+}
+
+#[test]
+fn terminate_connections_closes_the_user_on_every_node() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let sign_in = |addr: SocketAddr, user: &str| {
+        let mut client = Client::connect(addr);
+        let user_data = json!({"id": user}).to_string();
+        let auth = user_auth(&app(), &client.socket_id, &user_data);
+        client.send(json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}));
+        assert_eq!(client.next_event()["event"], "pusher:signin_success");
+        client
+    };
+    let mut on_a = sign_in(a, "u1");
+    let mut on_b = sign_in(b, "u1");
+    let mut bystander = sign_in(b, "u2");
+    let (status, body) = rest(a, "POST", "/apps/app-id/users/u1/terminate_connections", "{}", &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(close_code(&mut on_a.ws), Some(4009));
+    assert_eq!(close_code(&mut on_b.ws), Some(4009), "closed on the other node too");
+    nothing_more(&mut bystander);
+}
+
+#[test]
+fn a_stopped_node_tells_the_others_at_once() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut nodes = start_cluster(&redis, &["a", "b"], 60_000);
+    let a = nodes[0].local_addr();
+    let _client = subscribed(nodes[1].local_addr(), "chat");
+    assert!(wait_for_count(a, "chat", 1, Duration::from_secs(2)));
+    let b = nodes.pop().expect("b");
+    let started = Instant::now();
+    b.stop();
+    b.join();
+    assert!(wait_for_count(a, "chat", 0, Duration::from_secs(5)));
+    assert!(started.elapsed() < Duration::from_secs(10), "long before the 60 s timeout");
+    assert!(sees(&nodes[0], 0), "b is gone from a's view");
+}
+
+/// A `flux` process on free ports, killed when dropped.
+struct NodeProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl NodeProcess {
+    fn start(redis: &RedisServer, id: &str, timeout_ms: u64) -> NodeProcess {
+        let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let (port, dashboard) = (free(), free());
+        let child = Command::new(env!("CARGO_BIN_EXE_flux"))
+            .args(["--port", &port.to_string(), "--dashboard-port", &dashboard.to_string(), "--workers", "2"])
+            .args(["--redis-url", &redis.url(), "--node-id", id, "--node-timeout-ms", &timeout_ms.to_string()])
+            .args(["--redis-prefix", &format!("test{}", redis.port)])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("flux starts");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()), "node {id} listens");
+        NodeProcess { child, addr }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_killed_node_leaves_the_counts_within_its_timeout() {
+    let Some(redis) = RedisServer::start() else { return };
+    const TIMEOUT_MS: u64 = 1_500;
+    let survivor = NodeProcess::start(&redis, "survivor", TIMEOUT_MS);
+    let mut victim = NodeProcess::start(&redis, "victim", TIMEOUT_MS);
+    let _here = subscribed(survivor.addr, "chat");
+    let _there = subscribed(victim.addr, "chat");
+    assert!(wait_for_count(survivor.addr, "chat", 2, Duration::from_secs(5)), "the nodes met");
+    let killed = Instant::now();
+    victim.child.kill().expect("SIGKILL");
+    let _ = victim.child.wait();
+    assert!(wait_for_count(survivor.addr, "chat", 1, Duration::from_millis(TIMEOUT_MS + 1_000)), "gone within the timeout (+1 s)");
+    let after = killed.elapsed();
+    assert!(after >= Duration::from_millis(TIMEOUT_MS / 2), "not before the node could be judged silent: {after:?}");
+}
+
+#[test]
+fn redis_going_away_keeps_each_node_serving_and_a_restart_resyncs() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 2_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut first = subscribed(a, "chat");
+    assert!(wait_for_count(b, "chat", 1, Duration::from_secs(2)));
+    redis.kill();
+    assert!(wait_until(Duration::from_secs(5), || nodes.iter().all(|n| n.observer().cluster().is_some_and(|c| !c.link_up))));
+    // Each node still serves its own clients.
+    assert_eq!(publish(a, &["chat"], "local", "1", None).0, 200);
+    assert_eq!(first.next_event()["event"], "local");
+    let _second = subscribed(a, "chat");
+    // Past the node timeout, each sees the other as dead: only its own clients count.
+    assert!(wait_for_count(b, "chat", 0, Duration::from_secs(5)));
+    redis.restart();
+    assert!(wait_until(Duration::from_secs(15), || sees(&nodes[0], 1) && sees(&nodes[1], 1)), "the link came back by itself");
+    assert!(wait_for_count(b, "chat", 2, Duration::from_secs(3)), "a's state, resynced, includes what changed meanwhile");
+    assert_eq!(publish(b, &["chat"], "across", "2", None).0, 200);
+    assert_eq!(first.next_event()["event"], "across");
+    let status = nodes[0].observer().cluster().expect("clustered");
+    assert!(status.counters.reconnects >= 1, "{status:?}");
+}
+
+#[test]
+fn the_status_names_the_node_and_a_single_node_has_none() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["named-1"], 5_000);
+    let status = nodes[0].observer().cluster().expect("clustered");
+    assert_eq!(status.node_id, "named-1");
+    assert!(start(&config()).observer().cluster().is_none(), "no FLUX_REDIS_URL: a single node");
+}
