@@ -9,11 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
+use common::webhook_receiver::Receiver;
 use common::*;
 use flux::config::Config;
 use flux::gateway::Gateway;
 use flux::pusher::signature::{channel_auth, user_auth};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A node of a test cluster: its own id, the test's Redis and prefix.
 fn node_config(redis: &RedisServer, id: &str, timeout_ms: u64) -> Config {
@@ -52,12 +53,9 @@ fn wait_for_count(addr: SocketAddr, channel: &str, expected: u64, within: Durati
 
 /// Asserts that nothing more arrives for `client` within a short wait.
 fn nothing_more(client: &mut Client) {
-    client.ws.get_ref().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
-    match client.ws.read() {
-        Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-        other => panic!("expected nothing more, got {other:?}"),
+    if let Some(event) = poll_event(client, Duration::from_millis(300)) {
+        panic!("expected nothing more, got {event}");
     }
-    client.ws.get_ref().set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
 }
 
 fn subscribed(addr: SocketAddr, channel: &str) -> Client {
@@ -80,16 +78,16 @@ fn events_published_on_one_node_reach_every_node_once_in_order() {
             assert_eq!(publish(addr, &["chat"], "seq", &format!("{i}:{n}"), None).0, 200);
         }
     }
+    // Each publisher's events arrive in its order; two nodes' events may interleave.
     for client in &mut clients {
-        for (i, _) in addrs.iter().enumerate() {
-            for n in 0..20 {
-                let event = client.next_event();
-                assert_eq!(
-                    (event["event"].as_str(), event["data"].as_str()),
-                    (Some("seq"), Some(&*format!("{i}:{n}"))),
-                    "in publish order"
-                );
-            }
+        let mut next = vec![0; addrs.len()];
+        for _ in 0..20 * addrs.len() {
+            let event = client.next_event();
+            assert_eq!(event["event"], "seq", "{event}");
+            let (node, n) = event["data"].as_str().and_then(|d| d.split_once(':')).expect("node:n");
+            let node: usize = node.parse().expect("node");
+            assert_eq!(n, next[node].to_string(), "in publish order for node {node}");
+            next[node] += 1;
         }
         nothing_more(client);
     }
@@ -135,6 +133,7 @@ fn channel_queries_answer_for_the_whole_cluster() {
     let _on_b = subscribed(b, "news-2");
     let _also_on_b = subscribed(b, "news-1");
     assert!(wait_for_count(b, "news-1", 2, Duration::from_secs(2)), "within about a second");
+    assert!(wait_for_count(a, "news-2", 1, Duration::from_secs(2)) && wait_for_count(a, "news-1", 2, Duration::from_secs(2)));
     let (status, body) = rest(a, "GET", "/apps/app-id/channels", "", &[("filter_by_prefix", "news-"), ("info", "subscription_count")]);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["channels"], json!({"news-1": {"subscription_count": 2}, "news-2": {"subscription_count": 1}}));
@@ -218,7 +217,7 @@ impl Drop for NodeProcess {
 }
 
 #[test]
-fn a_killed_node_leaves_the_counts_within_its_timeout() {
+fn a_killed_nodes_members_and_subscriptions_leave_within_its_timeout() {
     let Some(redis) = RedisServer::start() else { return };
     const TIMEOUT_MS: u64 = 1_500;
     let survivor = NodeProcess::start(&redis, "survivor", TIMEOUT_MS);
@@ -226,12 +225,19 @@ fn a_killed_node_leaves_the_counts_within_its_timeout() {
     let _here = subscribed(survivor.addr, "chat");
     let _there = subscribed(victim.addr, "chat");
     assert!(wait_for_count(survivor.addr, "chat", 2, Duration::from_secs(5)), "the nodes met");
+    let mut bob = Client::connect(survivor.addr);
+    join_presence(&mut bob, PRESENCE, "bob");
+    let mut carol = Client::connect(victim.addr);
+    join_presence(&mut carol, PRESENCE, "carol");
+    assert_eq!(member_event(&mut bob), ("pusher_internal:member_added".into(), "carol".into()));
     let killed = Instant::now();
     victim.child.kill().expect("SIGKILL");
     let _ = victim.child.wait();
-    assert!(wait_for_count(survivor.addr, "chat", 1, Duration::from_millis(TIMEOUT_MS + 1_000)), "gone within the timeout (+1 s)");
-    let after = killed.elapsed();
-    assert!(after >= Duration::from_millis(TIMEOUT_MS / 2), "not before the node could be judged silent: {after:?}");
+    assert_eq!(member_event(&mut bob), ("pusher_internal:member_removed".into(), "carol".into()), "no ghost member");
+    assert!(killed.elapsed() < Duration::from_millis(TIMEOUT_MS + 1_000), "within the timeout (+1 s): {:?}", killed.elapsed());
+    assert!(wait_for_count(survivor.addr, "chat", 1, Duration::from_millis(500)), "its subscriptions left the counts with it");
+    assert_eq!(users(survivor.addr, PRESENCE), ["bob"]);
+    assert!(killed.elapsed() >= Duration::from_millis(TIMEOUT_MS / 2), "not before the node could be judged silent");
 }
 
 #[test]
@@ -265,4 +271,132 @@ fn the_status_names_the_node_and_a_single_node_has_none() {
     let status = nodes[0].observer().cluster().expect("clustered");
     assert_eq!(status.node_id, "named-1");
     assert!(start(&config()).observer().cluster().is_none(), "no FLUX_REDIS_URL: a single node");
+}
+
+const PRESENCE: &str = "presence-guild";
+
+/// The user ids `GET /channels/{channel}/users` lists on `addr`, sorted.
+fn users(addr: SocketAddr, channel: &str) -> Vec<String> {
+    let (status, body) = rest(addr, "GET", &format!("/apps/app-id/channels/{channel}/users"), "", &[]);
+    assert_eq!(status, 200, "{body}");
+    let mut ids: Vec<String> = body["users"].as_array().into_iter().flatten().filter_map(|u| u["id"].as_str().map(String::from)).collect();
+    ids.sort();
+    ids
+}
+
+/// The next event, which must be a member event: its name and user.
+fn member_event(client: &mut Client) -> (String, String) {
+    let event = client.next_event();
+    let data: Value = serde_json::from_str(event["data"].as_str().unwrap_or("{}")).expect("data is JSON");
+    (event["event"].as_str().unwrap_or("").to_string(), data["user_id"].as_str().unwrap_or("").to_string())
+}
+
+/// The ids of a `subscription_succeeded`'s member list, sorted.
+fn member_ids(succeeded: &Value) -> Vec<String> {
+    let data: Value = serde_json::from_str(succeeded["data"].as_str().expect("data")).expect("JSON");
+    let mut ids: Vec<String> =
+        data["presence"]["ids"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+    ids.sort();
+    ids
+}
+
+/// Longer than the coalescing window and a flush, so an announcement that was due has come.
+const QUIET: Duration = Duration::from_millis(800);
+
+#[test]
+fn presence_is_one_roster_for_the_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut alice = Client::connect(a);
+    join_presence(&mut alice, PRESENCE, "alice");
+    assert!(wait_until(Duration::from_secs(2), || users(b, PRESENCE) == ["alice"]), "b knows alice within about a second");
+    // Past b's coalescing window, alice's member_added has gone out there: bob's list holds her.
+    std::thread::sleep(QUIET);
+    let mut bob = Client::connect(b);
+    assert_eq!(member_ids(&join_presence(&mut bob, PRESENCE, "bob")), ["alice", "bob"], "the list holds members on every node");
+    assert_eq!(member_event(&mut alice), ("pusher_internal:member_added".into(), "bob".into()));
+    // Alice's second connection, on the other node: still one member, nobody hears of it.
+    let mut alice_again = Client::connect(b);
+    assert_eq!(member_ids(&join_presence(&mut alice_again, PRESENCE, "alice")), ["alice", "bob"]);
+    assert_eq!(poll_event(&mut bob, QUIET), None);
+    assert_eq!(poll_event(&mut alice, QUIET), None);
+    assert_eq!(users(a, PRESENCE), ["alice", "bob"]);
+    // Her first connection leaves: she is still a member, on b.
+    drop(alice);
+    assert_eq!(poll_event(&mut bob, QUIET), None, "no member_removed while she is on b");
+    assert_eq!(users(a, PRESENCE), ["alice", "bob"]);
+    // Her last connection leaves: removed, once.
+    drop(alice_again);
+    assert_eq!(member_event(&mut bob), ("pusher_internal:member_removed".into(), "alice".into()));
+    assert_eq!(poll_event(&mut bob, QUIET), None);
+    assert!(wait_until(Duration::from_secs(2), || users(a, PRESENCE) == ["bob"]));
+    let (_, body) = rest(a, "GET", &format!("/apps/app-id/channels/{PRESENCE}"), "", &[("info", "user_count")]);
+    assert_eq!(body["user_count"], 1, "{body}");
+}
+
+#[test]
+fn the_presence_limit_counts_the_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let config = |id: &str| Config { presence_max_members: 2, ..node_config(&redis, id, 5_000) };
+    let nodes: Vec<Gateway> = ["a", "b"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 1))));
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut first = Client::connect(a);
+    join_presence(&mut first, PRESENCE, "u1");
+    let mut second = Client::connect(a);
+    join_presence(&mut second, PRESENCE, "u2");
+    assert!(wait_until(Duration::from_secs(2), || users(b, PRESENCE).len() == 2));
+    let mut third = Client::connect(b);
+    let channel_data = json!({"user_id": "u3"}).to_string();
+    let auth = channel_auth(&app(), &third.socket_id, PRESENCE, Some(&channel_data));
+    third.send(json!({"event": "pusher:subscribe", "data": {"channel": PRESENCE, "auth": auth, "channel_data": channel_data}}));
+    assert_eq!(third.next_event()["event"], "pusher:subscription_error", "two members on a fill the channel for b too");
+}
+
+#[test]
+fn webhooks_are_sent_once_per_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let receiver = Receiver::answering(&[]);
+    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(&redis, id, 5_000) };
+    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))));
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Gateway::local_addr).collect();
+    let mut clients = Vec::new();
+    for (i, &addr) in addrs.iter().enumerate() {
+        clients.push(subscribed(addr, "chat"));
+        let mut member = Client::connect(addr);
+        join_presence(&mut member, PRESENCE, if i == 2 { "bob" } else { "alice" });
+        clients.push(member);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(wait_for_count(addrs[0], "chat", 3, Duration::from_secs(2)));
+    std::thread::sleep(QUIET);
+    for client in clients.drain(..) {
+        drop(client);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every webhook until the endpoint has been quiet for a while.
+    let mut events: Vec<(String, String, String)> = Vec::new();
+    while let Ok(posted) = receiver.posts.recv_timeout(Duration::from_secs(2)) {
+        for event in posted.json()["events"].as_array().into_iter().flatten() {
+            let field = |k: &str| event[k].as_str().unwrap_or("").to_string();
+            events.push((field("name"), field("channel"), field("user_id")));
+        }
+    }
+    events.sort();
+    let expected: Vec<(String, String, String)> = [
+        ("channel_occupied", "chat", ""),
+        ("channel_occupied", PRESENCE, ""),
+        ("channel_vacated", "chat", ""),
+        ("channel_vacated", PRESENCE, ""),
+        ("member_added", PRESENCE, "alice"),
+        ("member_added", PRESENCE, "bob"),
+        ("member_removed", PRESENCE, "alice"),
+        ("member_removed", PRESENCE, "bob"),
+    ]
+    .iter()
+    .map(|(n, c, u)| (n.to_string(), c.to_string(), u.to_string()))
+    .collect();
+    assert_eq!(events, expected, "each at its cluster-wide transition, by one node");
 }

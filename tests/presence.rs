@@ -5,42 +5,22 @@
 
 mod common;
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::poll_event;
 use common::Client;
 use flux::config::Config;
-use flux::pusher::signature::channel_auth;
-use serde_json::{json, Value};
-use tungstenite::Message;
+use serde_json::Value;
 
 const CHANNEL: &str = "presence-deferral";
 /// Long enough that the checks below sit well inside a window even on a busy machine.
 const WINDOW: Duration = Duration::from_secs(2);
 
-/// Subscribes `client` to the presence channel as `user_id`, signed as an auth endpoint would.
+/// Subscribes `client` to the presence channel as `user_id`.
 fn join(client: &mut Client, user_id: &str) -> Value {
-    let channel_data = json!({"user_id": user_id, "user_info": {"name": user_id}}).to_string();
-    let auth = channel_auth(&common::app(), &client.socket_id, CHANNEL, Some(&channel_data));
-    client.send(json!({"event": "pusher:subscribe", "data": {"channel": CHANNEL, "auth": auth, "channel_data": channel_data}}));
-    let reply = client.next_event();
-    assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
-    reply
-}
-
-/// The next text message if one arrives within `within`.
-fn poll_event(client: &mut Client, within: Duration) -> Option<Value> {
-    client.ws.get_mut().set_read_timeout(Some(within)).expect("read timeout");
-    let read = client.ws.read();
-    client.ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    match read {
-        Ok(Message::Text(text)) => Some(serde_json::from_str(&text).expect("server sends JSON")),
-        Ok(other) => panic!("unexpected message {other:?}"),
-        Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
-        Err(e) => panic!("read failed: {e}"),
-    }
+    common::join_presence(client, CHANNEL, user_id)
 }
 
 /// The user a member event is about.

@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
-use super::state::{ClusterState, NodeStatus};
+use super::state::{ClusterState, NodeId, NodeStatus, RemoteMember};
 use super::wire::{Body, Envelope};
 use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, PeerStatus, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
 use crate::fanout::directory::OccupancyBatch;
 use crate::fanout::WorkerId;
 use crate::pusher::presence::owner_of;
-use crate::pusher::protocol::SocketId;
+use crate::pusher::protocol::{ChannelName, SocketId};
 use crate::server::Peers;
 
 /// Messages published in one round trip at most.
@@ -48,6 +48,15 @@ pub(super) enum Input {
     Remote(Vec<u8>),
     /// A worker's changed counts.
     Local(OccupancyBatch),
+    /// A user's first connection to a presence channel on this node, or their last one left.
+    Presence {
+        /// The channel.
+        channel: ChannelName,
+        /// The user.
+        user_id: String,
+        /// `Some(user_info)` (raw JSON) for a first connection, `None` for the last one gone.
+        user_info: Option<String>,
+    },
     /// A Redis connection is (again) up.
     LinkUp,
     /// A state message was lost on its way out.
@@ -159,8 +168,16 @@ impl PreparedCluster {
         };
         threads.push(spawn("flux-cluster-in", Box::new(move || subscriber.run()))?);
         let state = ClusterState::new(settings.node_id.clone(), link.incarnation, addr, peers.len(), settings.node_timeout, Instant::now());
-        let machine =
-            StateThread { state, inputs, control: control_tx, peers, shared: link.shared.clone(), stop: stop.clone(), connections };
+        let machine = StateThread {
+            state,
+            live: Arc::new([]),
+            inputs,
+            control: control_tx,
+            peers,
+            shared: link.shared.clone(),
+            stop: stop.clone(),
+            connections,
+        };
         threads.push(spawn("flux-cluster", Box::new(move || machine.run()))?);
         Ok(Cluster { stop, stop_publisher, threads, publisher })
     }
@@ -418,6 +435,8 @@ fn hand_to<M: From<Delivery>>(peers: &Peers<M>, worker: WorkerId, delivery: Deli
 
 struct StateThread<M, F> {
     state: ClusterState,
+    /// The live nodes as last told to the workers.
+    live: Arc<[NodeId]>,
     inputs: Receiver<Input>,
     control: crossbeam_channel::Sender<Vec<u8>>,
     peers: Peers<M>,
@@ -447,13 +466,7 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
                 self.state.handle_timeout(now);
             }
             self.transmit(now);
-            if let Some(counts) = self.state.poll_remote_counts() {
-                let counts: Arc<[_]> = counts.into();
-                for worker in 0..self.peers.len() {
-                    hand_to(&self.peers, WorkerId(worker), Delivery::Occupancy(counts.clone()), &self.shared, &self.stop);
-                }
-            }
-            while self.state.poll_event().is_some() {}
+            self.hand_out();
             self.publish_nodes(now);
         }
         // Stopping: say so, and let the publisher send it with what is queued.
@@ -469,8 +482,39 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
                 Err(e) => warn!("cluster: {e}"),
             },
             Input::Local(batch) => self.state.handle_local_occupancy(&batch, now),
+            Input::Presence { channel, user_id, user_info } => self.state.handle_local_presence(channel, user_id, user_info, now),
             Input::LinkUp => self.state.handle_link_up(now),
             Input::LostOutput => self.state.handle_lost_output(now),
+        }
+    }
+
+    /// Gives the workers what changed: the live nodes first (they decide who reports which
+    /// webhook), then every worker the counts, and each owner worker its channels' members.
+    fn hand_out(&mut self) {
+        let live = self.state.live_nodes();
+        if *self.live != *live {
+            self.live = live.into();
+            self.to_every_worker(Delivery::Nodes(self.live.clone()));
+        }
+        while self.state.poll_event().is_some() {}
+        if let Some(counts) = self.state.poll_remote_counts() {
+            self.to_every_worker(Delivery::Occupancy(counts.into()));
+        }
+        if let Some(members) = self.state.poll_remote_members() {
+            let workers = self.peers.len();
+            let mut by_owner: Vec<Vec<RemoteMember>> = vec![Vec::new(); workers];
+            for member in members {
+                by_owner[owner_of(&member.channel, workers).0].push(member);
+            }
+            for (worker, members) in by_owner.into_iter().enumerate().filter(|(_, m)| !m.is_empty()) {
+                hand_to(&self.peers, WorkerId(worker), Delivery::Presence(members.into()), &self.shared, &self.stop);
+            }
+        }
+    }
+
+    fn to_every_worker(&self, delivery: Delivery) {
+        for worker in 0..self.peers.len() {
+            hand_to(&self.peers, WorkerId(worker), delivery.clone(), &self.shared, &self.stop);
         }
     }
 

@@ -18,6 +18,7 @@ mod link;
 pub mod state;
 pub mod wire;
 
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +30,7 @@ use crate::config::Config;
 use crate::fanout::directory::OccupancyBatch;
 use crate::pusher::protocol::{ChannelName, SocketId};
 pub use link::Cluster;
-pub use state::NodeId;
+pub use state::{NodeId, RemoteMember};
 use wire::{Body, Envelope};
 
 /// Broadcasts waiting to be published on Redis; past this they are dropped and counted.
@@ -92,6 +93,22 @@ pub enum Delivery {
     Occupancy(Arc<[(ChannelName, u32)]>),
     /// Close this user's connections.
     Terminate(Arc<str>),
+    /// Users whose presence on the other nodes changed, in channels this worker owns.
+    Presence(Arc<[RemoteMember]>),
+    /// The live nodes, this one included, sorted: who reports which channel's webhooks.
+    Nodes(Arc<[NodeId]>),
+}
+
+/// The node that sends the webhooks of `channel` among the live `nodes`: the same answer on
+/// every node that sees the same nodes (rendezvous hashing, so a node's death moves only its
+/// own channels to others).
+pub fn reporter_of<'n>(channel: &str, nodes: &'n [NodeId]) -> Option<&'n NodeId> {
+    nodes.iter().max_by_key(|node| {
+        // SipHash with fixed keys: the same on every node running the same build.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (channel, &***node).hash(&mut hasher);
+        hasher.finish()
+    })
 }
 
 /// An event from another node.
@@ -127,6 +144,9 @@ crate::metrics::counters! {
         reconnects,
         /// Events from other nodes that waited for a worker's inbox to have room.
         inbox_waits,
+        /// Changes of this node's counts or presence that never reached the cluster thread (its
+        /// queue was full): the other nodes see this node's state wrong until it restarts.
+        inputs_lost,
     }
 }
 
@@ -200,8 +220,17 @@ impl ClusterLink {
     /// A worker's changed counts, for the other nodes.
     pub fn occupancy(&self, batch: OccupancyBatch) {
         if self.inputs.try_send(link::Input::Local(batch)).is_err() {
-            // The counts will be wrong on the other nodes until they next resync.
-            let _ = self.inputs.try_send(link::Input::LostOutput);
+            self.shared.stats.inputs_lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A user's first connection to a presence channel on this node (`Some(user_info)`, raw
+    /// JSON), or their last one left (`None`).
+    pub fn presence(&self, channel: &ChannelName, user_id: &str, user_info: Option<&str>) {
+        let input =
+            link::Input::Presence { channel: channel.clone(), user_id: user_id.to_string(), user_info: user_info.map(str::to_string) };
+        if self.inputs.try_send(input).is_err() {
+            self.shared.stats.inputs_lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 

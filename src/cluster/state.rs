@@ -3,7 +3,8 @@
 //! and `now`; it answers with bytes to publish and with the cluster-wide counts the workers need.
 //! No socket and no clock here, so heartbeats, deaths and rejoins are tested with a virtual clock.
 //!
-//! Each node's state (its subscription counts per channel) reaches the others as a stream of
+//! Each node's state (its subscription counts per channel, and the presence members with a
+//! connection on it) reaches the others as a stream of
 //! numbered deltas. A receiver applies them in order; one that sees a gap (a message lost while
 //! its link was down, or dropped by the sender's bounded queue) asks for a snapshot, which
 //! replaces everything it knew of that node. Heartbeats carry the number of the last state
@@ -11,15 +12,20 @@
 //! counts leave the cluster's totals. A node that reappears (restarted, unfrozen, or back from a
 //! partition) is asked for a snapshot, so what it held before it was declared dead never comes
 //! back unless it still holds it.
+//!
+//! Presence is kept per node and summed: a user is a member of a channel on the other nodes
+//! while at least one of them holds a connection of theirs. Only the transitions of that are
+//! handed to the workers, whose rosters add this node's own connections and announce the
+//! cluster-wide changes with their usual coalescing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indexmap::IndexSet;
+use indexmap::{IndexMap, IndexSet};
 use log::{info, warn};
 
-use super::wire::{Body, Count, Envelope};
+use super::wire::{Body, Count, Envelope, MemberChange};
 use crate::fanout::directory::{Directory, OccupancyBatch};
 use crate::pusher::protocol::ChannelName;
 
@@ -72,8 +78,22 @@ struct Peer {
     /// When it was last asked for a snapshot.
     asked_at: Option<Instant>,
     counts: HashMap<ChannelName, u32>,
+    /// Presence members with a connection on it: channel, user, user_info.
+    members: HashMap<ChannelName, HashMap<String, String>>,
     addr: String,
     connections: u64,
+}
+
+/// A user's presence on the other nodes changed: present there now (with this `user_info`, raw
+/// JSON), or not any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteMember {
+    /// The presence channel.
+    pub channel: ChannelName,
+    /// The user.
+    pub user_id: String,
+    /// `Some(user_info)` while another node holds a connection of the user's.
+    pub user_info: Option<String>,
 }
 
 /// This node's view of the cluster.
@@ -87,6 +107,10 @@ pub struct ClusterState {
     local: Directory,
     /// Channels whose count on this node changed since the last state message.
     local_changed: IndexSet<ChannelName>,
+    /// Presence members with a connection on this node: channel, user, user_info.
+    local_members: HashMap<ChannelName, HashMap<String, String>>,
+    /// Presence changes on this node since the last state message, in order.
+    local_member_changes: Vec<(ChannelName, String, Option<String>)>,
     /// The sequence number of the last state message this node sent.
     last_seq: u64,
     /// A snapshot is to go out at the next flush instead of a delta.
@@ -100,6 +124,12 @@ pub struct ClusterState {
     /// Subscriptions per channel on every other node together.
     remote: HashMap<ChannelName, u32>,
     remote_changed: IndexSet<ChannelName>,
+    /// Per presence channel and user: how many other nodes hold them, and the latest user_info.
+    remote_members: HashMap<ChannelName, HashMap<String, (u32, String)>>,
+    /// Users whose remote presence changed since the last poll, each with whether they were
+    /// present before the first of those changes (so a leave and return within one poll, as in
+    /// a resync, is no change at all).
+    remote_members_changed: IndexMap<(ChannelName, String), bool>,
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<NodeEvent>,
     /// Whether another node using this node's id was already reported.
@@ -117,6 +147,8 @@ impl ClusterState {
             timeout,
             local: Directory::new(workers),
             local_changed: IndexSet::new(),
+            local_members: HashMap::new(),
+            local_member_changes: Vec::new(),
             last_seq: 0,
             snapshot_due: false,
             flush_due: None,
@@ -126,6 +158,8 @@ impl ClusterState {
             peers: HashMap::new(),
             remote: HashMap::new(),
             remote_changed: IndexSet::new(),
+            remote_members: HashMap::new(),
+            remote_members_changed: IndexMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             twin_reported: false,
@@ -172,6 +206,28 @@ impl ClusterState {
         }
     }
 
+    /// A user now has a first connection on this node in a presence channel (`Some(user_info)`),
+    /// or no connection left (`None`).
+    pub fn handle_local_presence(&mut self, channel: ChannelName, user_id: String, user_info: Option<String>, now: Instant) {
+        match &user_info {
+            Some(info) => {
+                self.local_members.entry(channel.clone()).or_default().insert(user_id.clone(), info.clone());
+            }
+            None => {
+                if let Some(users) = self.local_members.get_mut(&channel) {
+                    users.remove(&user_id);
+                    if users.is_empty() {
+                        self.local_members.remove(&channel);
+                    }
+                }
+            }
+        }
+        self.local_member_changes.push((channel, user_id, user_info));
+        if self.flush_due.is_none() {
+            self.flush_due = Some(now + FLUSH_EVERY);
+        }
+    }
+
     /// This node's open connections, for its heartbeats.
     pub fn set_connections(&mut self, connections: u64) {
         self.connections = connections;
@@ -201,17 +257,19 @@ impl ClusterState {
                     self.ask_sync(&node, now);
                 }
             }
-            Body::Occupancy { seq, counts } => {
+            Body::Delta { seq, counts, members } => {
                 if self.peer_mut(&node).next_seq == Some(*seq) {
                     self.apply_counts(&node, counts);
+                    self.apply_members(&node, members);
                     self.peer_mut(&node).next_seq = Some(seq + 1);
                 } else {
                     self.ask_sync(&node, now);
                 }
             }
-            Body::Snapshot { seq, counts } => {
-                self.clear_counts(&node);
+            Body::Snapshot { seq, counts, members } => {
+                self.clear_state(&node);
                 self.apply_counts(&node, counts);
+                self.apply_members(&node, members);
                 let peer = self.peer_mut(&node);
                 peer.next_seq = Some(seq + 1);
                 peer.asked_at = None;
@@ -235,7 +293,7 @@ impl ClusterState {
         match known {
             Some(i) if i == incarnation => {}
             Some(_) => {
-                self.clear_counts(&node.into());
+                self.clear_state(&node.into());
                 info!("cluster: node {node} restarted");
                 self.events.push_back(NodeEvent::Restarted(node.into()));
             }
@@ -250,6 +308,7 @@ impl ClusterState {
             next_seq: None,
             asked_at: None,
             counts: HashMap::new(),
+            members: HashMap::new(),
             addr: String::new(),
             connections: 0,
         };
@@ -303,17 +362,77 @@ impl ClusterState {
         self.remote_changed.insert(name);
     }
 
-    /// Takes everything `node` held out of the totals.
-    fn clear_counts(&mut self, node: &NodeId) {
+    fn apply_members(&mut self, node: &NodeId, members: &[MemberChange<'_>]) {
+        for &(channel, user_id, user_info) in members {
+            self.set_member(node, channel, user_id, user_info);
+        }
+    }
+
+    /// Sets whether `node` holds `user_id` in `channel`, and the cluster's remote roster with it.
+    fn set_member(&mut self, node: &NodeId, channel: &str, user_id: &str, user_info: Option<&str>) {
+        let Some(peer) = self.peers.get_mut(node) else { return };
+        let name: ChannelName = match self.remote_members.get_key_value(channel) {
+            Some((name, _)) => name.clone(),
+            None => channel.into(),
+        };
+        let held = peer.members.entry(name.clone()).or_default();
+        let was_held = match user_info {
+            Some(info) => held.insert(user_id.to_string(), info.to_string()).is_some(),
+            None => held.remove(user_id).is_some(),
+        };
+        if held.is_empty() {
+            peer.members.remove(channel);
+        }
+        let users = self.remote_members.entry(name.clone()).or_default();
+        // Only a user's first node and last node change the cluster's roster as seen from here.
+        let transition = match (was_held, user_info) {
+            (false, Some(info)) => {
+                let entry = users.entry(user_id.to_string()).or_insert((0, String::new()));
+                entry.0 += 1;
+                entry.1 = info.to_string();
+                entry.0 == 1
+            }
+            (true, Some(info)) => {
+                if let Some(entry) = users.get_mut(user_id) {
+                    entry.1 = info.to_string();
+                }
+                false
+            }
+            (true, None) => match users.get_mut(user_id) {
+                Some(entry) if entry.0 > 1 => {
+                    entry.0 -= 1;
+                    false
+                }
+                Some(_) => users.remove(user_id).is_some(),
+                None => false,
+            },
+            (false, None) => false,
+        };
+        if users.is_empty() {
+            self.remote_members.remove(channel);
+        }
+        if transition {
+            let present_now = user_info.is_some();
+            self.remote_members_changed.entry((name, user_id.to_string())).or_insert(!present_now);
+        }
+    }
+
+    /// Takes everything `node` held out of the totals and the rosters.
+    fn clear_state(&mut self, node: &NodeId) {
         let Some(peer) = self.peers.get_mut(node) else { return };
         let held: Vec<ChannelName> = peer.counts.keys().cloned().collect();
+        let members: Vec<(ChannelName, String)> =
+            peer.members.iter().flat_map(|(channel, users)| users.keys().map(move |user| (channel.clone(), user.clone()))).collect();
         for channel in held {
             self.set_count(node, &channel, 0);
+        }
+        for (channel, user_id) in members {
+            self.set_member(node, &channel, &user_id, None);
         }
     }
 
     fn forget(&mut self, node: &NodeId) {
-        self.clear_counts(node);
+        self.clear_state(node);
         self.peers.remove(node);
     }
 
@@ -352,22 +471,31 @@ impl ClusterState {
         }
     }
 
-    /// Sends this node's changed counts, or all of them when a snapshot is due.
+    /// Sends this node's changes, or everything it holds when a snapshot is due.
     fn flush(&mut self) {
         if self.snapshot_due {
             self.snapshot_due = false;
             self.local_changed.clear();
+            self.local_member_changes.clear();
             self.last_seq += 1;
             let counts: Vec<Count<'_>> = self.local.local_channels().collect();
-            let body = Body::Snapshot { seq: self.last_seq, counts };
+            let members: Vec<MemberChange<'_>> = self
+                .local_members
+                .iter()
+                .flat_map(|(channel, users)| users.iter().map(move |(user, info)| (&**channel, user.as_str(), Some(info.as_str()))))
+                .collect();
+            let body = Body::Snapshot { seq: self.last_seq, counts, members };
             self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
-        } else if !self.local_changed.is_empty() {
+        } else if !self.local_changed.is_empty() || !self.local_member_changes.is_empty() {
             self.last_seq += 1;
             let local = &self.local;
             let counts: Vec<Count<'_>> = self.local_changed.iter().map(|c| (&**c, local.local_count(c))).collect();
-            let body = Body::Occupancy { seq: self.last_seq, counts };
+            let members: Vec<MemberChange<'_>> =
+                self.local_member_changes.iter().map(|(channel, user, info)| (&**channel, user.as_str(), info.as_deref())).collect();
+            let body = Body::Delta { seq: self.last_seq, counts, members };
             self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
             self.local_changed.clear();
+            self.local_member_changes.clear();
         }
     }
 
@@ -399,6 +527,30 @@ impl ClusterState {
         }
         let remote = &self.remote;
         Some(self.remote_changed.drain(..).map(|c| (c.clone(), remote.get(&c).copied().unwrap_or(0))).collect())
+    }
+
+    /// The users whose presence on the other nodes changed, each with where it stands now.
+    pub fn poll_remote_members(&mut self) -> Option<Vec<RemoteMember>> {
+        if self.remote_members_changed.is_empty() {
+            return None;
+        }
+        let roster = &self.remote_members;
+        let changed: Vec<RemoteMember> = self
+            .remote_members_changed
+            .drain(..)
+            .filter_map(|((channel, user_id), was_present)| {
+                let user_info = roster.get(&channel).and_then(|users| users.get(&user_id)).map(|(_, info)| info.clone());
+                (user_info.is_some() != was_present).then_some(RemoteMember { channel, user_id, user_info })
+            })
+            .collect();
+        (!changed.is_empty()).then_some(changed)
+    }
+
+    /// The ids of every live node, this one included, sorted.
+    pub fn live_nodes(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.peers.keys().cloned().chain([self.me.clone()]).collect();
+        ids.sort();
+        ids
     }
 
     /// The next thing that happened to a node.
@@ -622,5 +774,60 @@ mod tests {
         c.handle_link_up(t0 + 2 * FLUSH_EVERY);
         all(&mut a, &mut b, &mut c, t0 + 3 * FLUSH_EVERY);
         assert_eq!(c.remote_count("chat"), 6);
+    }
+
+    fn member(channel: &str, user: &str, info: Option<&str>) -> RemoteMember {
+        RemoteMember { channel: channel.into(), user_id: user.into(), user_info: info.map(str::to_string) }
+    }
+
+    #[test]
+    fn a_user_on_two_other_nodes_is_one_member_until_the_last_leaves() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
+        let all = |a: &mut ClusterState, b: &mut ClusterState, c: &mut ClusterState, now| {
+            for _ in 0..4 {
+                for n in [&mut *a, &mut *b, &mut *c] {
+                    n.handle_timeout(now);
+                }
+                carry(a, &mut [b, c], now);
+                carry(b, &mut [a, c], now);
+                carry(c, &mut [a, b], now);
+            }
+        };
+        let (p, info) = ("presence-guild", r#"{"name":"Ann"}"#);
+        a.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0);
+        all(&mut a, &mut b, &mut c, t0 + FLUSH_EVERY);
+        assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]));
+        b.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0 + FLUSH_EVERY);
+        all(&mut a, &mut b, &mut c, t0 + 2 * FLUSH_EVERY);
+        assert_eq!(c.poll_remote_members(), None, "a second node holding ann changes nothing for c");
+        assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]), "a learns ann is on b too");
+        a.handle_local_presence(p.into(), "ann".into(), None, t0 + 2 * FLUSH_EVERY);
+        all(&mut a, &mut b, &mut c, t0 + 3 * FLUSH_EVERY);
+        assert_eq!(c.poll_remote_members(), None, "still on b");
+        b.handle_local_presence(p.into(), "ann".into(), None, t0 + 3 * FLUSH_EVERY);
+        all(&mut a, &mut b, &mut c, t0 + 4 * FLUSH_EVERY);
+        assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", None)]));
+        assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", None)]));
+    }
+
+    #[test]
+    fn a_dead_nodes_members_leave_and_a_resync_does_not_flap_them() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        a.handle_local_presence("presence-x".into(), "u1".into(), Some("null".into()), t0);
+        a.handle_local_presence("presence-x".into(), "u2".into(), Some("null".into()), t0);
+        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        assert_eq!(b.poll_remote_members().map(|m| m.len()), Some(2));
+        b.handle_link_up(t0 + FLUSH_EVERY);
+        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        assert_eq!(b.poll_remote_members(), None, "the snapshot holds the same members: no change");
+        for second in 1..=TIMEOUT.as_secs() {
+            b.handle_timeout(t0 + 2 * FLUSH_EVERY + Duration::from_secs(second));
+        }
+        let mut gone = b.poll_remote_members().expect("a died");
+        gone.sort_by(|x, y| x.user_id.cmp(&y.user_id));
+        assert_eq!(gone, vec![member("presence-x", "u1", None), member("presence-x", "u2", None)]);
+        assert_eq!(b.live_nodes(), vec![NodeId::from("b")]);
     }
 }

@@ -22,6 +22,10 @@ pub struct Envelope<'a> {
 /// A channel's subscription count on the sending node.
 pub type Count<'a> = (&'a str, u32);
 
+/// A user's presence in a presence channel on the sending node: `(channel, user_id, user_info)`,
+/// where the info (raw JSON) is `None` once the user has no connection there any more.
+pub type MemberChange<'a> = (&'a str, &'a str, Option<&'a str>);
+
 /// What a node says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body<'a> {
@@ -52,12 +56,14 @@ pub enum Body<'a> {
         /// that missed one knows.
         last_seq: u64,
     },
-    /// The sender's subscription counts for the channels that changed (0: no longer held).
-    Occupancy {
+    /// What changed on the sender since its previous state message.
+    Delta {
         /// This state message's sequence number (one more than the previous).
         seq: u64,
-        /// Each changed channel with its count on the sender now.
+        /// Each channel whose count changed, with its count on the sender now (0: none left).
         counts: Vec<Count<'a>>,
+        /// Presence changes on the sender, in the order they happened.
+        members: Vec<MemberChange<'a>>,
     },
     /// Everything the sender holds, replacing whatever a receiver knew of it.
     Snapshot {
@@ -65,6 +71,8 @@ pub enum Body<'a> {
         seq: u64,
         /// Every channel the sender holds, with its count.
         counts: Vec<Count<'a>>,
+        /// Every presence member with a connection on the sender.
+        members: Vec<MemberChange<'a>>,
     },
     /// Asks a node (or, with `None`, every node) for a [`Body::Snapshot`].
     SyncRequest {
@@ -113,8 +121,12 @@ mod tests {
         });
         round_trip(Body::Terminate { user_id: "u1" });
         round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9 });
-        round_trip(Body::Occupancy { seq: 3, counts: vec![("a", 1), ("b", 0)] });
-        round_trip(Body::Snapshot { seq: 4, counts: vec![] });
+        round_trip(Body::Delta {
+            seq: 3,
+            counts: vec![("a", 1), ("b", 0)],
+            members: vec![("presence-a", "u1", Some(r#"{"name":"Ann"}"#)), ("presence-a", "u2", None)],
+        });
+        round_trip(Body::Snapshot { seq: 4, counts: vec![], members: vec![] });
         round_trip(Body::SyncRequest { target: None });
         round_trip(Body::SyncRequest { target: Some("node-b") });
         round_trip(Body::Leaving);

@@ -21,11 +21,13 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 use indexmap::IndexSet;
 use log::{debug, warn};
+use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub use node::{ConnectionSnapshot, Gateway, Observer};
 
-use crate::cluster::{ClusterLink, Delivery, RemoteBroadcast};
+use crate::cluster::state::RemoteMember;
+use crate::cluster::{ClusterLink, Delivery, NodeId, RemoteBroadcast};
 use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
@@ -155,6 +157,8 @@ pub struct PusherService {
     vacate_due: Option<Instant>,
     /// The other nodes of the cluster, if this node is in one.
     cluster: Option<ClusterLink>,
+    /// The live nodes of the cluster, this one included, as last told by the cluster.
+    cluster_nodes: Option<Arc<[NodeId]>>,
 }
 
 /// Subscriptions removed per loop turn when connections close. A mass disconnect can leave
@@ -206,6 +210,7 @@ impl PusherService {
             vacating: VecDeque::new(),
             vacate_due: None,
             cluster,
+            cluster_nodes: None,
         }
     }
 
@@ -343,20 +348,53 @@ impl PusherService {
         }
     }
 
-    /// The owner's side of a join: the roster's answer, and news of a new member for every
-    /// worker's replica.
+    /// The owner's side of a join: the roster's answer, news of a new member for every
+    /// worker's replica, and of the user's first connection here for the other nodes.
     fn roster_join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<String, String> {
         let joined = self.rosters.join(channel, member, socket, now).map_err(|e| e.to_string())?;
         if joined.new_member {
             self.membership_changed(channel, &member.user_id, true);
+        }
+        if let (true, Some(cluster)) = (joined.first_here, &self.cluster) {
+            cluster.presence(channel, &member.user_id, Some(member.user_info.get()));
         }
         Ok(joined.data)
     }
 
     /// The owner's side of a leave.
     fn roster_leave(&mut self, channel: &ChannelName, socket: SocketId, now: Instant) {
-        if let Some(user_id) = self.rosters.leave(channel, socket, now) {
-            self.membership_changed(channel, &user_id, false);
+        let Some(left) = self.rosters.leave(channel, socket, now) else { return };
+        if left.gone {
+            self.membership_changed(channel, &left.user_id, false);
+        }
+        if let (true, Some(cluster)) = (left.last_here, &self.cluster) {
+            cluster.presence(channel, &left.user_id, None);
+        }
+    }
+
+    /// The cluster's news of users whose connections are on other nodes, for the rosters this
+    /// worker owns.
+    fn members_elsewhere(&mut self, members: &[RemoteMember], now: Instant) {
+        for member in members {
+            let user_info = match member.user_info.as_deref().map(|info| RawValue::from_string(info.to_string())).transpose() {
+                Ok(info) => info,
+                Err(e) => {
+                    warn!("cluster: user_info of {} on {} is not JSON ({e}); ignored", member.user_id, member.channel);
+                    continue;
+                }
+            };
+            if let Some(present) = self.rosters.set_elsewhere(&member.channel, &member.user_id, user_info, now) {
+                self.membership_changed(&member.channel, &member.user_id, present);
+            }
+        }
+    }
+
+    /// Whether this node sends the webhooks of `channel`: in a cluster exactly one live node
+    /// does (see [`crate::cluster::reporter_of`]); a single node always does.
+    fn reports_webhooks(&self, channel: &str) -> bool {
+        match (&self.cluster, &self.cluster_nodes) {
+            (Some(cluster), Some(nodes)) => crate::cluster::reporter_of(channel, nodes) == Some(cluster.node_id()),
+            _ => true,
         }
     }
 
@@ -422,7 +460,10 @@ impl PusherService {
     /// Announces the presence changes whose coalescing window has passed.
     fn announce_presence(&mut self, conns: &mut Conns<Session>, now: Instant) {
         for change in self.rosters.poll_changes(now) {
-            if self.webhooks.is_enabled() {
+            let channel = match &change {
+                Change::Added { channel, .. } | Change::Removed { channel, .. } => channel,
+            };
+            if self.webhooks.is_enabled() && self.reports_webhooks(channel) {
                 self.webhooks.emit(match &change {
                     Change::Added { channel, member, .. } => {
                         WebhookEvent::MemberAdded { channel: channel.clone(), user_id: member.user_id.clone() }
@@ -470,18 +511,24 @@ impl PusherService {
         self.changed_occupancy.insert(channel.clone());
     }
 
-    /// Applies a worker's count to this replica. The channel's owner worker (the same one that
-    /// owns presence rosters) reports the node's channel becoming occupied or vacant, so each
-    /// webhook is sent once per node.
+    /// Applies a worker's count to this replica.
     fn apply_occupancy(&mut self, update: &Occupancy) {
-        if !self.webhooks.is_enabled() || owner_of(&update.channel, self.outbox.workers()) != self.id {
-            self.directory.apply(update);
+        self.track_occupancy(&update.channel, |directory| directory.apply(update));
+    }
+
+    /// Makes a change to this replica. The channel's owner worker (the same one that owns
+    /// presence rosters) of the node that reports the channel's webhooks sends
+    /// `channel_occupied` and `channel_vacated` when its count across the node (and the
+    /// cluster) leaves or reaches 0, so each is sent once.
+    fn track_occupancy(&mut self, channel: &ChannelName, change: impl FnOnce(&mut Directory)) {
+        if !self.webhooks.is_enabled() || owner_of(channel, self.outbox.workers()) != self.id || !self.reports_webhooks(channel) {
+            change(&mut self.directory);
             return;
         }
-        let before = self.directory.subscription_count(&update.channel);
-        self.directory.apply(update);
-        let after = self.directory.subscription_count(&update.channel);
-        let channel = update.channel.clone();
+        let before = self.directory.subscription_count(channel);
+        change(&mut self.directory);
+        let after = self.directory.subscription_count(channel);
+        let channel = channel.clone();
         match (before, after) {
             (0, n) if n > 0 => {
                 // Occupied again before a deferred vacated went out: neither happened.
@@ -771,9 +818,11 @@ impl Service for PusherService {
             Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
             Message::Cluster(Delivery::Occupancy(counts)) => {
                 for (channel, count) in counts.iter() {
-                    self.directory.apply_remote(channel, *count);
+                    self.track_occupancy(channel, |directory| directory.apply_remote(channel, *count));
                 }
             }
+            Message::Cluster(Delivery::Presence(members)) => self.members_elsewhere(&members, now),
+            Message::Cluster(Delivery::Nodes(nodes)) => self.cluster_nodes = Some(nodes),
             Message::Cluster(Delivery::Terminate(_)) => {} // Arrives as TerminateUser.
         }
     }

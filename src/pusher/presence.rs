@@ -10,6 +10,11 @@
 //! per change. A batch holds at most [`MAX_BATCH`] changes, so a join storm goes out in parts
 //! that fit the members' rings. Time is an input (`now`), so all of this is tested with a
 //! virtual clock.
+//!
+//! In a cluster a roster also holds the users that only other nodes have connections of
+//! ([`Rosters::set_elsewhere`], fed by the cluster): they are members like any other, listed to
+//! joiners and counted against the limit, and a user is removed only when neither this node nor
+//! any other holds a connection of theirs.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -131,8 +136,11 @@ pub enum Change {
 #[derive(Debug)]
 struct Present {
     user_info: Box<RawValue>,
-    /// The user's connections in the channel (usually one or two).
+    /// The user's connections in the channel on this node (usually one or two; none when only
+    /// other nodes hold them).
     sockets: Vec<SocketId>,
+    /// Whether another node of the cluster holds a connection of the user's in the channel.
+    elsewhere: bool,
 }
 
 /// A user whose membership changed inside the window: was it a member before the first change?
@@ -155,8 +163,21 @@ struct Roster {
 pub struct Joined {
     /// The `subscription_succeeded` data: the member list, the joiner included.
     pub data: String,
-    /// Whether this connection made the user a member (their first connection).
+    /// Whether this connection made the user a member (their first connection anywhere).
     pub new_member: bool,
+    /// Whether it is the user's first connection to the channel on this node.
+    pub first_here: bool,
+}
+
+/// A leave seen by [`Rosters::leave`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    /// The user whose connection it was.
+    pub user_id: String,
+    /// It was the user's last connection to the channel on this node.
+    pub last_here: bool,
+    /// It was their last anywhere: they are no longer a member.
+    pub gone: bool,
 }
 
 /// The `presence` object of `subscription_succeeded`.
@@ -169,10 +190,26 @@ struct PresenceData<'a> {
 #[derive(Serialize)]
 struct PresenceSet<'a> {
     #[serde(serialize_with = "member_ids")]
-    ids: &'a IndexMap<String, Present>,
+    ids: Listed<'a>,
     #[serde(serialize_with = "member_infos")]
-    hash: &'a IndexMap<String, Present>,
+    hash: Listed<'a>,
     count: usize,
+}
+
+/// The members a joiner is told of: itself, and everyone already announced. A member whose
+/// `member_added` is still waiting out the coalescing window is left out: the joiner hears of
+/// them with everyone else, so no member is both listed and then added.
+#[derive(Clone, Copy)]
+struct Listed<'a> {
+    roster: &'a Roster,
+    joiner: &'a str,
+}
+
+impl<'a> Listed<'a> {
+    fn members(self) -> impl Iterator<Item = (&'a String, &'a Present)> {
+        let Listed { roster, joiner } = self;
+        roster.members.iter().filter(move |(id, _)| *id == joiner || roster.pending.get(*id).is_none_or(|p| p.was_member))
+    }
 }
 
 /// Changes announced in one batch at most. A batch lands in every member's ring at once, so it
@@ -212,39 +249,75 @@ impl Rosters {
         let roster = self.channels.entry(channel.clone()).or_default();
         if roster.users.contains_key(&socket) {
             // Already in (a repeated join): nothing changes.
-            return Ok(Joined { data: presence_data(roster), new_member: false });
+            return Ok(Joined { data: presence_data(roster, &member.user_id), new_member: false, first_here: false });
         }
-        let new_member = match roster.members.get_mut(&member.user_id) {
+        let (new_member, first_here) = match roster.members.get_mut(&member.user_id) {
             Some(present) => {
                 present.sockets.push(socket);
                 // The latest connection's info wins, as it would on Pusher.
                 present.user_info.clone_from(&member.user_info);
-                false
+                (false, present.sockets.len() == 1)
             }
             None if full => return Err(JoinError::Full(self.max_members)),
             None => {
-                roster.members.insert(member.user_id.clone(), Present { user_info: member.user_info.clone(), sockets: vec![socket] });
+                let present = Present { user_info: member.user_info.clone(), sockets: vec![socket], elsewhere: false };
+                roster.members.insert(member.user_id.clone(), present);
                 mark_pending(&mut self.due, roster, channel, &member.user_id, false, now).joined_by = Some(socket);
-                true
+                (true, true)
             }
         };
         roster.users.insert(socket, member.user_id.clone());
-        Ok(Joined { data: presence_data(roster), new_member })
+        Ok(Joined { data: presence_data(roster, &member.user_id), new_member, first_here })
     }
 
-    /// Connection `socket` left `channel` (unsubscribed or closed). Returns the user it was if
-    /// that was the user's last connection there. A socket that never joined changes nothing.
-    pub fn leave(&mut self, channel: &ChannelName, socket: SocketId, now: Instant) -> Option<String> {
+    /// Connection `socket` left `channel` (unsubscribed or closed). A socket that never joined
+    /// changes nothing (`None`).
+    pub fn leave(&mut self, channel: &ChannelName, socket: SocketId, now: Instant) -> Option<Left> {
         let roster = self.channels.get_mut(channel)?;
         let user_id = roster.users.remove(&socket)?;
         let present = roster.members.get_mut(&user_id)?;
         present.sockets.retain(|&s| s != socket);
-        let gone = present.sockets.is_empty();
+        let last_here = present.sockets.is_empty();
+        let gone = last_here && !present.elsewhere;
         if gone {
             roster.members.swap_remove(&user_id);
             mark_pending(&mut self.due, roster, channel, &user_id, true, now);
         }
-        gone.then_some(user_id)
+        Some(Left { user_id, last_here, gone })
+    }
+
+    /// Another node of the cluster now holds a connection of `user_id`'s in `channel`
+    /// (`Some(user_info)`), or none of them does any more (`None`). Returns `Some(true)` when
+    /// that made the user a member, `Some(false)` when it removed them, `None` otherwise. The
+    /// limit is not checked here: the node that holds them admitted them.
+    pub fn set_elsewhere(&mut self, channel: &ChannelName, user_id: &str, user_info: Option<Box<RawValue>>, now: Instant) -> Option<bool> {
+        let roster = self.channels.entry(channel.clone()).or_default();
+        match (roster.members.get_mut(user_id), user_info) {
+            (Some(present), Some(_)) => {
+                present.elsewhere = true;
+                None
+            }
+            (None, Some(user_info)) => {
+                roster.members.insert(user_id.to_string(), Present { user_info, sockets: Vec::new(), elsewhere: true });
+                mark_pending(&mut self.due, roster, channel, user_id, false, now);
+                Some(true)
+            }
+            (Some(present), None) if !present.sockets.is_empty() => {
+                present.elsewhere = false;
+                None
+            }
+            (Some(_), None) => {
+                roster.members.swap_remove(user_id);
+                mark_pending(&mut self.due, roster, channel, user_id, true, now);
+                Some(false)
+            }
+            (None, None) => {
+                if roster.members.is_empty() && roster.pending.is_empty() {
+                    self.channels.remove(channel);
+                }
+                None
+            }
+        }
     }
 
     /// When [`poll_changes`](Self::poll_changes) next has something to give: once the oldest
@@ -322,18 +395,18 @@ fn mark_pending<'r>(
     })
 }
 
-fn presence_data(roster: &Roster) -> String {
-    let members = &roster.members;
-    let data = PresenceData { presence: PresenceSet { ids: members, hash: members, count: members.len() } };
+fn presence_data(roster: &Roster, joiner: &str) -> String {
+    let listed = Listed { roster, joiner };
+    let data = PresenceData { presence: PresenceSet { ids: listed, hash: listed, count: listed.members().count() } };
     serde_json::to_string(&data).unwrap_or_default()
 }
 
-fn member_ids<S: Serializer>(members: &&IndexMap<String, Present>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(members.keys())
+fn member_ids<S: Serializer>(listed: &Listed<'_>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(listed.members().map(|(id, _)| id))
 }
 
-fn member_infos<S: Serializer>(members: &&IndexMap<String, Present>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(members.iter().map(|(id, present)| (id, &*present.user_info)))
+fn member_infos<S: Serializer>(listed: &Listed<'_>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(listed.members().map(|(id, present)| (id, &*present.user_info)))
 }
 
 /// One worker's replica of every presence channel's user ids, for the REST API (`/users`,
@@ -405,12 +478,49 @@ mod tests {
         let mut rosters = Rosters::new(WINDOW, 100);
         rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
         rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
-        let joined = rosters.join(&room(), &member("a"), socket(3), t0).unwrap();
+        assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 2);
+        let joined = rosters.join(&room(), &member("a"), socket(3), t0 + WINDOW).unwrap();
         assert!(!joined.new_member);
         let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
         assert_eq!(data["presence"]["ids"], serde_json::json!(["a", "b"]));
         assert_eq!(data["presence"]["count"], 2);
         assert_eq!(data["presence"]["hash"]["b"]["name"], "b");
+    }
+
+    #[test]
+    fn users_on_other_nodes_are_members_until_no_node_holds_them() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 2);
+        let info = || RawValue::from_string(r#"{"name":"r"}"#.into()).unwrap();
+        assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), Some(true));
+        assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), None, "already a member");
+        let joined = rosters.join(&room(), &member("remote"), socket(1), t0).unwrap();
+        assert_eq!((joined.new_member, joined.first_here), (false, true), "a member already, but new here");
+        rosters.join(&room(), &member("local"), socket(2), t0).unwrap();
+        assert_eq!(rosters.join(&room(), &member("third"), socket(3), t0), Err(JoinError::Full(2)), "remote members count");
+        let changes = rosters.poll_changes(t0 + WINDOW);
+        assert!(matches!(&changes[0], Change::Added { member, except: None, .. } if member.user_id == "remote"), "{changes:?}");
+        assert_eq!(rosters.leave(&room(), socket(1), t0 + WINDOW), Some(Left { user_id: "remote".into(), last_here: true, gone: false }));
+        assert_eq!(rosters.set_elsewhere(&room(), "remote", None, t0 + WINDOW), Some(false), "no connection anywhere");
+        assert_eq!(rosters.set_elsewhere(&room(), "local", None, t0 + WINDOW), None, "still held here");
+        assert_eq!(rosters.poll_changes(t0 + 2 * WINDOW), vec![Change::Removed { channel: room(), user_id: "remote".into() }]);
+        assert_eq!(rosters.count(&room()), 1);
+    }
+
+    #[test]
+    fn a_joiner_is_not_told_of_a_member_whose_member_added_is_still_to_come() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100);
+        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
+        let joined = rosters.join(&room(), &member("b"), socket(2), t0 + WINDOW / 2).unwrap();
+        let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
+        assert_eq!(data["presence"]["ids"], serde_json::json!(["b"]), "a's member_added is still to come");
+        assert_eq!(data["presence"]["count"], 1);
+        let changes = rosters.poll_changes(t0 + WINDOW);
+        assert!(
+            matches!(&changes[0], Change::Added { member, except, .. } if member.user_id == "a" && *except == Some(socket(1))),
+            "b hears of a with everyone else but a: {changes:?}"
+        );
     }
 
     #[test]
@@ -427,14 +537,14 @@ mod tests {
         // A second connection of the same user: no news, either way.
         let t1 = t0 + Duration::from_secs(1);
         rosters.join(&room(), &member("a"), socket(2), t1).unwrap();
-        assert_eq!(rosters.leave(&room(), socket(1), t1), None);
+        assert!(!rosters.leave(&room(), socket(1), t1).expect("joined").gone);
         assert_eq!(rosters.poll_timeout(), None);
         assert_eq!(rosters.count("presence-room"), 1);
         // A socket that is not in the channel changes nothing.
         assert_eq!(rosters.leave(&room(), socket(9), t1), None);
         // The last connection leaves.
         let t2 = t1 + Duration::from_secs(1);
-        assert_eq!(rosters.leave(&room(), socket(2), t2), Some("a".into()));
+        assert_eq!(rosters.leave(&room(), socket(2), t2), Some(Left { user_id: "a".into(), last_here: true, gone: true }));
         assert_eq!(rosters.count("presence-room"), 0);
         assert!(rosters.has_pending("presence-room"));
         assert_eq!(rosters.poll_changes(t2 + WINDOW), vec![Change::Removed { channel: room(), user_id: "a".into() }]);

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod redis;
+pub mod webhook_receiver;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -73,6 +74,30 @@ impl Client {
         let reply = self.next_event();
         assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
         assert_eq!(reply["channel"], channel);
+    }
+}
+
+/// Subscribes `client` to presence `channel` as `user_id` (with `{"name": user_id}` as its
+/// info), signed as an auth endpoint would, and returns the `subscription_succeeded`.
+pub fn join_presence(client: &mut Client, channel: &str, user_id: &str) -> Value {
+    let channel_data = json!({"user_id": user_id, "user_info": {"name": user_id}}).to_string();
+    let auth = flux::pusher::signature::channel_auth(&app(), &client.socket_id, channel, Some(&channel_data));
+    client.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}));
+    let reply = client.next_event();
+    assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
+    reply
+}
+
+/// The next text message if one arrives within `within`.
+pub fn poll_event(client: &mut Client, within: Duration) -> Option<Value> {
+    client.ws.get_mut().set_read_timeout(Some(within)).expect("read timeout");
+    let read = client.ws.read();
+    client.ws.get_mut().set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    match read {
+        Ok(Message::Text(text)) => Some(serde_json::from_str(&text).expect("server sends JSON")),
+        Ok(other) => panic!("unexpected message {other:?}"),
+        Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+        Err(e) => panic!("read failed: {e}"),
     }
 }
 

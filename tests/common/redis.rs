@@ -23,10 +23,16 @@ impl RedisServer {
             eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut server = RedisServer { child: None, port };
-        server.restart();
-        Some(server)
+        // A port found free may be taken by another test's server before ours binds it: ours
+        // then exits, and another port is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+            let mut server = RedisServer { child: None, port };
+            if server.try_start() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server did not start");
     }
 
     /// `redis://127.0.0.1:{port}`.
@@ -44,6 +50,11 @@ impl RedisServer {
 
     /// Starts it again on the same port, empty, and waits until it answers.
     pub fn restart(&mut self) {
+        assert!(self.try_start(), "redis-server did not start again on port {}", self.port);
+    }
+
+    /// Starts a server on this port; true once it answers, false if it exited (port taken).
+    fn try_start(&mut self) -> bool {
         self.kill();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -52,10 +63,17 @@ impl RedisServer {
             .expect("redis-server starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
+        while Instant::now() < deadline {
+            if self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                self.child = None;
+                return false;
+            }
+            if self.answers() {
+                return true;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        false
     }
 
     fn answers(&self) -> bool {
