@@ -2,9 +2,10 @@
 //!
 //! Each counter has one writer (its worker), so a relaxed atomic add is all the hot path pays;
 //! per-recipient work is counted once per broadcast, never once per recipient. Readers take a
-//! [`Counters`] snapshot and add the workers' snapshots together. The fan-out latency histogram
-//! is recorded by the worker in a private histogram and merged into the shared one about once a
-//! second, so its lock is never taken on the hot path.
+//! [`Counters`] snapshot and add the workers' snapshots together. Latency histograms (fan-out
+//! time, and in a cluster the time from a publish on another node to its delivery here) are
+//! recorded by the worker in a private [`LatencyRecorder`] and merged into the shared one about
+//! once a second, so their lock is never taken on the hot path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -116,16 +117,43 @@ pub fn success_rate(good: u64, bad: u64) -> f64 {
 const FANOUT_MAX_MICROS: u64 = 60_000_000;
 
 /// One worker's metrics.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct WorkerMetrics {
     /// The counters.
     pub counters: CounterCells,
-    fanout_micros: Mutex<Histogram<u64>>,
+    /// Time from a publish to its frame in the last ring of this worker.
+    pub fanout: SharedHistogram,
+    /// Time from a publish on another node of the cluster to its frame in the last ring of this
+    /// worker (Redis included; the nodes' clocks are assumed in sync).
+    pub remote_delivery: SharedHistogram,
 }
 
-impl Default for WorkerMetrics {
+/// A latency histogram in microseconds that one worker merges into and any thread reads.
+#[derive(Debug)]
+pub struct SharedHistogram(Mutex<Histogram<u64>>);
+
+impl Default for SharedHistogram {
     fn default() -> Self {
-        WorkerMetrics { counters: CounterCells::default(), fanout_micros: Mutex::new(new_histogram()) }
+        SharedHistogram(Mutex::new(new_histogram()))
+    }
+}
+
+impl SharedHistogram {
+    /// Merges a worker-local histogram into this one and clears it.
+    pub fn merge(&self, local: &mut LatencyRecorder) {
+        if local.histogram.is_empty() {
+            return;
+        }
+        if let Ok(mut shared) = self.0.lock() {
+            // Both histograms have the same bounds, so adding cannot fail.
+            let _ = shared.add(&local.histogram);
+        }
+        local.histogram.reset();
+    }
+
+    /// A copy, for percentiles.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        self.0.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram())
     }
 }
 
@@ -146,39 +174,22 @@ impl WorkerMetrics {
     pub fn sub(counter: &AtomicU64, n: u64) {
         counter.fetch_sub(n, Ordering::Relaxed);
     }
-
-    /// Merges a worker-local histogram of fan-out times into the shared one and clears it.
-    pub fn publish_fanout(&self, local: &mut FanoutRecorder) {
-        if local.histogram.is_empty() {
-            return;
-        }
-        if let Ok(mut shared) = self.fanout_micros.lock() {
-            // Both histograms have the same bounds, so adding cannot fail.
-            let _ = shared.add(&local.histogram);
-        }
-        local.histogram.reset();
-    }
-
-    /// A copy of the fan-out histogram, for percentiles.
-    pub fn fanout_histogram(&self) -> Histogram<u64> {
-        self.fanout_micros.lock().map(|h| h.clone()).unwrap_or_else(|_| new_histogram())
-    }
 }
 
-/// The worker-private side of the fan-out histogram.
+/// The worker-private side of a [`SharedHistogram`].
 #[derive(Debug)]
-pub struct FanoutRecorder {
+pub struct LatencyRecorder {
     histogram: Histogram<u64>,
 }
 
-impl Default for FanoutRecorder {
+impl Default for LatencyRecorder {
     fn default() -> Self {
-        FanoutRecorder { histogram: new_histogram() }
+        LatencyRecorder { histogram: new_histogram() }
     }
 }
 
-impl FanoutRecorder {
-    /// Records one broadcast's time from publish to its last ring.
+impl LatencyRecorder {
+    /// Records one time (clamped to 1 µs .. 60 s).
     pub fn record(&mut self, took: Duration) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).clamp(1, FANOUT_MAX_MICROS);
         let _ = self.histogram.record(micros);
@@ -231,11 +242,11 @@ mod tests {
     #[test]
     fn fanout_times_reach_the_shared_histogram() {
         let metrics = WorkerMetrics::default();
-        let mut local = FanoutRecorder::default();
+        let mut local = LatencyRecorder::default();
         local.record(Duration::from_micros(250));
         local.record(Duration::from_millis(3));
-        metrics.publish_fanout(&mut local);
-        let summary = LatencySummary::of(&metrics.fanout_histogram());
+        metrics.fanout.merge(&mut local);
+        let summary = LatencySummary::of(&metrics.fanout.snapshot());
         assert_eq!(summary.count, 2);
         assert!((summary.max_ms - 3.0).abs() < 0.01);
     }

@@ -119,6 +119,43 @@ function renderStats(stats) {
   show("webhooks_given_up", formatCount(hooks.events_given_up), hooks.events_given_up);
   show("webhooks_queue", `${formatCount(hooks.queue_depth)} / ${formatCount(hooks.queue_capacity)}`, hooks.queue_depth);
   document.getElementById("webhooks-card").classList.toggle("bad", hooks.events_dropped + hooks.events_given_up > 0);
+  renderCluster(stats.cluster);
+}
+
+/** The cluster panel: shown only when the node is in a cluster (FLUX_REDIS_URL). */
+function renderCluster(cluster) {
+  const panel = document.getElementById("cluster-panel");
+  panel.hidden = !cluster;
+  if (!cluster) return;
+  show("cluster_node", cluster.node_id);
+  const link = document.getElementById("cluster-link");
+  link.dataset.state = cluster.link_up ? "live" : "down";
+  link.textContent = cluster.link_up ? "Redis up" : "Redis down";
+  show("cluster_out", formatCount(cluster.messages_out), cluster.messages_out);
+  show("cluster_in", formatCount(cluster.messages_in), cluster.messages_in);
+  show("cluster_bytes_out", formatBytes(cluster.bytes_out), cluster.bytes_out);
+  show("cluster_bytes_in", formatBytes(cluster.bytes_in), cluster.bytes_in);
+  show("cluster_dropped", formatCount(cluster.dropped), cluster.dropped);
+  show("cluster_reconnects", formatCount(cluster.reconnects), cluster.reconnects);
+  show("cluster_delivery_p50", formatMs(cluster.remote_delivery.p50_ms), cluster.remote_delivery.p50_ms);
+  show("cluster_delivery_p99", formatMs(cluster.remote_delivery.p99_ms), cluster.remote_delivery.p99_ms);
+  const body = document.querySelector("#cluster-nodes tbody");
+  if (cluster.nodes.length === 0) {
+    body.innerHTML = '<tr class="empty"><td colspan="5">No other node yet.</td></tr>';
+    return;
+  }
+  body.replaceChildren(...cluster.nodes.map((node) => {
+    const row = document.createElement("tr");
+    const cells = [node.id, node.addr, formatCount(node.connections), formatMs(node.last_heard_ms) + " ago", node.synced ? "in sync" : "syncing"];
+    for (const [i, text] of cells.entries()) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      if (i === 2 || i === 3) cell.className = "num";
+      row.append(cell);
+    }
+    row.dataset.node = node.id;
+    return row;
+  }));
 }
 
 // ---------------------------------------------------------------------------------------------

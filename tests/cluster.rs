@@ -400,3 +400,72 @@ fn webhooks_are_sent_once_per_cluster() {
     .collect();
     assert_eq!(events, expected, "each at its cluster-wide transition, by one node");
 }
+
+/// The body of a plain GET.
+fn get(url: &str) -> String {
+    ureq::get(url).call().expect("GET").into_body().read_to_string().expect("body")
+}
+
+#[test]
+fn the_dashboard_and_metrics_show_the_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let dashboard =
+        flux::dashboard::Dashboard::start(SocketAddr::from(([127, 0, 0, 1], 0)), nodes[0].observer().clone()).expect("dashboard starts");
+    let mut on_a = subscribed(nodes[0].local_addr(), "chat");
+    assert!(wait_for_count(nodes[1].local_addr(), "chat", 1, Duration::from_secs(2)));
+    assert_eq!(publish(nodes[1].local_addr(), &["chat"], "hello", "{}", None).0, 200);
+    assert_eq!(on_a.next_event()["event"], "hello");
+    let stats: Value = serde_json::from_str(&get(&format!("http://{}/api/stats", dashboard.local_addr()))).expect("JSON");
+    let cluster = &stats["cluster"];
+    assert_eq!((cluster["node_id"].as_str(), cluster["link_up"].as_bool()), (Some("a"), Some(true)), "{cluster}");
+    assert_eq!(cluster["nodes"][0]["id"], "b");
+    assert_eq!(cluster["nodes"][0]["addr"], nodes[1].local_addr().to_string());
+    assert!(cluster["messages_in"].as_u64() >= Some(1) && cluster["messages_out"].as_u64() >= Some(1), "{cluster}");
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let stats: Value = serde_json::from_str(&get(&format!("http://{}/api/stats", dashboard.local_addr()))).expect("JSON");
+            stats["cluster"]["remote_delivery"]["count"].as_u64() >= Some(1)
+        }),
+        "the event from b counts in the cross-node delivery time"
+    );
+    let metrics = get(&format!("http://{}/metrics", dashboard.local_addr()));
+    for line in [
+        "flux_cluster_link_up 1",
+        "flux_cluster_nodes 1",
+        "flux_cluster_messages_total{direction=\"in\"}",
+        "flux_cluster_delivery_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(line), "{line} in /metrics:\n{metrics}");
+    }
+    dashboard.stop();
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a node process.
+fn signal(node: &NodeProcess, signal: &str) {
+    let sent = Command::new("kill").args([&format!("-{signal}"), &node.child.id().to_string()]).status().expect("kill runs");
+    assert!(sent.success(), "kill -{signal}");
+}
+
+#[test]
+fn a_frozen_node_is_dead_to_the_others_and_comes_back_with_only_what_it_still_holds() {
+    let Some(redis) = RedisServer::start() else { return };
+    const TIMEOUT_MS: u64 = 1_500;
+    let survivor = NodeProcess::start(&redis, "survivor", TIMEOUT_MS);
+    let frozen = NodeProcess::start(&redis, "frozen", TIMEOUT_MS);
+    let _there = subscribed(frozen.addr, "chat");
+    let mut bob = Client::connect(survivor.addr);
+    join_presence(&mut bob, PRESENCE, "bob");
+    let mut carol = Client::connect(frozen.addr);
+    join_presence(&mut carol, PRESENCE, "carol");
+    assert_eq!(member_event(&mut bob), ("pusher_internal:member_added".into(), "carol".into()));
+    signal(&frozen, "STOP");
+    assert_eq!(member_event(&mut bob), ("pusher_internal:member_removed".into(), "carol".into()), "a frozen node is dead");
+    assert!(wait_for_count(survivor.addr, "chat", 0, Duration::from_secs(1)));
+    // Carol leaves while her node is frozen; it only learns of it when it wakes.
+    drop(carol);
+    signal(&frozen, "CONT");
+    assert!(wait_for_count(survivor.addr, "chat", 1, Duration::from_secs(5)), "the node came back with what it holds");
+    assert_eq!(poll_event(&mut bob, QUIET), None, "carol is not resurrected");
+    assert_eq!(users(survivor.addr, PRESENCE), ["bob"]);
+}

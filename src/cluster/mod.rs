@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::fanout::directory::OccupancyBatch;
+use crate::metrics::LatencySummary;
 use crate::pusher::protocol::{ChannelName, SocketId};
 pub use link::Cluster;
 pub use state::{NodeId, RemoteMember};
@@ -162,6 +163,8 @@ pub struct ClusterStatus {
     /// Counters since start.
     #[serde(flatten)]
     pub counters: ClusterCounters,
+    /// Time from a publish on another node to its delivery here, since start.
+    pub remote_delivery: LatencySummary,
 }
 
 /// Another node, for the dashboard.
@@ -246,6 +249,7 @@ impl ClusterLink {
             link_up: self.shared.publisher_up.load(Ordering::Relaxed) && self.shared.subscriber_up.load(Ordering::Relaxed),
             nodes: self.shared.nodes.lock().map(|n| n.clone()).unwrap_or_default(),
             counters: self.shared.stats.snapshot(),
+            remote_delivery: LatencySummary::default(),
         }
     }
 }

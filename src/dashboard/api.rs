@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::sampler::{History, Sample, HISTORY_LEN, SAMPLE_INTERVAL};
+use crate::cluster::ClusterStatus;
 use crate::fanout::pool::PoolStats;
 use crate::gateway::evictions::Eviction;
 use crate::gateway::{ConnectionSnapshot, Observer};
@@ -49,6 +50,8 @@ pub struct Stats {
     pub fanout: LatencySummary,
     /// The webhook sender: counters since start and the queue's depth now.
     pub webhooks: WebhookStats,
+    /// The cluster as this node sees it (absent for a single node).
+    pub cluster: Option<ClusterStatus>,
 }
 
 /// The frame pool's counters and hit rate.
@@ -74,6 +77,7 @@ pub fn stats(observer: &Observer, history: &History) -> Stats {
         frame_pool: FramePoolStats { stats: pool, hit_rate: pool.hit_rate() },
         fanout: observer.fanout_latency(),
         webhooks: observer.webhooks(),
+        cluster: observer.cluster(),
     }
 }
 

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::cluster::ClusterStatus;
 use crate::gateway::Observer;
 use crate::metrics::Counters;
 use crate::webhooks::WebhookStats;
@@ -43,8 +44,8 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_inbox_overflows", "Messages between workers lost because an inbox and the sender's backlog were full.", |c| c.inbox_overflows),
 ];
 
-/// Upper bounds of the fan-out time histogram's buckets, in microseconds (100 µs to 5 s).
-const FANOUT_BUCKETS_MICROS: [u64; 15] =
+/// Upper bounds of the latency histograms' buckets, in microseconds (100 µs to 5 s).
+const LATENCY_BUCKETS_MICROS: [u64; 15] =
     [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000];
 
 /// A registry whose only collector reads `observer`.
@@ -82,24 +83,23 @@ impl Collector for NodeCollector {
         labelled_counter(
             &mut encoder,
             ("flux_writes", "Socket flushes, by whether everything queued was written at once."),
-            [("immediate", counters.writes_immediate), ("would_block", counters.writes_would_block)],
+            ("result", [("immediate", counters.writes_immediate), ("would_block", counters.writes_would_block)]),
         )?;
         labelled_counter(
             &mut encoder,
             ("flux_frame_pool_checkouts", "Frame buffers checked out, by whether a pooled buffer was reused."),
-            [("hit", pool.hits), ("miss", pool.misses)],
+            ("result", [("hit", pool.hits), ("miss", pool.misses)]),
         )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
         webhooks(&mut encoder, &self.0.webhooks())?;
+        if let Some(status) = self.0.cluster() {
+            cluster(&mut encoder, &status)?;
+            let help = "Time from a publish on another node of the cluster to its frame queued in the last ring of a worker here.";
+            latency(&mut encoder, "flux_cluster_delivery_duration", help, self.0.remote_delivery_histogram())?;
+        }
 
-        let fanout = FanoutSeconds::of(self.0.fanout_histogram());
-        let seconds = Unit::Seconds;
-        fanout.encode(encoder.encode_descriptor(
-            "flux_fanout_duration",
-            "Time from a publish to its frame queued in the last ring of a worker.",
-            Some(&seconds),
-            fanout.metric_type(),
-        )?)
+        let help = "Time from a publish to its frame queued in the last ring of a worker.";
+        latency(&mut encoder, "flux_fanout_duration", help, self.0.fanout_histogram())
     }
 }
 
@@ -113,17 +113,45 @@ fn webhooks(encoder: &mut DescriptorEncoder, stats: &WebhookStats) -> Result<(),
             "flux_webhook_events",
             "Webhook events: queued or dropped (queue full) when emitted; delivered or given up when their batch ends.",
         ),
-        [("queued", c.events_queued), ("dropped", c.events_dropped), ("delivered", c.events_delivered), ("given_up", c.events_given_up)],
+        (
+            "result",
+            [
+                ("queued", c.events_queued),
+                ("dropped", c.events_dropped),
+                ("delivered", c.events_delivered),
+                ("given_up", c.events_given_up),
+            ],
+        ),
     )?;
     labelled_counter(
         encoder,
         ("flux_webhook_batches", "Webhook batches, by whether the endpoint accepted one (2xx) or it was given up."),
-        [("delivered", c.batches_delivered), ("given_up", c.batches_given_up)],
+        ("result", [("delivered", c.batches_delivered), ("given_up", c.batches_given_up)]),
     )?;
     let failed_help = "Webhook POSTs that failed: network error, timeout or a status other than 2xx.";
     counter(encoder, "flux_webhook_failed_attempts", failed_help, c.attempts_failed)?;
     counter(encoder, "flux_webhook_retries", "Webhook POSTs that retried a failed one.", c.retries)?;
     gauge(encoder, "flux_webhook_queue_depth", "Webhook events waiting in the queue.", stats.queue_depth)
+}
+
+/// The cluster's figures, when the node is in one.
+fn cluster(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Result<(), fmt::Error> {
+    let c = &status.counters;
+    gauge(encoder, "flux_cluster_link_up", "1 while both connections to Redis are up.", u64::from(status.link_up))?;
+    gauge(encoder, "flux_cluster_nodes", "Other live nodes this node sees.", status.nodes.len() as u64)?;
+    let directions = |out, into| ("direction", [("out", out), ("in", into)]);
+    labelled_counter(encoder, ("flux_cluster_messages", "Messages over Redis, by direction."), directions(c.messages_out, c.messages_in))?;
+    labelled_counter(encoder, ("flux_cluster_bytes", "Bytes over Redis, by direction."), directions(c.bytes_out, c.bytes_in))?;
+    let dropped_help = "Messages not published on Redis: the queue to it was full, or the link failed with them.";
+    counter(encoder, "flux_cluster_dropped", dropped_help, c.dropped)?;
+    counter(encoder, "flux_cluster_reconnects", "Times a lost Redis connection was made again.", c.reconnects)?;
+    counter(encoder, "flux_cluster_inbox_waits", "Events from other nodes that waited for a worker's inbox to have room.", c.inbox_waits)?;
+    counter(encoder, "flux_cluster_inputs_lost", "Changes of this node's state that never reached the cluster thread.", c.inputs_lost)
+}
+
+fn latency(encoder: &mut DescriptorEncoder, name: &str, help: &str, histogram: Option<Histogram<u64>>) -> Result<(), fmt::Error> {
+    let seconds = LatencySeconds::of(histogram);
+    seconds.encode(encoder.encode_descriptor(name, help, Some(&Unit::Seconds), seconds.metric_type())?)
 }
 
 fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), fmt::Error> {
@@ -140,31 +168,31 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) ->
 fn labelled_counter<const N: usize>(
     encoder: &mut DescriptorEncoder,
     (name, help): (&str, &str),
-    values: [(&str, u64); N],
+    (label, values): (&str, [(&str, u64); N]),
 ) -> Result<(), fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (result, value) in values {
-        ConstCounter::new(value).encode(family.encode_family(&[("result", result)])?)?;
+    for (value_label, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&[(label, value_label)])?)?;
     }
     Ok(())
 }
 
-/// The fan-out histogram, converted from microseconds to Prometheus buckets in seconds.
-struct FanoutSeconds {
+/// A latency histogram, converted from microseconds to Prometheus buckets in seconds.
+struct LatencySeconds {
     sum: f64,
     count: u64,
     /// Upper bound (seconds) and the samples in that bucket alone; the encoder accumulates.
     buckets: Vec<(f64, u64)>,
 }
 
-impl FanoutSeconds {
-    fn of(histogram: Option<Histogram<u64>>) -> FanoutSeconds {
+impl LatencySeconds {
+    fn of(histogram: Option<Histogram<u64>>) -> LatencySeconds {
         // Counts are exact to the histogram's precision (3 significant digits).
         let count_up_to = |micros| histogram.as_ref().map_or(0, |h| h.count_between(0, micros));
         let count = histogram.as_ref().map_or(0, |h| h.len());
         let mut below = 0;
-        let mut buckets = Vec::with_capacity(FANOUT_BUCKETS_MICROS.len() + 1);
-        for bound in FANOUT_BUCKETS_MICROS {
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_MICROS.len() + 1);
+        for bound in LATENCY_BUCKETS_MICROS {
             let cumulative = count_up_to(bound);
             buckets.push((bound as f64 / 1e6, cumulative.saturating_sub(below)));
             below = cumulative;
@@ -172,11 +200,11 @@ impl FanoutSeconds {
         buckets.push((f64::INFINITY, count.saturating_sub(below)));
         // The histogram keeps no exact sum; its mean is exact to the same precision.
         let sum = histogram.as_ref().map_or(0.0, |h| h.mean() * h.len() as f64 / 1e6);
-        FanoutSeconds { sum, count, buckets }
+        LatencySeconds { sum, count, buckets }
     }
 }
 
-impl EncodeMetric for FanoutSeconds {
+impl EncodeMetric for LatencySeconds {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
         encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
     }
@@ -196,7 +224,7 @@ mod tests {
         for micros in [50, 200, 200, 4_000, 9_000_000] {
             h.record(micros).expect("in range");
         }
-        let fanout = FanoutSeconds::of(Some(h));
+        let fanout = LatencySeconds::of(Some(h));
         assert_eq!(fanout.count, 5);
         assert_eq!(fanout.buckets.iter().map(|&(_, n)| n).sum::<u64>(), 5);
         assert_eq!(fanout.buckets[0], (0.0001, 1));

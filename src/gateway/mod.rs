@@ -15,7 +15,7 @@ mod node;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
@@ -34,7 +34,7 @@ use crate::fanout::registry::Registry;
 use crate::fanout::ring::Offer;
 use crate::fanout::{ConnId, WorkerId};
 use crate::http::{json_error, Request, Response};
-use crate::metrics::{FanoutRecorder, WorkerMetrics};
+use crate::metrics::{LatencyRecorder, WorkerMetrics};
 use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
@@ -132,7 +132,9 @@ pub struct PusherService {
     outbox: Outbox<Message>,
     pool: FramePool,
     metrics: Arc<WorkerMetrics>,
-    fanout_times: FanoutRecorder,
+    fanout_times: LatencyRecorder,
+    /// Times from a publish on another node to its delivery here.
+    remote_times: LatencyRecorder,
     socket_id_high: u32,
     socket_id_next: u32,
     /// Channels whose local count changed this turn, each once; told to the other workers in
@@ -195,7 +197,8 @@ impl PusherService {
             outbox: Outbox::new(context.peers),
             pool: context.pool,
             metrics: context.metrics,
-            fanout_times: FanoutRecorder::default(),
+            fanout_times: LatencyRecorder::default(),
+            remote_times: LatencyRecorder::default(),
             // Random per worker, so ids differ across workers, restarts and (later) nodes.
             socket_id_high: fastrand::u32(1..1_000_000_000),
             socket_id_next: fastrand::u32(1..1_000_000),
@@ -269,6 +272,9 @@ impl PusherService {
             may_wait: false,
         };
         self.fan_out(conns, &broadcast);
+        // Up to this worker's rings: the other workers' part of it is in their fan-out times.
+        let now_us = crate::clock::since_unix_epoch().as_micros() as u64;
+        self.remote_times.record(Duration::from_micros(now_us.saturating_sub(remote.published_at_us)));
     }
 
     /// Queues a broadcast to this worker's subscribers of its channel: per recipient, one
@@ -787,7 +793,8 @@ impl Service for PusherService {
                 self.carry_out(conns, id, action, now);
             }
         }
-        self.metrics.publish_fanout(&mut self.fanout_times);
+        self.metrics.fanout.merge(&mut self.fanout_times);
+        self.metrics.remote_delivery.merge(&mut self.remote_times);
     }
 
     fn on_inbox(&mut self, conns: &mut Conns<Session>, message: Message, now: Instant) {

@@ -18,7 +18,7 @@ use crate::cluster::{Cluster, ClusterLink, ClusterSettings, ClusterStatus};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
-use crate::metrics::{Counters, LatencySummary, WorkerMetrics};
+use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
 use crate::pusher::session::{Policy, Timeouts};
 use crate::pusher::App;
 use crate::server::{self, ConnLimits, Peers, Server, ServerSettings};
@@ -203,9 +203,19 @@ impl Observer {
     /// Every worker's fan-out times (publish to the last ring of each worker, in microseconds)
     /// merged into one histogram, over the node's life.
     pub fn fanout_histogram(&self) -> Option<Histogram<u64>> {
+        self.merged(|metrics| &metrics.fanout)
+    }
+
+    /// Every worker's times from a publish on another node to its delivery here, merged, over
+    /// the node's life.
+    pub fn remote_delivery_histogram(&self) -> Option<Histogram<u64>> {
+        self.merged(|metrics| &metrics.remote_delivery)
+    }
+
+    fn merged(&self, which: impl Fn(&WorkerMetrics) -> &SharedHistogram) -> Option<Histogram<u64>> {
         let mut merged = None::<Histogram<u64>>;
         for metrics in self.metrics.iter() {
-            let histogram = metrics.fanout_histogram();
+            let histogram = which(metrics).snapshot();
             match merged.as_mut() {
                 None => merged = Some(histogram),
                 Some(m) => {
@@ -229,7 +239,9 @@ impl Observer {
 
     /// The cluster as this node sees it; `None` for a single node.
     pub fn cluster(&self) -> Option<ClusterStatus> {
-        self.cluster.as_ref().map(ClusterLink::status)
+        let mut status = self.cluster.as_ref().map(ClusterLink::status)?;
+        status.remote_delivery = self.remote_delivery_histogram().map(|h| LatencySummary::of(&h)).unwrap_or_default();
+        Some(status)
     }
 
     /// The most recent evictions, newest first.
