@@ -139,6 +139,18 @@ pub fn validate_channel_name(name: &str) -> Result<(), ChannelNameError> {
     Ok(())
 }
 
+/// Checks a channel an event may be published to: a channel name by Pusher's rules, or a
+/// user's `#server-to-user-{user_id}` channel (the REST side of the SDKs' `sendToUser`).
+pub fn validate_publish_channel(name: &str) -> Result<(), ChannelNameError> {
+    match name.strip_prefix(crate::pusher::session::SERVER_TO_USER_PREFIX) {
+        Some("") => Err(ChannelNameError::Empty),
+        Some(user_id) if user_id.len() > MAX_USER_ID_LEN => Err(ChannelNameError::TooLong),
+        Some(user_id) if user_id.chars().any(char::is_control) => Err(ChannelNameError::InvalidCharacter),
+        Some(_) => Ok(()),
+        None => validate_channel_name(name),
+    }
+}
+
 /// A message from a client, before its `data` is interpreted.
 #[derive(Debug, Deserialize)]
 pub struct ClientMessage<'a> {
@@ -335,6 +347,18 @@ mod tests {
         for bad in ["a b", "a/b", "é", "a#b", "a\"b"] {
             assert_eq!(validate_channel_name(bad), Err(ChannelNameError::InvalidCharacter), "{bad}");
         }
+    }
+
+    #[test]
+    fn events_may_go_to_a_users_channel() {
+        assert_eq!(validate_publish_channel("#server-to-user-user 9"), Ok(()), "user ids are free text");
+        assert_eq!(validate_publish_channel("chat"), Ok(()));
+        assert_eq!(validate_publish_channel("#server-to-user-"), Err(ChannelNameError::Empty));
+        assert_eq!(
+            validate_publish_channel(&format!("#server-to-user-{}", "u".repeat(MAX_USER_ID_LEN + 1))),
+            Err(ChannelNameError::TooLong)
+        );
+        assert_eq!(validate_publish_channel("#other"), Err(ChannelNameError::InvalidCharacter));
     }
 
     #[test]

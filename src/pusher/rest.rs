@@ -10,7 +10,10 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::presence::Membership;
-use super::protocol::{event_data_text, validate_channel_name, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN};
+use super::protocol::{
+    event_data_text, validate_channel_name, validate_publish_channel, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN,
+    MAX_USER_ID_LEN,
+};
 use super::signature;
 use super::App;
 use crate::fanout::directory::Directory;
@@ -208,7 +211,7 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
     let info = Info::parse(body.info.as_deref())?;
     let mut publishes = Vec::with_capacity(channels.len());
     for channel in &channels {
-        validate_channel_name(channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
+        validate_publish_channel(channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
         publishes.push(Publish { channel: channel.as_str().into(), event: body.name.clone(), data: event.clone(), except, user_id: None });
     }
     let response = if info.is_empty() {
@@ -233,7 +236,7 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
     let mut attributes = Vec::with_capacity(body.batch.len());
     let mut any_info = false;
     for item in &body.batch {
-        validate_channel_name(&item.channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(&item.channel))))?;
+        validate_publish_channel(&item.channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(&item.channel))))?;
         let data = checked_event(&item.name, item.data, context.max_payload)?;
         let except = parse_socket_id(item.socket_id.as_deref())?;
         let info = Info::parse(item.info.as_deref())?;

@@ -3,6 +3,8 @@
 // The gateway is started on a free loopback port with two workers, so subscriptions, publishes and
 // occupancy really cross worker threads, and is stopped with SIGTERM, which must exit 0.
 import assert from "node:assert/strict";
+import PusherClient from "pusher-js";
+import PusherServer from "pusher";
 import { spawn } from "node:child_process";
 import net from "node:net";
 import path from "node:path";
@@ -94,6 +96,11 @@ export async function startFlux(env = {}) {
   return {
     port,
     log: () => log,
+    /** Sends `signal` (SIGKILL, SIGSTOP, ...) and, for SIGKILL, resolves once the process is gone. */
+    async kill(signal = "SIGKILL") {
+      child.kill(signal);
+      if (signal === "SIGKILL") await exited;
+    },
     async stop() {
       child.kill("SIGTERM");
       const timer = setTimeout(() => child.kill("SIGKILL"), STOP_TIMEOUT_MS);
@@ -103,6 +110,40 @@ export async function startFlux(env = {}) {
       assert.doesNotMatch(log, /panicked/, "flux panicked");
     },
   };
+}
+
+/**
+ * A redis-server of our own on a free loopback port, with nothing saved to disk. Returns
+ * `{ url, kill(), restart() }`; `kill()` is SIGKILL, `restart()` starts it again on the same port.
+ */
+export async function startRedis() {
+  const port = await freePort();
+  let child;
+  const up = async () => {
+    child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    while (!(await redisAnswers(port))) {
+      if (Date.now() > deadline) throw new Error(`redis-server did not answer on port ${port}`);
+      await sleep(20);
+    }
+  };
+  const kill = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const gone = new Promise((resolve) => child.on("exit", resolve));
+    child.kill("SIGKILL");
+    await gone;
+  };
+  await up();
+  return { url: `redis://127.0.0.1:${port}`, kill, restart: async () => (await kill(), await up()) };
+}
+
+function redisAnswers(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.write("PING\r\n"));
+    socket.setTimeout(500, () => (socket.destroy(), resolve(false)));
+    socket.on("data", (data) => (socket.destroy(), resolve(data.toString().startsWith("+PONG"))));
+    socket.on("error", () => resolve(false));
+  });
 }
 
 /** Resolves with the data of the next `event` on a pusher-js channel or connection, or rejects after `ms`. */
@@ -130,4 +171,53 @@ export async function eventually(check, ms = 5000, what = "a condition") {
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await sleep(20);
   }
+}
+
+/**
+ * A pusher-js client of the gateway on `port`, on plain WebSocket only. Private channels are
+ * authorized, and users signed in, by the official server SDK (`authorizer`), as an app's auth
+ * endpoint would do; presence members are `user` with `{ name }` as their info.
+ */
+export function newPusherClient(port, { key = APP.key, authorizer = newPusherServer(port), user = { id: "user-1" } } = {}) {
+  return new PusherClient(key, {
+    wsHost: "127.0.0.1",
+    wsPort: port,
+    forceTLS: false,
+    enabledTransports: ["ws"],
+    cluster: "mt1",
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        const member = channelName.startsWith("presence-") ? { user_id: user.id, user_info: { name: user.name ?? user.id } } : undefined;
+        callback(null, authorizer.authorizeChannel(socketId, channelName, member));
+      },
+    },
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => callback(null, authorizer.authenticateUser(socketId, user)),
+    },
+  });
+}
+
+/** The official server SDK, pointed at the gateway on `port`. */
+export function newPusherServer(port, secret = APP.secret) {
+  return new PusherServer({ ...APP, secret, host: "127.0.0.1", port: String(port), useTLS: false });
+}
+
+/** Resolves with `pusher` once it is connected. */
+export async function connected(pusher) {
+  if (pusher.connection.state !== "connected") await once(pusher.connection, "connected");
+  return pusher;
+}
+
+/** Subscribes `pusher` to `name` and resolves with the channel once it is confirmed. */
+export async function subscribed(pusher, name) {
+  const channel = pusher.subscribe(name);
+  await once(channel, "pusher:subscription_succeeded");
+  return channel;
+}
+
+/** Records every `event` on `channel`, in arrival order. */
+export function record(channel, event) {
+  const received = [];
+  channel.bind(event, (data) => received.push(data));
+  return received;
 }
