@@ -161,11 +161,16 @@ impl<'a> Publisher<'a> {
         let query = sign_query(self.app, "POST", &path, body.as_bytes(), &[], ts / 1_000_000);
         let url = format!("http://{}{path}?{query}", self.plan.nodes[node]);
         let began = Instant::now();
-        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str());
+        // The answer is read to its end, which is what puts the connection back in the agent's
+        // pool: left unread, it is closed, and every publish pays for a new connection.
+        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str()).and_then(|mut response| {
+            let answer = response.body_mut().read_to_string()?;
+            Ok((response.status(), answer))
+        });
         self.published.call_latency.record(began.elapsed().as_micros() as u64);
         self.published.calls += 1;
         match result {
-            Ok(response) if response.status() == 200 => {
+            Ok((status, _)) if status == 200 => {
                 self.published.per_node[node] += 1;
                 for &c in channels {
                     self.published.per_channel[c] += 1;
@@ -174,10 +179,10 @@ impl<'a> Publisher<'a> {
                     self.published.rounds.push((ts, phase));
                 }
             }
-            Ok(response) => {
+            Ok((status, answer)) => {
                 self.published.errors += 1;
                 if self.published.errors <= 3 {
-                    warn!("publish answered {}: {:?}", response.status(), response.into_body().read_to_string());
+                    warn!("publish answered {status}: {answer:?}");
                 }
             }
             Err(e) => {
