@@ -27,7 +27,7 @@ const MAX_DRAIN: Duration = Duration::from_secs(15);
 pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let processes = plan.processes(args);
     let mut shards = Shards::start(args, plan, processes)?;
-    let mut live = Live::new(shards.count(), args.quiet);
+    let mut live = Live::new(shards.count(), plan.nodes.iter().map(ToString::to_string).collect(), args.quiet);
 
     // Connect and subscribe everyone before the first publish.
     let total = plan.clients.len() as u64;
@@ -38,7 +38,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         plan.scenario.name(),
         total,
         processes,
-        plan.server,
+        live.nodes.join(", "),
         args.label
     );
     while live.subscribed() < total && Instant::now() < connect_deadline {
@@ -194,11 +194,13 @@ struct Live {
     peak_per_sec: u64,
     /// When publishing started, in Unix microseconds (deliveries are stamped the same way).
     started_unix_us: u64,
+    /// The server nodes, `host:port`.
+    nodes: Vec<String>,
     quiet: bool,
 }
 
 impl Live {
-    fn new(shards: usize, quiet: bool) -> Self {
+    fn new(shards: usize, nodes: Vec<String>, quiet: bool) -> Self {
         Live {
             totals: Tick::default(),
             gauges: vec![Gauges::default(); shards],
@@ -208,6 +210,7 @@ impl Live {
             next_print: Instant::now() + Duration::from_secs(1),
             peak_per_sec: 0,
             started_unix_us: 0,
+            nodes,
             quiet,
         }
     }
@@ -299,8 +302,16 @@ impl Live {
             latency.add(&role.latency);
         }
         let healthy = &self.totals.roles[Role::Healthy.index()];
+        // With several nodes, each one's deliveries this second, to its clients.
+        let per_node = if self.nodes.len() > 1 {
+            let counts =
+                self.nodes.iter().enumerate().map(|(j, node)| format!("{node} {}", second.delivered_per_node.get(j).unwrap_or(&0)));
+            format!("  per node {}", counts.collect::<Vec<_>>().join(", "))
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[{:>4.0}s] conns {:>6}  published {:>8}  deliv/s {:>10}  p50 {:>7.2}ms  p99 {:>8.2}ms  gaps {:>6}  dup {:>4}  disconnects {:>5}  evicted {:>4}",
+            "[{:>4.0}s] conns {:>6}  published {:>8}  deliv/s {:>10}  p50 {:>7.2}ms  p99 {:>8.2}ms  gaps {:>6}  dup {:>4}  disconnects {:>5}  evicted {:>4}{per_node}",
             self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
             self.connected(),
             calls,
@@ -374,6 +385,12 @@ fn summarize(
         "disconnects": totals.roles.iter().map(|r| r.disconnects).sum::<u64>(),
         "reconnects": totals.roles.iter().map(|r| r.reconnects).sum::<u64>(),
         "roles": roles,
+        "nodes": live.nodes.iter().enumerate().map(|(j, node)| json!({
+            "address": node,
+            "clients": plan.clients.iter().filter(|c| c.node == j).count(),
+            "publish_calls": published.per_node[j],
+            "delivered": totals.delivered_per_node.get(j).copied().unwrap_or(0),
+        })).collect::<Vec<_>>(),
     });
     if plan.channels.iter().any(|c| c.starts_with("presence-")) {
         // Membership changes are announced after the server's coalescing window, so their
@@ -490,6 +507,17 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     }
     if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {
         print_storm(vacate);
+    }
+    if let Some(nodes) = summary["nodes"].as_array().filter(|nodes| nodes.len() > 1) {
+        for node in nodes {
+            println!(
+                "node {}: {} clients, {} publish calls accepted, {} delivered to its clients",
+                node["address"].as_str().unwrap_or(""),
+                node["clients"],
+                node["publish_calls"],
+                node["delivered"]
+            );
+        }
     }
     println!();
     println!(

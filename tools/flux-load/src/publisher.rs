@@ -1,6 +1,7 @@
-//! The publisher: signed REST calls (`POST /apps/{id}/events`) on one keep-alive connection,
-//! paced to the plan. Every event's data starts with its channel's sequence number and the
-//! send time in microseconds: `"<seq> <unix_us> xxxx..."`, padded to the payload size.
+//! The publisher: signed REST calls (`POST /apps/{id}/events`) on keep-alive connections, one
+//! per node, paced to the plan; publish number `n` goes to node `n mod N`. Every event's data
+//! starts with its channel's sequence number and the send time in microseconds:
+//! `"<seq> <unix_us> xxxx..."`, padded to the payload size.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use crate::stats::Latency;
 pub struct Published {
     /// Events published per channel (each channel's last sequence number + 1).
     pub per_channel: Vec<u64>,
+    /// Calls each node accepted, by index into [`Plan::nodes`].
+    pub per_node: Vec<u64>,
     /// REST calls made, and those that did not answer 200.
     pub calls: u64,
     /// Calls that failed.
@@ -31,10 +34,12 @@ pub struct Published {
 
 /// Publishes `plan`'s schedule; counts calls in `calls` as it goes, stops early on `stop`.
 ///
-/// A steady schedule is shared by `threads` publishers, each on its own keep-alive connection,
-/// so the rate does not depend on one call's round trip. Publish number `n` carries sequence
-/// number `n`; with several connections, events may reach the server slightly out of order,
-/// which the clients' sequence windows tolerate.
+/// A steady schedule is shared by `threads` publishers, each with its own keep-alive connection
+/// to every node, so the rate does not depend on one call's round trip. Publish number `n`
+/// carries sequence number `n` and goes to node `n mod N`, whichever thread sends it, so the
+/// nodes get equal shares in a fixed order. With several connections (and several nodes, whose
+/// paths to a client differ) events may reach a client out of order; the clients' sequence
+/// windows count which numbers came, not their order (`SeqWindow` in clients.rs has the bounds).
 pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &AtomicBool) -> Published {
     let start = Instant::now();
     match &plan.publishing {
@@ -54,7 +59,7 @@ pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &Ato
                                     break;
                                 }
                                 pace(start + Duration::from_secs_f64(n as f64 / rate));
-                                publisher.publish(&[*channel], n, None);
+                                publisher.publish(&[*channel], n, plan.node_of_publish(n), None);
                                 calls.fetch_add(1, Ordering::Relaxed);
                             }
                             publisher.published
@@ -63,7 +68,7 @@ pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &Ato
                     .collect();
                 handles.into_iter().filter_map(|h| h.join().ok()).collect()
             });
-            let mut published = Published { per_channel: vec![0; plan.channels.len()], ..Published::default() };
+            let mut published = Published::new(plan);
             for part in parts {
                 published.merge(part);
             }
@@ -78,8 +83,8 @@ pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &Ato
                         break;
                     }
                     pace(start + *interval * n);
+                    publisher.publish(&phase.channels, round as u64, plan.node_of_publish(n.into()), Some(phase.name));
                     n += 1;
-                    publisher.publish(&phase.channels, round as u64, Some(phase.name));
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -89,8 +94,15 @@ pub fn run(plan: &Plan, app: &App, threads: usize, calls: &AtomicU64, stop: &Ato
 }
 
 impl Published {
+    fn new(plan: &Plan) -> Self {
+        Published { per_channel: vec![0; plan.channels.len()], per_node: vec![0; plan.nodes.len()], ..Published::default() }
+    }
+
     fn merge(&mut self, other: Published) {
         for (mine, theirs) in self.per_channel.iter_mut().zip(&other.per_channel) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.per_node.iter_mut().zip(&other.per_node) {
             *mine += theirs;
         }
         self.calls += other.calls;
@@ -122,15 +134,22 @@ impl<'a> Publisher<'a> {
         Publisher {
             plan,
             app,
-            agent: ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(10))).build().into(),
-            published: Published { per_channel: vec![0; plan.channels.len()], ..Published::default() },
+            // Calls are sequential, so one idle connection per node is all the pool ever keeps.
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .max_idle_connections(plan.nodes.len())
+                .max_idle_connections_per_host(1)
+                .build()
+                .into(),
+            published: Published::new(plan),
             padding: "x".repeat(plan.payload),
             last_ts: 0,
         }
     }
 
-    /// Publishes event number `seq` to `channels` in one call.
-    fn publish(&mut self, channels: &[usize], seq: u64, phase: Option<&'static str>) {
+    /// Publishes event number `seq` to `channels` in one call to node `node`.
+    fn publish(&mut self, channels: &[usize], seq: u64, node: usize, phase: Option<&'static str>) {
         // Timestamps identify rounds, so one publisher never repeats one.
         let ts = unix_micros().max(self.last_ts + 1);
         self.last_ts = ts;
@@ -140,13 +159,19 @@ impl<'a> Publisher<'a> {
         let body = serde_json::json!({"name": "load", "channels": names, "data": data}).to_string();
         let path = format!("/apps/{}/events", self.app.id);
         let query = sign_query(self.app, "POST", &path, body.as_bytes(), &[], ts / 1_000_000);
-        let url = format!("http://{}{path}?{query}", self.plan.server);
+        let url = format!("http://{}{path}?{query}", self.plan.nodes[node]);
         let began = Instant::now();
-        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str());
+        // The answer is read to its end, which is what puts the connection back in the agent's
+        // pool: left unread, it is closed, and every publish pays for a new connection.
+        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str()).and_then(|mut response| {
+            let answer = response.body_mut().read_to_string()?;
+            Ok((response.status(), answer))
+        });
         self.published.call_latency.record(began.elapsed().as_micros() as u64);
         self.published.calls += 1;
         match result {
-            Ok(response) if response.status() == 200 => {
+            Ok((status, _)) if status == 200 => {
+                self.published.per_node[node] += 1;
                 for &c in channels {
                     self.published.per_channel[c] += 1;
                 }
@@ -154,10 +179,10 @@ impl<'a> Publisher<'a> {
                     self.published.rounds.push((ts, phase));
                 }
             }
-            Ok(response) => {
+            Ok((status, answer)) => {
                 self.published.errors += 1;
                 if self.published.errors <= 3 {
-                    warn!("publish answered {}: {:?}", response.status(), response.into_body().read_to_string());
+                    warn!("publish answered {status}: {answer:?}");
                 }
             }
             Err(e) => {

@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -27,6 +28,11 @@ pub struct Args {
     /// Server port (WebSocket and REST API).
     #[arg(long, env = "FLUX_PORT", default_value_t = 6001)]
     pub port: u16,
+    /// Several server nodes instead of `--port`, comma-separated: ports on `--host`
+    /// (`6001,6002,6003`) or IP:port items. Client i connects to node i mod N and publish k goes
+    /// to node k mod N, so every shard process computes the same spread.
+    #[arg(long, env = "FLUX_LOAD_NODES", value_delimiter = ',')]
+    pub nodes: Option<Vec<NodeArg>>,
     /// The app to connect to and publish on.
     #[command(flatten)]
     pub app: AppArgs,
@@ -131,6 +137,36 @@ pub struct Args {
     pub shard: Option<Vec<usize>>,
 }
 
+/// One `--nodes` item: a port on `--host`, or a whole address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeArg {
+    /// A port on `--host`.
+    Port(u16),
+    /// An IP address and port.
+    Addr(SocketAddr),
+}
+
+impl FromStr for NodeArg {
+    type Err = String;
+
+    fn from_str(item: &str) -> Result<Self, Self::Err> {
+        let item = item.trim();
+        item.parse()
+            .map(NodeArg::Port)
+            .or_else(|_| item.parse().map(NodeArg::Addr))
+            .map_err(|_| format!("{item:?} is neither a port nor an IP:port address"))
+    }
+}
+
+impl NodeArg {
+    fn address(self, host: IpAddr) -> SocketAddr {
+        match self {
+            NodeArg::Port(port) => SocketAddr::new(host, port),
+            NodeArg::Addr(address) => address,
+        }
+    }
+}
+
 /// presence-storm's leaves and rejoins per second: 100 membership changes a second.
 const DEFAULT_PRESENCE_CHURN: f64 = 50.0;
 
@@ -186,6 +222,8 @@ pub struct ClientSpec {
     pub channels: Vec<usize>,
     /// Source address to connect from.
     pub source: Ipv4Addr,
+    /// Index into [`Plan::nodes`] of the node it connects to (and reconnects to).
+    pub node: usize,
 }
 
 /// What the publisher sends.
@@ -228,8 +266,8 @@ pub struct Injection {
 pub struct Plan {
     /// The scenario.
     pub scenario: Scenario,
-    /// The server.
-    pub server: SocketAddr,
+    /// The server nodes: clients are spread over them and publishes go to each in turn.
+    pub nodes: Vec<SocketAddr>,
     /// Channel names.
     pub channels: Vec<String>,
     /// Every client, in index order.
@@ -332,6 +370,10 @@ impl Plan {
             _ => {}
         }
 
+        let nodes: Vec<SocketAddr> = match args.nodes.as_deref() {
+            Some(list) if !list.is_empty() => list.iter().map(|node| node.address(args.host)).collect(),
+            _ => vec![SocketAddr::new(args.host, args.port)],
+        };
         let per_ip = args.per_source_ip.max(1);
         let first_vacater = population.roles().position(|role| role == Role::Vacater).unwrap_or(0);
         let clients = population
@@ -350,6 +392,8 @@ impl Plan {
                     _ => vec![0],
                 },
                 source: Ipv4Addr::new(127, 0, 0, 1 + (i / per_ip).min(253) as u8),
+                // By index over every role, so each role is spread as evenly as the whole.
+                node: i % nodes.len(),
             })
             .collect();
 
@@ -370,7 +414,7 @@ impl Plan {
         });
         Plan {
             scenario,
-            server: SocketAddr::new(args.host, args.port),
+            nodes,
             channels,
             clients,
             publishing,
@@ -390,6 +434,11 @@ impl Plan {
     /// Clients of `role` subscribed to channel `channel`.
     pub fn members(&self, role: Role, channel: usize) -> u64 {
         self.clients.iter().filter(|c| c.role == role && c.channels.contains(&channel)).count() as u64
+    }
+
+    /// The node publish number `n` goes to: each in turn, whichever publisher thread sends it.
+    pub fn node_of_publish(&self, n: u64) -> usize {
+        (n % self.nodes.len() as u64) as usize
     }
 
     /// How many processes the clients are spread over.
@@ -442,6 +491,42 @@ mod tests {
         assert_eq!(storm.channels.len(), 1 + 200 * 1000);
         assert!(storm.clients.iter().filter(|c| c.role == Role::Vacater).all(|c| c.channels.len() == 1000));
         assert_eq!(plan(&["big-channel", "--connections", "100"]).channels.len(), 1 + 50);
+    }
+
+    #[test]
+    fn without_nodes_everything_goes_to_host_and_port() {
+        let plan = plan(&["chat-storm", "--host", "127.0.0.2", "--port", "6100"]);
+        assert_eq!(plan.nodes, [SocketAddr::from(([127, 0, 0, 2], 6100))]);
+        assert!(plan.clients.iter().all(|c| c.node == 0));
+        assert!((0..10).all(|n| plan.node_of_publish(n) == 0));
+    }
+
+    #[test]
+    fn nodes_are_ports_on_the_host_or_whole_addresses() {
+        let plan = plan(&["chat-storm", "--host", "127.0.0.2", "--port", "6100", "--nodes", "6101, 6102,127.0.0.3:6103"]);
+        let expected: [SocketAddr; 3] = [([127, 0, 0, 2], 6101).into(), ([127, 0, 0, 2], 6102).into(), ([127, 0, 0, 3], 6103).into()];
+        assert_eq!(plan.nodes, expected);
+        assert!(Args::try_parse_from(["flux-load", "chat-storm", "--nodes", "6101,localhost:6102"]).is_err());
+        assert!(Args::try_parse_from(["flux-load", "chat-storm", "--nodes", "6101,70000"]).is_err());
+    }
+
+    #[test]
+    fn every_role_is_spread_evenly_over_the_nodes_and_publishes_take_turns() {
+        // 890 healthy, 10 slow, 100 partitioned over 3 nodes.
+        let plan = plan(&["chat-storm", "--nodes", "6101,6102,6103"]);
+        for (i, client) in plan.clients.iter().enumerate() {
+            assert_eq!(client.node, i % 3);
+        }
+        for role in [Role::Healthy, Role::Slow, Role::Partitioned] {
+            let per_node: Vec<usize> = (0..3).map(|j| plan.clients.iter().filter(|c| c.role == role && c.node == j).count()).collect();
+            let (least, most) = (per_node.iter().min().unwrap(), per_node.iter().max().unwrap());
+            assert!(most - least <= 1, "{role:?} spread {per_node:?}");
+        }
+        let turns: Vec<usize> = (0..7).map(|n| plan.node_of_publish(n)).collect();
+        assert_eq!(turns, [0, 1, 2, 0, 1, 2, 0]);
+        let mut per_node = [0; 3];
+        (0..3_000).for_each(|n| per_node[plan.node_of_publish(n)] += 1);
+        assert_eq!(per_node, [1_000; 3]);
     }
 
     #[test]

@@ -197,6 +197,8 @@ pub struct Tick {
     /// When the latest delivery of this tick was read (Unix microseconds; 0 if none), so the
     /// run's delivery rate is not rounded up to the next tick.
     pub last_delivery_unix_us: u64,
+    /// Events received, every role, by the node the client was on (index into the plan's nodes).
+    pub delivered_per_node: Vec<u64>,
     /// `pusher_internal:member_added` and `member_removed` events received.
     pub member_events: u64,
     /// From a member's join (the time in its `user_info`) to another member hearing of it.
@@ -223,6 +225,12 @@ impl Tick {
             mine.last_us = mine.last_us.max(theirs.last_us);
         }
         self.last_delivery_unix_us = self.last_delivery_unix_us.max(other.last_delivery_unix_us);
+        if self.delivered_per_node.len() < other.delivered_per_node.len() {
+            self.delivered_per_node.resize(other.delivered_per_node.len(), 0);
+        }
+        for (mine, theirs) in self.delivered_per_node.iter_mut().zip(&other.delivered_per_node) {
+            *mine += theirs;
+        }
         self.member_events += other.member_events;
         self.member_added_latency.add(&other.member_added_latency);
         self.subscriptions_vacated += other.subscriptions_vacated;
@@ -238,6 +246,7 @@ impl Tick {
             *role = RoleCounts { latency, ..RoleCounts::default() };
         }
         self.completions.clear();
+        self.delivered_per_node.iter_mut().for_each(|n| *n = 0);
         self.member_events = 0;
         self.member_added_latency.clear();
         self.subscriptions_vacated = 0;
@@ -283,13 +292,17 @@ mod tests {
         tick.roles[0].delivered = 5;
         tick.roles[0].latency.record(10);
         tick.completions.insert(7, Completion { deliveries: 2, last_us: 50 });
+        tick.delivered_per_node = vec![2, 3];
         let taken = tick.take_deltas();
         assert_eq!((taken.delivered(), taken.roles[0].latency.len()), (5, 1));
         assert_eq!((tick.delivered(), tick.roles[0].latency.len(), tick.connected), (0, 0, 3));
+        assert_eq!(tick.delivered_per_node, [0, 0]);
+        // A sum starts with no nodes and takes on the shards' number of them.
         let mut sum = Tick::default();
         sum.add(&taken);
         sum.add(&taken);
         assert_eq!(sum.completions[&7].deliveries, 4);
+        assert_eq!(sum.delivered_per_node, [4, 6]);
         assert_eq!(sum.completions[&7].last_us, 50);
     }
 }

@@ -63,7 +63,9 @@ impl StormWatch {
         let began = Instant::now();
         let storm_at = began + plan.injection.partition_at.saturating_sub(LEAD);
         let target = Target {
-            server: plan.server,
+            // The first node: probing one is enough to see a node stall (`--metrics-port` and
+            // `--server-pid` name one server too).
+            server: plan.nodes[0],
             key: args.app.app_key.clone(),
             pid: args.server_pid,
             metrics_url: args.metrics_port.map(|port| format!("http://{}/metrics", SocketAddr::new(args.host, port))),

@@ -3,19 +3,26 @@
 //! A minimal Pusher-speaking writer: it accepts WebSocket clients, answers
 //! `pusher:connection_established` and `pusher_internal:subscription_succeeded`, and for every
 //! REST publish frames each channel's event once and writes that one frame to every subscriber
-//! socket, one `write(2)` per socket, as fast as the kernel takes it. No rings, no pool policy,
+//! socket, one write per socket, as fast as the kernel takes it. No rings, no pool policy,
 //! no eviction, no request signatures, no metrics: what is left is the cost the kernel sets, so
 //! "Flux / raw" is Flux's overhead over the physical limit of the same machine.
+//!
+//! That naive limit pays one write per frame, which on loopback also pays the receiver's TCP
+//! work per frame. With `--frames-per-write N` a socket's broadcast frames are held until N are
+//! there, [`MAX_HOLD`] at most, and go out in one `writev(2)`, as Flux's write coalescing sends
+//! them: the limit for a server that batches. (With N = 1 each frame is a `writev` of one
+//! buffer, which the kernel treats as the `write(2)` it was before.)
 //!
 //! Bytes the kernel refuses wait in an unbounded per-socket backlog (a benchmark reference, not a
 //! server). One mio loop per thread; the threads share the port with SO_REUSEPORT, and a publish
 //! received by one thread reaches the others through a channel and a `Waker`.
 
 use std::collections::HashMap;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
@@ -36,6 +43,11 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 const MAX_MESSAGE: usize = 64 * 1024;
 const ACTIVITY_TIMEOUT_SECS: u64 = 120;
+/// The most frames one write may carry: the size of the `writev` array on the stack.
+const MAX_FRAMES_PER_WRITE: usize = 64;
+/// Longest a held frame waits for others to share its write: Flux's default
+/// `FLUX_WRITE_COALESCE_US`, so the batched limit is measured at Flux's latency budget.
+const MAX_HOLD: Duration = Duration::from_millis(10);
 
 /// flux-raw: the raw loopback limit (one pre-encoded frame written to every subscriber socket).
 #[derive(Debug, Parser)]
@@ -50,6 +62,10 @@ struct Args {
     /// Event-loop threads (default: one per core, like Flux's workers).
     #[arg(long)]
     threads: Option<usize>,
+    /// Broadcast frames a socket collects before they go out in one `writev(2)` (a frame held
+    /// for 10 ms goes out with what there is). 1: one write per frame, the naive limit.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=MAX_FRAMES_PER_WRITE as i64))]
+    frames_per_write: u16,
 }
 
 /// The frames of one publish: each channel's event, framed once.
@@ -59,7 +75,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    match run(SocketAddr::new(args.host, args.port), threads) {
+    match run(SocketAddr::new(args.host, args.port), threads, usize::from(args.frames_per_write)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("flux-raw: {e}");
@@ -68,7 +84,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(addr: SocketAddr, threads: usize) -> io::Result<()> {
+fn run(addr: SocketAddr, threads: usize, frames_per_write: usize) -> io::Result<()> {
     // The first listener picks the port when 0 was asked for; the others join it.
     let first = reuse_port_listener(addr)?;
     let addr = first.local_addr()?;
@@ -84,7 +100,7 @@ fn run(addr: SocketAddr, threads: usize) -> io::Result<()> {
         peers.push((tx, Arc::new(Waker::new(poll.registry(), WAKER)?)));
         inboxes.push(rx);
     }
-    info!("flux-raw listening on {addr} with {threads} threads");
+    info!("flux-raw listening on {addr} with {threads} threads, {frames_per_write} frame(s) per write");
     let pool = FramePool::default();
     let handles: Vec<_> = polls
         .into_iter()
@@ -93,7 +109,7 @@ fn run(addr: SocketAddr, threads: usize) -> io::Result<()> {
         .enumerate()
         .map(|(index, ((poll, listener), inbox))| {
             let others = peers.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, p)| p.clone()).collect();
-            let mut event_loop = Loop::new(index, poll, listener, inbox, others, pool.clone())?;
+            let mut event_loop = Loop::new(index, poll, listener, inbox, others, pool.clone(), frames_per_write)?;
             Ok(std::thread::spawn(move || event_loop.run()))
         })
         .collect::<io::Result<_>>()?;
@@ -126,6 +142,10 @@ struct Conn {
     stream: TcpStream,
     state: State,
     channels: Vec<String>,
+    /// Frames waiting for the next write: fewer than `frames_per_write`.
+    held: Vec<Bytes>,
+    /// Whether the connection is in its loop's list of those holding frames.
+    listed: bool,
     /// Bytes the kernel did not take yet.
     backlog: Vec<u8>,
     wants_writable: bool,
@@ -149,6 +169,11 @@ struct Loop {
     subscribers: HashMap<String, Vec<usize>>,
     next_socket: u32,
     read_buf: Vec<u8>,
+    frames_per_write: usize,
+    /// Connections that held frames since the last timed write, each once.
+    holding: Vec<usize>,
+    /// When the held frames go out, whatever their number.
+    write_held_at: Option<Instant>,
 }
 
 impl Loop {
@@ -159,6 +184,7 @@ impl Loop {
         inbox: Receiver<Broadcast>,
         others: Vec<(Sender<Broadcast>, Arc<Waker>)>,
         pool: FramePool,
+        frames_per_write: usize,
     ) -> io::Result<Loop> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(Loop {
@@ -172,13 +198,17 @@ impl Loop {
             subscribers: HashMap::new(),
             next_socket: 0,
             read_buf: vec![0; 64 * 1024],
+            frames_per_write,
+            holding: Vec::new(),
+            write_held_at: None,
         })
     }
 
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.write_held_at.map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
@@ -202,6 +232,9 @@ impl Loop {
                     }
                 }
             }
+            if self.write_held_at.is_some_and(|at| at <= Instant::now()) {
+                self.write_all_held();
+            }
         }
     }
 
@@ -216,6 +249,8 @@ impl Loop {
                             stream,
                             state: State::Http(RequestReader::new(MAX_HEAD, MAX_BODY)),
                             channels: Vec::new(),
+                            held: Vec::new(),
+                            listed: false,
                             backlog: Vec::new(),
                             wants_writable: false,
                         });
@@ -273,7 +308,7 @@ impl Loop {
                         }
                         Ok(Some(request)) => {
                             let response = self.rest(&request);
-                            self.send(key, &response);
+                            self.send(key, response);
                         }
                         Ok(None) => break,
                         Err(_) => return false,
@@ -305,11 +340,11 @@ impl Loop {
                     if let Some(conn) = self.conns.get_mut(key) {
                         conn.channels.push(channel);
                     }
-                    self.send(key, &reply);
+                    self.send(key, reply);
                 }
                 Action::Send(text) => {
                     let frame = text_frame(&self.pool, &text);
-                    self.send(key, &frame);
+                    self.send(key, frame);
                 }
                 Action::Close => return false,
             }
@@ -320,11 +355,11 @@ impl Loop {
     /// Answers a WebSocket upgrade and greets the client; false when it was refused.
     fn upgrade(&mut self, key: usize, request: &Request) -> bool {
         let Ok(response) = upgrade_response(request) else { return false };
-        self.send(key, &response);
+        self.send(key, response);
         self.next_socket += 1;
         let socket_id = SocketId { high: self.index as u32 + 1, low: self.next_socket };
         let hello = text_frame(&self.pool, &protocol::connection_established(socket_id, ACTIVITY_TIMEOUT_SECS));
-        self.send(key, &hello);
+        self.send(key, hello);
         if let Some(conn) = self.conns.get_mut(key) {
             conn.state = State::WebSocket(Decoder::new(MAX_MESSAGE));
         }
@@ -369,27 +404,50 @@ impl Loop {
         Some(Arc::new(frames))
     }
 
-    /// Writes each frame to every local subscriber of its channel.
+    /// Gives each frame to every local subscriber of its channel: written at once, or held
+    /// until the subscriber has `frames_per_write` of them.
     fn deliver(&mut self, broadcast: &Broadcast) {
         let mut broken = Vec::new();
         for (channel, frame) in broadcast.iter() {
             let Some(keys) = self.subscribers.get(channel) else { continue };
             for &key in keys {
-                if let Some(conn) = self.conns.get_mut(key) {
-                    if !write_or_queue(&self.poll, key, conn, frame) {
+                let Some(conn) = self.conns.get_mut(key) else { continue };
+                conn.held.push(frame.clone());
+                if conn.held.len() >= self.frames_per_write {
+                    if !write_held(&self.poll, key, conn) {
                         broken.push(key);
                     }
+                } else if !conn.listed {
+                    conn.listed = true;
+                    self.holding.push(key);
                 }
             }
+        }
+        if !self.holding.is_empty() && self.write_held_at.is_none() {
+            self.write_held_at = Some(Instant::now() + MAX_HOLD);
         }
         for key in broken {
             self.close(key);
         }
     }
 
-    fn send(&mut self, key: usize, bytes: &[u8]) {
+    /// Writes every held frame: their time is up.
+    fn write_all_held(&mut self) {
+        self.write_held_at = None;
+        for key in std::mem::take(&mut self.holding) {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.listed = false;
+            if !write_held(&self.poll, key, conn) {
+                self.close(key);
+            }
+        }
+    }
+
+    /// Sends a reply now, after the frames held before it.
+    fn send(&mut self, key: usize, bytes: impl Into<Bytes>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        if !write_or_queue(&self.poll, key, conn, bytes) {
+        conn.held.push(bytes.into());
+        if !write_held(&self.poll, key, conn) {
             self.close(key);
         }
     }
@@ -422,27 +480,38 @@ impl Loop {
     }
 }
 
-/// Writes `bytes` now if nothing is queued before them, else queues them; false when the
-/// socket is broken.
-fn write_or_queue(poll: &Poll, key: usize, conn: &mut Conn, bytes: &[u8]) -> bool {
-    let mut written = 0;
+/// Writes a connection's held frames in one `writev` if nothing is queued before them, and
+/// queues what the kernel does not take; false when the socket is broken.
+fn write_held(poll: &Poll, key: usize, conn: &mut Conn) -> bool {
+    if conn.held.is_empty() {
+        return true;
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_FRAMES_PER_WRITE];
+    for (slice, frame) in slices.iter_mut().zip(&conn.held) {
+        *slice = IoSlice::new(frame);
+    }
+    // Never more than `frames_per_write`: a broadcast writes when it makes that many, and a
+    // reply is written as soon as it is held.
+    let mut unwritten = &mut slices[..conn.held.len()];
     if conn.backlog.is_empty() {
-        while written < bytes.len() {
-            match conn.stream.write(&bytes[written..]) {
-                Ok(n) => written += n,
+        while !unwritten.is_empty() {
+            match conn.stream.write_vectored(unwritten) {
+                Ok(n) => IoSlice::advance_slices(&mut unwritten, n),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             }
         }
     }
-    if written < bytes.len() {
-        conn.backlog.extend_from_slice(&bytes[written..]);
-        if !conn.wants_writable {
-            conn.wants_writable = true;
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            return poll.registry().reregister(&mut conn.stream, Token(key), interest).is_ok();
-        }
+    let queued = !unwritten.is_empty();
+    for slice in unwritten.iter() {
+        conn.backlog.extend_from_slice(slice);
+    }
+    conn.held.clear();
+    if queued && !conn.wants_writable {
+        conn.wants_writable = true;
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        return poll.registry().reregister(&mut conn.stream, Token(key), interest).is_ok();
     }
     true
 }
@@ -458,5 +527,47 @@ fn client_message(text: &str, actions: &mut Vec<Action>) {
         }
         Some("pusher:ping") => actions.push(Action::Send(protocol::pong())),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to a blocking loopback peer, registered with `poll`.
+    fn connection(poll: &Poll) -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        poll.registry().register(&mut stream, Token(0), Interest::READABLE).unwrap();
+        let conn = Conn {
+            stream,
+            state: State::WebSocket(Decoder::new(MAX_MESSAGE)),
+            channels: Vec::new(),
+            held: Vec::new(),
+            listed: false,
+            backlog: Vec::new(),
+            wants_writable: false,
+        };
+        (conn, peer)
+    }
+
+    #[test]
+    fn held_frames_go_out_together_in_order_and_what_is_refused_waits_in_the_backlog() {
+        let poll = Poll::new().unwrap();
+        let (mut conn, mut peer) = connection(&poll);
+        conn.held.extend([Bytes::from_static(b"one "), Bytes::from_static(b"two "), Bytes::from_static(b"three")]);
+        assert!(write_held(&poll, 0, &mut conn));
+        assert!(conn.held.is_empty() && conn.backlog.is_empty());
+        let mut received = [0; 13];
+        peer.read_exact(&mut received).unwrap();
+        assert_eq!(&received, b"one two three");
+
+        // With bytes already waiting, held frames queue behind them instead of overtaking.
+        conn.backlog.extend_from_slice(b"first ");
+        conn.held.push(Bytes::from_static(b"second"));
+        assert!(write_held(&poll, 0, &mut conn));
+        assert_eq!(conn.backlog, b"first second");
+        assert!(conn.wants_writable);
     }
 }
