@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces BENCHMARKS.md's comparison table: the same flux-load scenarios against Flux,
-# Sockudo and flux-raw (the raw loopback limit), one server at a time, on loopback.
+# Sockudo and flux-raw (the raw loopback limit: "raw" writes each frame at once, "raw-batched"
+# 64 frames or 10 ms per write, as Flux coalesces), one server at a time, on loopback.
 #
 #   benches/compare.sh                 # every scenario, every server found
 #   SERVERS="flux raw" benches/compare.sh chat-storm fanout-1k
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 ALL_SCENARIOS=(chat-storm fanout-1k big-channel-16k presence-5k presence-10k slow-consumer idle-15k vacate-storm)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=("${ALL_SCENARIOS[@]}")
-SERVERS="${SERVERS:-flux sockudo raw}"
+SERVERS="${SERVERS:-flux sockudo raw raw-batched}"
 OUT="${OUT:-target/compare/$(date +%Y%m%d-%H%M%S)}"
 PORT="${PORT:-6401}"
 mkdir -p "$OUT"
@@ -77,6 +78,9 @@ start_server() { # name port log
     raw)
       RUST_LOG=warn target/release/flux-raw --port "$port" >"$log" 2>&1 &
       ;;
+    raw-batched)
+      RUST_LOG=warn target/release/flux-raw --port "$port" --frames-per-write 64 >"$log" 2>&1 &
+      ;;
     sockudo)
       # Its own empty directory (it reads config/ relative to the working directory); limits
       # lifted so its defaults (connections per app, API rate limit, channels per publish)
@@ -108,7 +112,7 @@ cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' 
 for scenario in "${SCENARIOS[@]}"; do
   args="$(scenario_args "$scenario")"
   for server in $SERVERS; do
-    if [[ "$scenario" == presence-* && "$server" == raw ]]; then
+    if [[ "$scenario" == presence-* && "$server" == raw* ]]; then
       continue # flux-raw has no presence channels: no member events to compare.
     fi
     PORT=$((PORT + 1))

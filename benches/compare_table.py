@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prints benches/compare.sh's results as Markdown tables: one per scenario, a column per server
-(Flux, Sockudo, raw) and Flux's ratios to the others.
+(Flux, Sockudo, the raw limits) and Flux's ratios to the others.
 
 Usage: benches/compare_table.py RESULTS_DIR
 """
@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-SERVERS = ["flux", "sockudo", "raw"]
-NAMES = {"flux": "Flux", "sockudo": "Sockudo", "raw": "raw limit"}
+SERVERS = ["flux", "sockudo", "raw", "raw-batched"]
+NAMES = {"flux": "Flux", "sockudo": "Sockudo", "raw": "raw, a write per frame", "raw-batched": "raw, batched writes"}
 
 
 def load(results):
