@@ -2,7 +2,8 @@
 //! addresses, at a bounded rate), completes the WebSocket handshake, subscribes, then reads
 //! every event and measures it, and plays its clients' roles: slow consumers stop reading or
 //! read late, partitioned clients drop and reconnect with backoff, churners leave and rejoin,
-//! vacaters close all at once and stay away.
+//! vacaters close all at once and stay away, victims of a node's death stay away, and the members
+//! that remain count its members' removals.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -21,6 +22,7 @@ use flux::pusher::signature::channel_auth;
 use flux::pusher::App;
 use flux::ws::{Decoder, Incoming};
 
+use crate::death::{Pending, Victims};
 use crate::scenario::{Plan, SlowMode};
 use crate::stats::{Role, Tick};
 
@@ -75,6 +77,8 @@ impl Conn {
 }
 
 struct Client {
+    /// Its index in the plan, which is also its presence user id.
+    id: usize,
     role: Role,
     source: Ipv4Addr,
     /// Index into the plan's nodes of the one it connects to, every time.
@@ -97,14 +101,16 @@ struct Client {
     reading: bool,
     /// When its next scheduled action (reconnect, slow read, end of stall) is due.
     wake_at: Option<Instant>,
+    /// node-death, a member on a node that lives on: the victims it has yet to see removed.
+    pending: Option<Pending>,
 }
 
 /// The shard: its clients and its counts.
 pub struct Shard<'p> {
     plan: &'p Plan,
     app: App,
-    /// Makes this shard's presence user ids unique across shards.
-    index: usize,
+    /// node-death: the users on the killed node.
+    victims: Option<Victims>,
     poll: Poll,
     clients: Vec<Client>,
     to_connect: std::collections::VecDeque<usize>,
@@ -123,12 +129,14 @@ pub struct Shard<'p> {
 impl<'p> Shard<'p> {
     /// A shard for the plan's clients whose index is `index` modulo `count`.
     pub fn new(plan: &'p Plan, app: &App, index: usize, count: usize, connect_rate: u32) -> io::Result<Self> {
+        let victims = Victims::of(plan);
         let clients: Vec<Client> = plan
             .clients
             .iter()
             .enumerate()
             .filter(|(i, _)| i % count == index)
-            .map(|(_, spec)| Client {
+            .map(|(id, spec)| Client {
+                id,
                 role: spec.role,
                 source: spec.source,
                 node: spec.node,
@@ -144,13 +152,14 @@ impl<'p> Shard<'p> {
                 attempts: 0,
                 reading: true,
                 wake_at: None,
+                pending: victims.as_ref().filter(|_| spec.role != Role::Victim).map(Pending::new),
             })
             .collect();
         let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
         Ok(Shard {
             plan,
             app: app.clone(),
-            index,
+            victims,
             poll: Poll::new()?,
             to_connect: (0..clients.len()).collect(),
             clients,
@@ -492,8 +501,8 @@ impl<'p> Shard<'p> {
                 let message: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
                 let data: serde_json::Value = message["data"].as_str().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
                 let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
-                let user_id = format!("s{}-{i}", self.index);
                 let client = &mut self.clients[i];
+                let user_id = client.id.to_string();
                 client.established = true;
                 client.attempts = 0;
                 client.requested = client.channels.len();
@@ -525,11 +534,27 @@ impl<'p> Shard<'p> {
                     self.tick.member_added_latency.record(read_at.saturating_sub(joined_at));
                 }
             }
-            "pusher_internal:member_removed" => self.tick.member_events += 1,
+            "pusher_internal:member_removed" => {
+                self.tick.member_events += 1;
+                self.member_removed(i, text);
+            }
             "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
             "pusher:error" => debug!("pusher:error: {text}"),
             _ => {}
         }
+    }
+
+    /// node-death: counts a removal a remaining member read after the kill. It is timed when it
+    /// is handled, not when the poll that found it returned: the poll after a death finds every
+    /// remaining member readable with a thousand removals each, and handling them all takes this
+    /// loop a second or more, which the members' completion times must include.
+    fn member_removed(&mut self, i: usize, text: &str) {
+        let (Some(victims), Some(pending), Some(_)) = (&self.victims, self.clients[i].pending.as_mut(), self.started) else {
+            return;
+        };
+        // A user id that is not a plan index is nobody's: usize::MAX is no client.
+        let user = number_after(text, USER_ID).and_then(|id| usize::try_from(id).ok()).unwrap_or(usize::MAX);
+        self.tick.removals.count(pending.removed(victims, user), unix_micros());
     }
 
     /// Sends a text message as a masked client frame.
@@ -567,8 +592,9 @@ impl<'p> Shard<'p> {
             self.tick.roles[self.clients[i].role.index()].evicted += 1;
         }
         let now = Instant::now();
-        // Slow consumers stay gone once evicted; the others come back like pusher-js does.
-        let reconnect = self.clients[i].role != Role::Slow;
+        // Slow consumers stay gone once evicted, victims once their node is gone; the others come
+        // back like pusher-js does.
+        let reconnect = !matches!(self.clients[i].role, Role::Slow | Role::Victim);
         self.drop_connection(i, now, !reconnect);
     }
 
@@ -766,6 +792,9 @@ pub fn unix_micros() -> u64 {
 
 /// The key of a member's join time (µs since the epoch) in the user_info it subscribes with.
 const JOINED_AT: &str = "joined_at_us";
+/// The key of a member's user id, which is its client's index in the plan, so any shard can tell
+/// whose a member_removed is.
+const USER_ID: &str = "user_id";
 
 /// The number that follows `key` in `text`, whatever quoting, escaping or spacing lies between:
 /// member events carry the joiner's user_info inside their JSON-encoded data string.
@@ -869,12 +898,14 @@ mod tests {
     }
 
     #[test]
-    fn a_member_join_time_is_found_inside_the_encoded_data() {
+    fn join_times_and_user_ids_are_found_inside_the_encoded_data() {
         let flux = r#"{"event":"pusher_internal:member_added","channel":"presence-g","data":"{\"user_id\":\"u\",\"user_info\":{\"joined_at_us\":1700000000000123}}"}"#;
         let spaced = r#"{"data": "{\"user_info\": {\"joined_at_us\": 42}}", "event": "pusher_internal:member_added"}"#;
         assert_eq!(number_after(flux, JOINED_AT), Some(1_700_000_000_000_123));
         assert_eq!(number_after(spaced, JOINED_AT), Some(42));
         assert_eq!(number_after(r#"{"data":"{}"}"#, JOINED_AT), None);
+        let removed = r#"{"event":"pusher_internal:member_removed","channel":"presence-g","data":"{\"user_id\":\"2047\"}"}"#;
+        assert_eq!(number_after(removed, USER_ID), Some(2047));
     }
 
     #[test]

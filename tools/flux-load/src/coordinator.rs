@@ -1,6 +1,7 @@
 //! The coordinator: starts the shards, waits for every client to subscribe, runs the publisher
-//! (and, in vacate-storm, the storm watch), prints a live line every second, drains, stops the
-//! shards, and reports: a table on the terminal and, with `--json`, the summary as JSON.
+//! (and, in vacate-storm, the storm watch; in node-death, kills the node and waits for the
+//! removals), prints a live line every second, drains, stops the shards, and reports: a table on
+//! the terminal and, with `--json`, the summary as JSON.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use serde_json::json;
 use flux::pusher::App;
 
 use crate::clients::{unix_micros, Command, Report};
+use crate::death::NodeDeath;
 use crate::publisher::{self, Published};
 use crate::scenario::{Args, Plan, Publishing};
 use crate::stats::{Latency, Role, Tick};
@@ -60,8 +62,10 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     live.totals = Tick::default();
 
-    // Publish.
+    // Publish, or kill.
     shards.broadcast(Command::Start);
+    let death = NodeDeath::start(plan, live.subscribed())?;
+    live.remaining_members = death.as_ref().map(NodeDeath::remaining);
     let app = App::from_args(&args.app);
     let calls = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -78,6 +82,12 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     let published = publisher.join().map_err(|_| "the publisher panicked")?;
     let publish_time = started.elapsed();
+    if let Some(death) = &death {
+        while !death.over(&live.totals) {
+            live.receive(&shards, Duration::from_millis(100))?;
+            live.print_running(calls.load(Ordering::Relaxed));
+        }
+    }
 
     // Drain: until every expected healthy delivery arrived, or deliveries stop, or the cap.
     let expected = expected_healthy(plan, &published);
@@ -119,6 +129,9 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     let mut summary = summarize(args, plan, &published, &live, publish_time, expected, processes);
     if let Some(storm) = &storm {
         summary["vacate"] = storm.summary(plan, &live.totals);
+    }
+    if let Some(death) = &death {
+        summary["node_death"] = death.summary(&live.totals);
     }
     print_summary(plan, &summary, &live.totals);
     if let Some(path) = &args.json {
@@ -196,6 +209,8 @@ struct Live {
     started_unix_us: u64,
     /// The server nodes, `host:port`.
     nodes: Vec<String>,
+    /// node-death, once the node is killed: the members on the others.
+    remaining_members: Option<u64>,
     quiet: bool,
 }
 
@@ -211,6 +226,7 @@ impl Live {
             peak_per_sec: 0,
             started_unix_us: 0,
             nodes,
+            remaining_members: None,
             quiet,
         }
     }
@@ -310,8 +326,12 @@ impl Live {
         } else {
             String::new()
         };
+        let removals = self.remaining_members.map_or(String::new(), |remaining| {
+            let removals = &self.totals.removals;
+            format!("  member_removed {}, members that saw all {} / {remaining}", removals.seen, removals.completed_unix_us.len())
+        });
         eprintln!(
-            "[{:>4.0}s] conns {:>6}  published {:>8}  deliv/s {:>10}  p50 {:>7.2}ms  p99 {:>8.2}ms  gaps {:>6}  dup {:>4}  disconnects {:>5}  evicted {:>4}{per_node}",
+            "[{:>4.0}s] conns {:>6}  published {:>8}  deliv/s {:>10}  p50 {:>7.2}ms  p99 {:>8.2}ms  gaps {:>6}  dup {:>4}  disconnects {:>5}  evicted {:>4}{per_node}{removals}",
             self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
             self.connected(),
             calls,
@@ -392,7 +412,8 @@ fn summarize(
             "delivered": totals.delivered_per_node.get(j).copied().unwrap_or(0),
         })).collect::<Vec<_>>(),
     });
-    if plan.channels.iter().any(|c| c.starts_with("presence-")) {
+    // node-death's member events come after publishing (of nothing) ends: its own section has them.
+    if plan.channels.iter().any(|c| c.starts_with("presence-")) && plan.kill.is_none() {
         // Membership changes are announced after the server's coalescing window, so their
         // latency is the window plus the fan-out.
         summary["presence"] = json!({
@@ -469,6 +490,46 @@ fn print_storm(vacate: &serde_json::Value) {
     }
 }
 
+/// The summary's `node_death` section, on the terminal.
+fn print_node_death(death: &serde_json::Value) {
+    println!(
+        "node death: SIGKILL to pid {} (node {}, index {}), which held {} members; {} members on the other nodes",
+        death["pid"],
+        death["node"].as_str().unwrap_or(""),
+        death["node_index"],
+        death["members_to_remove"],
+        death["remaining_members"]
+    );
+    let first = death["first_removal_ms"].as_f64().map_or("none".to_string(), |ms| format!("{ms:.1} ms"));
+    println!(
+        "first member_removed {first} after the kill; {} of {} members saw all {} removed, from the kill p50 {} ms, p95 {} ms, p99 {} ms, max {} ms (target {} ms: {})",
+        death["complete"],
+        death["remaining_members"],
+        death["members_to_remove"],
+        death["completion_ms"]["p50"],
+        death["completion_ms"]["p95"],
+        death["completion_ms"]["p99"],
+        death["completion_ms"]["max"],
+        death["target_ms"],
+        if death["within_target"].as_bool() == Some(true) { "met" } else { "missed" }
+    );
+    println!(
+        "incomplete within {} ms of the kill: {} members, {} of {} removals missing; {} removals repeated, {} removals of members on live nodes",
+        death["waited_up_to_ms"],
+        death["incomplete"],
+        death["removals_missing"],
+        death["removals_owed"],
+        death["repeated_removals"],
+        death["strangers_removed"]
+    );
+    if death["victims_disconnected"].as_u64() < death["members_to_remove"].as_u64() {
+        println!(
+            "warning: only {} of the killed node's {} members lost their connection: was pid {} that node's server?",
+            death["victims_disconnected"], death["members_to_remove"], death["pid"]
+        );
+    }
+}
+
 fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     println!();
     println!(
@@ -507,6 +568,9 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     }
     if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {
         print_storm(vacate);
+    }
+    if let Some(death) = summary.get("node_death") {
+        print_node_death(death);
     }
     if let Some(nodes) = summary["nodes"].as_array().filter(|nodes| nodes.len() > 1) {
         for node in nodes {

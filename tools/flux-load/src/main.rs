@@ -8,6 +8,7 @@
 
 mod clients;
 mod coordinator;
+mod death;
 mod prober;
 mod publisher;
 mod scenario;

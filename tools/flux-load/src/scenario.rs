@@ -38,7 +38,8 @@ pub struct Args {
     pub app: AppArgs,
 
     /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers;
-    /// vacate-storm: the vacaters, which close all at once).
+    /// vacate-storm: the vacaters, which close all at once; node-death: the presence members on
+    /// every node, the killed one's included).
     #[arg(long)]
     pub connections: Option<usize>,
     /// Slow consumers.
@@ -78,7 +79,8 @@ pub struct Args {
     /// Publisher threads, each with its own keep-alive connection, sharing the rate.
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
-    /// Seconds of publishing.
+    /// Seconds of publishing (node-death: seconds from the kill that the remaining members have
+    /// to see every member_removed; default three node timeouts).
     #[arg(long)]
     pub duration: Option<f64>,
     /// Seconds every client stays connected and idle before publishing starts (to measure the
@@ -125,6 +127,18 @@ pub struct Args {
     /// /metrics before and after the storm (Flux only).
     #[arg(long)]
     pub metrics_port: Option<u16>,
+    /// node-death: the node to kill, an index into `--nodes` (0-based); its clients are the
+    /// members the others must see removed.
+    #[arg(long, required_if_eq("scenario", "node-death"))]
+    pub kill_node: Option<usize>,
+    /// node-death: the process id of that node's server, sent SIGKILL once every member has
+    /// joined and `--hold-secs` has passed.
+    #[arg(long, required_if_eq("scenario", "node-death"))]
+    pub kill_pid: Option<u32>,
+    /// node-death: the cluster's node timeout (the servers' `FLUX_NODE_TIMEOUT_MS`), for the
+    /// default `--duration` and the target (the timeout plus 1 s).
+    #[arg(long, env = "FLUX_NODE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub node_timeout_ms: u64,
     /// Writes the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -189,6 +203,10 @@ pub enum Scenario {
     /// 200 vacaters, each on 1,000 channels of its own, close at once while 10 healthy
     /// subscribers take 200 events/s and a prober times new connections.
     VacateStorm,
+    /// 3,000 presence members over the `--nodes`; one node is killed with SIGKILL, and the time
+    /// until each member on the others has seen member_removed for all of its members is
+    /// measured. Nothing is published.
+    NodeDeath,
 }
 
 impl Scenario {
@@ -200,6 +218,7 @@ impl Scenario {
             Scenario::BigChannel => "big-channel",
             Scenario::PresenceStorm => "presence-storm",
             Scenario::VacateStorm => "vacate-storm",
+            Scenario::NodeDeath => "node-death",
         }
     }
 }
@@ -280,6 +299,21 @@ pub struct Plan {
     pub injection: Injection,
     /// Whether shards track each publish's completion (time to its last delivery).
     pub track_completions: bool,
+    /// node-death's kill.
+    pub kill: Option<Kill>,
+}
+
+/// A node killed once every member has joined (node-death).
+#[derive(Debug, Clone, Copy)]
+pub struct Kill {
+    /// Index into [`Plan::nodes`]; its clients are [`Role::Victim`]s.
+    pub node: usize,
+    /// The server's process id.
+    pub pid: u32,
+    /// The cluster's node timeout.
+    pub node_timeout: Duration,
+    /// From the kill, how long the remaining members have to see every removal.
+    pub within: Duration,
 }
 
 /// How many clients of each role a plan has, in the order they are numbered.
@@ -316,6 +350,8 @@ impl Population {
             Scenario::VacateStorm => {
                 Population { healthy: VACATE_STORM_WITNESSES, slow, partitioned, churners: 0, vacaters: args.connections.unwrap_or(200) }
             }
+            // The killed node's share of them become victims once they are given their nodes.
+            Scenario::NodeDeath => Population { healthy: args.connections.unwrap_or(3_000), ..Population::default() },
         }
     }
 
@@ -342,10 +378,14 @@ impl Plan {
             Scenario::PresenceStorm => 10.0,
             // Steady enough that a stall of a few hundred milliseconds shows as late or lost events.
             Scenario::VacateStorm => 200.0,
+            // Only membership is measured; publishes would go to the dead node too.
+            Scenario::NodeDeath => 0.0,
         };
+        let node_timeout = Duration::from_millis(args.node_timeout_ms);
         let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
             Scenario::SlowConsumer => 20.0,
             Scenario::VacateStorm => 10.0,
+            Scenario::NodeDeath => 3.0 * node_timeout.as_secs_f64(),
             _ => 30.0,
         }));
         let payload = args.payload.unwrap_or(match scenario {
@@ -356,7 +396,7 @@ impl Plan {
         let mut channels = vec![match scenario {
             Scenario::BigChannel => "big".to_string(),
             // A real presence channel: every join and leave is announced to every member.
-            Scenario::PresenceStorm => "presence-guild".to_string(),
+            Scenario::PresenceStorm | Scenario::NodeDeath => "presence-guild".to_string(),
             Scenario::VacateStorm => "healthy".to_string(),
             _ => "guild-chat".to_string(),
         }];
@@ -374,13 +414,17 @@ impl Plan {
             Some(list) if !list.is_empty() => list.iter().map(|node| node.address(args.host)).collect(),
             _ => vec![SocketAddr::new(args.host, args.port)],
         };
+        let kill = match (scenario, args.kill_node, args.kill_pid) {
+            (Scenario::NodeDeath, Some(node), Some(pid)) => Some(Kill { node, pid, node_timeout, within: duration }),
+            _ => None,
+        };
         let per_ip = args.per_source_ip.max(1);
         let first_vacater = population.roles().position(|role| role == Role::Vacater).unwrap_or(0);
         let clients = population
             .roles()
             .enumerate()
             .map(|(i, role)| ClientSpec {
-                role,
+                role: if kill.is_some_and(|kill| kill.node == i % nodes.len()) { Role::Victim } else { role },
                 channels: match (scenario, role) {
                     // Every client is on the big channel and on one of the small ones.
                     (Scenario::BigChannel, _) => vec![0, 1 + i % spread],
@@ -428,6 +472,7 @@ impl Plan {
                 churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
+            kill,
         }
     }
 

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::death::Removals;
+
 /// Latencies are recorded in microseconds, up to an hour, at 3 significant digits.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 
@@ -24,11 +26,13 @@ pub enum Role {
     Churn,
     /// Holds many channels of its own, then closes for good with every other vacater at once.
     Vacater,
+    /// On the node that is killed (node-death): loses its connection with it and stays away.
+    Victim,
 }
 
 impl Role {
     /// Every role, in report order.
-    pub const ALL: [Role; 5] = [Role::Healthy, Role::Slow, Role::Partitioned, Role::Churn, Role::Vacater];
+    pub const ALL: [Role; 6] = [Role::Healthy, Role::Slow, Role::Partitioned, Role::Churn, Role::Vacater, Role::Victim];
 
     /// Index into per-role arrays.
     pub fn index(self) -> usize {
@@ -43,6 +47,7 @@ impl Role {
             Role::Partitioned => "partitioned",
             Role::Churn => "churn",
             Role::Vacater => "vacater",
+            Role::Victim => "victim",
         }
     }
 }
@@ -191,7 +196,7 @@ pub struct Tick {
     /// Subscriptions confirmed and held, every client (gauge).
     pub subscriptions: u64,
     /// Per-role counts since the previous tick.
-    pub roles: [RoleCounts; 5],
+    pub roles: [RoleCounts; Role::ALL.len()],
     /// Per publish (keyed by its timestamp), when tracked: deliveries and the last one's latency.
     pub completions: BTreeMap<u64, Completion>,
     /// When the latest delivery of this tick was read (Unix microseconds; 0 if none), so the
@@ -208,6 +213,8 @@ pub struct Tick {
     pub subscriptions_vacated: u64,
     /// Of those, the ones whose `subscription_succeeded` had arrived.
     pub confirmed_subscriptions_vacated: u64,
+    /// node-death: the member_removed events the remaining members received after the kill.
+    pub removals: Removals,
 }
 
 impl Tick {
@@ -235,6 +242,7 @@ impl Tick {
         self.member_added_latency.add(&other.member_added_latency);
         self.subscriptions_vacated += other.subscriptions_vacated;
         self.confirmed_subscriptions_vacated += other.confirmed_subscriptions_vacated;
+        self.removals.add(&other.removals);
     }
 
     /// Takes the deltas out, leaving gauges and empty counters.
@@ -251,6 +259,7 @@ impl Tick {
         self.member_added_latency.clear();
         self.subscriptions_vacated = 0;
         self.confirmed_subscriptions_vacated = 0;
+        self.removals = Removals::default();
         taken
     }
 
