@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md's cluster figures, side by side in one run, on loopback:
 #
-#   cluster-300, cluster-500   3,000 subscribers of one channel, events published round-robin:
+#   cluster-300, cluster-500   3,000 subscribers of one channel, events published round-robin
+#   (cluster-RATE)             (any rate: cluster-100 is 100 events/s):
 #                              one Flux node holding all 3,000 ("flux-1"), three Flux nodes on
-#                              one Redis holding 1,000 each ("flux-3"), and three Sockudo nodes
-#                              with its Redis adapter ("sockudo-3"), at 300 and 500 events/s
+#                              one Redis holding 1,000 each ("flux-3"; "flux-3x1": one worker
+#                              each), and three Sockudo nodes with its Redis adapter
+#                              ("sockudo-3"), at 300 and 500 events/s
 #   presence-cluster           3,000 members of one presence channel, 100 changes/s, on one
 #                              Flux node and on three
 #   redis-channel              the cost, on a node, of events for channels it has no subscriber of
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 ALL_RUNS=(cluster-300 cluster-500 presence-cluster redis-channel)
 RUNS=("$@")
 [ ${#RUNS[@]} -gt 0 ] || RUNS=("${ALL_RUNS[@]}")
-SETUPS="${SETUPS:-flux-1 flux-3 sockudo-3}"
+SETUPS="${SETUPS:-flux-1 flux-3 flux-3x1 sockudo-3}"
 OUT="${OUT:-target/cluster/$(date +%Y%m%d-%H%M%S)}"
 BASE_PORT="${BASE_PORT:-6500}"
 REDIS_PORT="${REDIS_PORT:-6599}"
@@ -78,7 +80,11 @@ start_redis() {
 
 # Starts a setup's servers on BASE_PORT, BASE_PORT+1, ...; sets PIDS and NODE_PORTS.
 start_setup() { # setup base
-  local setup="$1" base="$2" count=${1##*-} i port
+  # "flux-3" is three nodes; "flux-3x1" three nodes of one worker each (three machines' worth of
+  # nodes on this one, without more event-loop threads than cores).
+  local setup="$1" base="$2" spec=${1##*-} i port
+  local count=${spec%x*} workers=()
+  [[ "$spec" != *x* ]] || workers=(FLUX_WORKERS="${spec#*x}")
   NODE_PORTS=()
   [ "$count" -eq 1 ] || start_redis "$base"
   for i in $(seq "$count"); do
@@ -86,11 +92,12 @@ start_setup() { # setup base
     NODE_PORTS+=("$port")
     case "$setup" in
       flux-1)
-        FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 RUST_LOG=warn target/release/flux >"$base.node$i.log" 2>&1 &
+        env "${workers[@]}" FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 RUST_LOG=warn \
+          target/release/flux >"$base.node$i.log" 2>&1 &
         ;;
       flux-*)
-        FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 FLUX_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-          FLUX_NODE_ID="node-$i" RUST_LOG=warn target/release/flux >"$base.node$i.log" 2>&1 &
+        env "${workers[@]}" FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 \
+          FLUX_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" FLUX_NODE_ID="node-$i" RUST_LOG=warn target/release/flux >"$base.node$i.log" 2>&1 &
         ;;
       sockudo-*)
         # Each in its own empty directory (it reads config/ from there), limits lifted as in
@@ -114,8 +121,8 @@ start_setup() { # setup base
 # flux-load's arguments per run (the target is added per setup).
 run_args() {
   case "$1" in
-    cluster-300) echo "chat-storm --connections 3000 --slow 0 --partition 0 --rate 300 --duration 20" ;;
-    cluster-500) echo "chat-storm --connections 3000 --slow 0 --partition 0 --rate 500 --duration 20" ;;
+    # cluster-RATE: RATE events/s.
+    cluster-[0-9]*) echo "chat-storm --connections 3000 --slow 0 --partition 0 --rate ${1#cluster-} --duration 20" ;;
     # 50 leaves and rejoins a second: 100 membership changes, each announced to 3,000 members.
     presence-cluster) echo "presence-storm --connections 3000 --churn 50 --duration 30 --hold-secs 10" ;;
     *) echo "unknown run $1 (known: ${ALL_RUNS[*]})" >&2; exit 2 ;;

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-SETUPS = ["flux-1", "flux-3", "sockudo-3"]
+SETUPS = ["flux-1", "flux-3", "flux-3x1", "sockudo-3"]
 
 
 def load(results):
@@ -79,13 +79,19 @@ def table(run, setups):
     rows = ROWS + (PRESENCE_ROWS if any("presence" in s for s in setups.values()) else [])
     for label, getter in rows:
         print(f"| {label} | " + " | ".join(cell(getter, setups[n]) for n in names) + " |")
-    cluster, single, sockudo = setups.get("flux-3"), setups.get("flux-1"), setups.get("sockudo-3")
-    if cluster and single:
-        print(f"\nflux-3 / flux-1: deliveries/s {cluster['deliveries_per_sec'] / max(single['deliveries_per_sec'], 1):.2f}x, "
+    single, sockudo = setups.get("flux-1"), setups.get("sockudo-3")
+    for name in ("flux-3", "flux-3x1"):
+        if name in setups:
+            ratios(name, setups[name], single, sockudo)
+
+
+def ratios(name, cluster, single, sockudo):
+    if single:
+        print(f"\n{name} / flux-1: deliveries/s {cluster['deliveries_per_sec'] / max(single['deliveries_per_sec'], 1):.2f}x, "
               f"p99 {cluster['latency_ms']['p99'] / max(single['latency_ms']['p99'], 0.001):.2f}x, "
               f"CPU per delivery {(cpu(cluster) / max(deliveries(cluster), 1)) / max(cpu(single) / max(deliveries(single), 1), 1e-12):.2f}x")
-    if cluster and sockudo:
-        print(f"\nflux-3 / sockudo-3: deliveries/s {cluster['deliveries_per_sec'] / max(sockudo['deliveries_per_sec'], 1):.1f}x")
+    if sockudo:
+        print(f"\n{name} / sockudo-3: deliveries/s {cluster['deliveries_per_sec'] / max(sockudo['deliveries_per_sec'], 1):.1f}x")
 
 
 def channel_table(setups):

@@ -264,6 +264,11 @@ impl PusherService {
     /// An event published on another node, given to this worker because it owns the channel:
     /// framed once here, for the whole node.
     fn deliver_remote(&mut self, conns: &mut Conns<Session>, remote: RemoteBroadcast) {
+        // Every node reads every event (one Redis channel for the cluster): most cost nothing
+        // more than this check on a node with no subscriber of their channel.
+        if self.directory.workers_with(&remote.channel).is_empty() {
+            return;
+        }
         let broadcast = Broadcast {
             frame: text_frame(&self.pool, &remote.message),
             channel: remote.channel,
