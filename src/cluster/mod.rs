@@ -18,7 +18,6 @@ mod link;
 pub mod state;
 pub mod wire;
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,14 +100,15 @@ pub enum Delivery {
 }
 
 /// The node that sends the webhooks of `channel` among the live `nodes`: the same answer on
-/// every node that sees the same nodes (rendezvous hashing, so a node's death moves only its
-/// own channels to others).
+/// every node that sees the same nodes, whatever its build (rendezvous hashing with XXH3, so a
+/// node's death moves only its own channels to others).
 pub fn reporter_of<'n>(channel: &str, nodes: &'n [NodeId]) -> Option<&'n NodeId> {
     nodes.iter().max_by_key(|node| {
-        // SipHash with fixed keys: the same on every node running the same build.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (channel, &***node).hash(&mut hasher);
-        hasher.finish()
+        let mut key = Vec::with_capacity(channel.len() + node.len() + 1);
+        key.extend_from_slice(channel.as_bytes());
+        key.push(0); // Channel names and node ids hold no NUL: ("ab", "c") is not ("a", "bc").
+        key.extend_from_slice(node.as_bytes());
+        xxhash_rust::xxh3::xxh3_64(&key)
     })
 }
 
@@ -251,5 +251,33 @@ impl ClusterLink {
             counters: self.shared.stats.snapshot(),
             remote_delivery: LatencySummary::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_live_node_reports_each_channel_and_a_death_moves_only_its_own() {
+        let all: Vec<NodeId> = ["a", "b", "c"].into_iter().map(NodeId::from).collect();
+        let channels: Vec<String> = (0..300).map(|i| format!("chat-{i}")).collect();
+        let before: Vec<&NodeId> = channels.iter().map(|c| reporter_of(c, &all).expect("a reporter")).collect();
+        for node in &all {
+            let share = before.iter().filter(|r| **r == node).count();
+            assert!((50..=150).contains(&share), "node {node} reports {share} of 300: spread");
+        }
+        let without_c: Vec<NodeId> = all[..2].to_vec();
+        for (channel, was) in channels.iter().zip(&before) {
+            let now = reporter_of(channel, &without_c).expect("a reporter");
+            if &***was != "c" {
+                assert_eq!(now, *was, "{channel} stays with its reporter");
+            }
+        }
+        // Pinned: a change of hash would split a mixed-build cluster's webhooks.
+        let pinned: Vec<&str> =
+            ["chat-0", "chat-1", "presence-guild"].iter().map(|c| &**reporter_of(c, &all).expect("a reporter")).collect();
+        assert_eq!(pinned, ["b", "a", "a"]);
+        assert_eq!(reporter_of("x", &[]), None);
     }
 }
