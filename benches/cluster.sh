@@ -35,10 +35,8 @@ REDIS_PORT="${REDIS_PORT:-6599}"
 mkdir -p "$OUT"
 
 command -v redis-server >/dev/null || { echo "cluster.sh: redis-server is needed (apt-get install redis-server)" >&2; exit 1; }
-SOCKUDO_BIN="$(command -v sockudo || true)"
-for candidate in "$HOME/.cargo/bin/sockudo" /work/sockudo-install/bin/sockudo; do
-  [ -n "$SOCKUDO_BIN" ] || { [ -x "$candidate" ] && SOCKUDO_BIN="$candidate"; } || true
-done
+# shellcheck source=benches/common.sh
+. benches/common.sh
 if [[ " $SETUPS " == *" sockudo-3 "* && -z "$SOCKUDO_BIN" ]]; then
   echo "cluster.sh: sockudo not found; leaving its column out" >&2
   SETUPS="${SETUPS//sockudo-3/}"
@@ -100,17 +98,9 @@ start_setup() { # setup base
           FLUX_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" FLUX_NODE_ID="node-$i" RUST_LOG=warn target/release/flux >"$base.node$i.log" 2>&1 &
         ;;
       sockudo-*)
-        # Each in its own empty directory (it reads config/ from there), limits lifted as in
-        # compare.sh, and its Redis adapter and cache on our redis-server.
-        local dir="$OUT/sockudo-cwd-$i"
-        mkdir -p "$dir"
-        (cd "$dir" && exec env HOST=127.0.0.1 PORT="$port" \
-          SOCKUDO_DEFAULT_APP_ID=app-id SOCKUDO_DEFAULT_APP_KEY=app-key SOCKUDO_DEFAULT_APP_SECRET=app-secret \
-          SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=1000000 SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND=1000000 \
-          SOCKUDO_DEFAULT_APP_MAX_EVENT_CHANNELS_AT_ONCE=100 SOCKUDO_DEFAULT_APP_MAX_PRESENCE_MEMBERS_PER_CHANNEL=20000 \
-          RATE_LIMITER_ENABLED=false METRICS_ENABLED=false SHUTDOWN_GRACE_PERIOD=1 \
-          ADAPTER_DRIVER=redis CACHE_DRIVER=redis REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-          RUST_LOG=warn "$SOCKUDO_BIN") >"$base.node$i.log" 2>&1 &
+        # Its Redis adapter and cache on our redis-server.
+        start_sockudo "$OUT/sockudo-cwd-$i" "$port" "$base.node$i.log" \
+          ADAPTER_DRIVER=redis CACHE_DRIVER=redis REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
         ;;
     esac
     PIDS+=($!)
@@ -129,8 +119,6 @@ run_args() {
   esac
 }
 
-cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 publishes() { redis-cli -p "$REDIS_PORT" info commandstats 2>/dev/null | sed -n 's/^cmdstat_publish:calls=\([0-9]*\),.*/\1/p' | tr -d '\r' | grep . || echo 0; }
 
 # Runs flux-load against the running setup and records everything about it in $base.*.

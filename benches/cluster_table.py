@@ -6,28 +6,16 @@ with the three-node cluster's ratios to the single node and to Sockudo.
 Usage: benches/cluster_table.py RESULTS_DIR
 """
 
-import json
 import sys
 from pathlib import Path
+
+from compare_table import load
 
 SETUPS = ["flux-1", "flux-3", "flux-3x1", "sockudo-3"]
 
 
-def load(results):
-    runs = {}
-    for path in sorted(results.glob("*.json")):
-        if path.name.endswith(".server.json"):
-            continue
-        run, setup = path.stem.rsplit(".", 1)
-        summary = json.loads(path.read_text())
-        server = path.with_name(f"{run}.{setup}.server.json")
-        summary["_server"] = json.loads(server.read_text()) if server.exists() else {"nodes": []}
-        runs.setdefault(run, {})[setup] = summary
-    return runs
-
-
 def cpu(s):
-    return sum(n["cpu_secs"] for n in s["_server"]["nodes"])
+    return sum(n["cpu_secs"] for n in s["_server"].get("nodes", []))
 
 
 def deliveries(s):

@@ -47,8 +47,8 @@ scenario_args() {
   esac
 }
 
-SOCKUDO_BIN="$(command -v sockudo || true)"
-[ -n "$SOCKUDO_BIN" ] || { [ -x "$HOME/.cargo/bin/sockudo" ] && SOCKUDO_BIN="$HOME/.cargo/bin/sockudo"; } || true
+# shellcheck source=benches/common.sh
+. benches/common.sh
 if [[ " $SERVERS " == *" sockudo "* && -z "$SOCKUDO_BIN" ]]; then
   echo "compare.sh: sockudo not found; leaving its column out" >&2
   SERVERS="${SERVERS//sockudo/}"
@@ -82,17 +82,7 @@ start_server() { # name port log
       RUST_LOG=warn target/release/flux-raw --port "$port" --frames-per-write 64 >"$log" 2>&1 &
       ;;
     sockudo)
-      # Its own empty directory (it reads config/ relative to the working directory); limits
-      # lifted so its defaults (connections per app, API rate limit, channels per publish)
-      # do not cut the load short; metrics and logs off as Flux's are.
-      local dir="$OUT/sockudo-cwd"
-      mkdir -p "$dir"
-      (cd "$dir" && exec env HOST=127.0.0.1 PORT="$port" \
-        SOCKUDO_DEFAULT_APP_ID=app-id SOCKUDO_DEFAULT_APP_KEY=app-key SOCKUDO_DEFAULT_APP_SECRET=app-secret \
-        SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS=1000000 SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND=1000000 \
-        SOCKUDO_DEFAULT_APP_MAX_EVENT_CHANNELS_AT_ONCE=100 SOCKUDO_DEFAULT_APP_MAX_PRESENCE_MEMBERS_PER_CHANNEL=20000 \
-        RATE_LIMITER_ENABLED=false \
-        METRICS_ENABLED=false SHUTDOWN_GRACE_PERIOD=1 RUST_LOG=warn "$SOCKUDO_BIN") >"$log" 2>&1 &
+      start_sockudo "$OUT/sockudo-cwd" "$port" "$log"
       ;;
   esac
   SERVER_PID=$!
@@ -105,9 +95,6 @@ start_server() { # name port log
   return 1
 }
 
-# The server's RSS (KiB) now; CPU seconds so far (all threads).
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 for scenario in "${SCENARIOS[@]}"; do
   args="$(scenario_args "$scenario")"

@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
-use super::state::{ClusterState, NodeId, NodeStatus, RemoteMember};
+use super::state::{ClusterState, NodeEvent, RemoteMember};
 use super::wire::{Body, Envelope};
-use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, PeerStatus, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
+use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
 use crate::fanout::directory::OccupancyBatch;
+use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
 use crate::pusher::presence::owner_of;
 use crate::pusher::protocol::{ChannelName, SocketId};
 use crate::server::Peers;
+use crate::ws::text_frame;
 
 /// Messages published in one round trip at most.
 const PIPELINE: usize = 512;
@@ -126,9 +128,16 @@ impl PreparedCluster {
         &self.link
     }
 
-    /// Starts the threads: the node, whose clients connect at `addr`, joins the cluster.
-    /// `connections` reads the node's open connections for its heartbeats.
-    pub fn start<M>(self, peers: Peers<M>, addr: String, connections: impl Fn() -> u64 + Send + 'static) -> Result<Cluster, ClusterError>
+    /// Starts the threads: the node, whose clients connect at `addr` and whose frames come from
+    /// `pool`, joins the cluster. `connections` reads the node's open connections for its
+    /// heartbeats.
+    pub fn start<M>(
+        self,
+        peers: Peers<M>,
+        pool: FramePool,
+        addr: String,
+        connections: impl Fn() -> u64 + Send + 'static,
+    ) -> Result<Cluster, ClusterError>
     where
         M: From<Delivery> + Send + 'static,
     {
@@ -162,22 +171,15 @@ impl PreparedCluster {
             me: link.node.clone(),
             incarnation: link.incarnation,
             peers: peers.clone(),
+            pool,
             inputs: link.inputs.clone(),
             shared: link.shared.clone(),
             stop: stop.clone(),
         };
         threads.push(spawn("flux-cluster-in", Box::new(move || subscriber.run()))?);
         let state = ClusterState::new(settings.node_id.clone(), link.incarnation, addr, peers.len(), settings.node_timeout, Instant::now());
-        let machine = StateThread {
-            state,
-            live: Arc::new([]),
-            inputs,
-            control: control_tx,
-            peers,
-            shared: link.shared.clone(),
-            stop: stop.clone(),
-            connections,
-        };
+        let machine =
+            StateThread { state, inputs, control: control_tx, peers, shared: link.shared.clone(), stop: stop.clone(), connections };
         threads.push(spawn("flux-cluster", Box::new(move || machine.run()))?);
         Ok(Cluster { stop, stop_publisher, threads, publisher })
     }
@@ -191,22 +193,26 @@ fn redacted(url: &str) -> String {
     }
 }
 
-/// One Redis connection's ups and downs: logs the first failure of an outage and the
-/// recovery, and paces the retries.
+/// One Redis connection's ups and downs: keeps its up flag, logs the first failure of an
+/// outage and the recovery, counts reconnects, tells the state machine of every new
+/// connection, and paces the retries.
 struct Outage {
     what: &'static str,
     down_since: Option<Instant>,
     backoff: Duration,
+    /// Whether the connection was ever up, so the first one is no reconnect.
+    connected_before: bool,
 }
 
 impl Outage {
     fn new(what: &'static str) -> Self {
-        Outage { what, down_since: None, backoff: RETRY_FIRST }
+        Outage { what, down_since: None, backoff: RETRY_FIRST, connected_before: false }
     }
 
     /// The connection failed: logs it if it is the outage's first failure, and waits before the
     /// next attempt (or until `stop`).
-    fn failed(&mut self, error: &redis::RedisError, stop: &AtomicBool) {
+    fn failed(&mut self, error: &redis::RedisError, is_up: &AtomicBool, stop: &AtomicBool) {
+        is_up.store(false, Ordering::Relaxed);
         if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
             warn!("cluster: Redis link ({}) lost: {error}; retrying with backoff", self.what);
@@ -218,16 +224,19 @@ impl Outage {
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
     }
 
-    /// The connection is up: true if it was down before (a reconnect).
-    fn up(&mut self) -> bool {
+    /// A new connection is up. Whatever was said while there was none may be lost, so the
+    /// state machine hears of it.
+    fn up(&mut self, is_up: &AtomicBool, shared: &Shared, inputs: &crossbeam_channel::Sender<Input>) {
         self.backoff = RETRY_FIRST;
-        match self.down_since.take() {
-            Some(since) => {
-                info!("cluster: Redis link ({}) back after {} ms", self.what, since.elapsed().as_millis());
-                true
-            }
-            None => false,
+        if let Some(since) = self.down_since.take() {
+            info!("cluster: Redis link ({}) back after {} ms", self.what, since.elapsed().as_millis());
         }
+        if self.connected_before {
+            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.connected_before = true;
+        is_up.store(true, Ordering::Relaxed);
+        let _ = inputs.try_send(Input::LinkUp);
     }
 }
 
@@ -245,27 +254,19 @@ impl Publisher {
     fn run(self) {
         let mut outage = Outage::new("publisher");
         let mut batch: Vec<Vec<u8>> = Vec::with_capacity(PIPELINE);
-        let mut first = true;
+        let is_up = &self.shared.publisher_up;
         loop {
             let mut connection = match self.client.get_connection_with_timeout(RETRY_MAX) {
                 Ok(connection) => connection,
                 Err(e) => {
-                    self.shared.publisher_up.store(false, Ordering::Relaxed);
                     if self.stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    outage.failed(&e, &self.stop);
+                    outage.failed(&e, is_up, &self.stop);
                     continue;
                 }
             };
-            if outage.up() || first {
-                if !first {
-                    self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                let _ = self.inputs.try_send(Input::LinkUp);
-            }
-            first = false;
-            self.shared.publisher_up.store(true, Ordering::Relaxed);
+            outage.up(is_up, &self.shared, &self.inputs);
             loop {
                 let stopping = self.stop.load(Ordering::Relaxed);
                 self.next_batch(&mut batch, stopping);
@@ -292,11 +293,10 @@ impl Publisher {
                         self.shared.stats.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
                         batch.clear();
                         let _ = self.inputs.try_send(Input::LostOutput);
-                        self.shared.publisher_up.store(false, Ordering::Relaxed);
                         if stopping {
                             return;
                         }
-                        outage.failed(&e, &self.stop);
+                        outage.failed(&e, is_up, &self.stop);
                         break;
                     }
                 }
@@ -329,6 +329,8 @@ struct Subscriber<M> {
     me: Arc<str>,
     incarnation: u64,
     peers: Peers<M>,
+    /// The node's frame pool: an event is framed here, once, for the whole node.
+    pool: FramePool,
     inputs: crossbeam_channel::Sender<Input>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
@@ -337,31 +339,23 @@ struct Subscriber<M> {
 impl<M: From<Delivery>> Subscriber<M> {
     fn run(self) {
         let mut outage = Outage::new("subscriber");
-        let mut first = true;
         while !self.stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.subscribed(&mut outage, &mut first) {
-                self.shared.subscriber_up.store(false, Ordering::Relaxed);
+            if let Err(e) = self.subscribed(&mut outage) {
                 if self.stop.load(Ordering::Relaxed) {
                     return;
                 }
-                outage.failed(&e, &self.stop);
+                outage.failed(&e, &self.shared.subscriber_up, &self.stop);
             }
         }
     }
 
     /// Subscribes and reads until the connection fails (an error) or the node stops (`Ok`).
-    fn subscribed(&self, outage: &mut Outage, first: &mut bool) -> redis::RedisResult<()> {
+    fn subscribed(&self, outage: &mut Outage) -> redis::RedisResult<()> {
         let mut connection = self.client.get_connection_with_timeout(RETRY_MAX)?;
         connection.set_read_timeout(Some(READ_WAIT))?;
         let mut pubsub = connection.as_pubsub();
         pubsub.subscribe(&self.bus)?;
-        if outage.up() && !*first {
-            self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        *first = false;
-        self.shared.subscriber_up.store(true, Ordering::Relaxed);
-        // Whatever was published while this connection was down is lost to this node.
-        let _ = self.inputs.try_send(Input::LinkUp);
+        outage.up(&self.shared.subscriber_up, &self.shared, &self.inputs);
         while !self.stop.load(Ordering::Relaxed) {
             match pubsub.get_message() {
                 Ok(message) => self.received(message.get_payload_bytes()),
@@ -393,7 +387,7 @@ impl<M: From<Delivery>> Subscriber<M> {
                 let broadcast = RemoteBroadcast {
                     channel: channel.into(),
                     except: except.map(|(high, low)| SocketId { high, low }),
-                    message: message.into(),
+                    frame: text_frame(&self.pool, message),
                     published_at_us,
                 };
                 self.hand_to(owner, Delivery::Broadcast(broadcast));
@@ -435,8 +429,6 @@ fn hand_to<M: From<Delivery>>(peers: &Peers<M>, worker: WorkerId, delivery: Deli
 
 struct StateThread<M, F> {
     state: ClusterState,
-    /// The live nodes as last told to the workers.
-    live: Arc<[NodeId]>,
     inputs: Receiver<Input>,
     control: crossbeam_channel::Sender<Vec<u8>>,
     peers: Peers<M>,
@@ -447,6 +439,7 @@ struct StateThread<M, F> {
 
 impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
     fn run(mut self) {
+        self.tell_nodes();
         while !self.stop.load(Ordering::Relaxed) {
             let wait = self.state.poll_timeout().saturating_duration_since(Instant::now()).min(IDLE_WAIT);
             match self.inputs.recv_timeout(wait) {
@@ -491,12 +484,20 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
     /// Gives the workers what changed: the live nodes first (they decide who reports which
     /// webhook), then every worker the counts, and each owner worker its channels' members.
     fn hand_out(&mut self) {
-        let live = self.state.live_nodes();
-        if *self.live != *live {
-            self.live = live.into();
-            self.to_every_worker(Delivery::Nodes(self.live.clone()));
+        // The live nodes change only when one joins, leaves or dies.
+        let mut nodes_changed = false;
+        while let Some(event) = self.state.poll_event() {
+            nodes_changed |= !matches!(event, NodeEvent::Restarted(_));
+            match event {
+                NodeEvent::Joined(node) => info!("cluster: node {node} joined"),
+                NodeEvent::Restarted(node) => info!("cluster: node {node} restarted"),
+                NodeEvent::Left(node) => info!("cluster: node {node} left"),
+                NodeEvent::Died(node) => warn!("cluster: node {node} silent for the node timeout: declared dead"),
+            }
         }
-        while self.state.poll_event().is_some() {}
+        if nodes_changed {
+            self.tell_nodes();
+        }
         if let Some(counts) = self.state.poll_remote_counts() {
             self.to_every_worker(Delivery::Occupancy(counts.into()));
         }
@@ -510,6 +511,11 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
                 hand_to(&self.peers, WorkerId(worker), Delivery::Presence(members.into()), &self.shared, &self.stop);
             }
         }
+    }
+
+    /// Tells every worker the live nodes, this one included.
+    fn tell_nodes(&self) {
+        self.to_every_worker(Delivery::Nodes(self.state.live_nodes().into()));
     }
 
     fn to_every_worker(&self, delivery: Delivery) {
@@ -529,16 +535,9 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
     }
 
     fn publish_nodes(&self, now: Instant) {
-        let nodes = self.state.nodes(now).into_iter().map(|n: NodeStatus| PeerStatus {
-            id: n.id.to_string(),
-            addr: n.addr,
-            connections: n.connections,
-            last_heard_ms: n.silent_for.as_millis() as u64,
-            synced: n.synced,
-        });
+        let nodes = self.state.nodes(now);
         if let Ok(mut shared) = self.shared.nodes.lock() {
-            shared.clear();
-            shared.extend(nodes);
+            *shared = nodes;
         }
     }
 }

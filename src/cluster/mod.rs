@@ -10,8 +10,9 @@
 //! The workers never touch a Redis socket. They hand their broadcasts and count changes to a
 //! [`ClusterLink`] (bounded queues that never block them; what does not fit is dropped and
 //! counted), and the cluster threads reach them only through their inboxes, with [`Delivery`]
-//! messages: an event from another node goes to one worker, which frames it once and fans it
-//! out on the node as if it had been published there. With no `FLUX_REDIS_URL` none of this
+//! messages: an event from another node is framed once, by the thread that reads it, into a
+//! pooled buffer, and goes to the worker that owns its channel, which fans the same bytes out on
+//! the node as if it had been published there. With no `FLUX_REDIS_URL` none of this
 //! runs and a worker's only extra cost is checking that it has no link.
 
 mod link;
@@ -22,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, TrySendError};
+use bytes::Bytes;
+use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -119,8 +121,8 @@ pub struct RemoteBroadcast {
     pub channel: ChannelName,
     /// A connection that must not receive it.
     pub except: Option<SocketId>,
-    /// The Pusher event message, to be framed once on this node.
-    pub message: Box<str>,
+    /// The event's WebSocket frame, made once for every recipient on this node.
+    pub frame: Bytes,
     /// When it was published, in microseconds since the Unix epoch.
     pub published_at_us: u64,
 }
@@ -205,16 +207,17 @@ pub struct ClusterLink {
 impl ClusterLink {
     /// Publishes an event to the other nodes: one Redis message, whatever their number.
     pub fn broadcast(&self, channel: &str, except: Option<SocketId>, message: &str, published_at_us: u64) {
-        let body = Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message };
-        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body }.encode();
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.events.try_send(bytes) {
-            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.publish(Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message });
     }
 
     /// Closes a user's connections on the other nodes.
     pub fn terminate(&self, user_id: &str) {
-        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body: Body::Terminate { user_id } }.encode();
+        self.publish(Body::Terminate { user_id });
+    }
+
+    /// Queues `body` for Redis behind the other events; counted as dropped if the queue is full.
+    fn publish(&self, body: Body<'_>) {
+        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body }.encode();
         if self.events.try_send(bytes).is_err() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -222,16 +225,22 @@ impl ClusterLink {
 
     /// A worker's changed counts, for the other nodes.
     pub fn occupancy(&self, batch: OccupancyBatch) {
-        if self.inputs.try_send(link::Input::Local(batch)).is_err() {
-            self.shared.stats.inputs_lost.fetch_add(1, Ordering::Relaxed);
-        }
+        self.tell(link::Input::Local(batch));
     }
 
     /// A user's first connection to a presence channel on this node (`Some(user_info)`, raw
     /// JSON), or their last one left (`None`).
     pub fn presence(&self, channel: &ChannelName, user_id: &str, user_info: Option<&str>) {
-        let input =
-            link::Input::Presence { channel: channel.clone(), user_id: user_id.to_string(), user_info: user_info.map(str::to_string) };
+        self.tell(link::Input::Presence {
+            channel: channel.clone(),
+            user_id: user_id.to_string(),
+            user_info: user_info.map(str::to_string),
+        });
+    }
+
+    /// Hands a change of this node's state to the cluster thread; counted as lost if its queue
+    /// is full.
+    fn tell(&self, input: link::Input) {
         if self.inputs.try_send(input).is_err() {
             self.shared.stats.inputs_lost.fetch_add(1, Ordering::Relaxed);
         }

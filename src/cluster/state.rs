@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indexmap::{IndexMap, IndexSet};
-use log::{info, warn};
+use log::warn;
 
 use super::wire::{Body, Count, Envelope, MemberChange};
+use super::PeerStatus;
 use crate::fanout::directory::{Directory, OccupancyBatch};
 use crate::pusher::protocol::ChannelName;
 
@@ -41,7 +42,7 @@ const SYNC_RETRY: Duration = Duration::from_secs(1);
 /// Heartbeats per node timeout: a node is declared dead only after missing this many.
 const HEARTBEATS_PER_TIMEOUT: u32 = 5;
 
-/// What happened to a node, for the log and the dashboard.
+/// What happened to a node, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeEvent {
     /// A node was heard from for the first time (or after it was forgotten).
@@ -52,21 +53,6 @@ pub enum NodeEvent {
     Left(NodeId),
     /// A node was silent for the node timeout.
     Died(NodeId),
-}
-
-/// Another node as this one knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// Its id.
-    pub id: NodeId,
-    /// Where its clients connect.
-    pub addr: String,
-    /// Its open connections, at its last heartbeat.
-    pub connections: u64,
-    /// How long ago it was last heard from.
-    pub silent_for: Duration,
-    /// Whether its counts are known to be current (false while a snapshot is awaited).
-    pub synced: bool,
 }
 
 #[derive(Debug)]
@@ -82,6 +68,22 @@ struct Peer {
     members: HashMap<ChannelName, HashMap<String, String>>,
     addr: String,
     connections: u64,
+}
+
+impl Peer {
+    /// A node first heard from `now`, whose state is unknown until its snapshot.
+    fn new(incarnation: u64, now: Instant) -> Self {
+        Peer {
+            incarnation,
+            last_heard: now,
+            next_seq: None,
+            asked_at: None,
+            counts: HashMap::new(),
+            members: HashMap::new(),
+            addr: String::new(),
+            connections: 0,
+        }
+    }
 }
 
 /// A user's presence on the other nodes changed: present there now (with this `user_info`, raw
@@ -166,11 +168,6 @@ impl ClusterState {
         }
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &NodeId {
-        &self.me
-    }
-
     fn heartbeat_every(&self) -> Duration {
         self.timeout / HEARTBEATS_PER_TIMEOUT
     }
@@ -192,7 +189,7 @@ impl ClusterState {
     /// everything again at the next flush.
     pub fn handle_lost_output(&mut self, now: Instant) {
         self.snapshot_due = true;
-        self.flush_due = Some(self.flush_due.map_or(now, |due| due.min(now)));
+        self.flush_due = Some(now);
     }
 
     /// One worker's new counts for the channels that changed in one of its turns.
@@ -242,37 +239,33 @@ impl ClusterState {
             }
             return;
         }
-        let peer = self.peer(envelope.node, envelope.incarnation, now);
-        peer.last_heard = now;
         let node: NodeId = envelope.node.into();
+        let peer = self.heard_from(&node, envelope.incarnation, now);
         match &envelope.body {
             Body::Broadcast { .. } | Body::Terminate { .. } => {}
             Body::Heartbeat { addr, connections, last_seq } => {
-                let peer = self.peer_mut(&node);
                 peer.addr.clear();
                 peer.addr.push_str(addr);
                 peer.connections = *connections;
-                let behind = peer.next_seq.is_none_or(|next| *last_seq >= next);
-                if behind {
+                if peer.next_seq.is_none_or(|next| *last_seq >= next) {
                     self.ask_sync(&node, now);
                 }
             }
             Body::Delta { seq, counts, members } => {
-                if self.peer_mut(&node).next_seq == Some(*seq) {
+                if peer.next_seq == Some(*seq) {
+                    peer.next_seq = Some(seq + 1);
                     self.apply_counts(&node, counts);
                     self.apply_members(&node, members);
-                    self.peer_mut(&node).next_seq = Some(seq + 1);
                 } else {
                     self.ask_sync(&node, now);
                 }
             }
             Body::Snapshot { seq, counts, members } => {
+                peer.next_seq = Some(seq + 1);
+                peer.asked_at = None;
                 self.clear_state(&node);
                 self.apply_counts(&node, counts);
                 self.apply_members(&node, members);
-                let peer = self.peer_mut(&node);
-                peer.next_seq = Some(seq + 1);
-                peer.asked_at = None;
             }
             Body::SyncRequest { target } => {
                 if target.is_none_or(|t| *t == *self.me) {
@@ -281,47 +274,25 @@ impl ClusterState {
             }
             Body::Leaving => {
                 self.forget(&node);
-                info!("cluster: node {node} left");
                 self.events.push_back(NodeEvent::Left(node));
             }
         }
     }
 
-    /// The peer that sent a message, created or reset as its incarnation requires.
-    fn peer(&mut self, node: &str, incarnation: u64, now: Instant) -> &mut Peer {
-        let known = self.peers.get(node).map(|p| p.incarnation);
-        match known {
-            Some(i) if i == incarnation => {}
+    /// The peer that sent a message, heard from `now`: created, or started afresh if its
+    /// incarnation is new (it restarted: nothing it held before counts any more).
+    fn heard_from(&mut self, node: &NodeId, incarnation: u64, now: Instant) -> &mut Peer {
+        match self.peers.get(node).map(|p| p.incarnation) {
+            Some(known) if known == incarnation => {}
             Some(_) => {
-                self.clear_state(&node.into());
-                info!("cluster: node {node} restarted");
-                self.events.push_back(NodeEvent::Restarted(node.into()));
+                self.forget(node);
+                self.events.push_back(NodeEvent::Restarted(node.clone()));
             }
-            None => {
-                info!("cluster: node {node} joined");
-                self.events.push_back(NodeEvent::Joined(node.into()));
-            }
+            None => self.events.push_back(NodeEvent::Joined(node.clone())),
         }
-        let fresh = || Peer {
-            incarnation,
-            last_heard: now,
-            next_seq: None,
-            asked_at: None,
-            counts: HashMap::new(),
-            members: HashMap::new(),
-            addr: String::new(),
-            connections: 0,
-        };
-        let peer = self.peers.entry(node.into()).or_insert_with(fresh);
-        if peer.incarnation != incarnation {
-            *peer = fresh();
-        }
+        let peer = self.peers.entry(node.clone()).or_insert_with(|| Peer::new(incarnation, now));
+        peer.last_heard = now;
         peer
-    }
-
-    fn peer_mut(&mut self, node: &NodeId) -> &mut Peer {
-        // Callers have just created or found the peer.
-        self.peers.get_mut(node).expect("peer exists")
     }
 
     /// Asks `node` for a snapshot, unless it was asked less than [`SYNC_RETRY`] ago. Until it
@@ -456,7 +427,6 @@ impl ClusterState {
             .collect();
         for node in dead {
             self.forget(&node);
-            warn!("cluster: node {node} silent for {} ms: declared dead", self.timeout.as_millis());
             self.events.push_back(NodeEvent::Died(node));
         }
         if self.flush_due.is_some_and(|due| due <= now) {
@@ -559,15 +529,15 @@ impl ClusterState {
     }
 
     /// The other nodes alive, by id.
-    pub fn nodes(&self, now: Instant) -> Vec<NodeStatus> {
-        let mut nodes: Vec<NodeStatus> = self
+    pub fn nodes(&self, now: Instant) -> Vec<PeerStatus> {
+        let mut nodes: Vec<PeerStatus> = self
             .peers
             .iter()
-            .map(|(id, p)| NodeStatus {
-                id: id.clone(),
+            .map(|(id, p)| PeerStatus {
+                id: id.to_string(),
                 addr: p.addr.clone(),
                 connections: p.connections,
-                silent_for: now.saturating_duration_since(p.last_heard),
+                last_heard_ms: now.saturating_duration_since(p.last_heard).as_millis() as u64,
                 synced: p.next_seq.is_some(),
             })
             .collect();
@@ -576,7 +546,8 @@ impl ClusterState {
     }
 
     /// Subscriptions to `channel` on the other nodes together.
-    pub fn remote_count(&self, channel: &str) -> u32 {
+    #[cfg(test)]
+    fn remote_count(&self, channel: &str) -> u32 {
         self.remote.get(channel).copied().unwrap_or(0)
     }
 }
@@ -594,30 +565,37 @@ mod tests {
         state
     }
 
-    /// Everything `from` has to publish, delivered to each of `to` (as Redis would).
-    fn carry(from: &mut ClusterState, to: &mut [&mut ClusterState], now: Instant) -> usize {
-        let mut carried = 0;
-        while let Some(bytes) = from.poll_transmit() {
-            let envelope = Envelope::decode(&bytes).expect("decodes");
-            for node in to.iter_mut() {
-                node.handle_message(&envelope, now);
-            }
-            carried += 1;
+    /// One published message, delivered to each of `to` (as Redis would; a node ignores its own).
+    fn deliver(bytes: &[u8], to: &mut [&mut ClusterState], now: Instant) {
+        let envelope = Envelope::decode(bytes).expect("decodes");
+        for node in to.iter_mut() {
+            node.handle_message(&envelope, now);
         }
-        carried
+    }
+
+    /// Everything `from` has to publish, delivered to each of `to`.
+    fn carry(from: &mut ClusterState, to: &mut [&mut ClusterState], now: Instant) {
+        while let Some(bytes) = from.poll_transmit() {
+            deliver(&bytes, to, now);
+        }
     }
 
     fn occupancy(worker: usize, counts: &[(&str, u32)]) -> OccupancyBatch {
         OccupancyBatch { worker: WorkerId(worker), counts: counts.iter().map(|&(c, n)| (ChannelName::from(c), n)).collect() }
     }
 
-    /// Runs both nodes' timers and carries their messages both ways until they are quiet.
-    fn settle(a: &mut ClusterState, b: &mut ClusterState, now: Instant) {
+    /// Runs every node's timers and carries each one's messages to all the others (as Redis
+    /// would), until they are quiet.
+    fn settle(nodes: &mut [&mut ClusterState], now: Instant) {
         for _ in 0..4 {
-            a.handle_timeout(now);
-            b.handle_timeout(now);
-            carry(a, &mut [b], now);
-            carry(b, &mut [a], now);
+            for node in nodes.iter_mut() {
+                node.handle_timeout(now);
+            }
+            for from in 0..nodes.len() {
+                while let Some(bytes) = nodes[from].poll_transmit() {
+                    deliver(&bytes, nodes, now);
+                }
+            }
         }
     }
 
@@ -625,15 +603,15 @@ mod tests {
     fn counts_reach_the_other_node_and_add_up_across_workers() {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
-        settle(&mut a, &mut b, t0);
+        settle(&mut [&mut a, &mut b], t0);
         a.handle_local_occupancy(&occupancy(0, &[("chat", 2), ("news", 1)]), t0);
         a.handle_local_occupancy(&occupancy(1, &[("chat", 3)]), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!((b.remote_count("chat"), b.remote_count("news")), (5, 1));
         let changed = b.poll_remote_counts().expect("changes");
         assert!(changed.contains(&("chat".into(), 5)) && changed.contains(&("news".into(), 1)), "{changed:?}");
         a.handle_local_occupancy(&occupancy(0, &[("chat", 0), ("news", 0)]), t0 + FLUSH_EVERY);
-        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + 2 * FLUSH_EVERY);
         assert_eq!((b.remote_count("chat"), b.remote_count("news")), (3, 0));
         assert_eq!(a.remote_count("chat"), 0, "a's own counts are not remote to it");
     }
@@ -643,7 +621,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
         a.handle_local_occupancy(&occupancy(0, &[("chat", 4)]), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.remote_count("chat"), 4);
         assert!(matches!(b.poll_event(), Some(NodeEvent::Joined(n)) if &*n == "a"));
         b.poll_remote_counts();
@@ -668,7 +646,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..100 {
             now += Duration::from_millis(500);
-            settle(&mut a, &mut b, now);
+            settle(&mut [&mut a, &mut b], now);
         }
         assert_eq!(b.nodes(now).len(), 1, "50 s of heartbeats, no death");
         assert!(b.nodes(now)[0].synced);
@@ -679,12 +657,12 @@ mod tests {
     fn a_lost_delta_is_noticed_and_repaired_by_a_snapshot() {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
-        settle(&mut a, &mut b, t0);
+        settle(&mut [&mut a, &mut b], t0);
         a.handle_local_occupancy(&occupancy(0, &[("lost", 1)]), t0);
         a.handle_timeout(t0 + FLUSH_EVERY);
         while a.poll_transmit().is_some() {} // Redis lost it on the way to b.
         a.handle_local_occupancy(&occupancy(0, &[("later", 2)]), t0 + FLUSH_EVERY);
-        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + 2 * FLUSH_EVERY);
         assert_eq!((b.remote_count("lost"), b.remote_count("later")), (1, 2), "the gap was seen and a snapshot sent");
     }
 
@@ -692,12 +670,12 @@ mod tests {
     fn a_lost_last_delta_is_noticed_at_the_next_heartbeat() {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
-        settle(&mut a, &mut b, t0);
+        settle(&mut [&mut a, &mut b], t0);
         a.handle_local_occupancy(&occupancy(0, &[("chat", 1)]), t0);
         a.handle_timeout(t0 + FLUSH_EVERY);
         while a.poll_transmit().is_some() {}
         assert_eq!(b.remote_count("chat"), 0);
-        settle(&mut a, &mut b, t0 + TIMEOUT / HEARTBEATS_PER_TIMEOUT);
+        settle(&mut [&mut a, &mut b], t0 + TIMEOUT / HEARTBEATS_PER_TIMEOUT);
         assert_eq!(b.remote_count("chat"), 1);
     }
 
@@ -706,7 +684,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
         a.handle_local_occupancy(&occupancy(0, &[("old", 3), ("kept", 1)]), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.remote_count("old"), 3);
         // a is frozen: b declares it dead.
         let mut now = t0 + FLUSH_EVERY;
@@ -718,7 +696,7 @@ mod tests {
         assert_eq!(b.remote_count("old"), 0);
         // a wakes up; meanwhile its clients of "old" went away. Its first tick sees it was frozen.
         a.handle_local_occupancy(&occupancy(0, &[("old", 0)]), now);
-        settle(&mut a, &mut b, now + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], now + FLUSH_EVERY);
         assert_eq!((b.remote_count("old"), b.remote_count("kept")), (0, 1));
         assert_eq!(a.nodes(now + FLUSH_EVERY).len(), 1, "a did not declare b dead for its own freeze");
     }
@@ -728,10 +706,10 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
         a.handle_local_occupancy(&occupancy(0, &[("chat", 3)]), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.remote_count("chat"), 3);
         let mut a2 = node("a", 7, t0 + FLUSH_EVERY);
-        settle(&mut a2, &mut b, t0 + 2 * FLUSH_EVERY);
+        settle(&mut [&mut a2, &mut b], t0 + 2 * FLUSH_EVERY);
         assert_eq!(b.remote_count("chat"), 0);
         assert!(std::iter::from_fn(|| b.poll_event()).any(|e| e == NodeEvent::Restarted("a".into())));
     }
@@ -741,7 +719,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
         a.handle_local_occupancy(&occupancy(0, &[("chat", 3)]), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         a.handle_stop();
         carry(&mut a, &mut [&mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.remote_count("chat"), 0);
@@ -752,19 +730,9 @@ mod tests {
     fn three_nodes_sum_and_one_link_drop_resyncs() {
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
-        let all = |a: &mut ClusterState, b: &mut ClusterState, c: &mut ClusterState, now| {
-            for _ in 0..4 {
-                for n in [&mut *a, &mut *b, &mut *c] {
-                    n.handle_timeout(now);
-                }
-                carry(a, &mut [b, c], now);
-                carry(b, &mut [a, c], now);
-                carry(c, &mut [a, b], now);
-            }
-        };
         a.handle_local_occupancy(&occupancy(0, &[("chat", 1)]), t0);
         b.handle_local_occupancy(&occupancy(1, &[("chat", 2)]), t0);
-        all(&mut a, &mut b, &mut c, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + FLUSH_EVERY);
         assert_eq!(c.remote_count("chat"), 3);
         // c's link drops: it misses a change of b's, then comes back.
         b.handle_local_occupancy(&occupancy(1, &[("chat", 5)]), t0 + FLUSH_EVERY);
@@ -772,7 +740,7 @@ mod tests {
         carry(&mut b, &mut [&mut a], t0 + 2 * FLUSH_EVERY);
         assert_eq!((a.remote_count("chat"), c.remote_count("chat")), (5, 3), "a heard it, c did not");
         c.handle_link_up(t0 + 2 * FLUSH_EVERY);
-        all(&mut a, &mut b, &mut c, t0 + 3 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + 3 * FLUSH_EVERY);
         assert_eq!(c.remote_count("chat"), 6);
     }
 
@@ -784,29 +752,19 @@ mod tests {
     fn a_user_on_two_other_nodes_is_one_member_until_the_last_leaves() {
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
-        let all = |a: &mut ClusterState, b: &mut ClusterState, c: &mut ClusterState, now| {
-            for _ in 0..4 {
-                for n in [&mut *a, &mut *b, &mut *c] {
-                    n.handle_timeout(now);
-                }
-                carry(a, &mut [b, c], now);
-                carry(b, &mut [a, c], now);
-                carry(c, &mut [a, b], now);
-            }
-        };
         let (p, info) = ("presence-guild", r#"{"name":"Ann"}"#);
         a.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0);
-        all(&mut a, &mut b, &mut c, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]));
         b.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0 + FLUSH_EVERY);
-        all(&mut a, &mut b, &mut c, t0 + 2 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + 2 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), None, "a second node holding ann changes nothing for c");
         assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]), "a learns ann is on b too");
         a.handle_local_presence(p.into(), "ann".into(), None, t0 + 2 * FLUSH_EVERY);
-        all(&mut a, &mut b, &mut c, t0 + 3 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + 3 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), None, "still on b");
         b.handle_local_presence(p.into(), "ann".into(), None, t0 + 3 * FLUSH_EVERY);
-        all(&mut a, &mut b, &mut c, t0 + 4 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b, &mut c], t0 + 4 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", None)]));
         assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", None)]));
     }
@@ -817,10 +775,10 @@ mod tests {
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
         a.handle_local_presence("presence-x".into(), "u1".into(), Some("null".into()), t0);
         a.handle_local_presence("presence-x".into(), "u2".into(), Some("null".into()), t0);
-        settle(&mut a, &mut b, t0 + FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.poll_remote_members().map(|m| m.len()), Some(2));
         b.handle_link_up(t0 + FLUSH_EVERY);
-        settle(&mut a, &mut b, t0 + 2 * FLUSH_EVERY);
+        settle(&mut [&mut a, &mut b], t0 + 2 * FLUSH_EVERY);
         assert_eq!(b.poll_remote_members(), None, "the snapshot holds the same members: no change");
         for second in 1..=TIMEOUT.as_secs() {
             b.handle_timeout(t0 + 2 * FLUSH_EVERY + Duration::from_secs(second));

@@ -141,7 +141,7 @@ impl Directory {
 
     /// Every occupied channel with its subscription count across the node (and the cluster).
     pub fn channels(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
-        let here = self.channels.keys().map(|name| (&**name, self.subscription_count(name)));
+        let here = self.local_channels().map(|(name, count)| (name, count + self.remote.get(name).copied().unwrap_or(0)));
         let elsewhere = self.remote.iter().filter(|(name, _)| !self.channels.contains_key(*name)).map(|(name, &count)| (&**name, count));
         here.chain(elsewhere)
     }

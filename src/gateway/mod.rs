@@ -52,8 +52,7 @@ pub enum Message {
     Occupancy(OccupancyBatch),
     /// A request for this worker's connections.
     Snapshot(Sender<Vec<ConnectionSnapshot>>),
-    /// Close every connection signed in as this user (REST `terminate_connections`, here or on
-    /// another node).
+    /// Close every connection signed in as this user (REST `terminate_connections` on this node).
     TerminateUser(Arc<str>),
     /// To a presence channel's owner: connection `conn` of worker `from` joins as `member`.
     PresenceJoin {
@@ -101,10 +100,7 @@ pub enum Message {
 
 impl From<Delivery> for Message {
     fn from(delivery: Delivery) -> Self {
-        match delivery {
-            Delivery::Terminate(user) => Message::TerminateUser(user),
-            other => Message::Cluster(other),
-        }
+        Message::Cluster(delivery)
     }
 }
 
@@ -261,16 +257,16 @@ impl PusherService {
         }
     }
 
-    /// An event published on another node, given to this worker because it owns the channel:
-    /// framed once here, for the whole node.
+    /// An event published on another node, framed once for the whole node by the cluster's
+    /// reader, given to this worker because it owns the channel.
     fn deliver_remote(&mut self, conns: &mut Conns<Session>, remote: RemoteBroadcast) {
-        // Every node reads every event (one Redis channel for the cluster): most cost nothing
-        // more than this check on a node with no subscriber of their channel.
+        // Every node reads every event (one Redis channel for the cluster): one for a channel
+        // with no subscriber here is neither a broadcast nor a delivery time of this node.
         if self.directory.workers_with(&remote.channel).is_empty() {
             return;
         }
         let broadcast = Broadcast {
-            frame: text_frame(&self.pool, &remote.message),
+            frame: remote.frame,
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
@@ -814,7 +810,7 @@ impl Service for PusherService {
                 // The asker may have given up waiting; that is fine.
                 let _ = reply.send(self.snapshot(conns, now));
             }
-            Message::TerminateUser(user) => self.terminate_user(conns, &user, now),
+            Message::TerminateUser(user) | Message::Cluster(Delivery::Terminate(user)) => self.terminate_user(conns, &user, now),
             // Sent only by other workers: a worker that owns the channel joins it directly.
             Message::PresenceJoin { channel, member, socket, from, conn } => {
                 let result = self.roster_join(&channel, &member, socket, now);
@@ -835,7 +831,6 @@ impl Service for PusherService {
             }
             Message::Cluster(Delivery::Presence(members)) => self.members_elsewhere(&members, now),
             Message::Cluster(Delivery::Nodes(nodes)) => self.cluster_nodes = Some(nodes),
-            Message::Cluster(Delivery::Terminate(_)) => {} // Arrives as TerminateUser.
         }
     }
 

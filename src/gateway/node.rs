@@ -127,7 +127,7 @@ impl Gateway {
             Some(prepared) => {
                 let all = metrics.clone();
                 let connections = move || all.iter().map(|m| m.counters.websockets.load(std::sync::atomic::Ordering::Relaxed)).sum();
-                let started = prepared.start(server.peers().clone(), server.local_addr().to_string(), connections);
+                let started = prepared.start(server.peers().clone(), server.pool().clone(), server.local_addr().to_string(), connections);
                 match started {
                     Ok(cluster) => Some(cluster),
                     Err(e) => {
