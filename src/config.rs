@@ -68,6 +68,17 @@ pub struct Config {
     #[arg(long, env = "FLUX_MAX_SUBSCRIPTIONS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_subscriptions: u64,
 
+    /// Seconds a cache channel's last event is kept for its new subscribers (Pusher keeps it 30
+    /// minutes).
+    #[arg(long, env = "FLUX_CACHE_TTL_S", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub cache_ttl_s: u64,
+
+    /// Megabytes of cache channels' last events the node keeps at most (each event counts its
+    /// frame, its channel's name and about 128 bytes); past it the events nearest to expiry are
+    /// dropped first.
+    #[arg(long, env = "FLUX_CACHE_MAX_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub cache_max_mb: u64,
+
     /// Frames each connection may have queued before new frames are dropped.
     #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub ring_slots: u32,
@@ -180,6 +191,8 @@ impl Default for Config {
             presence_max_members: 100,
             presence_coalesce_ms: 150,
             max_subscriptions: 1_000_000,
+            cache_ttl_s: 1800,
+            cache_max_mb: 64,
             ring_slots: 256,
             evict_after_ms: 5000,
             workers: None,
@@ -255,6 +268,16 @@ impl Config {
         Duration::from_millis(self.presence_coalesce_ms)
     }
 
+    /// How long a cache channel's last event is kept.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_s)
+    }
+
+    /// Bytes of cache channels' last events the node keeps at most.
+    pub fn cache_max_bytes(&self) -> usize {
+        usize::try_from(self.cache_max_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
     /// How long a large fan-out's writes may be held to coalesce them.
     pub fn write_coalesce(&self) -> Duration {
         Duration::from_micros(self.write_coalesce_us)
@@ -291,6 +314,8 @@ mod tests {
         assert_eq!(parsed.max_payload, 10 * 1024);
         assert_eq!(parsed.activity_timeout, 120);
         assert_eq!(parsed.app.app_key, "app-key");
+        assert_eq!((parsed.cache_ttl(), parsed.cache_max_bytes()), (Duration::from_secs(1800), 64 << 20));
+        assert_eq!((parsed.cache_ttl_s, parsed.cache_max_mb), (defaults.cache_ttl_s, defaults.cache_max_mb));
         assert_eq!(parsed.webhook_url, None);
         assert_eq!(
             (parsed.webhook_batch_ms, parsed.webhook_batch_max, parsed.webhook_queue),

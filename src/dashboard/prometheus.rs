@@ -42,6 +42,11 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_read_budget_exhausted", "Times a connection's per-turn read budget ran out.", |c| c.read_budget_exhausted),
     ("flux_inbox_full", "Messages between workers that found an inbox full and waited in the sender's backlog.", |c| c.inbox_full),
     ("flux_inbox_overflows", "Messages between workers lost because an inbox and the sender's backlog were full.", |c| c.inbox_overflows),
+    ("flux_cache_hits", "Subscriptions to cache channels answered with the channel's last event.", |c| c.cache_hits),
+    ("flux_cache_misses", "Subscriptions to cache channels that found no event kept (pusher:cache_miss).", |c| c.cache_misses),
+    ("flux_cache_evictions", "Cache channels' last events dropped before their TTL to stay within FLUX_CACHE_MAX_MB.", |c| {
+        c.cache_evictions
+    }),
 ];
 
 /// Upper bounds of the latency histograms' buckets, in microseconds (100 µs to 5 s).

@@ -7,7 +7,8 @@
 //! and framed once into a pooled buffer, queued to this worker's subscribers, and the same bytes
 //! are handed to every other worker that has subscribers of the channel. Events published on
 //! this node enter through one seam, [`PusherService::publish`], which in a cluster also hands
-//! them, once, to the [`ClusterLink`] for the other nodes.
+//! them, once, to the [`ClusterLink`] for the other nodes. A cache channel's events go to every
+//! worker, subscribers or not: each keeps the last one for the channel's next subscribers.
 
 pub mod evictions;
 mod node;
@@ -28,15 +29,16 @@ pub use node::{ConnectionSnapshot, Gateway, Observer};
 
 use crate::cluster::state::RemoteMember;
 use crate::cluster::{ClusterLink, Delivery, NodeId, RemoteBroadcast};
-use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch};
+use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch, WorkerSet};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
 use crate::fanout::ring::Offer;
 use crate::fanout::{ConnId, WorkerId};
 use crate::http::{json_error, Request, Response};
 use crate::metrics::{LatencyRecorder, WorkerMetrics};
+use crate::pusher::cache::LastEvents;
 use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
-use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
+use crate::pusher::protocol::{self, code, is_cache_channel, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
 use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerContext};
@@ -94,6 +96,9 @@ pub enum Message {
         /// Member now, or not.
         present: bool,
     },
+    /// To a cache channel's owner worker: a subscriber found no event kept (each sending worker
+    /// tells of a channel's misses once a report interval), for the `cache_miss` webhook.
+    CacheMiss(ChannelName),
     /// From the cluster's threads: what another node published or changed.
     Cluster(Delivery),
 }
@@ -117,6 +122,10 @@ pub struct Broadcast {
     pub published_at: Instant,
     /// Its writes may wait for other traffic (see [`Publish::may_wait`]).
     pub may_wait: bool,
+    /// Set on a cache channel's own events (see [`Publish::is_kept`]): when it was published,
+    /// in microseconds since the Unix epoch. Every worker keeps the frame as the channel's last
+    /// event.
+    pub kept_at_us: Option<u64>,
 }
 
 /// One worker's Pusher service.
@@ -142,6 +151,8 @@ pub struct PusherService {
     subscriptions: Arc<AtomicUsize>,
     /// Rosters of the presence channels this worker owns.
     rosters: Rosters,
+    /// This worker's copy of the cache channels' last events.
+    last_events: LastEvents,
     /// This worker's replica of every presence channel's users (for the REST API).
     membership: Membership,
     /// Where webhook events go (never blocks; a no-op without a webhook URL).
@@ -165,6 +176,11 @@ pub struct PusherService {
 /// second. In slices of this size each turn stays within a few milliseconds, and the
 /// occupancy batches that carry the changes to the other workers stay as small.
 const VACATE_BUDGET: usize = 512;
+
+/// Now, in microseconds since the Unix epoch: the publish time that travels with an event.
+fn unix_micros() -> u64 {
+    crate::clock::since_unix_epoch().as_micros() as u64
+}
 
 /// A closed connection's subscriptions, removed a slice per turn. Until they are all removed
 /// its key stays in the registry: broadcasts skip it (no open connection has it), and a new
@@ -202,6 +218,7 @@ impl PusherService {
             evictions,
             subscriptions,
             rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
+            last_events: LastEvents::new(policy.cache_ttl, policy.cache_max_bytes),
             membership: Membership::default(),
             policy,
             webhooks,
@@ -226,7 +243,7 @@ impl PusherService {
         if let Some(cluster) = &self.cluster {
             // The frame's payload is the event message, serialized here just now as UTF-8 JSON.
             let message = std::str::from_utf8(payload_of(&broadcast.frame)).unwrap_or_default();
-            cluster.broadcast(&publish.channel, publish.except, message, crate::clock::since_unix_epoch().as_micros() as u64);
+            cluster.broadcast(&publish.channel, publish.except, message, broadcast.kept_at_us.unwrap_or_else(unix_micros));
         }
         self.fan_out(conns, &broadcast);
         Ok(())
@@ -242,13 +259,29 @@ impl PusherService {
             user_id: publish.user_id.as_deref(),
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
-        Ok(Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, may_wait: publish.may_wait() })
+        let kept = publish.is_kept();
+        // A kept event stays up to the TTL: an exact-size copy pins only its own bytes, not a
+        // pooled buffer (of up to 16 KiB), which returns to the pool as soon as this is dropped.
+        let frame = if kept { Bytes::copy_from_slice(&frame) } else { frame };
+        Ok(Broadcast {
+            channel: publish.channel.clone(),
+            frame,
+            except: publish.except,
+            published_at,
+            may_wait: publish.may_wait(),
+            kept_at_us: kept.then(unix_micros),
+        })
     }
 
-    /// Hands a framed event to each worker of this node with subscribers of its channel.
+    /// Hands a framed event to each worker of this node with subscribers of its channel (to
+    /// every worker, if it is to be kept).
     fn fan_out(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
-        for worker in self.directory.workers_with(&broadcast.channel).iter() {
+        let workers = match broadcast.kept_at_us {
+            Some(_) => WorkerSet::all(self.outbox.workers()),
+            None => self.directory.workers_with(&broadcast.channel),
+        };
+        for worker in workers.iter() {
             if worker == self.id {
                 self.deliver(conns, broadcast);
             } else {
@@ -261,26 +294,36 @@ impl PusherService {
     /// reader, given to this worker because it owns the channel.
     fn deliver_remote(&mut self, conns: &mut Conns<Session>, remote: RemoteBroadcast) {
         // Every node reads every event (one Redis channel for the cluster): one for a channel
-        // with no subscriber here is neither a broadcast nor a delivery time of this node.
-        if self.directory.workers_with(&remote.channel).is_empty() {
+        // with no subscriber here is neither a broadcast nor a delivery time of this node, unless
+        // it is to be kept. Only the apps' events cross nodes, so a cache channel's are kept.
+        let subscribed = !self.directory.workers_with(&remote.channel).is_empty();
+        let kept = is_cache_channel(&remote.channel);
+        if !subscribed && !kept {
             return;
         }
         let broadcast = Broadcast {
-            frame: remote.frame,
+            // Exact-size, as in `frame`: the reader's pooled buffer goes back to the pool.
+            frame: if kept { Bytes::copy_from_slice(&remote.frame) } else { remote.frame },
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
             may_wait: false,
+            kept_at_us: kept.then_some(remote.published_at_us),
         };
         self.fan_out(conns, &broadcast);
-        // Up to this worker's rings: the other workers' part of it is in their fan-out times.
-        let now_us = crate::clock::since_unix_epoch().as_micros() as u64;
-        self.remote_times.record(Duration::from_micros(now_us.saturating_sub(remote.published_at_us)));
+        if subscribed {
+            // Up to this worker's rings: the other workers' part of it is in their fan-out times.
+            self.remote_times.record(Duration::from_micros(unix_micros().saturating_sub(remote.published_at_us)));
+        }
     }
 
     /// Queues a broadcast to this worker's subscribers of its channel: per recipient, one
-    /// reference-count increment and one ring slot.
+    /// reference-count increment and one ring slot. A cache channel's event is kept first.
     fn deliver(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
+        if let Some(published_at_us) = broadcast.kept_at_us {
+            let dropped = self.last_events.store(&broadcast.channel, broadcast.frame.clone(), published_at_us, Instant::now());
+            self.count_cache_evictions(dropped);
+        }
         let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else {
             return;
         };
@@ -301,13 +344,57 @@ impl PusherService {
         self.fanout_times.record(broadcast.published_at.elapsed());
     }
 
-    fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String) {
+    fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, now: Instant) {
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
         self.add_subscriber(&name, id);
         if let Some(session) = conns.session_mut(id) {
             session.subscribed(name.clone());
         }
         self.send_text(conns, id, &protocol::subscription_succeeded(&name));
+        self.replay_last_event(conns, id, &name, now);
+    }
+
+    /// Right after its `subscription_succeeded`, a new subscriber of a cache channel gets the
+    /// channel's last event (the kept frame itself: nothing is serialized), or
+    /// `pusher:cache_miss`, and then the app's server may hear of the miss.
+    fn replay_last_event(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: &ChannelName, now: Instant) {
+        if !is_cache_channel(channel) {
+            return;
+        }
+        if let Some(frame) = self.last_events.get(channel, now) {
+            conns.send(id, frame);
+            WorkerMetrics::add(&self.metrics.counters.cache_hits, 1);
+            return;
+        }
+        WorkerMetrics::add(&self.metrics.counters.cache_misses, 1);
+        self.send_text(conns, id, &protocol::cache_miss(channel));
+        if !self.webhooks.is_enabled() {
+            return;
+        }
+        // The channel's owner worker decides for the node, so a crowd of misses over every
+        // worker is still one report; each worker tells it once a report interval at most.
+        let owner = owner_of(channel, self.outbox.workers());
+        if owner == self.id {
+            self.report_cache_miss(channel, now);
+        } else if self.last_events.miss(channel, now) {
+            self.send_to(owner, Message::CacheMiss(channel.clone()), format_args!("a cache miss on {channel}"));
+        }
+    }
+
+    /// The owner worker's side of a cache miss: the first in a report interval is posted as a
+    /// `cache_miss` webhook.
+    fn report_cache_miss(&mut self, channel: &ChannelName, now: Instant) {
+        if self.last_events.miss(channel, now) {
+            self.webhooks.emit(WebhookEvent::CacheMiss { channel: channel.clone() });
+        }
+    }
+
+    /// Counts events dropped from the cache for its budget, once for the node: every worker
+    /// keeps the same events and drops the same ones, so worker 0 counts them.
+    fn count_cache_evictions(&self, dropped: usize) {
+        if dropped > 0 && self.id == WorkerId(0) {
+            WorkerMetrics::add(&self.metrics.counters.cache_evictions, dropped as u64);
+        }
     }
 
     /// Adds connection `id` to `channel`'s local subscribers, counted node-wide and told to the
@@ -346,11 +433,11 @@ impl PusherService {
         let owner = owner_of(&name, self.outbox.workers());
         if owner == self.id {
             let result = self.roster_join(&name, &member, socket, now);
-            self.presence_joined(conns, id, socket, &name, result);
+            self.presence_joined(conns, id, socket, &name, result, now);
         } else {
             let join = Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id };
             if !self.send_to(owner, join, format_args!("a presence join on {name}")) {
-                self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()));
+                self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()), now);
             }
         }
     }
@@ -447,21 +534,22 @@ impl PusherService {
         socket: SocketId,
         channel: &ChannelName,
         result: Result<String, String>,
+        now: Instant,
     ) {
         let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else {
             return;
         };
-        let reply = match result {
+        match result {
             Ok(data) => {
                 self.add_subscriber(channel, id);
-                protocol::presence_subscription_succeeded(channel, &data)
+                conns.send_promised(id, &text_frame(&self.pool, &protocol::presence_subscription_succeeded(channel, &data)));
+                self.replay_last_event(conns, id, channel, now);
             }
             Err(reason) => {
                 session.unsubscribed(channel);
-                protocol::subscription_error(channel, "LimitReached", &reason, 403)
+                conns.send_promised(id, &text_frame(&self.pool, &protocol::subscription_error(channel, "LimitReached", &reason, 403)));
             }
-        };
-        conns.send_promised(id, &text_frame(&self.pool, &reply));
+        }
     }
 
     /// Announces the presence changes whose coalescing window has passed.
@@ -571,7 +659,7 @@ impl PusherService {
                 let message = format!("This server holds its maximum of {} subscriptions; try again later", self.policy.max_subscriptions);
                 self.send_text(conns, id, &protocol::subscription_error(&channel, "LimitReached", &message, 503));
             }
-            Action::Subscribe(channel) => self.subscribe(conns, id, channel),
+            Action::Subscribe(channel) => self.subscribe(conns, id, channel, now),
             Action::Unsubscribe(channel) => {
                 if let Some(socket) = conns.session(id).map(Session::socket_id) {
                     self.unsubscribe(id, socket, &channel, now);
@@ -820,7 +908,8 @@ impl Service for PusherService {
                     self.roster_leave(&channel, socket, now);
                 }
             }
-            Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result),
+            Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result, now),
+            Message::CacheMiss(channel) => self.report_cache_miss(&channel, now),
             Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
             Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
             Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
@@ -835,7 +924,7 @@ impl Service for PusherService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due].into_iter().flatten().min()
+        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due, self.last_events.poll_timeout()].into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
@@ -843,6 +932,7 @@ impl Service for PusherService {
             self.announce_presence(conns, now);
         }
         self.outbox.retry(now);
+        self.last_events.handle_timeout(now);
         self.vacate(VACATE_BUDGET, now);
         self.vacate_due = (!self.vacating.is_empty()).then_some(now);
         // Occupancy goes out before this turn's frames are flushed, so another worker learns of

@@ -98,6 +98,8 @@ impl Gateway {
             presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
+            cache_ttl: config.cache_ttl(),
+            cache_max_bytes: config.cache_max_bytes(),
         });
         let server_settings = ServerSettings {
             listen: config.listen_addr(),

@@ -1,6 +1,7 @@
 //! The Pusher Channels protocol (sans-IO): its messages, the per-connection session state
-//! machine, and the signed REST API.
+//! machine, the signed REST API, presence rosters and cache channels' last events.
 
+pub mod cache;
 pub mod presence;
 pub mod protocol;
 pub mod rest;

@@ -11,8 +11,8 @@ use serde_json::{json, Map, Value};
 
 use super::presence::Membership;
 use super::protocol::{
-    event_data_text, validate_channel_name, validate_publish_channel, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN,
-    MAX_USER_ID_LEN,
+    event_data_text, is_cache_channel, validate_channel_name, validate_publish_channel, ChannelKind, ChannelName, SocketId,
+    MAX_EVENT_NAME_LEN, MAX_USER_ID_LEN,
 };
 use super::signature;
 use super::App;
@@ -58,6 +58,12 @@ impl Publish {
     /// window, so its recipients' writes may wait a little longer for other traffic to share.
     pub fn may_wait(&self) -> bool {
         self.event.starts_with("pusher_internal:member_")
+    }
+
+    /// Whether the event is kept as its channel's last event: an app's event (from the REST API
+    /// or a client) on a cache channel, never one of Flux's own announcements.
+    pub fn is_kept(&self) -> bool {
+        is_cache_channel(&self.channel) && !self.event.starts_with("pusher_internal:")
     }
 }
 

@@ -33,8 +33,8 @@ pub struct Timeouts {
     pub pong: Duration,
 }
 
-/// A node's Pusher settings: what its sessions check (the app, the timers, the limits) and the
-/// presence rosters' limits.
+/// A node's Pusher settings: what its sessions check (the app, the timers, the limits), the
+/// presence rosters' limits, and how long and how much of cache channels' events is kept.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// The app (its key and secret check signatures).
@@ -51,6 +51,10 @@ pub struct Policy {
     pub presence_coalesce: Duration,
     /// Subscriptions the node holds at most, across its workers.
     pub max_subscriptions: usize,
+    /// How long a cache channel's last event is kept.
+    pub cache_ttl: Duration,
+    /// Bytes of cache channels' last events kept at most.
+    pub cache_max_bytes: usize,
 }
 
 /// What the caller must do after an input.
@@ -390,6 +394,8 @@ mod tests {
             presence_max_members: 100,
             presence_coalesce: Duration::from_millis(150),
             max_subscriptions: 1_000_000,
+            cache_ttl: Duration::from_secs(1800),
+            cache_max_bytes: 1 << 20,
         }
     }
 

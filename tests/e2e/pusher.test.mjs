@@ -397,23 +397,33 @@ describe("presence channels (pusher-js authorized by the pusher SDK)", () => {
   });
 });
 
+/**
+ * A webhook endpoint on a free loopback port that checks every POST with the official SDK's
+ * webhook validation: `received` holds the valid events in arrival order, `invalid()` counts the
+ * rest. `url` is for FLUX_WEBHOOK_URL; `close()` stops it.
+ */
+async function webhookReceiver() {
+  const received = [];
+  let invalid = 0;
+  const server = http.createServer((request, response) => {
+    let body = "";
+    request.on("data", (chunk) => (body += chunk));
+    request.on("end", () => {
+      const webhook = pusherServer().webhook({ headers: request.headers, rawBody: body });
+      if (webhook.isValid()) received.push(...webhook.getEvents());
+      else invalid++;
+      response.end("{}");
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { received, invalid: () => invalid, url: `http://127.0.0.1:${server.address().port}/hooks`, close: () => server.close() };
+}
+
 describe("webhooks", () => {
   test("occupied, member_added, client_event, member_removed and vacated are posted, signed as Pusher signs them", BOUNDED, async () => {
-    // A receiver that checks every POST with the official SDK's webhook validation.
-    const received = [];
-    let invalid = 0;
-    const receiver = http.createServer((request, response) => {
-      let body = "";
-      request.on("data", (chunk) => (body += chunk));
-      request.on("end", () => {
-        const webhook = pusherServer().webhook({ headers: request.headers, rawBody: body });
-        if (webhook.isValid()) received.push(...webhook.getEvents());
-        else invalid++;
-        response.end("{}");
-      });
-    });
-    await new Promise((resolve) => receiver.listen(0, "127.0.0.1", resolve));
-    const own = await startFlux({ FLUX_WEBHOOK_URL: `http://127.0.0.1:${receiver.address().port}/hooks`, FLUX_WEBHOOK_BATCH_MS: "20" });
+    const receiver = await webhookReceiver();
+    const received = receiver.received;
+    const own = await startFlux({ FLUX_WEBHOOK_URL: receiver.url, FLUX_WEBHOOK_BATCH_MS: "20" });
     try {
       const client = (id) => pusherClient(APP.key, { user: { id }, port: own.port });
       const [ann, bob] = [client("ann"), client("bob")];
@@ -426,7 +436,7 @@ describe("webhooks", () => {
       const names = () => received.map((event) => `${event.name}${event.user_id ? ":" + event.user_id : ""}`);
       const all = ["channel_vacated", "member_removed:ann", "member_removed:bob"];
       await eventually(() => all.every((name) => names().includes(name)), 5000, "the leaves and channel_vacated");
-      assert.equal(invalid, 0, "every POST must carry a valid X-Pusher-Signature");
+      assert.equal(receiver.invalid(), 0, "every POST must carry a valid X-Pusher-Signature");
       // Presence changes wait out the coalescing window; channel_vacated waits for the last
       // member_removed, as on Pusher.
       assert.equal(names()[0], "channel_occupied");
@@ -439,6 +449,49 @@ describe("webhooks", () => {
       assert.equal(clientEvent.event, "client-wave");
       assert.equal(clientEvent.channel, "presence-hooks");
       assert.deepEqual(JSON.parse(clientEvent.data), { hi: 1 });
+    } finally {
+      await own.stop();
+      receiver.close();
+    }
+  });
+});
+
+describe("cache channels", () => {
+  /** Subscribes `pusher` to `name` and resolves with the channel and every event it got, in order, once `last` has come. */
+  async function subscribedUntil(pusher, name, last) {
+    const channel = pusher.subscribe(name);
+    const events = [];
+    channel.bind_global((event, data) => events.push({ event, data }));
+    await once(channel, last);
+    return { channel, events };
+  }
+
+  test("an event triggered with the pusher SDK reaches a later subscriber right after subscription_succeeded", BOUNDED, async () => {
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 1 });
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 2 });
+    const { channel, events } = await subscribedUntil(await connected(pusherClient()), "cache-e2e-price", "price");
+    assert.deepEqual(
+      events.map(({ event }) => event),
+      ["pusher:subscription_succeeded", "price"],
+      "the last event, and only it, right after the confirmation",
+    );
+    assert.deepEqual(events[1].data, { usd: 2 });
+    const live = once(channel, "price");
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 3 });
+    assert.deepEqual(await live, { usd: 3 }, "live events follow");
+  });
+
+  test("with nothing kept, pusher-js's pusher:cache_miss binding fires and a cache_miss webhook arrives", BOUNDED, async () => {
+    const receiver = await webhookReceiver();
+    const own = await startFlux({ FLUX_WEBHOOK_URL: receiver.url, FLUX_WEBHOOK_BATCH_MS: "20" });
+    try {
+      const client = await connected(pusherClient(APP.key, { port: own.port }));
+      const { events } = await subscribedUntil(client, "private-cache-e2e-empty", "pusher:cache_miss");
+      assert.deepEqual(events.map(({ event }) => event), ["pusher:subscription_succeeded", "pusher:cache_miss"]);
+      await eventually(() => receiver.received.some((event) => event.name === "cache_miss"), 5000, "the cache_miss webhook");
+      const misses = receiver.received.filter((event) => event.name === "cache_miss");
+      assert.deepEqual(misses, [{ name: "cache_miss", channel: "private-cache-e2e-empty" }]);
+      assert.equal(receiver.invalid(), 0, "every POST must carry a valid X-Pusher-Signature");
     } finally {
       await own.stop();
       receiver.close();
