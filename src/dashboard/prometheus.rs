@@ -151,7 +151,15 @@ fn cluster(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Result<()
     counter(encoder, "flux_cluster_dropped", dropped_help, c.dropped)?;
     counter(encoder, "flux_cluster_reconnects", "Times a lost Redis connection was made again.", c.reconnects)?;
     counter(encoder, "flux_cluster_inbox_waits", "Events from other nodes that waited for a worker's inbox to have room.", c.inbox_waits)?;
-    counter(encoder, "flux_cluster_inputs_lost", "Changes of this node's state that never reached the cluster thread.", c.inputs_lost)
+    counter(encoder, "flux_cluster_inputs_lost", "Changes of this node's state that never reached the cluster thread.", c.inputs_lost)?;
+    let help = "Cache channels' last events read back from Redis (when the node joins, and after each reconnect).";
+    counter(encoder, "flux_cluster_last_events_loaded", help, c.last_events_loaded)?;
+    counter(
+        encoder,
+        "flux_cluster_last_event_loads",
+        "Times the cache channels' last events were read back from Redis completely.",
+        c.last_event_loads,
+    )
 }
 
 fn latency(encoder: &mut DescriptorEncoder, name: &str, help: &str, histogram: Option<Histogram<u64>>) -> Result<(), fmt::Error> {

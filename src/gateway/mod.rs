@@ -243,7 +243,11 @@ impl PusherService {
         if let Some(cluster) = &self.cluster {
             // The frame's payload is the event message, serialized here just now as UTF-8 JSON.
             let message = std::str::from_utf8(payload_of(&broadcast.frame)).unwrap_or_default();
-            cluster.broadcast(&publish.channel, publish.except, message, broadcast.kept_at_us.unwrap_or_else(unix_micros));
+            let published_at_us = broadcast.kept_at_us.unwrap_or_else(unix_micros);
+            cluster.broadcast(&publish.channel, publish.except, message, published_at_us);
+            if broadcast.kept_at_us.is_some() {
+                cluster.keep(&publish.channel, message, published_at_us);
+            }
         }
         self.fan_out(conns, &broadcast);
         Ok(())
@@ -382,10 +386,17 @@ impl PusherService {
     }
 
     /// The owner worker's side of a cache miss: the first in a report interval is posted as a
-    /// `cache_miss` webhook.
+    /// `cache_miss` webhook by the node that reports the channel's webhooks, which the others
+    /// tell (and which deduplicates again, as several may tell it).
     fn report_cache_miss(&mut self, channel: &ChannelName, now: Instant) {
-        if self.last_events.miss(channel, now) {
-            self.webhooks.emit(WebhookEvent::CacheMiss { channel: channel.clone() });
+        if !self.last_events.miss(channel, now) {
+            return;
+        }
+        match &self.cluster {
+            Some(cluster) if !self.reports_webhooks(channel) => cluster.cache_miss(channel),
+            _ => {
+                self.webhooks.emit(WebhookEvent::CacheMiss { channel: channel.clone() });
+            }
         }
     }
 
@@ -920,6 +931,20 @@ impl Service for PusherService {
             }
             Message::Cluster(Delivery::Presence(members)) => self.members_elsewhere(&members, now),
             Message::Cluster(Delivery::Nodes(nodes)) => self.cluster_nodes = Some(nodes),
+            // Never told on: a node that no longer reports the channel drops it, rather than
+            // bounce it between nodes that see the cluster differently for a moment.
+            Message::Cluster(Delivery::CacheMiss(channel)) => {
+                if self.webhooks.is_enabled() && self.reports_webhooks(&channel) && self.last_events.miss(&channel, now) {
+                    self.webhooks.emit(WebhookEvent::CacheMiss { channel });
+                }
+            }
+            Message::Cluster(Delivery::LastEvents(events)) => {
+                for event in events.iter() {
+                    let dropped =
+                        self.last_events.restore(&event.channel, event.frame.clone(), event.published_at_us, event.remaining, now);
+                    self.count_cache_evictions(dropped);
+                }
+            }
         }
     }
 
