@@ -25,6 +25,11 @@ pub struct AppArgs {
     /// The app secret that signs REST requests and channel authorizations.
     #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
     pub app_secret: String,
+
+    /// Tell subscribers of public and private channels the channel's subscription count
+    /// (`pusher:subscription_count` in pusher-js) when it changes, at most once a second.
+    #[arg(long, env = "FLUX_SUBSCRIPTION_COUNT_EVENTS")]
+    pub subscription_count_events: bool,
 }
 
 /// Gateway settings. `flux --help` lists them with their environment variables.
@@ -186,7 +191,12 @@ impl Default for Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 6001,
             dashboard_port: 8080,
-            app: AppArgs { app_id: "app-id".into(), app_key: "app-key".into(), app_secret: "app-secret".into() },
+            app: AppArgs {
+                app_id: "app-id".into(),
+                app_key: "app-key".into(),
+                app_secret: "app-secret".into(),
+                subscription_count_events: false,
+            },
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce_ms: 150,
@@ -341,6 +351,13 @@ mod tests {
         assert!(Config::try_parse_from(["flux", "--redis-url", "http://127.0.0.1"]).is_err());
         assert!(Config::try_parse_from(["flux", "--node-id", "has space"]).is_err());
         assert!(Config::try_parse_from(["flux", "--node-timeout-ms", "10"]).is_err());
+    }
+
+    #[test]
+    fn subscription_count_events_are_off_unless_asked_for() {
+        assert!(!Config::try_parse_from(["flux"]).expect("parses").app.subscription_count_events);
+        let on = Config::try_parse_from(["flux", "--subscription-count-events"]).expect("parses");
+        assert!(on.app.subscription_count_events);
     }
 
     #[test]

@@ -100,6 +100,9 @@ counters! {
         /// Cache channels' last events dropped before their TTL to stay within the node's
         /// budget (counted by worker 0: every worker keeps the same events).
         cache_evictions,
+        /// Subscription-count events framed: one per channel per announcement (each then
+        /// delivered to every subscriber of the channel on the node).
+        subscription_count_events,
     }
 }
 

@@ -521,3 +521,31 @@ fn cache_misses_on_every_node_are_one_cache_miss_webhook() {
     }
     assert_eq!(misses, [json!({"name": "cache_miss", "channel": "cache-empty"})], "six misses on three nodes, one report");
 }
+
+#[test]
+fn subscription_counts_are_the_clusters() {
+    let Some(redis) = RedisServer::start() else { return };
+    let config = |id: &str| {
+        let mut config = node_config(&redis, id, 5_000);
+        config.app.subscription_count_events = true;
+        config
+    };
+    let nodes: Vec<Gateway> = ["a", "b"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 1))));
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut watcher = subscribed(a, "counted");
+    let count = |event: Value| -> u64 {
+        assert_eq!(event["event"], "pusher_internal:subscription_count", "{event}");
+        let data: Value = serde_json::from_str(event["data"].as_str().expect("data is a string")).expect("JSON");
+        data["subscription_count"].as_u64().expect("a count")
+    };
+    assert_eq!(count(watcher.next_event()), 1);
+    let _there = [subscribed(b, "counted"), subscribed(b, "counted")];
+    // The subscriptions on b reach a within the cluster's flush interval, then a's next
+    // announcement (at most a second after its last) carries them.
+    let mut seen = 1;
+    while seen != 3 {
+        seen = count(watcher.next_event());
+        assert!((1..=3).contains(&seen), "{seen}");
+    }
+}

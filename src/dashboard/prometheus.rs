@@ -47,6 +47,9 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_cache_evictions", "Cache channels' last events dropped before their TTL to stay within FLUX_CACHE_MAX_MB.", |c| {
         c.cache_evictions
     }),
+    ("flux_subscription_count_events", "Subscription-count events framed (one per channel per announcement).", |c| {
+        c.subscription_count_events
+    }),
 ];
 
 /// Upper bounds of the latency histograms' buckets, in microseconds (100 µs to 5 s).

@@ -37,6 +37,7 @@ use crate::fanout::{ConnId, WorkerId};
 use crate::http::{json_error, Request, Response};
 use crate::metrics::{LatencyRecorder, WorkerMetrics};
 use crate::pusher::cache::LastEvents;
+use crate::pusher::counts::{SubscriptionCounts, ANNOUNCE_EVERY};
 use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, is_cache_channel, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
@@ -153,6 +154,8 @@ pub struct PusherService {
     rosters: Rosters,
     /// This worker's copy of the cache channels' last events.
     last_events: LastEvents,
+    /// The subscription-count events due for the channels this worker owns.
+    subscription_counts: SubscriptionCounts,
     /// This worker's replica of every presence channel's users (for the REST API).
     membership: Membership,
     /// Where webhook events go (never blocks; a no-op without a webhook URL).
@@ -219,6 +222,7 @@ impl PusherService {
             subscriptions,
             rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
             last_events: LastEvents::new(policy.cache_ttl, policy.cache_max_bytes),
+            subscription_counts: SubscriptionCounts::new(ANNOUNCE_EVERY),
             membership: Membership::default(),
             policy,
             webhooks,
@@ -350,7 +354,7 @@ impl PusherService {
 
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, now: Instant) {
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
-        self.add_subscriber(&name, id);
+        self.add_subscriber(&name, id, now);
         if let Some(session) = conns.session_mut(id) {
             session.subscribed(name.clone());
         }
@@ -410,17 +414,17 @@ impl PusherService {
 
     /// Adds connection `id` to `channel`'s local subscribers, counted node-wide and told to the
     /// other workers if it was not there yet.
-    fn add_subscriber(&mut self, channel: &ChannelName, id: ConnId) {
+    fn add_subscriber(&mut self, channel: &ChannelName, id: ConnId, now: Instant) {
         if let Some(count) = self.registry.subscribe(channel, id) {
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
-            self.occupancy_changed(channel, count);
+            self.occupancy_changed(channel, count, now);
         }
     }
 
     fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
         if let Some(count) = self.registry.unsubscribe(channel, id) {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
-            self.occupancy_changed(channel, count);
+            self.occupancy_changed(channel, count, now);
         }
         if ChannelKind::of(channel) == ChannelKind::Presence {
             let owner = owner_of(channel, self.outbox.workers());
@@ -552,7 +556,7 @@ impl PusherService {
         };
         match result {
             Ok(data) => {
-                self.add_subscriber(channel, id);
+                self.add_subscriber(channel, id, now);
                 conns.send_promised(id, &text_frame(&self.pool, &protocol::presence_subscription_succeeded(channel, &data)));
                 self.replay_last_event(conns, id, channel, now);
             }
@@ -612,21 +616,25 @@ impl PusherService {
     }
 
     /// Applies a local count change to this worker's directory and marks it for the others.
-    fn occupancy_changed(&mut self, channel: &ChannelName, count: u32) {
-        self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count });
+    fn occupancy_changed(&mut self, channel: &ChannelName, count: u32, now: Instant) {
+        self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count }, now);
         self.changed_occupancy.insert(channel.clone());
     }
 
     /// Applies a worker's count to this replica.
-    fn apply_occupancy(&mut self, update: &Occupancy) {
-        self.track_occupancy(&update.channel, |directory| directory.apply(update));
+    fn apply_occupancy(&mut self, update: &Occupancy, now: Instant) {
+        self.track_occupancy(&update.channel, now, |directory| directory.apply(update));
     }
 
     /// Makes a change to this replica. The channel's owner worker (the same one that owns
-    /// presence rosters) of the node that reports the channel's webhooks sends
-    /// `channel_occupied` and `channel_vacated` when its count across the node (and the
-    /// cluster) leaves or reaches 0, so each is sent once.
-    fn track_occupancy(&mut self, channel: &ChannelName, change: impl FnOnce(&mut Directory)) {
+    /// presence rosters) notes it for the channel's subscription-count event and, on the node
+    /// that reports the channel's webhooks, sends `channel_occupied` and `channel_vacated` when
+    /// its count across the node (and the cluster) leaves or reaches 0, so each is sent once.
+    fn track_occupancy(&mut self, channel: &ChannelName, now: Instant, change: impl FnOnce(&mut Directory)) {
+        let counted = self.policy.app.subscription_count_events && ChannelKind::of(channel) != ChannelKind::Presence;
+        if counted && owner_of(channel, self.outbox.workers()) == self.id {
+            self.subscription_counts.handle_change(channel, now);
+        }
         if !self.webhooks.is_enabled() || owner_of(channel, self.outbox.workers()) != self.id || !self.reports_webhooks(channel) {
             change(&mut self.directory);
             return;
@@ -652,6 +660,29 @@ impl PusherService {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Frames each due `pusher_internal:subscription_count` once, with the channel's count across
+    /// the node (and the cluster), for this node's subscribers of it. Like presence changes it
+    /// stays on this node: every node announces the same count to its own subscribers.
+    fn announce_counts(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        let directory = &self.directory;
+        for (channel, count) in self.subscription_counts.poll_due(now, |channel| directory.subscription_count(channel)) {
+            let publish = Publish {
+                channel,
+                event: "pusher_internal:subscription_count".into(),
+                data: protocol::subscription_count_data(count),
+                except: None,
+                user_id: None,
+            };
+            match self.frame(&publish) {
+                Ok(broadcast) => {
+                    WorkerMetrics::add(&self.metrics.counters.subscription_count_events, 1);
+                    self.fan_out(conns, &broadcast);
+                }
+                Err(e) => warn!("could not frame a subscription count for {}: {e}", publish.channel),
+            }
         }
     }
 
@@ -902,7 +933,7 @@ impl Service for PusherService {
             Message::Broadcast(broadcast) => self.deliver(conns, &broadcast),
             Message::Occupancy(batch) => {
                 for update in batch.updates() {
-                    self.apply_occupancy(&update);
+                    self.apply_occupancy(&update, now);
                 }
             }
             Message::Snapshot(reply) => {
@@ -926,7 +957,7 @@ impl Service for PusherService {
             Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
             Message::Cluster(Delivery::Occupancy(counts)) => {
                 for (channel, count) in counts.iter() {
-                    self.track_occupancy(channel, |directory| directory.apply_remote(channel, *count));
+                    self.track_occupancy(channel, now, |directory| directory.apply_remote(channel, *count));
                 }
             }
             Message::Cluster(Delivery::Presence(members)) => self.members_elsewhere(&members, now),
@@ -949,12 +980,22 @@ impl Service for PusherService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due, self.last_events.poll_timeout()].into_iter().flatten().min()
+        let timers = [
+            self.rosters.poll_timeout(),
+            self.subscription_counts.poll_timeout(),
+            self.outbox.retry_due(),
+            self.vacate_due,
+            self.last_events.poll_timeout(),
+        ];
+        timers.into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
         if self.rosters.poll_timeout().is_some_and(|due| due <= now) {
             self.announce_presence(conns, now);
+        }
+        if self.subscription_counts.poll_timeout().is_some_and(|due| due <= now) {
+            self.announce_counts(conns, now);
         }
         self.outbox.retry(now);
         self.last_events.handle_timeout(now);

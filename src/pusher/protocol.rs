@@ -283,6 +283,11 @@ pub fn cache_miss(channel: &str) -> String {
     to_json(&EventMessage { event: "pusher:cache_miss", channel: Some(channel), data: "{}", user_id: None })
 }
 
+/// The data of `pusher_internal:subscription_count`: `{"subscription_count":N}` as a JSON string.
+pub fn subscription_count_data(count: u32) -> String {
+    format!(r#"{{"subscription_count":{count}}}"#)
+}
+
 /// The data of `pusher_internal:member_added` and `member_removed`.
 #[derive(Serialize)]
 struct MemberData<'a> {

@@ -54,10 +54,11 @@ pub struct Publish {
 }
 
 impl Publish {
-    /// A presence change (`pusher_internal:member_*`). It is already held for the coalescing
-    /// window, so its recipients' writes may wait a little longer for other traffic to share.
+    /// One of Flux's own announcements (a presence change, a subscription count). It was already
+    /// held back for its coalescing window or interval, so its recipients' writes may wait a
+    /// little longer for other traffic to share.
     pub fn may_wait(&self) -> bool {
-        self.event.starts_with("pusher_internal:member_")
+        self.event.starts_with("pusher_internal:")
     }
 
     /// Whether the event is kept as its channel's last event: an app's event (from the REST API
@@ -363,7 +364,7 @@ mod tests {
     const NOW: u64 = 1_700_000_000;
 
     fn app() -> App {
-        App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into() }
+        App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into(), subscription_count_events: false }
     }
 
     fn directory() -> Directory {

@@ -387,7 +387,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
-            app: App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into() },
+            app: App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into(), subscription_count_events: false },
             timeouts: TIMEOUTS,
             max_payload: 100,
             client_events_per_sec: 10,

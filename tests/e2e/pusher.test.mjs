@@ -499,6 +499,80 @@ describe("cache channels", () => {
   });
 });
 
+describe("subscription counts (FLUX_SUBSCRIPTION_COUNT_EVENTS)", () => {
+  /**
+   * Subscribes `pusher` to `name`, recording its pusher:subscription_count events from before
+   * the subscription (the first comes right behind the confirmation), and resolves with them.
+   */
+  async function countsOf(pusher, name) {
+    const channel = pusher.subscribe(name);
+    const counts = record(channel, "pusher:subscription_count");
+    await once(channel, "pusher:subscription_succeeded");
+    return counts;
+  }
+  const last = (counts) => counts.at(-1)?.subscription_count;
+
+  test("public and private subscribers hear the count as pusher:subscription_count; presence members do not", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_SUBSCRIPTION_COUNT_EVENTS: "true" });
+    try {
+      const client = (id = "user-1") => connected(pusherClient(APP.key, { port: own.port, user: { id } }));
+      const watcher = await client();
+      const counts = await countsOf(watcher, "counted");
+      await eventually(() => last(counts) === 1, 3000, "the watcher's own count");
+      for (let i = 0; i < 4; i++) await subscribed(await client(), "counted");
+      await eventually(() => last(counts) === 5, 3000, "a count of 5");
+      assert.ok(counts.length <= 5, `at most one event per change: ${JSON.stringify(counts)}`);
+      assert.equal(watcher.channel("counted").subscriptionCount, 5, "pusher-js keeps the count on the channel");
+
+      const privateCounts = await countsOf(watcher, "private-counted");
+      await subscribed(await client(), "private-counted");
+      await eventually(() => last(privateCounts) === 2, 3000, "the private channel's count");
+
+      const memberCounts = await countsOf(await client("ann"), "presence-counted");
+      await subscribed(await client("bob"), "presence-counted");
+      await sleep(1500); // Longer than the announcement interval.
+      assert.deepEqual(memberCounts, [], "no subscription counts on presence channels");
+    } finally {
+      await own.stop();
+    }
+  });
+
+  test("under churn the count is announced at most once a second, and settles on the final count", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_SUBSCRIPTION_COUNT_EVENTS: "true" });
+    try {
+      const client = () => connected(pusherClient(APP.key, { port: own.port }));
+      const counts = await countsOf(await client(), "churned");
+      await eventually(() => last(counts) === 1, 3000, "the watcher's own count");
+      const churners = await Promise.all(Array.from({ length: 20 }, client));
+      const before = counts.length;
+      const started = Date.now();
+      let changes = 0;
+      // Each churner joins and leaves five times, then the first ten stay: 210 changes.
+      await Promise.all(
+        churners.map(async (pusher, i) => {
+          for (let round = 0; round < 5; round++) {
+            await subscribed(pusher, "churned");
+            pusher.unsubscribe("churned");
+            changes += 2;
+            await sleep(10);
+          }
+          if (i < 10) {
+            await subscribed(pusher, "churned");
+            changes += 1;
+          }
+        }),
+      );
+      await eventually(() => last(counts) === 11, 5000, "the final count of 11");
+      const elapsed = Date.now() - started;
+      const announced = counts.length - before;
+      assert.ok(announced <= Math.floor(elapsed / 1000) + 2, `${announced} announcements in ${elapsed} ms: more than one a second`);
+      assert.ok(announced * 10 < changes, `${announced} announcements for ${changes} changes`);
+    } finally {
+      await own.stop();
+    }
+  });
+});
+
 describe("raw WebSocket clients (ws)", () => {
   test("connection_established carries socket_id and the configured activity_timeout", BOUNDED, async () => {
     const client = await established();

@@ -910,7 +910,7 @@ mod tests {
 
     #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
-        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
+        let app = App { id: "a".into(), key: "k".into(), secret: "s".into(), subscription_count_events: false };
         let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
         let data = &message["data"];
         let channel_data = data["channel_data"].as_str().unwrap();
