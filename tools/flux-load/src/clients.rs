@@ -538,6 +538,7 @@ impl<'p> Shard<'p> {
                 self.tick.member_events += 1;
                 self.member_removed(i, text);
             }
+            "pusher_internal:subscription_count" if self.clients[i].role == Role::Healthy => self.tick.count_events += 1,
             "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
             "pusher:error" => debug!("pusher:error: {text}"),
             _ => {}
