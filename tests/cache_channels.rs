@@ -110,11 +110,8 @@ fn a_crowd_of_misses_is_one_cache_miss_webhook() {
             client
         })
         .collect();
-    let mut misses = Vec::new();
-    while let Ok(posted) = receiver.posts.recv_timeout(Duration::from_secs(1)) {
-        let events = posted.json()["events"].as_array().cloned().unwrap_or_default();
-        misses.extend(events.into_iter().filter(|e| e["name"] == "cache_miss"));
-    }
+    let misses: Vec<Value> =
+        receiver.events_until_quiet(Duration::from_secs(1)).into_iter().filter(|e| e["name"] == "cache_miss").collect();
     assert_eq!(misses, [json!({"name": "cache_miss", "channel": "cache-empty"})], "six subscribers over two workers, one report");
     assert_eq!(gateway.observer().counters().cache_misses, 6);
     drop(crowd);

@@ -354,13 +354,19 @@ fn the_presence_limit_counts_the_cluster() {
     assert_eq!(third.next_event()["event"], "pusher:subscription_error", "two members on a fill the channel for b too");
 }
 
+/// Three nodes, a, b and c, that post their webhooks to `receiver`, once they see each other.
+fn webhook_cluster(redis: &RedisServer, receiver: &Receiver) -> Vec<Gateway> {
+    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(redis, id, 5_000) };
+    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))), "the nodes never met");
+    nodes
+}
+
 #[test]
 fn webhooks_are_sent_once_per_cluster() {
     let Some(redis) = RedisServer::start() else { return };
     let receiver = Receiver::answering(&[]);
-    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(&redis, id, 5_000) };
-    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
-    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))));
+    let nodes = webhook_cluster(&redis, &receiver);
     let addrs: Vec<SocketAddr> = nodes.iter().map(Gateway::local_addr).collect();
     let mut clients = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
@@ -377,13 +383,14 @@ fn webhooks_are_sent_once_per_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Every webhook until the endpoint has been quiet for a while.
-    let mut events: Vec<(String, String, String)> = Vec::new();
-    while let Ok(posted) = receiver.posts.recv_timeout(Duration::from_secs(2)) {
-        for event in posted.json()["events"].as_array().into_iter().flatten() {
+    let mut events: Vec<(String, String, String)> = receiver
+        .events_until_quiet(Duration::from_secs(2))
+        .iter()
+        .map(|event| {
             let field = |k: &str| event[k].as_str().unwrap_or("").to_string();
-            events.push((field("name"), field("channel"), field("user_id")));
-        }
-    }
+            (field("name"), field("channel"), field("user_id"))
+        })
+        .collect();
     events.sort();
     let expected: Vec<(String, String, String)> = [
         ("channel_occupied", "chat", ""),
@@ -506,19 +513,14 @@ fn a_cache_channels_last_event_outlives_its_node_and_reaches_a_node_that_starts_
 fn cache_misses_on_every_node_are_one_cache_miss_webhook() {
     let Some(redis) = RedisServer::start() else { return };
     let receiver = Receiver::answering(&[]);
-    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(&redis, id, 5_000) };
-    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
-    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))));
+    let nodes = webhook_cluster(&redis, &receiver);
     for node in &nodes {
         for _ in 0..2 {
             assert_eq!(replayed(node.local_addr(), "cache-empty")["event"], "pusher:cache_miss");
         }
     }
-    let mut misses = Vec::new();
-    while let Ok(posted) = receiver.posts.recv_timeout(Duration::from_secs(2)) {
-        let events = posted.json()["events"].as_array().cloned().unwrap_or_default();
-        misses.extend(events.into_iter().filter(|e| e["name"] == "cache_miss"));
-    }
+    let misses: Vec<Value> =
+        receiver.events_until_quiet(Duration::from_secs(2)).into_iter().filter(|e| e["name"] == "cache_miss").collect();
     assert_eq!(misses, [json!({"name": "cache_miss", "channel": "cache-empty"})], "six misses on three nodes, one report");
 }
 
