@@ -30,9 +30,12 @@ before(async () => {
   flux = await startFlux();
 }, BOUNDED);
 
-afterEach(() => {
+/** Closes the clients a test opened. */
+function disconnectAll() {
   for (const client of openClients.splice(0)) client.disconnect();
-}, BOUNDED);
+}
+
+afterEach(disconnectAll, BOUNDED);
 
 after(async () => {
   await flux?.stop(); // Absent if it failed to start: that failure is already reported.
@@ -493,6 +496,8 @@ describe("cache channels", () => {
       assert.deepEqual(misses, [{ name: "cache_miss", channel: "private-cache-e2e-empty" }]);
       assert.equal(receiver.invalid(), 0, "every POST must carry a valid X-Pusher-Signature");
     } finally {
+      // Before the gateway goes: a pusher-js client that sees it go keeps trying to reconnect.
+      disconnectAll();
       await own.stop();
       receiver.close();
     }
@@ -518,21 +523,22 @@ describe("subscription counts (FLUX_SUBSCRIPTION_COUNT_EVENTS)", () => {
       const client = (id = "user-1") => connected(pusherClient(APP.key, { port: own.port, user: { id } }));
       const watcher = await client();
       const counts = await countsOf(watcher, "counted");
-      await eventually(() => last(counts) === 1, 3000, "the watcher's own count");
+      await eventually(() => last(counts) === 1, 5000, "the watcher's own count");
       for (let i = 0; i < 4; i++) await subscribed(await client(), "counted");
-      await eventually(() => last(counts) === 5, 3000, "a count of 5");
+      await eventually(() => last(counts) === 5, 5000, "a count of 5");
       assert.ok(counts.length <= 5, `at most one event per change: ${JSON.stringify(counts)}`);
       assert.equal(watcher.channel("counted").subscriptionCount, 5, "pusher-js keeps the count on the channel");
 
       const privateCounts = await countsOf(watcher, "private-counted");
       await subscribed(await client(), "private-counted");
-      await eventually(() => last(privateCounts) === 2, 3000, "the private channel's count");
+      await eventually(() => last(privateCounts) === 2, 5000, "the private channel's count");
 
       const memberCounts = await countsOf(await client("ann"), "presence-counted");
       await subscribed(await client("bob"), "presence-counted");
       await sleep(1500); // Longer than the announcement interval.
       assert.deepEqual(memberCounts, [], "no subscription counts on presence channels");
     } finally {
+      disconnectAll();
       await own.stop();
     }
   });
@@ -542,7 +548,7 @@ describe("subscription counts (FLUX_SUBSCRIPTION_COUNT_EVENTS)", () => {
     try {
       const client = () => connected(pusherClient(APP.key, { port: own.port }));
       const counts = await countsOf(await client(), "churned");
-      await eventually(() => last(counts) === 1, 3000, "the watcher's own count");
+      await eventually(() => last(counts) === 1, 5000, "the watcher's own count");
       const churners = await Promise.all(Array.from({ length: 20 }, client));
       const before = counts.length;
       const started = Date.now();
@@ -568,6 +574,7 @@ describe("subscription counts (FLUX_SUBSCRIPTION_COUNT_EVENTS)", () => {
       assert.ok(announced <= Math.floor(elapsed / 1000) + 2, `${announced} announcements in ${elapsed} ms: more than one a second`);
       assert.ok(announced * 10 < changes, `${announced} announcements for ${changes} changes`);
     } finally {
+      disconnectAll();
       await own.stop();
     }
   });
