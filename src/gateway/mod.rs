@@ -11,6 +11,7 @@
 
 pub mod evictions;
 mod node;
+mod resync;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +44,7 @@ use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerCo
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, payload_of, text_frame, EncodeError, Incoming};
 use evictions::{Eviction, EvictionLog};
+use resync::{Due, Resyncs};
 
 /// What workers of a gateway send each other.
 pub enum Message {
@@ -77,6 +79,29 @@ pub enum Message {
         conn: ConnId,
         /// `subscription_succeeded` data, or the reason for refusing.
         result: Result<String, String>,
+    },
+    /// To a presence channel's owner: member `conn` of worker `from` missed a change and needs
+    /// the whole roster again.
+    PresenceResync {
+        /// The channel.
+        channel: ChannelName,
+        /// The member's socket id.
+        socket: SocketId,
+        /// Its worker, for the answer.
+        from: WorkerId,
+        /// Its key in that worker.
+        conn: ConnId,
+    },
+    /// From a presence channel's owner: the roster for a resync (`None`: the member has left).
+    PresenceResynced {
+        /// The channel.
+        channel: ChannelName,
+        /// The member's socket id.
+        socket: SocketId,
+        /// Its key in the receiving worker.
+        conn: ConnId,
+        /// `subscription_succeeded` data.
+        roster: Option<String>,
     },
     /// To a presence channel's owner: this connection left the channel.
     PresenceLeave {
@@ -115,8 +140,12 @@ pub struct Broadcast {
     pub except: Option<SocketId>,
     /// When publishing began, for the fan-out time metric.
     pub published_at: Instant,
-    /// Its writes may wait for other traffic (see [`Publish::may_wait`]).
-    pub may_wait: bool,
+    /// A presence change (`member_added` / `member_removed`). It has already waited a coalescing
+    /// window, so its writes may wait a little longer for other traffic to share them; and it
+    /// must not be lost: a member whose ring cannot take it would keep a wrong roster for good (a
+    /// ghost member, or a missing one), so that member is sent the whole roster again instead
+    /// (see [`resync`]).
+    pub roster_change: bool,
 }
 
 /// One worker's Pusher service.
@@ -149,6 +178,12 @@ pub struct PusherService {
     /// Presence channels that emptied while member changes were still to be announced: their
     /// `channel_vacated` waits for the last `member_removed`, as on Pusher.
     vacated_after_presence: Vec<ChannelName>,
+    /// Members whose ring was full for the presence change being delivered (scratch space).
+    missed_changes: Vec<ConnId>,
+    /// Members that missed a roster change, owed the whole roster.
+    resyncs: Resyncs,
+    /// When to look again for members owed a roster whose rings have drained.
+    resync_due: Option<Instant>,
     /// Closed connections whose subscriptions are still to be removed, oldest first.
     vacating: VecDeque<Vacating>,
     /// When the next turn must come to go on removing them.
@@ -165,6 +200,10 @@ pub struct PusherService {
 /// second. In slices of this size each turn stays within a few milliseconds, and the
 /// occupancy batches that carry the changes to the other workers stay as small.
 const VACATE_BUDGET: usize = 512;
+
+/// How often a worker looks for members owed a roster whose rings have drained, while there are
+/// any: a ring drains on socket writes, which come with no event of the service's own.
+const RESYNC_CHECK: Duration = Duration::from_millis(10);
 
 /// A closed connection's subscriptions, removed a slice per turn. Until they are all removed
 /// its key stays in the registry: broadcasts skip it (no open connection has it), and a new
@@ -201,11 +240,14 @@ impl PusherService {
             changed_occupancy: IndexSet::new(),
             evictions,
             subscriptions,
-            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
+            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members, policy.presence_batch),
             membership: Membership::default(),
             policy,
             webhooks,
             vacated_after_presence: Vec::new(),
+            missed_changes: Vec::new(),
+            resyncs: Resyncs::default(),
+            resync_due: None,
             vacating: VecDeque::new(),
             vacate_due: None,
             cluster,
@@ -242,7 +284,7 @@ impl PusherService {
             user_id: publish.user_id.as_deref(),
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
-        Ok(Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, may_wait: publish.may_wait() })
+        Ok(Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, roster_change: false })
     }
 
     /// Hands a framed event to each worker of this node with subscribers of its channel.
@@ -270,7 +312,7 @@ impl PusherService {
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
-            may_wait: false,
+            roster_change: false,
         };
         self.fan_out(conns, &broadcast);
         // Up to this worker's rings: the other workers' part of it is in their fan-out times.
@@ -286,19 +328,66 @@ impl PusherService {
         };
         // Waiting up to one more coalescing window lets a presence batch ride along with the
         // next message to each member instead of costing every member a write of its own.
-        let flush = if broadcast.may_wait { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
+        let flush = if broadcast.roster_change { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
         let (mut queued, mut dropped) = (0u64, 0u64);
-        for &id in subscribers {
-            match conns.offer(id, &broadcast.frame, flush, |s| Some(s.socket_id()) != broadcast.except) {
-                Offer::Queued => queued += 1,
-                Offer::Dropped => dropped += 1,
-                Offer::Closed => {}
+        {
+            // A member owed the whole roster is not offered the changes that roster will hold.
+            let withheld = if broadcast.roster_change { self.resyncs.withholds(&broadcast.channel) } else { None };
+            for &id in subscribers {
+                let wanted = |s: &Session| Some(s.socket_id()) != broadcast.except && !withheld.as_ref().is_some_and(|w| w(s.socket_id()));
+                match conns.offer(id, &broadcast.frame, flush, wanted) {
+                    Offer::Queued => queued += 1,
+                    Offer::Dropped => {
+                        dropped += 1;
+                        if broadcast.roster_change {
+                            self.missed_changes.push(id);
+                        }
+                    }
+                    Offer::Closed => {}
+                }
             }
         }
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.deliveries, queued);
         WorkerMetrics::add(&counters.drops, dropped);
         self.fanout_times.record(broadcast.published_at.elapsed());
+        for id in std::mem::take(&mut self.missed_changes) {
+            let Some(socket) = conns.session(id).map(Session::socket_id) else { continue };
+            if self.resyncs.missed(&broadcast.channel, socket, id) {
+                WorkerMetrics::add(&self.metrics.counters.presence_resyncs, 1);
+            }
+        }
+    }
+
+    /// Asks the owners for the rosters of the members that missed changes and whose rings have
+    /// drained since (see [`resync`]).
+    fn resync_rosters(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        let drained = conns.ring_slots() / 4;
+        for due in self.resyncs.due(|id| conns.queued(id).is_none_or(|n| n <= drained)) {
+            let owner = owner_of(&due.channel, self.outbox.workers());
+            if owner == self.id {
+                let roster = self.rosters.listing(&due.channel, due.socket);
+                self.roster_resynced(conns, due.id, due.socket, &due.channel, roster);
+            } else {
+                let Due { channel, socket, id } = &due;
+                let ask = Message::PresenceResync { channel: channel.clone(), socket: *socket, from: self.id, conn: *id };
+                if !self.send_to(owner, ask, format_args!("a presence resync on {channel}")) {
+                    self.resyncs.ask_again(&due);
+                }
+            }
+        }
+        self.resync_due = self.resyncs.is_draining().then_some(now + RESYNC_CHECK);
+    }
+
+    /// The owner's roster for a resync reached the member's worker: queued behind what the
+    /// member's ring holds, as a reply (never dropped). `None`: the member has left meanwhile.
+    fn roster_resynced(&mut self, conns: &mut Conns<Session>, id: ConnId, socket: SocketId, channel: &ChannelName, roster: Option<String>) {
+        self.resyncs.answered(channel, socket);
+        let subscribed = conns.session(id).is_some_and(|s| s.socket_id() == socket && s.subscriptions().contains(channel));
+        if let (true, Some(data)) = (subscribed, roster) {
+            let reply = protocol::presence_subscription_succeeded(channel, &data);
+            conns.send(id, &text_frame(&self.pool, &reply));
+        }
     }
 
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String) {
@@ -499,7 +588,7 @@ impl PusherService {
             // Presence changes stay on this node: each node announces its own view to its own
             // clients.
             match self.frame(&publish) {
-                Ok(broadcast) => self.fan_out(conns, &broadcast),
+                Ok(broadcast) => self.fan_out(conns, &Broadcast { roster_change: true, ..broadcast }),
                 Err(e) => warn!("could not frame a presence change for {}: {e}", publish.channel),
             }
         }
@@ -770,6 +859,7 @@ impl Service for PusherService {
 
     fn on_close(&mut self, conns: &mut Conns<Session>, id: ConnId, session: Session, why: Ended) {
         debug!("socket {} closed: {why:?}", session.socket_id());
+        self.resyncs.forget(session.socket_id(), session.subscriptions());
         if let Ended::Evicted { backpressured_for, dropped, queued } = why {
             self.evictions.record(Eviction {
                 at_unix_ms: crate::clock::since_unix_epoch().as_millis() as u64,
@@ -821,6 +911,12 @@ impl Service for PusherService {
                 }
             }
             Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result),
+            Message::PresenceResync { channel, socket, from, conn } => {
+                let roster = self.rosters.listing(&channel, socket);
+                let answer = Message::PresenceResynced { channel: channel.clone(), socket, conn, roster };
+                self.send_to(from, answer, format_args!("a presence resync answer on {channel}"));
+            }
+            Message::PresenceResynced { channel, socket, conn, roster } => self.roster_resynced(conns, conn, socket, &channel, roster),
             Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
             Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
             Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
@@ -835,12 +931,15 @@ impl Service for PusherService {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due].into_iter().flatten().min()
+        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due, self.resync_due].into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
         if self.rosters.poll_timeout().is_some_and(|due| due <= now) {
             self.announce_presence(conns, now);
+        }
+        if self.resync_due.is_some_and(|due| due <= now) || self.resyncs.is_draining() && self.resync_due.is_none() {
+            self.resync_rosters(conns, now);
         }
         self.outbox.retry(now);
         self.vacate(VACATE_BUDGET, now);

@@ -97,6 +97,7 @@ impl Gateway {
             client_events_per_sec: config.client_events_per_sec,
             presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
+            presence_batch: crate::pusher::presence::batch_for_ring(config.ring_slots as usize),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
         });
         let server_settings = ServerSettings {

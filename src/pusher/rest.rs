@@ -53,14 +53,6 @@ pub struct Publish {
     pub user_id: Option<String>,
 }
 
-impl Publish {
-    /// A presence change (`pusher_internal:member_*`). It is already held for the coalescing
-    /// window, so its recipients' writes may wait a little longer for other traffic to share.
-    pub fn may_wait(&self) -> bool {
-        self.event.starts_with("pusher_internal:member_")
-    }
-}
-
 /// The answer to a REST call.
 #[derive(Debug)]
 pub struct RestOutcome {

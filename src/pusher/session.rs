@@ -49,6 +49,8 @@ pub struct Policy {
     pub presence_max_members: usize,
     /// Window over which a user's presence changes collapse into their net effect.
     pub presence_coalesce: Duration,
+    /// Presence changes announced at once at most (they must fit in the members' rings).
+    pub presence_batch: usize,
     /// Subscriptions the node holds at most, across its workers.
     pub max_subscriptions: usize,
 }
@@ -389,6 +391,7 @@ mod tests {
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce: Duration::from_millis(150),
+            presence_batch: 100,
             max_subscriptions: 1_000_000,
         }
     }
