@@ -51,6 +51,8 @@ pub struct Policy {
     pub presence_coalesce: Duration,
     /// Subscriptions the node holds at most, across its workers.
     pub max_subscriptions: usize,
+    /// WebSocket connections the node holds at most (none: no cap).
+    pub max_connections: Option<u64>,
 }
 
 /// What the caller must do after an input.
@@ -390,6 +392,7 @@ mod tests {
             presence_max_members: 100,
             presence_coalesce: Duration::from_millis(150),
             max_subscriptions: 1_000_000,
+            max_connections: None,
         }
     }
 
