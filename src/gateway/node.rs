@@ -98,6 +98,7 @@ impl Gateway {
             presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
+            max_channels_per_connection: config.max_channels_per_connection as usize,
             max_connections: config.max_connections,
         });
         let server_settings = ServerSettings {
