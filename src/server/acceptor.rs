@@ -36,9 +36,9 @@ const LISTENER: Token = Token(0);
 const STOP: Token = Token(1);
 const SIGNALS: Token = Token(2);
 
-/// How often a drain looks whether the node's connections are all gone. Polling, rather than
-/// being woken by the workers, keeps the workers unaware of the drain's end; it lasts at most
-/// the shutdown grace, so this costs a few hundred wake-ups at most.
+/// How often a drain looks whether the node's connections are all gone. Reading the workers'
+/// gauges, rather than having each worker report when it empties, keeps the drain's end in one
+/// place; a drain lasts at most the shutdown grace, so this costs a few hundred wake-ups at most.
 const DRAIN_CHECK: Duration = Duration::from_millis(10);
 
 /// How long accepting pauses after an accept error such as EMFILE.

@@ -179,8 +179,8 @@ impl<M> Server<M> {
         &self.pool
     }
 
-    /// Asks the server to stop: close 4200 to every client, flush, exit; until the workers are
-    /// done the listener stays open for HTTP (see the module doc).
+    /// Asks the server to stop: close 4200 to every client, flush, exit; until its connections
+    /// are gone the listener stays open for HTTP (see the module doc).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Err(e) = self.acceptor_waker.wake() {
