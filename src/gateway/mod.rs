@@ -10,6 +10,7 @@
 //! them, once, to the [`ClusterLink`] for the other nodes.
 
 pub mod evictions;
+pub mod health;
 mod node;
 mod resync;
 
@@ -40,10 +41,11 @@ use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
-use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerContext};
+use crate::server::{Conns, Ended, Flush, NodeStatus, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, payload_of, text_frame, EncodeError, Incoming};
 use evictions::{Eviction, EvictionLog};
+use health::Readiness;
 use resync::{Due, Resyncs};
 
 /// What workers of a gateway send each other.
@@ -157,6 +159,8 @@ pub struct PusherService {
     outbox: Outbox<Message>,
     pool: FramePool,
     metrics: Arc<WorkerMetrics>,
+    /// The whole node, for readiness and the connection limit.
+    node: NodeStatus,
     fanout_times: LatencyRecorder,
     /// Times from a publish on another node to its delivery here.
     remote_times: LatencyRecorder,
@@ -232,6 +236,7 @@ impl PusherService {
             outbox: Outbox::new(context.peers),
             pool: context.pool,
             metrics: context.metrics,
+            node: context.node,
             fanout_times: LatencyRecorder::default(),
             remote_times: LatencyRecorder::default(),
             // Random per worker, so ids differ across workers, restarts and (later) nodes.
@@ -769,7 +774,15 @@ impl PusherService {
         }
     }
 
-    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way.
+    /// Whether the node takes new clients now.
+    fn readiness(&self) -> Readiness {
+        Readiness::of(self.node.is_draining(), self.node.websockets(), self.policy.max_connections)
+    }
+
+    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way. Workers admit apart,
+    /// so at the limit each of the others may admit one more at the same moment: the limit may
+    /// be passed by fewer connections than there are workers, and is never stuck, since the
+    /// count is the workers' own gauges of open sessions.
     fn admit(&mut self, key: &str, request: &Request, now: Instant) -> Routed<Session> {
         let refuse = |pool: &FramePool, code: u16, message: &str, reason: &'static str| Routed::Refuse {
             frame: text_frame(pool, &protocol::error(Some(code), message)),
@@ -788,7 +801,10 @@ impl PusherService {
                     let message = format!("Unsupported protocol version {v}; this server speaks 7");
                     refuse(&self.pool, code::UNSUPPORTED_PROTOCOL, &message, "Unsupported protocol version")
                 }
-                Ok(_) => Routed::Upgrade(Session::new(self.next_socket_id(), now)),
+                Ok(_) => match self.readiness().refusal() {
+                    Some(refusal) => refuse(&self.pool, refusal.code, &refusal.message, refusal.reason),
+                    None => Routed::Upgrade(Session::new(self.next_socket_id(), now)),
+                },
             },
         }
     }
@@ -825,7 +841,9 @@ impl Service for PusherService {
             return Routed::Respond(self.handle_rest(conns, request));
         }
         match request.path.as_str() {
-            "/" | "/up" => Routed::Respond(Response::json(200, r#"{"ok":true}"#)),
+            "/up" => Routed::Respond(health::up()),
+            "/ready" => Routed::Respond(self.readiness().response()),
+            "/" => Routed::Respond(Response::json(200, r#"{"ok":true}"#)),
             _ => Routed::Respond(json_error(404, "not found: WebSocket clients connect to /app/{key}, the REST API is under /apps/{id}")),
         }
     }
