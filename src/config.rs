@@ -83,6 +83,17 @@ pub struct Config {
     /// dropped first.
     #[arg(long, env = "FLUX_CACHE_MAX_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub cache_max_mb: u64,
+    /// Channels one connection may subscribe to; past it the subscription gets
+    /// `pusher:subscription_error` (LimitReached, status 400), so one client cannot make the node
+    /// hold an unbounded set of channels for it.
+    #[arg(long, env = "FLUX_MAX_CHANNELS_PER_CONNECTION", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_channels_per_connection: u32,
+
+    /// WebSocket connections this node holds at most; past it a new client gets `pusher:error`
+    /// 4004 (Over connection quota) and is closed with 4004, so Pusher clients do not retry, and
+    /// `GET /ready` answers 503. Unset: no cap but the open-file limit.
+    #[arg(long, env = "FLUX_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
 
     /// Frames each connection may have queued before new frames are dropped.
     #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
@@ -203,6 +214,8 @@ impl Default for Config {
             max_subscriptions: 1_000_000,
             cache_ttl_s: 1800,
             cache_max_mb: 64,
+            max_channels_per_connection: 1000,
+            max_connections: None,
             ring_slots: 256,
             evict_after_ms: 5000,
             workers: None,
@@ -326,6 +339,7 @@ mod tests {
         assert_eq!(parsed.app.app_key, "app-key");
         assert_eq!((parsed.cache_ttl(), parsed.cache_max_bytes()), (Duration::from_secs(1800), 64 << 20));
         assert_eq!((parsed.cache_ttl_s, parsed.cache_max_mb), (defaults.cache_ttl_s, defaults.cache_max_mb));
+        assert_eq!((parsed.max_connections, parsed.max_channels_per_connection), (None, defaults.max_channels_per_connection));
         assert_eq!(parsed.webhook_url, None);
         assert_eq!(
             (parsed.webhook_batch_ms, parsed.webhook_batch_max, parsed.webhook_queue),
@@ -358,6 +372,14 @@ mod tests {
         assert!(!Config::try_parse_from(["flux"]).expect("parses").app.subscription_count_events);
         let on = Config::try_parse_from(["flux", "--subscription-count-events"]).expect("parses");
         assert!(on.app.subscription_count_events);
+    }
+
+    #[test]
+    fn node_limits_are_positive_when_set() {
+        let parsed = Config::try_parse_from(["flux", "--max-connections", "5000", "--max-channels-per-connection", "50"]).expect("parses");
+        assert_eq!((parsed.max_connections, parsed.max_channels_per_connection), (Some(5000), 50));
+        assert!(Config::try_parse_from(["flux", "--max-connections", "0"]).is_err());
+        assert!(Config::try_parse_from(["flux", "--max-channels-per-connection", "0"]).is_err());
     }
 
     #[test]

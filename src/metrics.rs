@@ -81,6 +81,9 @@ counters! {
         drops,
         /// Slow consumers evicted.
         evictions,
+        /// Presence members sent their channel's whole roster again because their ring had no
+        /// room for a change.
+        presence_resyncs,
         /// Flushes that wrote everything queued at once.
         writes_immediate,
         /// Flushes that stopped at WouldBlock.

@@ -88,3 +88,96 @@ fn a_member_event_rides_with_the_next_message_or_goes_alone_by_its_deadline() {
     assert_eq!(member_of(&removed), "bob");
     drop(carol);
 }
+
+/// A member that stops reading has its ring filled by the events of another channel; the next
+/// presence changes find no room. Losing them would leave that member a wrong roster for good, so
+/// it is sent the whole roster again (a second `subscription_succeeded`, which pusher-js takes as
+/// its new member list) behind what its ring holds, and it is not evicted for it. A member that
+/// reads sees every change as usual.
+#[test]
+fn a_member_whose_ring_has_no_room_for_presence_changes_gets_the_whole_roster_again() {
+    const ROOM: &str = "presence-slow-member";
+    const FLOODED: &str = "flooded";
+    const JOINERS: usize = 20;
+    let config = Config {
+        ring_slots: 16,
+        // Far beyond the test: the slow member is never evicted while it does not read.
+        evict_after_ms: 600_000,
+        presence_coalesce_ms: 50,
+        workers: Some(2),
+        ..common::config()
+    };
+    let node = common::start(&config);
+    let addr = node.local_addr();
+
+    let mut watcher = Client::connect(addr);
+    common::join_presence(&mut watcher, ROOM, "watcher");
+    let mut slow = Client::connect(addr);
+    common::join_presence(&mut slow, ROOM, "slow");
+    slow.subscribe(FLOODED);
+    let slow_peer = slow.ws.get_ref().local_addr().expect("local address").to_string();
+    let watching = thread::spawn(move || {
+        let mut added = Vec::new();
+        while added.len() < JOINERS {
+            let event = watcher.next_event();
+            if event["event"] == "pusher_internal:member_added" && member_of(&event) != "slow" {
+                added.push(member_of(&event));
+            }
+        }
+        // The watcher stays a member till the end: returned, not dropped.
+        (added, watcher)
+    });
+
+    // The slow member stops reading: flood its other channel until its kernel buffers and its
+    // ring are full.
+    let filler = "x".repeat(9000);
+    let flooded = common::wait_until(Duration::from_secs(60), || {
+        for _ in 0..20 {
+            let (status, body) = common::publish(addr, &[FLOODED], "flood", &filler, None);
+            assert_eq!(status, 200, "{body}");
+        }
+        let connections = node.observer().connections(Duration::from_secs(1));
+        connections.iter().any(|c| c.peer == slow_peer && c.ring_len == c.ring_slots)
+    });
+    assert!(flooded, "the slow member's ring filled up");
+
+    let mut joiners: Vec<Client> = (0..JOINERS).map(|_| Client::connect(addr)).collect();
+    for (i, joiner) in joiners.iter_mut().enumerate() {
+        common::join_presence(joiner, ROOM, &format!("joiner-{i}"));
+    }
+    let mut expected: Vec<String> = (0..JOINERS).map(|i| format!("joiner-{i}")).collect();
+    expected.sort();
+    let (mut added, _watcher) = watching.join().expect("watcher thread");
+    added.sort();
+    assert_eq!(added, expected, "the reading member saw every change");
+    assert!(common::wait_until(Duration::from_secs(20), || node.observer().counters().presence_resyncs > 0), "a resync was sent");
+
+    // The slow member reads again and keeps its member list as pusher-js does (a
+    // subscription_succeeded replaces it, member events change it): it comes to list everyone.
+    expected.extend(["slow".to_owned(), "watcher".to_owned()]);
+    expected.sort();
+    let mut members: Vec<String> = Vec::new();
+    let mut resyncs = 0;
+    while members != expected {
+        let event = slow.next_event();
+        if event["channel"] != ROOM {
+            continue;
+        }
+        match event["event"].as_str() {
+            Some("pusher_internal:subscription_succeeded") => {
+                resyncs += 1;
+                let data: Value = serde_json::from_str(event["data"].as_str().expect("data is a string")).expect("JSON");
+                let ids = data["presence"]["ids"].as_array().expect("ids").iter();
+                members = ids.map(|id| id.as_str().expect("id").to_owned()).collect();
+                assert_eq!(data["presence"]["count"], members.len());
+            }
+            Some("pusher_internal:member_added") => members.push(member_of(&event)),
+            Some("pusher_internal:member_removed") => members.retain(|m| *m != member_of(&event)),
+            _ => {}
+        }
+        members.sort();
+        members.dedup();
+    }
+    assert!(resyncs > 0, "the roster was sent again");
+    assert_eq!(node.observer().counters().evictions, 0, "nobody was evicted");
+}

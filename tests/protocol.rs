@@ -176,13 +176,12 @@ fn a_client_that_answers_pings_stays_connected() {
 }
 
 #[test]
-fn health_and_unknown_paths_answer_json() {
+fn the_root_and_unknown_paths_answer_json() {
     let node = common::start(&common::config());
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let ok = agent.get(&format!("http://{}/", node.local_addr())).call().unwrap();
-    assert_eq!(ok.status().as_u16(), 200);
-    let missing = agent.get(&format!("http://{}/nope", node.local_addr())).call().unwrap();
-    assert_eq!(missing.status().as_u16(), 404);
+    assert_eq!(common::get(&format!("http://{}/", node.local_addr())), (200, json!({"ok": true})));
+    let (status, body) = common::get(&format!("http://{}/nope", node.local_addr()));
+    assert_eq!(status, 404);
+    assert!(body["error"].is_string(), "{body}");
 }
 
 /// pusher-js subscribes to all its channels at once on connect: far more requests than the

@@ -117,9 +117,9 @@ fn refusals_have_the_right_status_and_a_json_error() {
         "http://{addr}/apps/app-id/channels?auth_key=app-key&auth_timestamp={}&auth_version=1.0&auth_signature=abcd",
         common::unix_now()
     );
-    expect_error(raw_get(&url), 401);
+    expect_error(common::get(&url), 401);
     let stale = flux::pusher::signature::sign_query(&common::app(), "GET", "/apps/app-id/channels", b"", &[], common::unix_now() - 3600);
-    expect_error(raw_get(&format!("http://{addr}/apps/app-id/channels?{stale}")), 401);
+    expect_error(common::get(&format!("http://{addr}/apps/app-id/channels?{stale}")), 401);
 
     // Malformed bodies: 400.
     expect_error(rest(addr, "POST", "/apps/app-id/events", "{not json", &[]), 400);
@@ -140,12 +140,4 @@ fn refusals_have_the_right_status_and_a_json_error() {
     client.subscribe("c");
     assert_eq!(publish(addr, &["c"], "e", "ok", None).0, 200);
     assert_eq!(client.next_event()["data"], "ok");
-}
-
-fn raw_get(url: &str) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let response = agent.get(url).call().expect("HTTP request");
-    let status = response.status().as_u16();
-    let body = response.into_body().read_to_string().expect("body");
-    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
 }

@@ -39,6 +39,9 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_backpressure_events", "Times a connection entered backpressure.", |c| c.backpressure_events),
     ("flux_frames_dropped", "Frames dropped because a connection's ring was full.", |c| c.drops),
     ("flux_evictions", "Slow consumers evicted with close code 4100.", |c| c.evictions),
+    ("flux_presence_resyncs", "Presence members sent the whole roster again after their ring had no room for a change.", |c| {
+        c.presence_resyncs
+    }),
     ("flux_read_budget_exhausted", "Times a connection's per-turn read budget ran out.", |c| c.read_budget_exhausted),
     ("flux_inbox_full", "Messages between workers that found an inbox full and waited in the sender's backlog.", |c| c.inbox_full),
     ("flux_inbox_overflows", "Messages between workers lost because an inbox and the sender's backlog were full.", |c| c.inbox_overflows),

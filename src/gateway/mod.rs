@@ -11,7 +11,9 @@
 //! worker, subscribers or not: each keeps the last one for the channel's next subscribers.
 
 pub mod evictions;
+pub mod health;
 mod node;
+mod resync;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,10 +44,12 @@ use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
 use crate::pusher::protocol::{self, code, is_cache_channel, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
-use crate::server::{Conns, Ended, Flush, Outbox, Routed, Sent, Service, WorkerContext};
+use crate::server::{Conns, Ended, Flush, NodeStatus, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, payload_of, text_frame, EncodeError, Incoming};
 use evictions::{Eviction, EvictionLog};
+use health::Readiness;
+use resync::{Due, Resyncs};
 
 /// What workers of a gateway send each other.
 pub enum Message {
@@ -80,6 +84,29 @@ pub enum Message {
         conn: ConnId,
         /// `subscription_succeeded` data, or the reason for refusing.
         result: Result<String, String>,
+    },
+    /// To a presence channel's owner: member `conn` of worker `from` missed a change and needs
+    /// the whole roster again.
+    PresenceResync {
+        /// The channel.
+        channel: ChannelName,
+        /// The member's socket id.
+        socket: SocketId,
+        /// Its worker, for the answer.
+        from: WorkerId,
+        /// Its key in that worker.
+        conn: ConnId,
+    },
+    /// From a presence channel's owner: the roster for a resync (`None`: the member has left).
+    PresenceResynced {
+        /// The channel.
+        channel: ChannelName,
+        /// The member's socket id.
+        socket: SocketId,
+        /// Its key in the receiving worker.
+        conn: ConnId,
+        /// `subscription_succeeded` data.
+        roster: Option<String>,
     },
     /// To a presence channel's owner: this connection left the channel.
     PresenceLeave {
@@ -121,8 +148,12 @@ pub struct Broadcast {
     pub except: Option<SocketId>,
     /// When publishing began, for the fan-out time metric.
     pub published_at: Instant,
-    /// Its writes may wait for other traffic (see [`Publish::may_wait`]).
-    pub may_wait: bool,
+    /// A presence change (`member_added` / `member_removed`). It has already waited a coalescing
+    /// window, so its writes may wait a little longer for other traffic to share them; and it
+    /// must not be lost: a member whose ring cannot take it would keep a wrong roster for good (a
+    /// ghost member, or a missing one), so that member is sent the whole roster again instead
+    /// (see [`resync`]).
+    pub roster_change: bool,
     /// Set on a cache channel's own events (see [`Publish::is_kept`]): when it was published,
     /// in microseconds since the Unix epoch. Every worker keeps the frame as the channel's last
     /// event.
@@ -138,6 +169,8 @@ pub struct PusherService {
     outbox: Outbox<Message>,
     pool: FramePool,
     metrics: Arc<WorkerMetrics>,
+    /// The whole node, for readiness and the connection limit.
+    node: NodeStatus,
     fanout_times: LatencyRecorder,
     /// Times from a publish on another node to its delivery here.
     remote_times: LatencyRecorder,
@@ -163,6 +196,12 @@ pub struct PusherService {
     /// Presence channels that emptied while member changes were still to be announced: their
     /// `channel_vacated` waits for the last `member_removed`, as on Pusher.
     vacated_after_presence: Vec<ChannelName>,
+    /// Members whose ring was full for the presence change being delivered (scratch space).
+    missed_changes: Vec<ConnId>,
+    /// Members that missed a roster change, owed the whole roster.
+    resyncs: Resyncs,
+    /// When to look again for members owed a roster whose rings have drained.
+    resync_due: Option<Instant>,
     /// Closed connections whose subscriptions are still to be removed, oldest first.
     vacating: VecDeque<Vacating>,
     /// When the next turn must come to go on removing them.
@@ -184,6 +223,10 @@ const VACATE_BUDGET: usize = 512;
 fn unix_micros() -> u64 {
     crate::clock::since_unix_epoch().as_micros() as u64
 }
+
+/// How often a worker looks for members owed a roster whose rings have drained, while there are
+/// any: a ring drains on socket writes, which come with no event of the service's own.
+const RESYNC_CHECK: Duration = Duration::from_millis(10);
 
 /// A closed connection's subscriptions, removed a slice per turn. Until they are all removed
 /// its key stays in the registry: broadcasts skip it (no open connection has it), and a new
@@ -212,6 +255,7 @@ impl PusherService {
             outbox: Outbox::new(context.peers),
             pool: context.pool,
             metrics: context.metrics,
+            node: context.node,
             fanout_times: LatencyRecorder::default(),
             remote_times: LatencyRecorder::default(),
             // Random per worker, so ids differ across workers, restarts and (later) nodes.
@@ -220,13 +264,16 @@ impl PusherService {
             changed_occupancy: IndexSet::new(),
             evictions,
             subscriptions,
-            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members),
+            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members, policy.presence_batch),
             last_events: LastEvents::new(policy.cache_ttl, policy.cache_max_bytes),
             subscription_counts: SubscriptionCounts::new(ANNOUNCE_EVERY),
             membership: Membership::default(),
             policy,
             webhooks,
             vacated_after_presence: Vec::new(),
+            missed_changes: Vec::new(),
+            resyncs: Resyncs::default(),
+            resync_due: None,
             vacating: VecDeque::new(),
             vacate_due: None,
             cluster,
@@ -276,7 +323,7 @@ impl PusherService {
             frame,
             except: publish.except,
             published_at,
-            may_wait: publish.may_wait(),
+            roster_change: false,
             kept_at_us: kept.then(unix_micros),
         })
     }
@@ -315,7 +362,7 @@ impl PusherService {
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
-            may_wait: false,
+            roster_change: false,
             kept_at_us: kept.then_some(remote.published_at_us),
         };
         self.fan_out(conns, &broadcast);
@@ -337,19 +384,66 @@ impl PusherService {
         };
         // Waiting up to one more coalescing window lets a presence batch ride along with the
         // next message to each member instead of costing every member a write of its own.
-        let flush = if broadcast.may_wait { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
+        let flush = if broadcast.roster_change { Flush::By(Instant::now() + self.policy.presence_coalesce) } else { Flush::Now };
         let (mut queued, mut dropped) = (0u64, 0u64);
-        for &id in subscribers {
-            match conns.offer(id, &broadcast.frame, flush, |s| Some(s.socket_id()) != broadcast.except) {
-                Offer::Queued => queued += 1,
-                Offer::Dropped => dropped += 1,
-                Offer::Closed => {}
+        {
+            // A member owed the whole roster is not offered the changes that roster will hold.
+            let withheld = if broadcast.roster_change { self.resyncs.withholds(&broadcast.channel) } else { None };
+            for &id in subscribers {
+                let wanted = |s: &Session| Some(s.socket_id()) != broadcast.except && !withheld.as_ref().is_some_and(|w| w(s.socket_id()));
+                match conns.offer(id, &broadcast.frame, flush, wanted) {
+                    Offer::Queued => queued += 1,
+                    Offer::Dropped => {
+                        dropped += 1;
+                        if broadcast.roster_change {
+                            self.missed_changes.push(id);
+                        }
+                    }
+                    Offer::Closed => {}
+                }
             }
         }
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.deliveries, queued);
         WorkerMetrics::add(&counters.drops, dropped);
         self.fanout_times.record(broadcast.published_at.elapsed());
+        for id in std::mem::take(&mut self.missed_changes) {
+            let Some(socket) = conns.session(id).map(Session::socket_id) else { continue };
+            if self.resyncs.missed(&broadcast.channel, socket, id) {
+                WorkerMetrics::add(&self.metrics.counters.presence_resyncs, 1);
+            }
+        }
+    }
+
+    /// Asks the owners for the rosters of the members that missed changes and whose rings have
+    /// drained since (see [`resync`]).
+    fn resync_rosters(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        let drained = conns.ring_slots() / 4;
+        for due in self.resyncs.due(|id| conns.queued(id).is_none_or(|n| n <= drained)) {
+            let owner = owner_of(&due.channel, self.outbox.workers());
+            if owner == self.id {
+                let roster = self.rosters.listing(&due.channel, due.socket);
+                self.roster_resynced(conns, due.id, due.socket, &due.channel, roster);
+            } else {
+                let Due { channel, socket, id } = &due;
+                let ask = Message::PresenceResync { channel: channel.clone(), socket: *socket, from: self.id, conn: *id };
+                if !self.send_to(owner, ask, format_args!("a presence resync on {channel}")) {
+                    self.resyncs.ask_again(&due);
+                }
+            }
+        }
+        self.resync_due = self.resyncs.is_draining().then_some(now + RESYNC_CHECK);
+    }
+
+    /// The owner's roster for a resync reached the member's worker: queued behind what the
+    /// member's ring holds, as a reply (never dropped). `None`: the member has left meanwhile.
+    fn roster_resynced(&mut self, conns: &mut Conns<Session>, id: ConnId, socket: SocketId, channel: &ChannelName, roster: Option<String>) {
+        self.resyncs.answered(channel, socket);
+        let subscribed = conns.session(id).is_some_and(|s| s.socket_id() == socket && s.subscriptions().contains(channel));
+        if let (true, Some(data)) = (subscribed, roster) {
+            let reply = protocol::presence_subscription_succeeded(channel, &data);
+            conns.send(id, &text_frame(&self.pool, &reply));
+        }
     }
 
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, now: Instant) {
@@ -602,7 +696,7 @@ impl PusherService {
             // Presence changes stay on this node: each node announces its own view to its own
             // clients.
             match self.frame(&publish) {
-                Ok(broadcast) => self.fan_out(conns, &broadcast),
+                Ok(broadcast) => self.fan_out(conns, &Broadcast { roster_change: true, ..broadcast }),
                 Err(e) => warn!("could not frame a presence change for {}: {e}", publish.channel),
             }
         }
@@ -810,7 +904,15 @@ impl PusherService {
         }
     }
 
-    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way.
+    /// Whether the node takes new clients now.
+    fn readiness(&self) -> Readiness {
+        Readiness::of(self.node.is_draining(), self.node.websockets(), self.policy.max_connections)
+    }
+
+    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way. Workers admit apart,
+    /// so at the limit each of the others may admit one more at the same moment: the limit may
+    /// be passed by fewer connections than there are workers, and is never stuck, since the
+    /// count is the workers' own gauges of open sessions.
     fn admit(&mut self, key: &str, request: &Request, now: Instant) -> Routed<Session> {
         let refuse = |pool: &FramePool, code: u16, message: &str, reason: &'static str| Routed::Refuse {
             frame: text_frame(pool, &protocol::error(Some(code), message)),
@@ -829,7 +931,10 @@ impl PusherService {
                     let message = format!("Unsupported protocol version {v}; this server speaks 7");
                     refuse(&self.pool, code::UNSUPPORTED_PROTOCOL, &message, "Unsupported protocol version")
                 }
-                Ok(_) => Routed::Upgrade(Session::new(self.next_socket_id(), now)),
+                Ok(_) => match self.readiness().refusal() {
+                    Some(refusal) => refuse(&self.pool, refusal.code, &refusal.message, refusal.reason),
+                    None => Routed::Upgrade(Session::new(self.next_socket_id(), now)),
+                },
             },
         }
     }
@@ -866,7 +971,9 @@ impl Service for PusherService {
             return Routed::Respond(self.handle_rest(conns, request));
         }
         match request.path.as_str() {
-            "/" | "/up" => Routed::Respond(Response::json(200, r#"{"ok":true}"#)),
+            "/up" => Routed::Respond(health::up()),
+            "/ready" => Routed::Respond(self.readiness().response()),
+            "/" => Routed::Respond(Response::json(200, r#"{"ok":true}"#)),
             _ => Routed::Respond(json_error(404, "not found: WebSocket clients connect to /app/{key}, the REST API is under /apps/{id}")),
         }
     }
@@ -900,6 +1007,7 @@ impl Service for PusherService {
 
     fn on_close(&mut self, conns: &mut Conns<Session>, id: ConnId, session: Session, why: Ended) {
         debug!("socket {} closed: {why:?}", session.socket_id());
+        self.resyncs.forget(session.socket_id(), session.subscriptions());
         if let Ended::Evicted { backpressured_for, dropped, queued } = why {
             self.evictions.record(Eviction {
                 at_unix_ms: crate::clock::since_unix_epoch().as_millis() as u64,
@@ -951,6 +1059,12 @@ impl Service for PusherService {
                 }
             }
             Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result, now),
+            Message::PresenceResync { channel, socket, from, conn } => {
+                let roster = self.rosters.listing(&channel, socket);
+                let answer = Message::PresenceResynced { channel: channel.clone(), socket, conn, roster };
+                self.send_to(from, answer, format_args!("a presence resync answer on {channel}"));
+            }
+            Message::PresenceResynced { channel, socket, conn, roster } => self.roster_resynced(conns, conn, socket, &channel, roster),
             Message::CacheMiss(channel) => self.report_cache_miss(&channel, now),
             Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
             Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
@@ -985,6 +1099,7 @@ impl Service for PusherService {
             self.subscription_counts.poll_timeout(),
             self.outbox.retry_due(),
             self.vacate_due,
+            self.resync_due,
             self.last_events.poll_timeout(),
         ];
         timers.into_iter().flatten().min()
@@ -996,6 +1111,9 @@ impl Service for PusherService {
         }
         if self.subscription_counts.poll_timeout().is_some_and(|due| due <= now) {
             self.announce_counts(conns, now);
+        }
+        if self.resync_due.is_some_and(|due| due <= now) || self.resyncs.is_draining() && self.resync_due.is_none() {
+            self.resync_rosters(conns, now);
         }
         self.outbox.retry(now);
         self.last_events.handle_timeout(now);

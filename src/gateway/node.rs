@@ -21,7 +21,7 @@ use crate::fanout::WorkerId;
 use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
 use crate::pusher::session::{Policy, Timeouts};
 use crate::pusher::App;
-use crate::server::{self, ConnLimits, Peers, Server, ServerSettings};
+use crate::server::{self, ConnLimits, NodeStatus, Peers, Server, ServerSettings};
 use crate::webhooks::{DeliveryThread, WebhookSettings, WebhookStats, Webhooks};
 
 /// Largest HTTP request head (request line and headers).
@@ -71,7 +71,7 @@ pub struct Gateway {
 #[derive(Clone)]
 pub struct Observer {
     peers: Peers<Message>,
-    metrics: Arc<[Arc<WorkerMetrics>]>,
+    status: NodeStatus,
     pool: FramePool,
     evictions: Arc<EvictionLog>,
     webhooks: Webhooks,
@@ -97,9 +97,12 @@ impl Gateway {
             client_events_per_sec: config.client_events_per_sec,
             presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
+            presence_batch: crate::pusher::presence::batch_for_ring(config.ring_slots as usize),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
             cache_ttl: config.cache_ttl(),
             cache_max_bytes: config.cache_max_bytes(),
+            max_channels_per_connection: config.max_channels_per_connection as usize,
+            max_connections: config.max_connections,
         });
         let server_settings = ServerSettings {
             listen: config.listen_addr(),
@@ -124,11 +127,11 @@ impl Gateway {
         let server = server::start(server_settings, FramePool::default(), |context| {
             PusherService::new(context, policy.clone(), evictions.clone(), subscriptions.clone(), webhooks.clone(), link.clone())
         })?;
-        let metrics: Arc<[Arc<WorkerMetrics>]> = server.worker_metrics().into();
+        let status = server.status().clone();
         let cluster = match prepared {
             Some(prepared) => {
-                let all = metrics.clone();
-                let connections = move || all.iter().map(|m| m.counters.websockets.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                let node = status.clone();
+                let connections = move || node.websockets();
                 let started = prepared.start(server.peers().clone(), server.pool().clone(), server.local_addr().to_string(), connections);
                 match started {
                     Ok(cluster) => Some(cluster),
@@ -143,7 +146,7 @@ impl Gateway {
         };
         let observer = Observer {
             peers: server.peers().clone(),
-            metrics,
+            status,
             pool: server.pool().clone(),
             evictions,
             webhooks: webhooks.clone(),
@@ -194,7 +197,7 @@ impl Gateway {
 impl Observer {
     /// All workers' counters, added up.
     pub fn counters(&self) -> Counters {
-        self.metrics.iter().map(|m| m.counters.snapshot()).fold(Counters::default(), |a, b| a + b)
+        self.status.counters()
     }
 
     /// The frame pool's counters.
@@ -216,7 +219,7 @@ impl Observer {
 
     fn merged(&self, which: impl Fn(&WorkerMetrics) -> &SharedHistogram) -> Option<Histogram<u64>> {
         let mut merged = None::<Histogram<u64>>;
-        for metrics in self.metrics.iter() {
+        for metrics in self.status.workers() {
             let histogram = which(metrics).snapshot();
             match merged.as_mut() {
                 None => merged = Some(histogram),

@@ -7,8 +7,8 @@
 //! the coalescing window collapse into their net effect, so a reconnect flap (leave, then join
 //! again) announces nothing; and changes go out in batches at most once per window, so under
 //! churn each member's socket gets one write per window carrying many changes, not one write
-//! per change. A batch holds at most [`MAX_BATCH`] changes, so a join storm goes out in parts
-//! that fit the members' rings. Time is an input (`now`), so all of this is tested with a
+//! per change. A batch holds at most half a ring of changes ([`batch_for_ring`]), so a join
+//! storm goes out in parts that fit the members' rings. Time is an input (`now`), so all of this is tested with a
 //! virtual clock.
 //!
 //! In a cluster a roster also holds the users that only other nodes have connections of
@@ -213,9 +213,16 @@ impl<'a> Listed<'a> {
 }
 
 /// Changes announced in one batch at most. A batch lands in every member's ring at once, so it
-/// must fit there with room to spare (rings hold 256 frames): a join storm's thousands of
-/// member_added would otherwise overflow every ring and members would miss them.
+/// must fit there with room to spare (see [`batch_for_ring`]): a join storm's thousands of
+/// member_added would otherwise overflow every ring, and a member that misses a change is evicted
+/// rather than left with a wrong roster.
 const MAX_BATCH: usize = 100;
+
+/// The largest batch for rings of `ring_slots` frames: at most half a ring, so a member's ring
+/// still has room for a batch when the previous one has not been written out yet.
+pub fn batch_for_ring(ring_slots: usize) -> usize {
+    MAX_BATCH.min(ring_slots / 2).max(1)
+}
 
 /// How soon the rest of a batch that was cut short follows: long enough for the worker to write
 /// the previous part out (a large flush is held for at most its write-coalescing interval,
@@ -227,20 +234,21 @@ const CATCH_UP: Duration = Duration::from_millis(25);
 pub struct Rosters {
     window: Duration,
     max_members: usize,
+    max_batch: usize,
     channels: HashMap<ChannelName, Roster>,
     /// Pending changes in the order they began (so by deadline).
     due: VecDeque<(Instant, ChannelName, String)>,
     /// When the previous batch went out; the next waits a window after it.
     last_batch: Option<Instant>,
-    /// The previous batch was cut at [`MAX_BATCH`] with more due: the next waits only [`CATCH_UP`].
+    /// The previous batch was cut at `max_batch` with more due: the next waits only [`CATCH_UP`].
     cut_short: bool,
 }
 
 impl Rosters {
-    /// Rosters that coalesce each user's changes over `window` and hold at most `max_members`
-    /// members per channel.
-    pub fn new(window: Duration, max_members: usize) -> Self {
-        Rosters { window, max_members, channels: HashMap::new(), due: VecDeque::new(), last_batch: None, cut_short: false }
+    /// Rosters that coalesce each user's changes over `window`, hold at most `max_members`
+    /// members per channel, and announce at most `max_batch` changes at once.
+    pub fn new(window: Duration, max_members: usize, max_batch: usize) -> Self {
+        Rosters { window, max_members, max_batch, channels: HashMap::new(), due: VecDeque::new(), last_batch: None, cut_short: false }
     }
 
     /// Connection `socket` joins `channel` as `member`; or why it may not.
@@ -268,6 +276,14 @@ impl Rosters {
         };
         roster.users.insert(socket, member.user_id.clone());
         Ok(Joined { data: presence_data(roster, &member.user_id), new_member, first_here })
+    }
+
+    /// The `subscription_succeeded` data for member `socket` of `channel` now, as a joiner would
+    /// get it (`None` if it is not a member).
+    pub fn listing(&self, channel: &str, socket: SocketId) -> Option<String> {
+        let roster = self.channels.get(channel)?;
+        let user_id = roster.users.get(&socket)?;
+        Some(presence_data(roster, user_id))
     }
 
     /// Connection `socket` left `channel` (unsubscribed or closed). A socket that never joined
@@ -332,7 +348,7 @@ impl Rosters {
     }
 
     /// The next batch: the net changes whose window has passed by `now`, oldest first, at most
-    /// [`MAX_BATCH`] (empty before [`poll_timeout`](Self::poll_timeout)).
+    /// `max_batch` (empty before [`poll_timeout`](Self::poll_timeout)).
     pub fn poll_changes(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();
         if self.poll_timeout().is_none_or(|at| now < at) {
@@ -344,7 +360,7 @@ impl Rosters {
             if !is_due(front) {
                 break;
             }
-            if changes.len() == MAX_BATCH {
+            if changes.len() == self.max_batch {
                 break;
             }
             let Some((_, channel, user_id)) = self.due.pop_front() else { break };
@@ -364,7 +380,7 @@ impl Rosters {
                 self.channels.remove(&channel);
             }
         }
-        self.cut_short = changes.len() == MAX_BATCH && self.due.front().is_some_and(is_due);
+        self.cut_short = changes.len() == self.max_batch && self.due.front().is_some_and(is_due);
         changes
     }
 
@@ -475,7 +491,7 @@ mod tests {
     #[test]
     fn subscription_data_lists_every_member_once() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100);
+        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
         rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
         rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 2);
@@ -490,7 +506,7 @@ mod tests {
     #[test]
     fn users_on_other_nodes_are_members_until_no_node_holds_them() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 2);
+        let mut rosters = Rosters::new(WINDOW, 2, MAX_BATCH);
         let info = || RawValue::from_string(r#"{"name":"r"}"#.into()).unwrap();
         assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), Some(true));
         assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), None, "already a member");
@@ -510,7 +526,7 @@ mod tests {
     #[test]
     fn a_joiner_is_not_told_of_a_member_whose_member_added_is_still_to_come() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100);
+        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
         rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
         let joined = rosters.join(&room(), &member("b"), socket(2), t0 + WINDOW / 2).unwrap();
         let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
@@ -526,7 +542,7 @@ mod tests {
     #[test]
     fn a_user_is_added_with_the_first_connection_and_removed_with_the_last() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100);
+        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
         assert!(rosters.join(&room(), &member("a"), socket(1), t0).unwrap().new_member);
         assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW));
         assert_eq!(rosters.poll_changes(t0 + WINDOW - Duration::from_millis(1)), vec![]);
@@ -555,7 +571,7 @@ mod tests {
     #[test]
     fn a_reconnect_flap_inside_the_window_announces_nothing() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100);
+        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
         rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
         rosters.poll_changes(t0 + WINDOW);
         let t1 = t0 + Duration::from_secs(1);
@@ -572,7 +588,7 @@ mod tests {
     #[test]
     fn changes_go_out_in_batches_at_most_once_a_window() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 1000);
+        let mut rosters = Rosters::new(WINDOW, 1000, MAX_BATCH);
         for i in 0..50 {
             rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0 + Duration::from_millis(i as u64)).unwrap();
         }
@@ -605,9 +621,36 @@ mod tests {
     }
 
     #[test]
+    fn a_members_listing_is_what_a_joiner_would_get() {
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
+        let joined = rosters.join(&room(), &member("ann"), socket(1), t0).unwrap();
+        rosters.join(&room(), &member("bob"), socket(2), t0 + WINDOW).unwrap();
+        assert_eq!(rosters.listing("presence-room", socket(1)), Some(joined.data.clone()), "bob is not announced yet");
+        rosters.poll_changes(t0 + WINDOW * 2);
+        let listed = rosters.listing("presence-room", socket(1)).unwrap();
+        assert!(listed.contains("bob") && listed.contains("ann"), "{listed}");
+        assert_eq!(rosters.listing("presence-room", socket(3)), None, "not a member");
+        assert_eq!(rosters.listing("presence-other", socket(1)), None);
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_half_a_ring() {
+        assert_eq!(batch_for_ring(256), MAX_BATCH);
+        assert_eq!(batch_for_ring(16), 8);
+        assert_eq!(batch_for_ring(1), 1);
+        let t0 = Instant::now();
+        let mut rosters = Rosters::new(WINDOW, 1000, batch_for_ring(16));
+        for i in 0..20 {
+            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0).unwrap();
+        }
+        assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 8);
+    }
+
+    #[test]
     fn a_join_storm_goes_out_in_batches_that_fit_a_ring_one_after_another() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 1000);
+        let mut rosters = Rosters::new(WINDOW, 1000, MAX_BATCH);
         for i in 0..250 {
             rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0).unwrap();
         }
@@ -628,7 +671,7 @@ mod tests {
     #[test]
     fn new_members_beyond_the_limit_are_refused_but_known_users_may_add_connections() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 2);
+        let mut rosters = Rosters::new(WINDOW, 2, MAX_BATCH);
         rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
         rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
         assert_eq!(rosters.join(&room(), &member("c"), socket(3), t0), Err(JoinError::Full(2)));

@@ -30,6 +30,9 @@ pub type ChannelName = Arc<str>;
 pub mod code {
     /// The app key is unknown.
     pub const APP_NOT_FOUND: u16 = 4001;
+    /// Over connection quota: the node holds its maximum of connections. In Pusher's 4000-4099
+    /// range, so clients do not reconnect.
+    pub const OVER_QUOTA: u16 = 4004;
     /// The `protocol` query parameter is not a number.
     pub const INVALID_VERSION_FORMAT: u16 = 4006;
     /// The protocol version is not supported.
@@ -38,7 +41,8 @@ pub mod code {
     pub const NO_PROTOCOL_VERSION: u16 = 4008;
     /// The connection is not authorized (a bad `pusher:signin` signature).
     pub const UNAUTHORIZED: u16 = 4009;
-    /// Over capacity: used for slow consumers that are evicted; clients reconnect with backoff.
+    /// Over capacity: for slow consumers that are evicted, and clients that arrive while the
+    /// node shuts down; clients reconnect with backoff.
     pub const OVER_CAPACITY: u16 = 4100;
     /// The server is going away; reconnect immediately.
     pub const RECONNECT_NOW: u16 = 4200;

@@ -54,13 +54,6 @@ pub struct Publish {
 }
 
 impl Publish {
-    /// One of Flux's own announcements (a presence change, a subscription count). It was already
-    /// held back for its coalescing window or interval, so its recipients' writes may wait a
-    /// little longer for other traffic to share.
-    pub fn may_wait(&self) -> bool {
-        self.event.starts_with("pusher_internal:")
-    }
-
     /// Whether the event is kept as its channel's last event: an app's event (from the REST API
     /// or a client) on a cache channel, never one of Flux's own announcements.
     pub fn is_kept(&self) -> bool {

@@ -17,9 +17,6 @@ use super::protocol::{self, code, ChannelKind, ChannelName, ClientMessage, Socke
 use super::signature;
 use super::App;
 
-/// Most channels one connection may subscribe to; a bound on what one client can make us hold.
-pub const MAX_SUBSCRIPTIONS: usize = 1000;
-
 /// Prefix of the channel pusher-js subscribes to after signing in, to receive events sent to
 /// its user; only that user may subscribe to it.
 pub const SERVER_TO_USER_PREFIX: &str = "#server-to-user-";
@@ -49,12 +46,18 @@ pub struct Policy {
     pub presence_max_members: usize,
     /// Window over which a user's presence changes collapse into their net effect.
     pub presence_coalesce: Duration,
+    /// Presence changes announced at once at most (they must fit in the members' rings).
+    pub presence_batch: usize,
     /// Subscriptions the node holds at most, across its workers.
     pub max_subscriptions: usize,
     /// How long a cache channel's last event is kept.
     pub cache_ttl: Duration,
     /// Bytes of cache channels' last events kept at most.
     pub cache_max_bytes: usize,
+    /// Channels one connection may subscribe to: a bound on what one client can make us hold.
+    pub max_channels_per_connection: usize,
+    /// WebSocket connections the node holds at most (none: no cap).
+    pub max_connections: Option<u64>,
 }
 
 /// What the caller must do after an input.
@@ -215,7 +218,7 @@ impl Session {
         match &*message.event {
             "pusher:ping" => Action::Reply(protocol::pong()),
             "pusher:pong" => Action::None,
-            "pusher:subscribe" => self.handle_subscribe(&message, &policy.app),
+            "pusher:subscribe" => self.handle_subscribe(&message, policy),
             "pusher:unsubscribe" => match protocol::parse_data::<UnsubscribeData>(message.data) {
                 Ok(data) => self.handle_unsubscribe(&data.channel),
                 Err(e) => Action::Reply(protocol::error(None, &format!("Invalid pusher:unsubscribe data: {e}"))),
@@ -226,7 +229,8 @@ impl Session {
         }
     }
 
-    fn handle_subscribe(&mut self, message: &ClientMessage<'_>, app: &App) -> Action {
+    fn handle_subscribe(&mut self, message: &ClientMessage<'_>, policy: &Policy) -> Action {
+        let app = &policy.app;
         let data: SubscribeData = match protocol::parse_data(message.data) {
             Ok(data) => data,
             Err(e) => return Action::Reply(protocol::error(None, &format!("Invalid pusher:subscribe data: {e}"))),
@@ -243,8 +247,9 @@ impl Session {
         if let Err(e) = protocol::validate_channel_name(&channel) {
             return Action::Reply(protocol::subscription_error(&channel, "InvalidChannel", &e.to_string(), 400));
         }
-        if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
-            let message = format!("A connection may subscribe to at most {MAX_SUBSCRIPTIONS} channels");
+        let most = policy.max_channels_per_connection;
+        if self.subscriptions.len() >= most {
+            let message = format!("A connection may subscribe to at most {most} channels (FLUX_MAX_CHANNELS_PER_CONNECTION)");
             return Action::Reply(protocol::subscription_error(&channel, "LimitReached", &message, 400));
         }
         match ChannelKind::of(&channel) {
@@ -393,9 +398,12 @@ mod tests {
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce: Duration::from_millis(150),
+            presence_batch: 100,
             max_subscriptions: 1_000_000,
             cache_ttl: Duration::from_secs(1800),
             cache_max_bytes: 1 << 20,
+            max_channels_per_connection: 1000,
+            max_connections: None,
         }
     }
 
@@ -630,14 +638,33 @@ mod tests {
     }
 
     #[test]
-    fn subscriptions_are_bounded() {
+    fn a_connection_holds_at_most_its_channel_limit() {
         let t0 = Instant::now();
+        let policy = Policy { max_channels_per_connection: 3, ..policy() };
+        let subscribe = |s: &mut Session, channel: &str| {
+            let text = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
+            let action = s.handle_text(&text, t0, &policy);
+            if let Action::Subscribe(name) = &action {
+                s.subscribed(name.as_str().into());
+            }
+            action
+        };
         let mut s = session(t0);
-        for i in 0..MAX_SUBSCRIPTIONS {
-            s.subscribed(format!("c{i}").into());
+        for i in 0..3 {
+            assert_eq!(subscribe(&mut s, &format!("c{i}")), Action::Subscribe(format!("c{i}")));
         }
-        let reply = reply_event(&s.handle_text(r#"{"event":"pusher:subscribe","data":{"channel":"one-more"}}"#, t0, &policy()));
-        assert_eq!(reply["data"]["type"], "LimitReached");
+        // However many more it asks for, each is refused and nothing more is held.
+        for i in 3..1000 {
+            let reply = reply_event(&subscribe(&mut s, &format!("c{i}")));
+            assert_eq!(reply["event"], "pusher:subscription_error");
+            assert_eq!(reply["channel"], format!("c{i}"));
+            assert_eq!((reply["data"]["type"].as_str(), reply["data"]["status"].as_u64()), (Some("LimitReached"), Some(400)));
+        }
+        assert_eq!(s.subscriptions().len(), 3);
+        // A channel it holds is confirmed again; leaving one makes room for another.
+        assert_eq!(reply_event(&subscribe(&mut s, "c0"))["event"], "pusher_internal:subscription_succeeded");
+        s.handle_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"c1"}}"#, t0, &policy);
+        assert_eq!(subscribe(&mut s, "c9"), Action::Subscribe("c9".into()));
     }
 
     #[test]

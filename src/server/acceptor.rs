@@ -1,6 +1,13 @@
 //! The acceptor: a small thread with its own `Poll` that accepts connections and deals them out
 //! to the workers in turn, and turns SIGINT/SIGTERM (or a stop request) into a shutdown.
 //!
+//! A shutdown is a drain: the node is marked draining, the workers are told to close their
+//! clients, and accepting goes on until the node holds no connection (every client gone) or the
+//! grace is over, so that a load balancer's `GET /ready` is answered 503 meanwhile instead of
+//! being refused. Then the workers are told to finish and the acceptor returns, closing the
+//! listener. A worker finishes once its connections are gone: one accepted just before the end
+//! reaches its inbox ahead of the finish, so it is served, not dropped.
+//!
 //! An accept error other than WouldBlock — above all EMFILE at the open-file limit — pauses
 //! accepting for a moment instead of retrying at once: with an edge-triggered listener a retry
 //! loop would spin, and the workers keep serving the connections they have meanwhile. Such an
@@ -22,11 +29,17 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::peers::Peers;
+use super::status::NodeStatus;
 use super::worker::Envelope;
 
 const LISTENER: Token = Token(0);
 const STOP: Token = Token(1);
 const SIGNALS: Token = Token(2);
+
+/// How often a drain looks whether the node's connections are all gone. Reading the workers'
+/// gauges, rather than having each worker report when it empties, keeps the drain's end in one
+/// place; a drain lasts at most the shutdown grace, so this costs a few hundred wake-ups at most.
+const DRAIN_CHECK: Duration = Duration::from_millis(10);
 
 /// How long accepting pauses after an accept error such as EMFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -56,13 +69,17 @@ pub(crate) struct Acceptor<M> {
     pub(crate) workers: Peers<M>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) handle_signals: bool,
+    /// Marked draining when the shutdown begins; its connection count ends the drain.
+    pub(crate) node: NodeStatus,
+    /// The longest a drain lasts.
+    pub(crate) grace: Duration,
 }
 
 impl<M: Send + 'static> Acceptor<M> {
     pub(crate) fn run(mut self) {
         if let Err(e) = self.poll.registry().register(&mut self.listener, LISTENER, Interest::READABLE) {
             warn!("could not register the listener: {e}");
-            return self.shutdown_workers();
+            return self.tell_workers(|| Envelope::Finish);
         }
         let mut signals = if self.handle_signals { self.register_signals() } else { None };
         let mut events = Events::with_capacity(64);
@@ -72,8 +89,11 @@ impl<M: Send + 'static> Acceptor<M> {
         let mut held: Option<Envelope<M>> = None;
         let mut hand_over_backoff = HAND_OVER_RETRY_FIRST;
         let mut failing: Option<FailedEpisode> = None;
+        // When the drain must end at the latest, once it has begun.
+        let mut drain_deadline: Option<Instant> = None;
         loop {
-            let timeout = paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            let wait = paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if drain_deadline.is_some() { Some(wait.map_or(DRAIN_CHECK, |w| w.min(DRAIN_CHECK))) } else { wait };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -81,14 +101,18 @@ impl<M: Send + 'static> Acceptor<M> {
                 warn!("acceptor poll failed: {e}");
                 break;
             }
-            if self.stop.load(Ordering::Acquire) {
-                break;
+            // Read every time, so that signals arriving during the drain are consumed too.
+            let signalled =
+                signals.as_mut().is_some_and(|signals| events.iter().any(|e| e.token() == SIGNALS) && signals.pending().next().is_some());
+            if drain_deadline.is_none() && (signalled || self.stop.load(Ordering::Acquire)) {
+                let cause = if signalled { "signal received" } else { "stop requested" };
+                info!("{cause}: stopping; health checks are answered until every client is gone");
+                drain_deadline = Some(Instant::now() + self.grace);
+                self.node.start_draining();
+                self.tell_workers(|| Envelope::Shutdown);
             }
-            if let Some(signals) = signals.as_mut() {
-                if events.iter().any(|e| e.token() == SIGNALS) && signals.pending().next().is_some() {
-                    info!("signal received: stopping");
-                    break;
-                }
+            if drain_deadline.is_some_and(|end| self.node.connections() == 0 || Instant::now() >= end) {
+                break;
             }
             if paused_until.is_some_and(|t| Instant::now() < t) {
                 continue; // After an accept error, or with a connection held: not yet.
@@ -130,7 +154,8 @@ impl<M: Send + 'static> Acceptor<M> {
                 info!("accepting again after {} failed attempts over {} ms", episode.failures, episode.since.elapsed().as_millis());
             }
         }
-        self.shutdown_workers();
+        // Also after a failed poll, with no drain: the workers close their clients and finish.
+        self.tell_workers(|| Envelope::Finish);
     }
 
     fn register_signals(&mut self) -> Option<Signals> {
@@ -177,11 +202,12 @@ impl<M: Send + 'static> Acceptor<M> {
         Err(adopt)
     }
 
-    fn shutdown_workers(&self) {
+    /// Puts an envelope made by `envelope` in every worker's inbox. A full inbox cannot refuse
+    /// it: keep trying briefly, the worker is draining it.
+    fn tell_workers(&self, envelope: impl Fn() -> Envelope<M>) {
         for worker in 0..self.workers.len() {
-            // A full inbox cannot refuse this: keep trying briefly, the worker is draining it.
             let deadline = Instant::now() + Duration::from_secs(1);
-            while self.workers.deliver(worker, Envelope::Shutdown).is_err() && Instant::now() < deadline {
+            while self.workers.deliver(worker, envelope()).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -197,15 +223,16 @@ pub(crate) fn stop_token() -> Token {
 mod tests {
     use super::*;
     use crate::fanout::WorkerId;
+    use crate::metrics::WorkerMetrics;
 
-    /// An acceptor over two workers whose inboxes hold one envelope each, those inboxes, and the
-    /// workers' polls (a waker needs a poll of its own).
-    fn acceptor() -> (Acceptor<u32>, Vec<crossbeam_channel::Receiver<Envelope<u32>>>, Vec<Poll>) {
+    /// An acceptor over two workers whose inboxes hold `capacity` envelopes each, those inboxes,
+    /// and the workers' polls (a waker needs a poll of its own).
+    fn acceptor(capacity: usize) -> (Acceptor<u32>, Vec<crossbeam_channel::Receiver<Envelope<u32>>>, Vec<Poll>) {
         let (mut handles, mut inboxes, mut polls) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..2 {
             let poll = Poll::new().expect("poll");
             let waker = Arc::new(mio::Waker::new(poll.registry(), Token(10)).expect("waker"));
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = crossbeam_channel::bounded(capacity);
             handles.push((tx, waker));
             inboxes.push(rx);
             polls.push(poll);
@@ -217,6 +244,8 @@ mod tests {
             workers: Peers::new(handles),
             stop: Arc::new(AtomicBool::new(false)),
             handle_signals: false,
+            node: NodeStatus::new(Arc::new([])),
+            grace: Duration::from_secs(1),
         };
         (acceptor, inboxes, polls)
     }
@@ -229,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_busy_worker_is_skipped_and_a_connection_is_held_only_while_every_worker_is_busy() {
-        let (acceptor, inboxes, _polls) = acceptor();
+        let (acceptor, inboxes, _polls) = acceptor(1);
         let mut next_worker = 0;
         assert!(acceptor.workers.send_now(WorkerId(0), 7), "worker 0's inbox is now full");
         assert!(acceptor.hand_over(connection(&acceptor), &mut next_worker).is_ok(), "worker 1 takes it");
@@ -239,5 +268,50 @@ mod tests {
         assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Service(7))), "worker 0 drains its inbox");
         assert!(acceptor.hand_over(held, &mut next_worker).is_ok(), "the held connection goes to worker 0");
         assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Adopt(..))));
+    }
+
+    #[test]
+    fn a_drain_accepts_until_the_node_holds_no_connection_then_tells_the_workers_to_finish() {
+        let (mut acceptor, inboxes, _polls) = acceptor(8);
+        let metrics = Arc::new(WorkerMetrics::default());
+        WorkerMetrics::add(&metrics.counters.connections, 1); // A client still closing.
+        acceptor.node = NodeStatus::new(Arc::new([metrics.clone()]));
+        acceptor.grace = Duration::from_secs(60);
+        let (node, addr) = (acceptor.node.clone(), acceptor.listener.local_addr().expect("address"));
+        let waker = mio::Waker::new(acceptor.poll.registry(), stop_token()).expect("waker");
+        acceptor.stop.store(true, Ordering::Release);
+        waker.wake().expect("wake");
+        let running = std::thread::spawn(move || acceptor.run());
+
+        // Draining, with the listener still open: what it accepts now is handed over.
+        let _late = std::net::TcpStream::connect(addr).expect("the listener is open during the drain");
+        let mut seen: Vec<Vec<&str>> = vec![Vec::new(); inboxes.len()];
+        let kind = |envelope: Envelope<u32>| match envelope {
+            Envelope::Adopt(..) => "adopt",
+            Envelope::Shutdown => "shutdown",
+            Envelope::Finish => "finish",
+            Envelope::Service(_) => "service",
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.iter().flatten().any(|&k| k == "adopt") {
+            assert!(Instant::now() < deadline, "the late connection was never handed over: {seen:?}");
+            for (worker, inbox) in inboxes.iter().enumerate() {
+                seen[worker].extend(inbox.try_iter().map(kind));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(node.is_draining());
+
+        // The last connection goes: the drain ends, the acceptor returns.
+        WorkerMetrics::sub(&metrics.counters.connections, 1);
+        running.join().expect("the acceptor returns");
+        for (worker, inbox) in inboxes.iter().enumerate() {
+            seen[worker].extend(inbox.try_iter().map(kind));
+        }
+        for inbox in &seen {
+            assert_eq!(inbox.first(), Some(&"shutdown"), "{seen:?}");
+            assert_eq!(inbox.last(), Some(&"finish"), "after every connection handed over: {seen:?}");
+        }
+        assert_eq!(seen.concat().iter().filter(|&&k| k == "adopt").count(), 1, "{seen:?}");
     }
 }

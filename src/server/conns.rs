@@ -179,6 +179,16 @@ impl<S> Conns<S> {
         offer
     }
 
+    /// Frames queued for connection `id` (None if there is no such connection).
+    pub fn queued(&self, id: ConnId) -> Option<usize> {
+        self.slab.get(id.0).map(|conn| conn.outbound.len())
+    }
+
+    /// The bound of every connection's ring, in frames.
+    pub fn ring_slots(&self) -> usize {
+        self.limits.ring_slots
+    }
+
     /// Whether one more request of connection `id` may be read: its reply would have room.
     pub fn may_read(&self, id: ConnId) -> bool {
         self.slab.get(id.0).is_some_and(|conn| conn.outbound.may_read())

@@ -5,11 +5,18 @@
 //! [`start`] binds the listener, creates one worker per thread (each a mio `Poll` with a
 //! `Waker` and a bounded inbox) and the acceptor thread, and returns a [`Server`] handle to
 //! read metrics, talk to workers, and stop.
+//!
+//! Stopping drains the node: the workers close their clients, and the listener stays open (HTTP
+//! only; new WebSocket clients are refused by the service, which sees
+//! [`NodeStatus::is_draining`]) until the node holds no connection or the shutdown grace is
+//! over, so a load balancer's health checks are answered "not ready" instead of refused while
+//! the node goes.
 
 mod acceptor;
 mod conns;
 mod peers;
 mod service;
+mod status;
 mod worker;
 
 use std::io;
@@ -26,6 +33,7 @@ use mio::{Poll, Waker};
 pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers, Sent};
 pub use service::{Ended, Routed, Service};
+pub use status::NodeStatus;
 
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
@@ -65,6 +73,8 @@ pub struct WorkerContext<M> {
     pub peers: Peers<M>,
     /// This worker's metrics.
     pub metrics: Arc<WorkerMetrics>,
+    /// The whole node: its open connections, and whether it is draining.
+    pub node: NodeStatus,
     /// The node's frame pool.
     pub pool: FramePool,
 }
@@ -73,7 +83,7 @@ pub struct WorkerContext<M> {
 pub struct Server<M> {
     local_addr: SocketAddr,
     peers: Peers<M>,
-    metrics: Vec<Arc<WorkerMetrics>>,
+    status: NodeStatus,
     pool: FramePool,
     stop: Arc<AtomicBool>,
     acceptor_waker: Arc<Waker>,
@@ -108,13 +118,20 @@ where
         write_coalesce: settings.write_coalesce,
     };
 
+    let metrics: Arc<[Arc<WorkerMetrics>]> = (0..workers).map(|_| Arc::new(WorkerMetrics::default())).collect();
+    let status = NodeStatus::new(metrics.clone());
+
     let mut threads = Vec::with_capacity(workers + 1);
-    let mut metrics = Vec::with_capacity(workers);
     for (index, (poll, waker, inbox)) in parts.into_iter().enumerate() {
-        let worker_metrics = Arc::new(WorkerMetrics::default());
-        metrics.push(worker_metrics.clone());
-        let service =
-            make_service(WorkerContext { id: WorkerId(index), peers: peers.clone(), metrics: worker_metrics.clone(), pool: pool.clone() });
+        let worker_metrics = metrics[index].clone();
+        let context = WorkerContext {
+            id: WorkerId(index),
+            peers: peers.clone(),
+            metrics: worker_metrics.clone(),
+            node: status.clone(),
+            pool: pool.clone(),
+        };
+        let service = make_service(context);
         let (limits, pool, timing) = (settings.limits.clone(), pool.clone(), timing.clone());
         // Built on its own thread: sessions never cross threads, so they need not be `Send`.
         let run = move || {
@@ -127,10 +144,18 @@ where
     let poll = Poll::new()?;
     let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::stop_token())?);
     let stop = Arc::new(AtomicBool::new(false));
-    let acceptor = Acceptor { poll, listener, workers: peers.clone(), stop: stop.clone(), handle_signals: settings.handle_signals };
+    let acceptor = Acceptor {
+        poll,
+        listener,
+        workers: peers.clone(),
+        stop: stop.clone(),
+        handle_signals: settings.handle_signals,
+        node: status.clone(),
+        grace: settings.shutdown_grace,
+    };
     threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
 
-    Ok(Server { local_addr, peers, metrics, pool, stop, acceptor_waker, threads })
+    Ok(Server { local_addr, peers, status, pool, stop, acceptor_waker, threads })
 }
 
 impl<M> Server<M> {
@@ -144,9 +169,9 @@ impl<M> Server<M> {
         &self.peers
     }
 
-    /// Every worker's metrics.
-    pub fn worker_metrics(&self) -> &[Arc<WorkerMetrics>] {
-        &self.metrics
+    /// The node as a whole: every worker's metrics, its open connections, whether it drains.
+    pub fn status(&self) -> &NodeStatus {
+        &self.status
     }
 
     /// The frame pool.
@@ -154,7 +179,8 @@ impl<M> Server<M> {
         &self.pool
     }
 
-    /// Asks the server to stop: no more accepts, close 4200 to every client, flush, exit.
+    /// Asks the server to stop: close 4200 to every client, flush, exit; until its connections
+    /// are gone the listener stays open for HTTP (see the module doc).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Err(e) = self.acceptor_waker.wake() {

@@ -24,6 +24,10 @@
 //! reading paused, the rest of its input held by its decoder and its socket left unread, and
 //! resumed by the flush that makes room. So no reply is ever dropped, and a client that asks
 //! without reading the answers is a slow consumer like any other, evicted on the same clock.
+//!
+//! Shutdown is a drain: the worker closes every WebSocket with 4200 and goes on answering HTTP
+//! (each answer closing its connection, and new connections too) until the acceptor says no
+//! more will come and it holds none, or until the shutdown grace is over.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
@@ -73,8 +77,11 @@ const SWEEP: Duration = Duration::from_secs(1);
 pub(crate) enum Envelope<M> {
     /// A freshly accepted connection to own.
     Adopt(TcpStream, SocketAddr),
-    /// Close every connection and stop.
+    /// Close every WebSocket and drain: answer HTTP only, until told to finish.
     Shutdown,
+    /// No more connections will come (sent after every one that was handed over): stop once
+    /// the ones held are gone. Begins the shutdown too, if it has not begun.
+    Finish,
     /// A message for the service.
     Service(M),
 }
@@ -102,6 +109,8 @@ pub(crate) struct Worker<Svc: Service> {
     next_eviction_check: Instant,
     next_sweep: Instant,
     shutdown_deadline: Option<Instant>,
+    /// Told to finish: stop as soon as no connection is left.
+    finishing: bool,
     /// When the last large fan-out was flushed: the next may not start before an interval ends.
     last_large_flush: Option<Instant>,
     /// A large fan-out is waiting for the interval to end.
@@ -136,6 +145,7 @@ impl<Svc: Service> Worker<Svc> {
             next_eviction_check: now + EVICTION_CHECK,
             next_sweep: now + SWEEP,
             shutdown_deadline: None,
+            finishing: false,
             last_large_flush: None,
             holding: false,
             resuming: Vec::new(),
@@ -149,7 +159,7 @@ impl<Svc: Service> Worker<Svc> {
         loop {
             let now = Instant::now();
             if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() || now >= deadline {
+                if (self.finishing && self.conns.is_empty()) || now >= deadline {
                     break;
                 }
             }
@@ -215,6 +225,10 @@ impl<Svc: Service> Worker<Svc> {
             match envelope {
                 Envelope::Adopt(socket, peer) => self.adopt(socket, peer, now),
                 Envelope::Shutdown => self.begin_shutdown(now),
+                Envelope::Finish => {
+                    self.begin_shutdown(now);
+                    self.finishing = true;
+                }
                 Envelope::Service(message) => self.service.on_inbox(&mut self.conns, message, now),
             }
         }
@@ -224,10 +238,9 @@ impl<Svc: Service> Worker<Svc> {
         }
     }
 
+    /// Takes a connection in, during a drain too: its requests (a load balancer's health check)
+    /// are still answered until the worker finishes.
     fn adopt(&mut self, mut socket: TcpStream, peer: SocketAddr, now: Instant) {
-        if self.shutdown_deadline.is_some() {
-            return; // Dropping the socket closes it.
-        }
         if let Err(e) = socket.set_nodelay(true) {
             debug!("set_nodelay failed for {peer}: {e}");
         }
@@ -322,8 +335,11 @@ impl<Svc: Service> Worker<Svc> {
             WorkerMetrics::add(&self.metrics.counters.http_requests, 1);
             match self.service.on_request(&mut self.conns, id, &request, now) {
                 Routed::Respond(response) => {
-                    self.respond(id, &response, request.close, now);
-                    if request.close {
+                    // While draining, each answer is the connection's last, so an idle
+                    // keep-alive connection does not hold the worker until its deadline.
+                    let close = request.close || self.shutdown_deadline.is_some();
+                    self.respond(id, &response, close, now);
+                    if close {
                         return false;
                     }
                 }

@@ -145,10 +145,21 @@ pub fn rest(addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&
         other => panic!("unsupported method {other}"),
     }
     .expect("HTTP request");
+    status_and_body(response)
+}
+
+/// An unsigned GET of `url` (health checks, or a REST call signed by hand); returns the status
+/// and the body, as JSON when it is.
+pub fn get(url: &str) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    status_and_body(agent.get(url).call().expect("HTTP request"))
+}
+
+/// A response's status, and its body as JSON when it is.
+fn status_and_body(response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
     let status = response.status().as_u16();
-    let text = response.into_body().read_to_string().expect("response body");
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
+    let body = response.into_body().read_to_string().expect("response body");
+    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
 }
 
 /// Publishes `data` as `event` on `channels` through the REST API.

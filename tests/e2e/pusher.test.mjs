@@ -5,6 +5,7 @@ import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import http from "node:http";
+import net from "node:net";
 import {
   ACTIVITY_TIMEOUT,
   APP,
@@ -634,6 +635,117 @@ describe("raw WebSocket clients (ws)", () => {
     client.send({ event: "pusher:ping", data: {} });
     assert.equal((await client.next()).event, "pusher:pong");
     assert.equal(client.ws.readyState, WebSocket.OPEN);
+  });
+});
+
+describe("health and per-node limits", () => {
+  /**
+   * GETs `path` on the gateway on `port` without a signature, on a connection of its own as a
+   * load balancer's check would (a stopping gateway closes idle keep-alive connections):
+   * `{ status, body }`.
+   */
+  function health(port, path) {
+    return new Promise((resolve, reject) => {
+      const request = http.get({ host: "127.0.0.1", port, path, agent: false, timeout: 3000 }, (response) => {
+        let text = "";
+        response.on("data", (chunk) => (text += chunk));
+        response.on("end", () => resolve({ status: response.statusCode, body: JSON.parse(text) }));
+      });
+      request.on("timeout", () => request.destroy(new Error(`GET ${path} timed out`)));
+      request.on("error", reject);
+    });
+  }
+
+  /**
+   * A raw socket past the WebSocket handshake that never answers the server's close: while it is
+   * open, a stopping gateway is still draining.
+   */
+  function lingeringSocket(port) {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(port, "127.0.0.1", () =>
+        socket.write(
+          `GET /app/${APP.key}?protocol=7 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        ),
+      );
+      socket.once("data", (head) => (head.toString().startsWith("HTTP/1.1 101") ? resolve(socket) : reject(new Error(head.toString()))));
+      socket.on("error", reject);
+    });
+  }
+
+  test("/up and /ready answer 200 while the node serves", BOUNDED, async () => {
+    assert.deepEqual(await health(flux.port, "/up"), { status: 200, body: { health: "OK" } });
+    assert.deepEqual(await health(flux.port, "/ready"), { status: 200, body: { ready: true } });
+  });
+
+  test("past FLUX_MAX_CONNECTIONS pusher-js gets 4004 and stays disconnected; /ready is 503 until clients leave", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_MAX_CONNECTIONS: "2" });
+    try {
+      const first = await connected(pusherClient(APP.key, { port: own.port }));
+      const second = await connected(pusherClient(APP.key, { port: own.port }));
+      const full = await health(own.port, "/ready");
+      assert.equal(full.status, 503);
+      assert.match(full.body.error, /connection limit: 2 of 2/);
+
+      const third = pusherClient(APP.key, { port: own.port });
+      const states = [];
+      third.connection.bind("state_change", ({ current }) => states.push(current));
+      const { type, error } = await once(third.connection, "error");
+      assert.equal(type, "WebSocketError");
+      assert.equal(error.data.code, 4004);
+      assert.match(error.data.message, /^Over connection quota/);
+      // 4000-4099 means "do not reconnect as is": past pusher-js's 1 s backoff it has not tried again.
+      await sleep(1500);
+      assert.equal(third.connection.state, "disconnected");
+      assert.deepEqual(states, ["disconnected"], "from its one attempt straight to disconnected, never connecting again");
+
+      first.disconnect();
+      second.disconnect();
+      await eventually(async () => (await health(own.port, "/ready")).status === 200, 5000, "/ready 200 once clients left");
+      await connected(pusherClient(APP.key, { port: own.port }));
+    } finally {
+      for (const client of openClients.splice(0)) client.disconnect();
+      await own.stop();
+    }
+  });
+
+  test("past FLUX_MAX_CHANNELS_PER_CONNECTION pusher-js reports subscription_error LimitReached on the channel", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_MAX_CHANNELS_PER_CONNECTION: "3" });
+    try {
+      const pusher = pusherClient(APP.key, { port: own.port });
+      const held = [];
+      for (const name of ["cap-0", "cap-1", "cap-2"]) held.push(await subscribed(pusher, name));
+      const refused = pusher.subscribe("cap-3");
+      const error = await once(refused, "pusher:subscription_error");
+      assert.equal(error.type, "LimitReached");
+      assert.equal(error.status, 400);
+      assert.match(error.error, /at most 3 channels/);
+      assert.equal(refused.subscribed, false);
+      // The channels it holds are served as before.
+      const received = once(held[0], "still-here");
+      await newPusherServer(own.port).trigger("cap-0", "still-here", { ok: true });
+      assert.deepEqual(await received, { ok: true });
+    } finally {
+      for (const client of openClients.splice(0)) client.disconnect();
+      await own.stop();
+    }
+  });
+
+  test("after SIGTERM, while clients drain, /ready is 503, /up is 200 and pusher-js arriving then backs off", BOUNDED, async () => {
+    const own = await startFlux();
+    const holder = await lingeringSocket(own.port);
+    const stopped = own.stop(); // Resolves once the process has exited 0.
+    await eventually(async () => (await health(own.port, "/ready")).status === 503, 5000, "/ready 503 after SIGTERM");
+    assert.match((await health(own.port, "/ready")).body.error, /^shutting down/);
+    assert.deepEqual(await health(own.port, "/up"), { status: 200, body: { health: "OK" } });
+
+    const late = pusherClient(APP.key, { port: own.port });
+    const { error } = await once(late.connection, "error");
+    assert.equal(error.data.code, 4100, "4100-4199: reconnect after backing off, by when the balancer has another node");
+    late.disconnect();
+
+    holder.destroy(); // The last client goes: the drain ends and the process exits 0.
+    await stopped;
   });
 });
 

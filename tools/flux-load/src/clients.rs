@@ -5,7 +5,7 @@
 //! vacaters close all at once and stay away, victims of a node's death stay away, and the members
 //! that remain count its members' removals.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use log::debug;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;
@@ -514,6 +515,9 @@ impl<'p> Shard<'p> {
                 }
                 self.flush(i);
             }
+            "pusher_internal:subscription_succeeded" if self.clients[i].confirmed == self.clients[i].channels.len() => {
+                self.presence_resynced(i, text);
+            }
             "pusher_internal:subscription_succeeded" => {
                 let started = self.started.is_some();
                 let client = &mut self.clients[i];
@@ -542,6 +546,25 @@ impl<'p> Shard<'p> {
             "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
             "pusher:error" => debug!("pusher:error: {text}"),
             _ => {}
+        }
+    }
+
+    /// A subscription_succeeded on a channel already confirmed: the server sent the whole roster
+    /// again (its ring had no room for some changes). For node-death, the victims it no longer
+    /// lists are removed for this member, as pusher-js would take them.
+    fn presence_resynced(&mut self, i: usize, text: &str) {
+        self.tick.presence_resyncs += 1;
+        let (Some(victims), Some(pending), Some(_)) = (&self.victims, self.clients[i].pending.as_mut(), self.started) else {
+            return;
+        };
+        let listed: HashSet<usize> = serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|event| serde_json::from_str::<Value>(event["data"].as_str()?).ok())
+            .and_then(|data| data["presence"]["ids"].as_array().map(|ids| ids.iter().filter_map(|id| id.as_str()?.parse().ok()).collect()))
+            .unwrap_or_default();
+        let read_at = unix_micros();
+        for removal in pending.resynced(victims, |client| listed.contains(&client)) {
+            self.tick.removals.count(removal, read_at);
         }
     }
 

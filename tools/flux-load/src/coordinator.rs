@@ -420,6 +420,7 @@ fn summarize(
             "member_events": totals.member_events,
             "member_events_per_sec": (totals.member_events as f64 / window).round(),
             "member_added_latency_ms": totals.member_added_latency.summary(),
+            "presence_resyncs": totals.presence_resyncs,
         });
     }
     if plan.scenario == Scenario::CountChurn {
@@ -568,11 +569,12 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
     );
     if let Some(presence) = summary.get("presence") {
         println!(
-            "presence: {} member_added/member_removed received ({} /s); member_added latency from the join p50 {} ms, p99 {} ms",
+            "presence: {} member_added/member_removed received ({} /s); member_added latency from the join p50 {} ms, p99 {} ms; {} rosters resent",
             presence["member_events"],
             presence["member_events_per_sec"],
             presence["member_added_latency_ms"]["p50"],
-            presence["member_added_latency_ms"]["p99"]
+            presence["member_added_latency_ms"]["p99"],
+            presence["presence_resyncs"]
         );
     }
     if let Some(counts) = summary.get("subscription_counts") {

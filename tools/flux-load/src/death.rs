@@ -95,6 +95,22 @@ impl Pending {
             Removal::First
         }
     }
+
+    /// The server sent this member the whole roster again (it had no room for some changes):
+    /// each victim not `listed` there, and not seen removed yet, is seen removed now.
+    pub fn resynced(&mut self, victims: &Victims, listed: impl Fn(usize) -> bool) -> Vec<Removal> {
+        let unseen: Vec<usize> = victims
+            .rank
+            .iter()
+            .enumerate()
+            .filter_map(|(client, rank)| {
+                let rank = (*rank)?;
+                let seen = self.seen.get(rank / 64).is_some_and(|word| word & (1u64 << (rank % 64)) != 0);
+                (!seen && !listed(client)).then_some(client)
+            })
+            .collect();
+        unseen.into_iter().map(|client| self.removed(victims, client)).collect()
+    }
 }
 
 /// The member_removed events remaining members received after the kill, as a shard counts them
@@ -225,6 +241,7 @@ impl NodeDeath {
             "removals_seen": removals.seen,
             "removals_missing": owed.saturating_sub(removals.seen),
             "repeated_removals": removals.repeated,
+            "presence_resyncs": totals.presence_resyncs,
             "strangers_removed": removals.strangers,
             "victims_disconnected": totals.roles[Role::Victim.index()].disconnects,
             "first_removal_ms": removals.first_unix_us.map(|at| since_kill_us(at) as f64 / 1000.0),
@@ -326,6 +343,20 @@ mod tests {
         assert_eq!((counts.seen, counts.repeated, counts.strangers), (70, 1, 1));
         assert_eq!(counts.first_unix_us, Some(1_000));
         assert_eq!(counts.completed_unix_us, [1_069]);
+    }
+
+    #[test]
+    fn a_resync_removes_the_victims_it_no_longer_lists_once() {
+        // Node 1 of 2 is killed: clients 1, 3, 5, 7 are the victims.
+        let plan = plan(&["--nodes", "6691,6692", "--kill-node", "1", "--connections", "8"]);
+        let victims = Victims::of(&plan).unwrap();
+        let mut pending = Pending::new(&victims);
+        assert_eq!(pending.removed(&victims, 1), Removal::First);
+        // The roster sent again still lists victim 7 (its removal is still to come).
+        let removals = pending.resynced(&victims, |client| client % 2 == 0 || client == 7);
+        assert_eq!(removals, [Removal::First, Removal::First], "3 and 5; 1 was seen already");
+        assert_eq!(pending.removed(&victims, 7), Removal::Last);
+        assert!(pending.resynced(&victims, |_| false).is_empty(), "nothing left to see");
     }
 
     #[test]

@@ -206,6 +206,8 @@ pub struct Tick {
     pub delivered_per_node: Vec<u64>,
     /// `pusher_internal:member_added` and `member_removed` events received.
     pub member_events: u64,
+    /// Presence rosters the server sent again, to members whose rings had no room for changes.
+    pub presence_resyncs: u64,
     /// From a member's join (the time in its `user_info`) to another member hearing of it.
     pub member_added_latency: Latency,
     /// `pusher_internal:subscription_count` events the healthy clients received.
@@ -241,6 +243,7 @@ impl Tick {
             *mine += theirs;
         }
         self.member_events += other.member_events;
+        self.presence_resyncs += other.presence_resyncs;
         self.member_added_latency.add(&other.member_added_latency);
         self.count_events += other.count_events;
         self.subscriptions_vacated += other.subscriptions_vacated;
@@ -259,6 +262,7 @@ impl Tick {
         self.completions.clear();
         self.delivered_per_node.iter_mut().for_each(|n| *n = 0);
         self.member_events = 0;
+        self.presence_resyncs = 0;
         self.member_added_latency.clear();
         self.count_events = 0;
         self.subscriptions_vacated = 0;
