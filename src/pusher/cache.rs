@@ -199,11 +199,14 @@ mod tests {
         channel.into()
     }
 
+    /// A start time, an empty cache of 1 MiB and the channel most tests use.
+    fn price_cache() -> (Instant, LastEvents, ChannelName) {
+        (Instant::now(), LastEvents::new(TTL, 1 << 20), name("cache-price"))
+    }
+
     #[test]
     fn an_event_is_kept_for_the_ttl_and_then_forgotten() {
-        let t0 = Instant::now();
-        let mut cache = LastEvents::new(TTL, 1 << 20);
-        let price = name("cache-price");
+        let (t0, mut cache, price) = price_cache();
         assert!(cache.get(&price, t0).is_none());
         cache.store(&price, frame("42"), 1, t0);
         assert_eq!(cache.get(&price, t0 + TTL - Duration::from_millis(1)).map(|f| &f[..]), Some(&b"42"[..]));
@@ -218,9 +221,7 @@ mod tests {
 
     #[test]
     fn a_newer_event_replaces_the_last_and_starts_the_ttl_again() {
-        let t0 = Instant::now();
-        let mut cache = LastEvents::new(TTL, 1 << 20);
-        let price = name("cache-price");
+        let (t0, mut cache, price) = price_cache();
         cache.store(&price, frame("1"), 1, t0);
         let later = t0 + TTL / 2;
         cache.store(&price, frame("2"), 2, later);
@@ -234,9 +235,7 @@ mod tests {
 
     #[test]
     fn an_event_read_back_is_kept_only_if_it_is_newer() {
-        let t0 = Instant::now();
-        let mut cache = LastEvents::new(TTL, 1 << 20);
-        let price = name("cache-price");
+        let (t0, mut cache, price) = price_cache();
         cache.store(&price, frame("new"), 20, t0);
         cache.restore(&price, frame("old"), 10, Duration::from_secs(60), t0);
         assert_eq!(cache.get(&price, t0).map(|f| &f[..]), Some(&b"new"[..]));
@@ -271,9 +270,7 @@ mod tests {
 
     #[test]
     fn a_miss_is_reported_once_a_window_until_an_event_is_kept() {
-        let t0 = Instant::now();
-        let mut cache = LastEvents::new(TTL, 1 << 20);
-        let price = name("cache-price");
+        let (t0, mut cache, price) = price_cache();
         assert!(cache.miss(&price, t0), "the first miss is reported");
         assert!(!cache.miss(&price, t0 + MISS_REPORT_EVERY - Duration::from_millis(1)), "a crowd of misses is one report");
         assert!(cache.get(&price, t0).is_none(), "a reported miss is still a miss");

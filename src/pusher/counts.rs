@@ -97,11 +97,14 @@ mod tests {
         channel.into()
     }
 
+    /// A start time, no announcement owed, and the channel most tests use.
+    fn room_counts() -> (Instant, SubscriptionCounts, ChannelName) {
+        (Instant::now(), SubscriptionCounts::new(EVERY), name("room"))
+    }
+
     #[test]
     fn the_first_change_is_announced_at_once_and_the_next_ones_together_an_interval_later() {
-        let t0 = Instant::now();
-        let mut counts = SubscriptionCounts::new(EVERY);
-        let room = name("room");
+        let (t0, mut counts, room) = room_counts();
         counts.handle_change(&room, t0);
         assert_eq!(counts.poll_timeout(), Some(t0));
         assert_eq!(counts.poll_due(t0, |_| 1), [(room.clone(), 1)]);
@@ -118,9 +121,7 @@ mod tests {
 
     #[test]
     fn a_change_that_undoes_itself_or_empties_the_channel_announces_nothing() {
-        let t0 = Instant::now();
-        let mut counts = SubscriptionCounts::new(EVERY);
-        let room = name("room");
+        let (t0, mut counts, room) = room_counts();
         counts.handle_change(&room, t0);
         assert_eq!(counts.poll_due(t0, |_| 3).len(), 1);
         counts.handle_change(&room, t0 + Duration::from_millis(100)); // A leave ...
