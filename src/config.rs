@@ -25,6 +25,11 @@ pub struct AppArgs {
     /// The app secret that signs REST requests and channel authorizations.
     #[arg(long, env = "FLUX_APP_SECRET", default_value = "app-secret", hide_env_values = true)]
     pub app_secret: String,
+
+    /// Tell subscribers of public and private channels the channel's subscription count
+    /// (`pusher:subscription_count` in pusher-js) when it changes, at most once a second.
+    #[arg(long, env = "FLUX_SUBSCRIPTION_COUNT_EVENTS")]
+    pub subscription_count_events: bool,
 }
 
 /// Gateway settings. `flux --help` lists them with their environment variables.
@@ -68,6 +73,16 @@ pub struct Config {
     #[arg(long, env = "FLUX_MAX_SUBSCRIPTIONS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_subscriptions: u64,
 
+    /// Seconds a cache channel's last event is kept for its new subscribers (Pusher keeps it 30
+    /// minutes).
+    #[arg(long, env = "FLUX_CACHE_TTL_S", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub cache_ttl_s: u64,
+
+    /// Megabytes of cache channels' last events the node keeps at most (each event counts its
+    /// frame, its channel's name and about 128 bytes); past it the events nearest to expiry are
+    /// dropped first.
+    #[arg(long, env = "FLUX_CACHE_MAX_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub cache_max_mb: u64,
     /// Channels one connection may subscribe to; past it the subscription gets
     /// `pusher:subscription_error` (LimitReached, status 400), so one client cannot make the node
     /// hold an unbounded set of channels for it.
@@ -187,11 +202,18 @@ impl Default for Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 6001,
             dashboard_port: 8080,
-            app: AppArgs { app_id: "app-id".into(), app_key: "app-key".into(), app_secret: "app-secret".into() },
+            app: AppArgs {
+                app_id: "app-id".into(),
+                app_key: "app-key".into(),
+                app_secret: "app-secret".into(),
+                subscription_count_events: false,
+            },
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce_ms: 150,
             max_subscriptions: 1_000_000,
+            cache_ttl_s: 1800,
+            cache_max_mb: 64,
             max_channels_per_connection: 1000,
             max_connections: None,
             ring_slots: 256,
@@ -269,6 +291,16 @@ impl Config {
         Duration::from_millis(self.presence_coalesce_ms)
     }
 
+    /// How long a cache channel's last event is kept.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_s)
+    }
+
+    /// Bytes of cache channels' last events the node keeps at most.
+    pub fn cache_max_bytes(&self) -> usize {
+        usize::try_from(self.cache_max_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
     /// How long a large fan-out's writes may be held to coalesce them.
     pub fn write_coalesce(&self) -> Duration {
         Duration::from_micros(self.write_coalesce_us)
@@ -305,6 +337,8 @@ mod tests {
         assert_eq!(parsed.max_payload, 10 * 1024);
         assert_eq!(parsed.activity_timeout, 120);
         assert_eq!(parsed.app.app_key, "app-key");
+        assert_eq!((parsed.cache_ttl(), parsed.cache_max_bytes()), (Duration::from_secs(1800), 64 << 20));
+        assert_eq!((parsed.cache_ttl_s, parsed.cache_max_mb), (defaults.cache_ttl_s, defaults.cache_max_mb));
         assert_eq!((parsed.max_connections, parsed.max_channels_per_connection), (None, defaults.max_channels_per_connection));
         assert_eq!(parsed.webhook_url, None);
         assert_eq!(
@@ -331,6 +365,13 @@ mod tests {
         assert!(Config::try_parse_from(["flux", "--redis-url", "http://127.0.0.1"]).is_err());
         assert!(Config::try_parse_from(["flux", "--node-id", "has space"]).is_err());
         assert!(Config::try_parse_from(["flux", "--node-timeout-ms", "10"]).is_err());
+    }
+
+    #[test]
+    fn subscription_count_events_are_off_unless_asked_for() {
+        assert!(!Config::try_parse_from(["flux"]).expect("parses").app.subscription_count_events);
+        let on = Config::try_parse_from(["flux", "--subscription-count-events"]).expect("parses");
+        assert!(on.app.subscription_count_events);
     }
 
     #[test]

@@ -96,6 +96,16 @@ counters! {
         /// Messages for another worker lost because its inbox and this worker's backlog for it
         /// were both full.
         inbox_overflows,
+        /// Subscriptions to cache channels answered with the channel's last event.
+        cache_hits,
+        /// Subscriptions to cache channels that found no event kept (`pusher:cache_miss`).
+        cache_misses,
+        /// Cache channels' last events dropped before their TTL to stay within the node's
+        /// budget (counted by worker 0: every worker keeps the same events).
+        cache_evictions,
+        /// Subscription-count events framed: one per channel per announcement (each then
+        /// delivered to every subscriber of the channel on the node).
+        subscription_count_events,
     }
 }
 

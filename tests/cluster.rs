@@ -354,13 +354,19 @@ fn the_presence_limit_counts_the_cluster() {
     assert_eq!(third.next_event()["event"], "pusher:subscription_error", "two members on a fill the channel for b too");
 }
 
+/// Three nodes, a, b and c, that post their webhooks to `receiver`, once they see each other.
+fn webhook_cluster(redis: &RedisServer, receiver: &Receiver) -> Vec<Gateway> {
+    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(redis, id, 5_000) };
+    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))), "the nodes never met");
+    nodes
+}
+
 #[test]
 fn webhooks_are_sent_once_per_cluster() {
     let Some(redis) = RedisServer::start() else { return };
     let receiver = Receiver::answering(&[]);
-    let config = |id: &str| Config { webhook_url: Some(receiver.url.clone()), webhook_batch_ms: 20, ..node_config(&redis, id, 5_000) };
-    let nodes: Vec<Gateway> = ["a", "b", "c"].iter().map(|id| start(&config(id))).collect();
-    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 2))));
+    let nodes = webhook_cluster(&redis, &receiver);
     let addrs: Vec<SocketAddr> = nodes.iter().map(Gateway::local_addr).collect();
     let mut clients = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
@@ -377,13 +383,14 @@ fn webhooks_are_sent_once_per_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Every webhook until the endpoint has been quiet for a while.
-    let mut events: Vec<(String, String, String)> = Vec::new();
-    while let Ok(posted) = receiver.posts.recv_timeout(Duration::from_secs(2)) {
-        for event in posted.json()["events"].as_array().into_iter().flatten() {
+    let mut events: Vec<(String, String, String)> = receiver
+        .events_until_quiet(Duration::from_secs(2))
+        .iter()
+        .map(|event| {
             let field = |k: &str| event[k].as_str().unwrap_or("").to_string();
-            events.push((field("name"), field("channel"), field("user_id")));
-        }
-    }
+            (field("name"), field("channel"), field("user_id"))
+        })
+        .collect();
     events.sort();
     let expected: Vec<(String, String, String)> = [
         ("channel_occupied", "chat", ""),
@@ -468,4 +475,79 @@ fn a_frozen_node_is_dead_to_the_others_and_comes_back_with_only_what_it_still_ho
     assert!(wait_for_count(survivor.addr, "chat", 1, Duration::from_secs(5)), "the node came back with what it holds");
     assert_eq!(poll_event(&mut bob, QUIET), None, "carol is not resurrected");
     assert_eq!(users(survivor.addr, PRESENCE), ["bob"]);
+}
+
+/// What a new subscriber of cache channel `channel` on `addr` gets right after its
+/// `subscription_succeeded`: the channel's last event, or `pusher:cache_miss`.
+fn replayed(addr: SocketAddr, channel: &str) -> Value {
+    let mut client = subscribed(addr, channel);
+    let event = client.next_event();
+    assert_eq!(event["channel"], channel, "{event}");
+    event
+}
+
+#[test]
+fn a_cache_channels_last_event_outlives_its_node_and_reaches_a_node_that_starts_later() {
+    let Some(redis) = RedisServer::start() else { return };
+    let mut nodes = start_cluster(&redis, &["a", "b"], 5_000);
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    assert_eq!(publish(a, &["cache-price"], "tick", r#"{"usd":1}"#, None).0, 200);
+    // Nobody subscribes anywhere: b keeps the event as it goes by on the bus.
+    assert!(wait_until(Duration::from_secs(3), || replayed(b, "cache-price")["data"] == r#"{"usd":1}"#));
+    assert_eq!(publish(b, &["cache-price"], "tick", r#"{"usd":2}"#, None).0, 200);
+    assert!(wait_until(Duration::from_secs(3), || replayed(a, "cache-price")["data"] == r#"{"usd":2}"#));
+    // b, where the last event was published, goes; c starts after it and reads it from Redis.
+    let gone = nodes.pop().expect("b");
+    gone.stop();
+    gone.join();
+    let c = start(&node_config(&redis, "c", 5_000));
+    let loaded = |node: &Gateway| node.observer().cluster().is_some_and(|c| c.counters.last_event_loads >= 1);
+    assert!(wait_until(Duration::from_secs(10), || sees(&c, 1) && loaded(&c)), "c joined and read the cache back");
+    let event = replayed(c.local_addr(), "cache-price");
+    assert_eq!((event["event"].as_str(), event["data"].as_str()), (Some("tick"), Some(r#"{"usd":2}"#)), "{event}");
+    assert!(replayed(c.local_addr(), "cache-other")["event"] == "pusher:cache_miss");
+    assert_eq!(c.observer().cluster().expect("clustered").counters.last_events_loaded, 1, "one cache channel in Redis");
+}
+
+#[test]
+fn cache_misses_on_every_node_are_one_cache_miss_webhook() {
+    let Some(redis) = RedisServer::start() else { return };
+    let receiver = Receiver::answering(&[]);
+    let nodes = webhook_cluster(&redis, &receiver);
+    for node in &nodes {
+        for _ in 0..2 {
+            assert_eq!(replayed(node.local_addr(), "cache-empty")["event"], "pusher:cache_miss");
+        }
+    }
+    let misses: Vec<Value> =
+        receiver.events_until_quiet(Duration::from_secs(2)).into_iter().filter(|e| e["name"] == "cache_miss").collect();
+    assert_eq!(misses, [json!({"name": "cache_miss", "channel": "cache-empty"})], "six misses on three nodes, one report");
+}
+
+#[test]
+fn subscription_counts_are_the_clusters() {
+    let Some(redis) = RedisServer::start() else { return };
+    let config = |id: &str| {
+        let mut config = node_config(&redis, id, 5_000);
+        config.app.subscription_count_events = true;
+        config
+    };
+    let nodes: Vec<Gateway> = ["a", "b"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 1))));
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+    let mut watcher = subscribed(a, "counted");
+    let count = |event: Value| -> u64 {
+        assert_eq!(event["event"], "pusher_internal:subscription_count", "{event}");
+        let data: Value = serde_json::from_str(event["data"].as_str().expect("data is a string")).expect("JSON");
+        data["subscription_count"].as_u64().expect("a count")
+    };
+    assert_eq!(count(watcher.next_event()), 1);
+    let _there = [subscribed(b, "counted"), subscribed(b, "counted")];
+    // The subscriptions on b reach a within the cluster's flush interval, then a's next
+    // announcement (at most a second after its last) carries them.
+    let mut seen = 1;
+    while seen != 3 {
+        seen = count(watcher.next_event());
+        assert!((1..=3).contains(&seen), "{seen}");
+    }
 }

@@ -7,6 +7,8 @@
 //!   everything else goes to the state machine.
 //! - The state thread runs [`ClusterState`] on its inputs and its timers, and hands the workers
 //!   the cluster-wide counts it computes.
+//! - The loader owns a third connection, used only when the subscriber has (re)subscribed: it
+//!   reads every cache channel's last event back from Redis and hands them to every worker.
 //!
 //! A lost link is logged once when it goes and once when it comes back, never per message; both
 //! connections retry with backoff (100 ms doubling to 5 s). Nothing grows meanwhile: the
@@ -17,12 +19,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError};
+use bytes::Bytes;
+use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 
 use super::state::{ClusterState, NodeEvent, RemoteMember};
-use super::wire::{Body, Envelope};
-use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
+use super::wire::{Body, Envelope, Kept};
+use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, KeptEvent, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
 use crate::fanout::directory::OccupancyBatch;
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
@@ -43,6 +46,23 @@ const READ_WAIT: Duration = Duration::from_millis(200);
 
 /// How long an idle thread waits for work before it checks whether it must stop.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Keys asked for per `SCAN` when the cache channels' events are read back, and so the most
+/// events handed to the workers in one message: a worker keeps them in a few milliseconds.
+const SCAN_COUNT: usize = 512;
+
+/// What the publisher sends to Redis for the workers.
+pub(super) enum Outgoing {
+    /// A message for the cluster's channel (`PUBLISH`).
+    Publish(Vec<u8>),
+    /// A cache channel's last event (a [`Kept`]), stored under `key` for the cache TTL.
+    Keep {
+        /// `{prefix}:cache:{channel}`.
+        key: String,
+        /// The encoded [`Kept`].
+        value: Vec<u8>,
+    },
+}
 
 /// What the state thread is told.
 pub(super) enum Input {
@@ -81,7 +101,7 @@ pub struct PreparedCluster {
     settings: ClusterSettings,
     link: ClusterLink,
     client: redis::Client,
-    events: Receiver<Vec<u8>>,
+    events: Receiver<Outgoing>,
     inputs: Receiver<Input>,
 }
 
@@ -94,6 +114,7 @@ impl Cluster {
         let link = ClusterLink {
             node: settings.node_id.clone(),
             incarnation: fastrand::u64(..),
+            kept_prefix: settings.kept_prefix().into(),
             events: events_tx,
             inputs: inputs_tx,
             shared: Arc::new(Shared::default()),
@@ -157,6 +178,7 @@ impl PreparedCluster {
         let publisher = Publisher {
             client: client.clone(),
             bus: settings.bus(),
+            cache_ttl_ms: u64::try_from(settings.cache_ttl.as_millis()).unwrap_or(u64::MAX),
             control,
             events,
             shared: link.shared.clone(),
@@ -165,6 +187,19 @@ impl PreparedCluster {
         };
         let publisher = spawn("flux-cluster-out", Box::new(move || publisher.run()))?;
         let mut threads = Vec::new();
+        // Room for one request: a load asked for while one waits would read the same keys.
+        let (load, load_requests) = bounded(1);
+        let loader = Loader {
+            client: client.clone(),
+            prefix: settings.kept_prefix(),
+            ttl: settings.cache_ttl,
+            requests: load_requests,
+            peers: peers.clone(),
+            pool: pool.clone(),
+            shared: link.shared.clone(),
+            stop: stop.clone(),
+        };
+        threads.push(spawn("flux-cluster-load", Box::new(move || loader.run()))?);
         let subscriber = Subscriber {
             client,
             bus: settings.bus(),
@@ -173,6 +208,7 @@ impl PreparedCluster {
             peers: peers.clone(),
             pool,
             inputs: link.inputs.clone(),
+            load,
             shared: link.shared.clone(),
             stop: stop.clone(),
         };
@@ -243,8 +279,10 @@ impl Outage {
 struct Publisher {
     client: redis::Client,
     bus: String,
+    /// How long Redis keeps a cache channel's last event.
+    cache_ttl_ms: u64,
     control: Receiver<Vec<u8>>,
-    events: Receiver<Vec<u8>>,
+    events: Receiver<Outgoing>,
     shared: Arc<Shared>,
     inputs: crossbeam_channel::Sender<Input>,
     stop: Arc<AtomicBool>,
@@ -253,7 +291,7 @@ struct Publisher {
 impl Publisher {
     fn run(self) {
         let mut outage = Outage::new("publisher");
-        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(PIPELINE);
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
         let is_up = &self.shared.publisher_up;
         loop {
             let mut connection = match self.client.get_connection_with_timeout(RETRY_MAX) {
@@ -277,14 +315,24 @@ impl Publisher {
                     continue;
                 }
                 let mut pipe = redis::pipe();
-                for message in &batch {
-                    pipe.cmd("PUBLISH").arg(&self.bus).arg(message.as_slice()).ignore();
+                let mut bytes = 0;
+                for outgoing in &batch {
+                    match outgoing {
+                        Outgoing::Publish(message) => {
+                            pipe.cmd("PUBLISH").arg(&self.bus).arg(message.as_slice()).ignore();
+                            bytes += message.len();
+                        }
+                        Outgoing::Keep { key, value } => {
+                            pipe.cmd("SET").arg(key).arg(value.as_slice()).arg("PX").arg(self.cache_ttl_ms).ignore();
+                            bytes += value.len();
+                        }
+                    }
                 }
                 match pipe.exec(&mut connection) {
                     Ok(()) => {
                         let stats = &self.shared.stats;
                         stats.messages_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        stats.bytes_out.fetch_add(batch.iter().map(|m| m.len() as u64).sum(), Ordering::Relaxed);
+                        stats.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
                         batch.clear();
                     }
                     Err(e) => {
@@ -306,17 +354,17 @@ impl Publisher {
 
     /// Fills `batch` with up to [`PIPELINE`] messages, control messages first, waiting a little
     /// for the first one (not at all once stopping: then only what is already queued).
-    fn next_batch(&self, batch: &mut Vec<Vec<u8>>, stopping: bool) {
+    fn next_batch(&self, batch: &mut Vec<Outgoing>, stopping: bool) {
         if !stopping {
             select! {
-                recv(self.control) -> message => batch.extend(message.ok()),
-                recv(self.events) -> message => batch.extend(message.ok()),
+                recv(self.control) -> message => batch.extend(message.ok().map(Outgoing::Publish)),
+                recv(self.events) -> outgoing => batch.extend(outgoing.ok()),
                 default(IDLE_WAIT) => {}
             }
         }
         while batch.len() < PIPELINE {
-            match self.control.try_recv().or_else(|_| self.events.try_recv()) {
-                Ok(message) => batch.push(message),
+            match self.control.try_recv().map(Outgoing::Publish).or_else(|_| self.events.try_recv()) {
+                Ok(outgoing) => batch.push(outgoing),
                 Err(_) => break,
             }
         }
@@ -332,6 +380,8 @@ struct Subscriber<M> {
     /// The node's frame pool: an event is framed here, once, for the whole node.
     pool: FramePool,
     inputs: crossbeam_channel::Sender<Input>,
+    /// Asks the loader to read the cache channels' events back.
+    load: Sender<()>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
 }
@@ -356,6 +406,9 @@ impl<M: From<Delivery>> Subscriber<M> {
         let mut pubsub = connection.as_pubsub();
         pubsub.subscribe(&self.bus)?;
         outage.up(&self.shared.subscriber_up, &self.shared, &self.inputs);
+        // Subscribed first, read back second: a cache channel's event published in between is
+        // seen both ways (the later one wins), never neither.
+        let _ = self.load.try_send(());
         while !self.stop.load(Ordering::Relaxed) {
             match pubsub.get_message() {
                 Ok(message) => self.received(message.get_payload_bytes()),
@@ -392,6 +445,9 @@ impl<M: From<Delivery>> Subscriber<M> {
                 };
                 self.hand_to(owner, Delivery::Broadcast(broadcast));
             }
+            Body::CacheMiss { channel } => {
+                self.hand_to(owner_of(channel, self.peers.len()), Delivery::CacheMiss(channel.into()));
+            }
             Body::Terminate { user_id } => {
                 let user: Arc<str> = user_id.into();
                 for worker in 0..self.peers.len() {
@@ -424,6 +480,94 @@ fn hand_to<M: From<Delivery>>(peers: &Peers<M>, worker: WorkerId, delivery: Deli
         shared.stats.inbox_waits.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_millis(64));
+    }
+}
+
+/// Reads every cache channel's last event back from Redis when asked, and hands them to every
+/// worker in slices of at most [`SCAN_COUNT`].
+struct Loader<M> {
+    client: redis::Client,
+    /// `{prefix}:cache:`.
+    prefix: String,
+    /// The longest an event read back is kept (a key without an expiry was not set by Flux).
+    ttl: Duration,
+    requests: Receiver<()>,
+    peers: Peers<M>,
+    /// Frames the events (then copied exact-size, as the workers keep them).
+    pool: FramePool,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<M: From<Delivery>> Loader<M> {
+    fn run(self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.requests.recv_timeout(IDLE_WAIT) {
+                Ok(()) => {
+                    if let Err(e) = self.load() {
+                        // The subscriber's connection fails too, and asks again once it is back.
+                        warn!("cluster: could not read the cache channels' events back from Redis: {e}");
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn load(&self) -> redis::RedisResult<()> {
+        let mut connection = self.client.get_connection_with_timeout(RETRY_MAX)?;
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_COUNT).query(&mut connection)?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+                }
+                let replies: Vec<redis::Value> = pipe.query(&mut connection)?;
+                let events: Vec<KeptEvent> = keys.iter().zip(replies.chunks(2)).filter_map(|(key, reply)| self.kept(key, reply)).collect();
+                if !events.is_empty() {
+                    self.shared.stats.last_events_loaded.fetch_add(events.len() as u64, Ordering::Relaxed);
+                    let events: Arc<[KeptEvent]> = events.into();
+                    for worker in 0..self.peers.len() {
+                        hand_to(&self.peers, WorkerId(worker), Delivery::LastEvents(events.clone()), &self.shared, &self.stop);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                self.shared.stats.last_event_loads.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+    }
+
+    /// The event under `key`, from its `GET` and `PTTL` replies; `None` if it expired meanwhile
+    /// or is not one of ours.
+    fn kept(&self, key: &str, reply: &[redis::Value]) -> Option<KeptEvent> {
+        let [redis::Value::BulkString(bytes), redis::Value::Int(ttl_ms)] = reply else { return None };
+        let kept = match Kept::decode(bytes) {
+            Ok(kept) => kept,
+            Err(e) => {
+                warn!("cluster: {key} in Redis is not a cache channel's event: {e}");
+                return None;
+            }
+        };
+        let remaining = match u64::try_from(*ttl_ms) {
+            Ok(ms) => Duration::from_millis(ms).min(self.ttl),
+            // -1: no expiry, so not set by a node; keep it as if just published.
+            Err(_) if *ttl_ms == -1 => self.ttl,
+            Err(_) => return None,
+        };
+        Some(KeptEvent {
+            channel: key.strip_prefix(&self.prefix)?.into(),
+            frame: Bytes::copy_from_slice(&text_frame(&self.pool, kept.message)),
+            published_at_us: kept.published_at_us,
+            remaining,
+        })
     }
 }
 

@@ -4,8 +4,9 @@
 //! - [`wire`]: the messages nodes exchange, one Redis message each (postcard).
 //! - [`state`]: the sans-IO view of the cluster (which nodes live, what each holds), driven by
 //!   messages and a clock.
-//! - [`link`]: the thin I/O part, three threads of its own: one publishes to Redis, one reads
-//!   the cluster's Redis channel, and one runs the [`state`] machine.
+//! - [`link`]: the thin I/O part, four threads of its own: one publishes to Redis, one reads
+//!   the cluster's Redis channel, one runs the [`state`] machine, and one reads the cache
+//!   channels' last events back from Redis whenever the node (re)joins.
 //!
 //! The workers never touch a Redis socket. They hand their broadcasts and count changes to a
 //! [`ClusterLink`] (bounded queues that never block them; what does not fit is dropped and
@@ -14,6 +15,13 @@
 //! pooled buffer, and goes to the worker that owns its channel, which fans the same bytes out on
 //! the node as if it had been published there. With no `FLUX_REDIS_URL` none of this
 //! runs and a worker's only extra cost is checking that it has no link.
+//!
+//! Cache channels: every node reads every event, so each keeps every cache channel's last event
+//! as it goes by. A node that was not there to see one (it started later, or its link was down)
+//! finds it in Redis: the publishing node also stores each cache channel's event under
+//! `{prefix}:cache:{channel}` with the cache TTL (`SET ... PX`, in the same pipeline as its
+//! `PUBLISH`), and a node reads them all back (`SCAN`) each time its subscription to the
+//! cluster's channel is (re)made, so it misses none published meanwhile. Redis expires them.
 
 mod link;
 pub mod state;
@@ -33,7 +41,7 @@ use crate::metrics::LatencySummary;
 use crate::pusher::protocol::{ChannelName, SocketId};
 pub use link::Cluster;
 pub use state::{NodeId, RemoteMember};
-use wire::{Body, Envelope};
+use wire::{Body, Envelope, Kept};
 
 /// Broadcasts waiting to be published on Redis; past this they are dropped and counted.
 pub const EVENT_QUEUE: usize = 65_536;
@@ -64,6 +72,8 @@ pub struct ClusterSettings {
     pub prefix: String,
     /// A node silent this long is dead.
     pub node_timeout: Duration,
+    /// How long a cache channel's last event is kept, in Redis as on the nodes.
+    pub cache_ttl: Duration,
 }
 
 impl ClusterSettings {
@@ -77,12 +87,19 @@ impl ClusterSettings {
             node_id: node_id.into(),
             prefix: config.redis_prefix.clone(),
             node_timeout: Duration::from_millis(config.node_timeout_ms),
+            cache_ttl: config.cache_ttl(),
         })
     }
 
     /// The one Redis channel every node of the cluster publishes on and reads.
     pub fn bus(&self) -> String {
         format!("{}:bus", self.prefix)
+    }
+
+    /// The start of the Redis keys that hold the cache channels' last events: the channel's
+    /// name follows.
+    pub fn kept_prefix(&self) -> String {
+        format!("{}:cache:", self.prefix)
     }
 }
 
@@ -99,6 +116,10 @@ pub enum Delivery {
     Presence(Arc<[RemoteMember]>),
     /// The live nodes, this one included, sorted: who reports which channel's webhooks.
     Nodes(Arc<[NodeId]>),
+    /// To a cache channel's owner worker: a subscriber on another node found no event kept.
+    CacheMiss(ChannelName),
+    /// Cache channels' last events read back from Redis, for every worker to keep.
+    LastEvents(Arc<[KeptEvent]>),
 }
 
 /// The node that sends the webhooks of `channel` among the live `nodes`: the same answer on
@@ -127,12 +148,25 @@ pub struct RemoteBroadcast {
     pub published_at_us: u64,
 }
 
+/// A cache channel's last event, read back from Redis.
+#[derive(Debug, Clone)]
+pub struct KeptEvent {
+    /// The cache channel.
+    pub channel: ChannelName,
+    /// Its WebSocket frame, exact-size (see [`crate::pusher::cache`]).
+    pub frame: Bytes,
+    /// When it was published, in microseconds since the Unix epoch.
+    pub published_at_us: u64,
+    /// What is left of its TTL.
+    pub remaining: Duration,
+}
+
 crate::metrics::counters! {
     /// The cluster's live counters.
     StatCells,
     /// A copy of the cluster's counters.
     ClusterCounters {
-        /// Messages published on Redis.
+        /// Messages published on Redis, and cache channels' events stored there.
         messages_out,
         /// Their bytes.
         bytes_out,
@@ -150,6 +184,11 @@ crate::metrics::counters! {
         /// Changes of this node's counts or presence that never reached the cluster thread (its
         /// queue was full): the other nodes see this node's state wrong until it restarts.
         inputs_lost,
+        /// Cache channels' last events read back from Redis (when the node joins the cluster,
+        /// and again after each reconnect).
+        last_events_loaded,
+        /// Times those were read back completely.
+        last_event_loads,
     }
 }
 
@@ -199,7 +238,9 @@ struct Shared {
 pub struct ClusterLink {
     node: NodeId,
     incarnation: u64,
-    events: Sender<Vec<u8>>,
+    /// `{prefix}:cache:`, the start of a cache channel's key in Redis.
+    kept_prefix: Arc<str>,
+    events: Sender<link::Outgoing>,
     inputs: Sender<link::Input>,
     shared: Arc<Shared>,
 }
@@ -210,15 +251,32 @@ impl ClusterLink {
         self.publish(Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message });
     }
 
+    /// Stores a cache channel's last event (just broadcast) in Redis for the cache TTL, for the
+    /// nodes that were not there to see it.
+    pub fn keep(&self, channel: &str, message: &str, published_at_us: u64) {
+        let key = format!("{}{channel}", self.kept_prefix);
+        self.queue(link::Outgoing::Keep { key, value: Kept { published_at_us, message }.encode() });
+    }
+
+    /// Tells the node that reports `channel`'s webhooks that a subscriber here found no event.
+    pub fn cache_miss(&self, channel: &str) {
+        self.publish(Body::CacheMiss { channel });
+    }
+
     /// Closes a user's connections on the other nodes.
     pub fn terminate(&self, user_id: &str) {
         self.publish(Body::Terminate { user_id });
     }
 
-    /// Queues `body` for Redis behind the other events; counted as dropped if the queue is full.
+    /// Queues `body` for Redis behind the other events.
     fn publish(&self, body: Body<'_>) {
-        let bytes = Envelope { node: &self.node, incarnation: self.incarnation, body }.encode();
-        if self.events.try_send(bytes).is_err() {
+        self.queue(link::Outgoing::Publish(Envelope { node: &self.node, incarnation: self.incarnation, body }.encode()));
+    }
+
+    /// Queues a command for Redis behind the other events; counted as dropped if the queue is
+    /// full.
+    fn queue(&self, outgoing: link::Outgoing) {
+        if self.events.try_send(outgoing).is_err() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

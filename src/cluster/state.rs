@@ -242,7 +242,8 @@ impl ClusterState {
         let node: NodeId = envelope.node.into();
         let peer = self.heard_from(&node, envelope.incarnation, now);
         match &envelope.body {
-            Body::Broadcast { .. } | Body::Terminate { .. } => {}
+            // Handed straight to the workers by the thread that reads them.
+            Body::Broadcast { .. } | Body::Terminate { .. } | Body::CacheMiss { .. } => {}
             Body::Heartbeat { addr, connections, last_seq } => {
                 peer.addr.clear();
                 peer.addr.push_str(addr);

@@ -1,8 +1,9 @@
 //! What nodes say to each other over Redis, and its encoding (postcard, a compact serde format).
 //!
 //! Every Redis message is one [`Envelope`]: who sent it (node id and incarnation) and a
-//! [`Body`]. Decoding borrows from the received bytes, so a broadcast's channel name and event
-//! are read in place; nothing here touches a socket.
+//! [`Body`]. A cache channel's last event is also stored in Redis, as a [`Kept`] under its
+//! channel's key. Decoding borrows from the received bytes, so a broadcast's channel name and
+//! event are read in place; nothing here touches a socket.
 
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,37 @@ pub enum Body<'a> {
     },
     /// The sender is stopping: forget it now rather than at its timeout.
     Leaving,
+    /// A subscriber of this cache channel found no event kept: for the node that reports the
+    /// channel's webhooks, to post `cache_miss`. (Last, as every variant added later must be:
+    /// postcard numbers variants in order, and nodes of two builds share a cluster while it is
+    /// upgraded.)
+    CacheMiss {
+        /// The cache channel.
+        channel: &'a str,
+    },
+}
+
+/// A cache channel's last event as Redis keeps it, for the nodes that were not there to see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept<'a> {
+    /// When it was published, in microseconds since the Unix epoch: of two copies of a
+    /// channel's last event, the later one wins.
+    pub published_at_us: u64,
+    /// The Pusher event message, as its subscribers receive it.
+    pub message: &'a str,
+}
+
+impl<'a> Kept<'a> {
+    /// The stored bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        // As for envelopes: nothing here postcard cannot represent.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads stored bytes, borrowing the message from them.
+    pub fn decode(bytes: &'a [u8]) -> Result<Kept<'a>, DecodeError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
 }
 
 /// A message that could not be read.
@@ -120,6 +152,7 @@ mod tests {
             message: r#"{"event":"e","channel":"chat","data":"{}"}"#,
         });
         round_trip(Body::Terminate { user_id: "u1" });
+        round_trip(Body::CacheMiss { channel: "cache-price" });
         round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9 });
         round_trip(Body::Delta {
             seq: 3,
@@ -141,6 +174,23 @@ mod tests {
             body: Body::Broadcast { channel: "chat", except: None, published_at_us: u64::MAX, message: &message },
         };
         assert!(envelope.encode().len() < 100 + 40, "{} bytes", envelope.encode().len());
+    }
+
+    #[test]
+    fn variants_keep_their_numbers_for_nodes_of_other_builds() {
+        // After the node id ("n": length and byte) and the incarnation (0): the variant.
+        let variant = |body| Envelope { node: "n", incarnation: 0, body }.encode()[3];
+        assert_eq!(variant(Body::Terminate { user_id: "u" }), 1);
+        assert_eq!(variant(Body::Leaving), 6);
+        assert_eq!(variant(Body::CacheMiss { channel: "cache-x" }), 7);
+    }
+
+    #[test]
+    fn a_kept_event_round_trips_and_garbage_is_an_error() {
+        let kept = Kept { published_at_us: 1_700_000_000_000_000, message: r#"{"event":"e","channel":"cache-x","data":"1"}"# };
+        assert_eq!(Kept::decode(&kept.encode()).expect("decodes"), kept);
+        assert!(Kept::decode(b"").is_err());
+        assert!(Kept::decode(&[0xff; 12]).is_err());
     }
 
     #[test]

@@ -45,6 +45,14 @@ const COUNTERS: &[(&str, &str, Read)] = &[
     ("flux_read_budget_exhausted", "Times a connection's per-turn read budget ran out.", |c| c.read_budget_exhausted),
     ("flux_inbox_full", "Messages between workers that found an inbox full and waited in the sender's backlog.", |c| c.inbox_full),
     ("flux_inbox_overflows", "Messages between workers lost because an inbox and the sender's backlog were full.", |c| c.inbox_overflows),
+    ("flux_cache_hits", "Subscriptions to cache channels answered with the channel's last event.", |c| c.cache_hits),
+    ("flux_cache_misses", "Subscriptions to cache channels that found no event kept (pusher:cache_miss).", |c| c.cache_misses),
+    ("flux_cache_evictions", "Cache channels' last events dropped before their TTL to stay within FLUX_CACHE_MAX_MB.", |c| {
+        c.cache_evictions
+    }),
+    ("flux_subscription_count_events", "Subscription-count events framed (one per channel per announcement).", |c| {
+        c.subscription_count_events
+    }),
 ];
 
 /// Upper bounds of the latency histograms' buckets, in microseconds (100 µs to 5 s).
@@ -149,7 +157,15 @@ fn cluster(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Result<()
     counter(encoder, "flux_cluster_dropped", dropped_help, c.dropped)?;
     counter(encoder, "flux_cluster_reconnects", "Times a lost Redis connection was made again.", c.reconnects)?;
     counter(encoder, "flux_cluster_inbox_waits", "Events from other nodes that waited for a worker's inbox to have room.", c.inbox_waits)?;
-    counter(encoder, "flux_cluster_inputs_lost", "Changes of this node's state that never reached the cluster thread.", c.inputs_lost)
+    counter(encoder, "flux_cluster_inputs_lost", "Changes of this node's state that never reached the cluster thread.", c.inputs_lost)?;
+    let help = "Cache channels' last events read back from Redis (when the node joins, and after each reconnect).";
+    counter(encoder, "flux_cluster_last_events_loaded", help, c.last_events_loaded)?;
+    counter(
+        encoder,
+        "flux_cluster_last_event_loads",
+        "Times the cache channels' last events were read back from Redis completely.",
+        c.last_event_loads,
+    )
 }
 
 fn latency(encoder: &mut DescriptorEncoder, name: &str, help: &str, histogram: Option<Histogram<u64>>) -> Result<(), fmt::Error> {

@@ -53,6 +53,15 @@ impl OccupancyBatch {
 pub struct WorkerSet(u64);
 
 impl WorkerSet {
+    /// The first `workers` workers (at most [`MAX_WORKERS`]).
+    pub fn all(workers: usize) -> Self {
+        match workers {
+            0 => WorkerSet(0),
+            n if n >= MAX_WORKERS => WorkerSet(u64::MAX),
+            n => WorkerSet((1 << n) - 1),
+        }
+    }
+
     /// Adds a worker.
     pub fn insert(&mut self, worker: WorkerId) {
         self.0 |= 1 << worker.0;
@@ -200,6 +209,13 @@ mod tests {
         assert_eq!(dir.local_channels().collect::<Vec<_>>(), [("chat", 2)]);
         dir.apply_remote(&"elsewhere".into(), 0);
         assert_eq!(dir.channels().count(), 1);
+    }
+
+    #[test]
+    fn all_is_every_worker_of_a_node() {
+        assert_eq!(WorkerSet::all(3).iter().collect::<Vec<_>>(), [WorkerId(0), WorkerId(1), WorkerId(2)]);
+        assert!(WorkerSet::all(0).is_empty());
+        assert_eq!(WorkerSet::all(MAX_WORKERS).iter().count(), MAX_WORKERS);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! and framed once into a pooled buffer, queued to this worker's subscribers, and the same bytes
 //! are handed to every other worker that has subscribers of the channel. Events published on
 //! this node enter through one seam, [`PusherService::publish`], which in a cluster also hands
-//! them, once, to the [`ClusterLink`] for the other nodes.
+//! them, once, to the [`ClusterLink`] for the other nodes. A cache channel's events go to every
+//! worker, subscribers or not: each keeps the last one for the channel's next subscribers.
 
 pub mod evictions;
 pub mod health;
@@ -30,15 +31,17 @@ pub use node::{ConnectionSnapshot, Gateway, Observer};
 
 use crate::cluster::state::RemoteMember;
 use crate::cluster::{ClusterLink, Delivery, NodeId, RemoteBroadcast};
-use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch};
+use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch, WorkerSet};
 use crate::fanout::pool::FramePool;
 use crate::fanout::registry::Registry;
 use crate::fanout::ring::Offer;
 use crate::fanout::{ConnId, WorkerId};
 use crate::http::{json_error, Request, Response};
 use crate::metrics::{LatencyRecorder, WorkerMetrics};
+use crate::pusher::cache::LastEvents;
+use crate::pusher::counts::{SubscriptionCounts, ANNOUNCE_EVERY};
 use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
-use crate::pusher::protocol::{self, code, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
+use crate::pusher::protocol::{self, code, is_cache_channel, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
 use crate::server::{Conns, Ended, Flush, NodeStatus, Outbox, Routed, Sent, Service, WorkerContext};
@@ -121,6 +124,9 @@ pub enum Message {
         /// Member now, or not.
         present: bool,
     },
+    /// To a cache channel's owner worker: a subscriber found no event kept (each sending worker
+    /// tells of a channel's misses once a report interval), for the `cache_miss` webhook.
+    CacheMiss(ChannelName),
     /// From the cluster's threads: what another node published or changed.
     Cluster(Delivery),
 }
@@ -148,6 +154,10 @@ pub struct Broadcast {
     /// ghost member, or a missing one), so that member is sent the whole roster again instead
     /// (see [`resync`]).
     pub roster_change: bool,
+    /// Set on a cache channel's own events (see [`Publish::is_kept`]): when it was published,
+    /// in microseconds since the Unix epoch. Every worker keeps the frame as the channel's last
+    /// event.
+    pub kept_at_us: Option<u64>,
 }
 
 /// One worker's Pusher service.
@@ -175,6 +185,10 @@ pub struct PusherService {
     subscriptions: Arc<AtomicUsize>,
     /// Rosters of the presence channels this worker owns.
     rosters: Rosters,
+    /// This worker's copy of the cache channels' last events.
+    last_events: LastEvents,
+    /// The subscription-count events due for the channels this worker owns.
+    subscription_counts: SubscriptionCounts,
     /// This worker's replica of every presence channel's users (for the REST API).
     membership: Membership,
     /// Where webhook events go (never blocks; a no-op without a webhook URL).
@@ -204,6 +218,11 @@ pub struct PusherService {
 /// second. In slices of this size each turn stays within a few milliseconds, and the
 /// occupancy batches that carry the changes to the other workers stay as small.
 const VACATE_BUDGET: usize = 512;
+
+/// Now, in microseconds since the Unix epoch: the publish time that travels with an event.
+fn unix_micros() -> u64 {
+    crate::clock::since_unix_epoch().as_micros() as u64
+}
 
 /// How often a worker looks for members owed a roster whose rings have drained, while there are
 /// any: a ring drains on socket writes, which come with no event of the service's own.
@@ -246,6 +265,8 @@ impl PusherService {
             evictions,
             subscriptions,
             rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members, policy.presence_batch),
+            last_events: LastEvents::new(policy.cache_ttl, policy.cache_max_bytes),
+            subscription_counts: SubscriptionCounts::new(ANNOUNCE_EVERY),
             membership: Membership::default(),
             policy,
             webhooks,
@@ -273,7 +294,11 @@ impl PusherService {
         if let Some(cluster) = &self.cluster {
             // The frame's payload is the event message, serialized here just now as UTF-8 JSON.
             let message = std::str::from_utf8(payload_of(&broadcast.frame)).unwrap_or_default();
-            cluster.broadcast(&publish.channel, publish.except, message, crate::clock::since_unix_epoch().as_micros() as u64);
+            let published_at_us = broadcast.kept_at_us.unwrap_or_else(unix_micros);
+            cluster.broadcast(&publish.channel, publish.except, message, published_at_us);
+            if broadcast.kept_at_us.is_some() {
+                cluster.keep(&publish.channel, message, published_at_us);
+            }
         }
         self.fan_out(conns, &broadcast);
         Ok(())
@@ -289,13 +314,29 @@ impl PusherService {
             user_id: publish.user_id.as_deref(),
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
-        Ok(Broadcast { channel: publish.channel.clone(), frame, except: publish.except, published_at, roster_change: false })
+        let kept = publish.is_kept();
+        // A kept event stays up to the TTL: an exact-size copy pins only its own bytes, not a
+        // pooled buffer (of up to 16 KiB), which returns to the pool as soon as this is dropped.
+        let frame = if kept { Bytes::copy_from_slice(&frame) } else { frame };
+        Ok(Broadcast {
+            channel: publish.channel.clone(),
+            frame,
+            except: publish.except,
+            published_at,
+            roster_change: false,
+            kept_at_us: kept.then(unix_micros),
+        })
     }
 
-    /// Hands a framed event to each worker of this node with subscribers of its channel.
+    /// Hands a framed event to each worker of this node with subscribers of its channel (to
+    /// every worker, if it is to be kept).
     fn fan_out(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
-        for worker in self.directory.workers_with(&broadcast.channel).iter() {
+        let workers = match broadcast.kept_at_us {
+            Some(_) => WorkerSet::all(self.outbox.workers()),
+            None => self.directory.workers_with(&broadcast.channel),
+        };
+        for worker in workers.iter() {
             if worker == self.id {
                 self.deliver(conns, broadcast);
             } else {
@@ -308,26 +349,36 @@ impl PusherService {
     /// reader, given to this worker because it owns the channel.
     fn deliver_remote(&mut self, conns: &mut Conns<Session>, remote: RemoteBroadcast) {
         // Every node reads every event (one Redis channel for the cluster): one for a channel
-        // with no subscriber here is neither a broadcast nor a delivery time of this node.
-        if self.directory.workers_with(&remote.channel).is_empty() {
+        // with no subscriber here is neither a broadcast nor a delivery time of this node, unless
+        // it is to be kept. Only the apps' events cross nodes, so a cache channel's are kept.
+        let subscribed = !self.directory.workers_with(&remote.channel).is_empty();
+        let kept = is_cache_channel(&remote.channel);
+        if !subscribed && !kept {
             return;
         }
         let broadcast = Broadcast {
-            frame: remote.frame,
+            // Exact-size, as in `frame`: the reader's pooled buffer goes back to the pool.
+            frame: if kept { Bytes::copy_from_slice(&remote.frame) } else { remote.frame },
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
             roster_change: false,
+            kept_at_us: kept.then_some(remote.published_at_us),
         };
         self.fan_out(conns, &broadcast);
-        // Up to this worker's rings: the other workers' part of it is in their fan-out times.
-        let now_us = crate::clock::since_unix_epoch().as_micros() as u64;
-        self.remote_times.record(Duration::from_micros(now_us.saturating_sub(remote.published_at_us)));
+        if subscribed {
+            // Up to this worker's rings: the other workers' part of it is in their fan-out times.
+            self.remote_times.record(Duration::from_micros(unix_micros().saturating_sub(remote.published_at_us)));
+        }
     }
 
     /// Queues a broadcast to this worker's subscribers of its channel: per recipient, one
-    /// reference-count increment and one ring slot.
+    /// reference-count increment and one ring slot. A cache channel's event is kept first.
     fn deliver(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
+        if let Some(published_at_us) = broadcast.kept_at_us {
+            let dropped = self.last_events.store(&broadcast.channel, broadcast.frame.clone(), published_at_us, Instant::now());
+            self.count_cache_evictions(dropped);
+        }
         let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else {
             return;
         };
@@ -395,28 +446,79 @@ impl PusherService {
         }
     }
 
-    fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String) {
+    fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, now: Instant) {
         let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
-        self.add_subscriber(&name, id);
+        self.add_subscriber(&name, id, now);
         if let Some(session) = conns.session_mut(id) {
             session.subscribed(name.clone());
         }
         self.send_text(conns, id, &protocol::subscription_succeeded(&name));
+        self.replay_last_event(conns, id, &name, now);
+    }
+
+    /// Right after its `subscription_succeeded`, a new subscriber of a cache channel gets the
+    /// channel's last event (the kept frame itself: nothing is serialized), or
+    /// `pusher:cache_miss`, and then the app's server may hear of the miss.
+    fn replay_last_event(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: &ChannelName, now: Instant) {
+        if !is_cache_channel(channel) {
+            return;
+        }
+        if let Some(frame) = self.last_events.get(channel, now) {
+            conns.send(id, frame);
+            WorkerMetrics::add(&self.metrics.counters.cache_hits, 1);
+            return;
+        }
+        WorkerMetrics::add(&self.metrics.counters.cache_misses, 1);
+        self.send_text(conns, id, &protocol::cache_miss(channel));
+        if !self.webhooks.is_enabled() {
+            return;
+        }
+        // The channel's owner worker decides for the node, so a crowd of misses over every
+        // worker is still one report; each worker tells it once a report interval at most.
+        let owner = owner_of(channel, self.outbox.workers());
+        if owner == self.id {
+            self.report_cache_miss(channel, now);
+        } else if self.last_events.miss(channel, now) {
+            self.send_to(owner, Message::CacheMiss(channel.clone()), format_args!("a cache miss on {channel}"));
+        }
+    }
+
+    /// The owner worker's side of a cache miss: the first in a report interval is posted as a
+    /// `cache_miss` webhook by the node that reports the channel's webhooks, which the others
+    /// tell (and which deduplicates again, as several may tell it).
+    fn report_cache_miss(&mut self, channel: &ChannelName, now: Instant) {
+        if !self.last_events.miss(channel, now) {
+            return;
+        }
+        match &self.cluster {
+            Some(cluster) if !self.reports_webhooks(channel) => cluster.cache_miss(channel),
+            _ => {
+                self.webhooks.emit(WebhookEvent::CacheMiss { channel: channel.clone() });
+            }
+        }
+    }
+
+    /// Counts events dropped from the cache for its budget, once for the node: every worker
+    /// keeps the same events and drops the same ones, so worker 0 counts them.
+    fn count_cache_evictions(&self, dropped: usize) {
+        if dropped > 0 && self.id == WorkerId(0) {
+            WorkerMetrics::add(&self.metrics.counters.cache_evictions, dropped as u64);
+        }
     }
 
     /// Adds connection `id` to `channel`'s local subscribers, counted node-wide and told to the
     /// other workers if it was not there yet.
-    fn add_subscriber(&mut self, channel: &ChannelName, id: ConnId) {
+    fn add_subscriber(&mut self, channel: &ChannelName, id: ConnId, now: Instant) {
         if let Some(count) = self.registry.subscribe(channel, id) {
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
-            self.occupancy_changed(channel, count);
+            self.occupancy_changed(channel, count, now);
         }
     }
 
     fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
         if let Some(count) = self.registry.unsubscribe(channel, id) {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
-            self.occupancy_changed(channel, count);
+            self.occupancy_changed(channel, count, now);
         }
         if ChannelKind::of(channel) == ChannelKind::Presence {
             let owner = owner_of(channel, self.outbox.workers());
@@ -440,11 +542,11 @@ impl PusherService {
         let owner = owner_of(&name, self.outbox.workers());
         if owner == self.id {
             let result = self.roster_join(&name, &member, socket, now);
-            self.presence_joined(conns, id, socket, &name, result);
+            self.presence_joined(conns, id, socket, &name, result, now);
         } else {
             let join = Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id };
             if !self.send_to(owner, join, format_args!("a presence join on {name}")) {
-                self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()));
+                self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()), now);
             }
         }
     }
@@ -541,21 +643,22 @@ impl PusherService {
         socket: SocketId,
         channel: &ChannelName,
         result: Result<String, String>,
+        now: Instant,
     ) {
         let Some(session) = conns.session_mut(id).filter(|s| s.socket_id() == socket) else {
             return;
         };
-        let reply = match result {
+        match result {
             Ok(data) => {
-                self.add_subscriber(channel, id);
-                protocol::presence_subscription_succeeded(channel, &data)
+                self.add_subscriber(channel, id, now);
+                conns.send_promised(id, &text_frame(&self.pool, &protocol::presence_subscription_succeeded(channel, &data)));
+                self.replay_last_event(conns, id, channel, now);
             }
             Err(reason) => {
                 session.unsubscribed(channel);
-                protocol::subscription_error(channel, "LimitReached", &reason, 403)
+                conns.send_promised(id, &text_frame(&self.pool, &protocol::subscription_error(channel, "LimitReached", &reason, 403)));
             }
-        };
-        conns.send_promised(id, &text_frame(&self.pool, &reply));
+        }
     }
 
     /// Announces the presence changes whose coalescing window has passed.
@@ -607,21 +710,25 @@ impl PusherService {
     }
 
     /// Applies a local count change to this worker's directory and marks it for the others.
-    fn occupancy_changed(&mut self, channel: &ChannelName, count: u32) {
-        self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count });
+    fn occupancy_changed(&mut self, channel: &ChannelName, count: u32, now: Instant) {
+        self.apply_occupancy(&Occupancy { worker: self.id, channel: channel.clone(), count }, now);
         self.changed_occupancy.insert(channel.clone());
     }
 
     /// Applies a worker's count to this replica.
-    fn apply_occupancy(&mut self, update: &Occupancy) {
-        self.track_occupancy(&update.channel, |directory| directory.apply(update));
+    fn apply_occupancy(&mut self, update: &Occupancy, now: Instant) {
+        self.track_occupancy(&update.channel, now, |directory| directory.apply(update));
     }
 
     /// Makes a change to this replica. The channel's owner worker (the same one that owns
-    /// presence rosters) of the node that reports the channel's webhooks sends
-    /// `channel_occupied` and `channel_vacated` when its count across the node (and the
-    /// cluster) leaves or reaches 0, so each is sent once.
-    fn track_occupancy(&mut self, channel: &ChannelName, change: impl FnOnce(&mut Directory)) {
+    /// presence rosters) notes it for the channel's subscription-count event and, on the node
+    /// that reports the channel's webhooks, sends `channel_occupied` and `channel_vacated` when
+    /// its count across the node (and the cluster) leaves or reaches 0, so each is sent once.
+    fn track_occupancy(&mut self, channel: &ChannelName, now: Instant, change: impl FnOnce(&mut Directory)) {
+        let counted = self.policy.app.subscription_count_events && ChannelKind::of(channel) != ChannelKind::Presence;
+        if counted && owner_of(channel, self.outbox.workers()) == self.id {
+            self.subscription_counts.handle_change(channel, now);
+        }
         if !self.webhooks.is_enabled() || owner_of(channel, self.outbox.workers()) != self.id || !self.reports_webhooks(channel) {
             change(&mut self.directory);
             return;
@@ -650,6 +757,29 @@ impl PusherService {
         }
     }
 
+    /// Frames each due `pusher_internal:subscription_count` once, with the channel's count across
+    /// the node (and the cluster), for this node's subscribers of it. Like presence changes it
+    /// stays on this node: every node announces the same count to its own subscribers.
+    fn announce_counts(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        let directory = &self.directory;
+        for (channel, count) in self.subscription_counts.poll_due(now, |channel| directory.subscription_count(channel)) {
+            let publish = Publish {
+                channel,
+                event: "pusher_internal:subscription_count".into(),
+                data: protocol::subscription_count_data(count),
+                except: None,
+                user_id: None,
+            };
+            match self.frame(&publish) {
+                Ok(broadcast) => {
+                    WorkerMetrics::add(&self.metrics.counters.subscription_count_events, 1);
+                    self.fan_out(conns, &broadcast);
+                }
+                Err(e) => warn!("could not frame a subscription count for {}: {e}", publish.channel),
+            }
+        }
+    }
+
     fn send_text(&self, conns: &mut Conns<Session>, id: ConnId, text: &str) {
         conns.send(id, &text_frame(&self.pool, text));
     }
@@ -665,7 +795,7 @@ impl PusherService {
                 let message = format!("This server holds its maximum of {} subscriptions; try again later", self.policy.max_subscriptions);
                 self.send_text(conns, id, &protocol::subscription_error(&channel, "LimitReached", &message, 503));
             }
-            Action::Subscribe(channel) => self.subscribe(conns, id, channel),
+            Action::Subscribe(channel) => self.subscribe(conns, id, channel, now),
             Action::Unsubscribe(channel) => {
                 if let Some(socket) = conns.session(id).map(Session::socket_id) {
                     self.unsubscribe(id, socket, &channel, now);
@@ -911,7 +1041,7 @@ impl Service for PusherService {
             Message::Broadcast(broadcast) => self.deliver(conns, &broadcast),
             Message::Occupancy(batch) => {
                 for update in batch.updates() {
-                    self.apply_occupancy(&update);
+                    self.apply_occupancy(&update, now);
                 }
             }
             Message::Snapshot(reply) => {
@@ -928,38 +1058,65 @@ impl Service for PusherService {
                     self.roster_leave(&channel, socket, now);
                 }
             }
-            Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result),
+            Message::PresenceJoined { channel, socket, conn, result } => self.presence_joined(conns, conn, socket, &channel, result, now),
             Message::PresenceResync { channel, socket, from, conn } => {
                 let roster = self.rosters.listing(&channel, socket);
                 let answer = Message::PresenceResynced { channel: channel.clone(), socket, conn, roster };
                 self.send_to(from, answer, format_args!("a presence resync answer on {channel}"));
             }
             Message::PresenceResynced { channel, socket, conn, roster } => self.roster_resynced(conns, conn, socket, &channel, roster),
+            Message::CacheMiss(channel) => self.report_cache_miss(&channel, now),
             Message::PresenceLeave { channel, socket } => self.roster_leave(&channel, socket, now),
             Message::Membership { channel, user_id, present } => self.membership.apply(&channel, &user_id, present),
             Message::Cluster(Delivery::Broadcast(remote)) => self.deliver_remote(conns, remote),
             Message::Cluster(Delivery::Occupancy(counts)) => {
                 for (channel, count) in counts.iter() {
-                    self.track_occupancy(channel, |directory| directory.apply_remote(channel, *count));
+                    self.track_occupancy(channel, now, |directory| directory.apply_remote(channel, *count));
                 }
             }
             Message::Cluster(Delivery::Presence(members)) => self.members_elsewhere(&members, now),
             Message::Cluster(Delivery::Nodes(nodes)) => self.cluster_nodes = Some(nodes),
+            // Never told on: a node that no longer reports the channel drops it, rather than
+            // bounce it between nodes that see the cluster differently for a moment.
+            Message::Cluster(Delivery::CacheMiss(channel)) => {
+                if self.webhooks.is_enabled() && self.reports_webhooks(&channel) && self.last_events.miss(&channel, now) {
+                    self.webhooks.emit(WebhookEvent::CacheMiss { channel });
+                }
+            }
+            Message::Cluster(Delivery::LastEvents(events)) => {
+                for event in events.iter() {
+                    let dropped =
+                        self.last_events.restore(&event.channel, event.frame.clone(), event.published_at_us, event.remaining, now);
+                    self.count_cache_evictions(dropped);
+                }
+            }
         }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.rosters.poll_timeout(), self.outbox.retry_due(), self.vacate_due, self.resync_due].into_iter().flatten().min()
+        let timers = [
+            self.rosters.poll_timeout(),
+            self.subscription_counts.poll_timeout(),
+            self.outbox.retry_due(),
+            self.vacate_due,
+            self.resync_due,
+            self.last_events.poll_timeout(),
+        ];
+        timers.into_iter().flatten().min()
     }
 
     fn on_turn_end(&mut self, conns: &mut Conns<Session>, now: Instant) {
         if self.rosters.poll_timeout().is_some_and(|due| due <= now) {
             self.announce_presence(conns, now);
         }
+        if self.subscription_counts.poll_timeout().is_some_and(|due| due <= now) {
+            self.announce_counts(conns, now);
+        }
         if self.resync_due.is_some_and(|due| due <= now) || self.resyncs.is_draining() && self.resync_due.is_none() {
             self.resync_rosters(conns, now);
         }
         self.outbox.retry(now);
+        self.last_events.handle_timeout(now);
         self.vacate(VACATE_BUDGET, now);
         self.vacate_due = (!self.vacating.is_empty()).then_some(now);
         // Occupancy goes out before this turn's frames are flushed, so another worker learns of

@@ -99,6 +99,8 @@ impl Gateway {
             presence_coalesce: config.presence_coalesce(),
             presence_batch: crate::pusher::presence::batch_for_ring(config.ring_slots as usize),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
+            cache_ttl: config.cache_ttl(),
+            cache_max_bytes: config.cache_max_bytes(),
             max_channels_per_connection: config.max_channels_per_connection as usize,
             max_connections: config.max_connections,
         });

@@ -1,13 +1,17 @@
 //! The Pusher Channels protocol (sans-IO): its messages, the per-connection session state
-//! machine, and the signed REST API.
+//! machine, the signed REST API, presence rosters, cache channels' last events and
+//! subscription-count events.
 
+pub mod cache;
+pub mod counts;
 pub mod presence;
 pub mod protocol;
 pub mod rest;
 pub mod session;
 pub mod signature;
 
-/// One Pusher app: the id in REST paths, the key clients connect with, the secret that signs.
+/// One Pusher app: the id in REST paths, the key clients connect with, the secret that signs,
+/// and the features it turned on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     /// The id in `/apps/{id}/...`.
@@ -16,11 +20,19 @@ pub struct App {
     pub key: String,
     /// The shared secret.
     pub secret: String,
+    /// Subscribers of public and private channels are told the channel's subscription count
+    /// when it changes (see [`counts`]).
+    pub subscription_count_events: bool,
 }
 
 impl App {
     /// The app given by these flags.
     pub fn from_args(args: &crate::config::AppArgs) -> Self {
-        App { id: args.app_id.clone(), key: args.app_key.clone(), secret: args.app_secret.clone() }
+        App {
+            id: args.app_id.clone(),
+            key: args.app_key.clone(),
+            secret: args.app_secret.clone(),
+            subscription_count_events: args.subscription_count_events,
+        }
     }
 }

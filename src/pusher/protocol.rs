@@ -128,6 +128,13 @@ pub enum ChannelNameError {
     InvalidCharacter,
 }
 
+/// Whether `name` is a cache channel: Pusher's `cache-`, `private-cache-`,
+/// `private-encrypted-cache-` and `presence-cache-` channels keep their last event for new
+/// subscribers, and are otherwise channels of the kind the rest of the prefix says.
+pub fn is_cache_channel(name: &str) -> bool {
+    ["cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-"].iter().any(|prefix| name.starts_with(prefix))
+}
+
 /// Checks a channel name against Pusher's rules: 1 to 164 characters from `A-Za-z0-9_-=@,.;`.
 pub fn validate_channel_name(name: &str) -> Result<(), ChannelNameError> {
     if name.is_empty() {
@@ -274,6 +281,17 @@ pub fn presence_subscription_succeeded(channel: &str, presence_data: &str) -> St
     to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None })
 }
 
+/// `pusher:cache_miss`: the cache channel just subscribed to has no event kept. pusher-js hands
+/// it to the channel's `pusher:cache_miss` binding.
+pub fn cache_miss(channel: &str) -> String {
+    to_json(&EventMessage { event: "pusher:cache_miss", channel: Some(channel), data: "{}", user_id: None })
+}
+
+/// The data of `pusher_internal:subscription_count`: `{"subscription_count":N}` as a JSON string.
+pub fn subscription_count_data(count: u32) -> String {
+    format!(r#"{{"subscription_count":{count}}}"#)
+}
+
 /// The data of `pusher_internal:member_added` and `member_removed`.
 #[derive(Serialize)]
 struct MemberData<'a> {
@@ -371,6 +389,20 @@ mod tests {
         assert_eq!(ChannelKind::of("private-chat"), ChannelKind::Private);
         assert_eq!(ChannelKind::of("private-encrypted-chat"), ChannelKind::PrivateEncrypted);
         assert_eq!(ChannelKind::of("presence-chat"), ChannelKind::Presence);
+    }
+
+    #[test]
+    fn cache_channels_are_any_kind_with_cache_after_its_prefix() {
+        for cache in ["cache-price", "private-cache-x", "private-encrypted-cache-x", "presence-cache-room"] {
+            assert!(is_cache_channel(cache), "{cache}");
+        }
+        for other in ["cached", "chat-cache-1", "private-x", "presence-cacheless", "private-encrypted-x"] {
+            assert!(!is_cache_channel(other), "{other}");
+        }
+        assert_eq!(ChannelKind::of("private-cache-x"), ChannelKind::Private);
+        assert_eq!(ChannelKind::of("presence-cache-room"), ChannelKind::Presence);
+        let miss: serde_json::Value = serde_json::from_str(&cache_miss("cache-price")).unwrap();
+        assert_eq!((miss["event"].as_str(), miss["channel"].as_str()), (Some("pusher:cache_miss"), Some("cache-price")));
     }
 
     #[test]

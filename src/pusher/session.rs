@@ -30,8 +30,8 @@ pub struct Timeouts {
     pub pong: Duration,
 }
 
-/// A node's Pusher settings: what its sessions check (the app, the timers, the limits) and the
-/// presence rosters' limits.
+/// A node's Pusher settings: what its sessions check (the app, the timers, the limits), the
+/// presence rosters' limits, and how long and how much of cache channels' events is kept.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// The app (its key and secret check signatures).
@@ -50,6 +50,10 @@ pub struct Policy {
     pub presence_batch: usize,
     /// Subscriptions the node holds at most, across its workers.
     pub max_subscriptions: usize,
+    /// How long a cache channel's last event is kept.
+    pub cache_ttl: Duration,
+    /// Bytes of cache channels' last events kept at most.
+    pub cache_max_bytes: usize,
     /// Channels one connection may subscribe to: a bound on what one client can make us hold.
     pub max_channels_per_connection: usize,
     /// WebSocket connections the node holds at most (none: no cap).
@@ -388,7 +392,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
-            app: App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into() },
+            app: App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into(), subscription_count_events: false },
             timeouts: TIMEOUTS,
             max_payload: 100,
             client_events_per_sec: 10,
@@ -396,6 +400,8 @@ mod tests {
             presence_coalesce: Duration::from_millis(150),
             presence_batch: 100,
             max_subscriptions: 1_000_000,
+            cache_ttl: Duration::from_secs(1800),
+            cache_max_bytes: 1 << 20,
             max_channels_per_connection: 1000,
             max_connections: None,
         }

@@ -43,6 +43,13 @@ pub enum WebhookEvent {
         /// The user.
         user_id: String,
     },
+    /// A client subscribed to a cache channel that had no event kept (reported at most once per
+    /// channel every few seconds: see [`crate::pusher::cache::MISS_REPORT_EVERY`]).
+    CacheMiss {
+        /// The cache channel.
+        #[serde(serialize_with = "as_string")]
+        channel: ChannelName,
+    },
     /// A client sent a `client-*` event on a private or presence channel.
     ClientEvent {
         /// The channel it was sent on.
@@ -106,6 +113,10 @@ mod tests {
         assert_eq!(
             to_json(&WebhookEvent::ChannelVacated { channel: channel.clone() }),
             json!({"name": "channel_vacated", "channel": "presence-room"})
+        );
+        assert_eq!(
+            to_json(&WebhookEvent::CacheMiss { channel: "cache-price".into() }),
+            json!({"name": "cache_miss", "channel": "cache-price"})
         );
         assert_eq!(
             to_json(&WebhookEvent::MemberAdded { channel: channel.clone(), user_id: "42".into() }),

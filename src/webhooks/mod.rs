@@ -1,6 +1,6 @@
 //! Webhooks: telling the app's server what happened on the node, the way Pusher does it
-//! (`channel_occupied`, `channel_vacated`, `member_added`, `member_removed`, `client_event`,
-//! posted as `{"time_ms", "events"}` with `X-Pusher-Key` and `X-Pusher-Signature`).
+//! (`channel_occupied`, `channel_vacated`, `member_added`, `member_removed`, `cache_miss`,
+//! `client_event`, posted as `{"time_ms", "events"}` with `X-Pusher-Key` and `X-Pusher-Signature`).
 //!
 //! This module owns the path from an event to the app's endpoint: the cheap [`Webhooks`] handle
 //! that workers call [`Webhooks::emit`] on, the bounded queue behind it, and one delivery thread

@@ -73,6 +73,15 @@ impl Receiver {
     pub fn next(&self, within: Duration) -> Posted {
         self.posts.recv_timeout(within).expect("a webhook POST")
     }
+
+    /// Every event posted until no POST has come for `quiet`, in order.
+    pub fn events_until_quiet(&self, quiet: Duration) -> Vec<Value> {
+        let mut events = Vec::new();
+        while let Ok(posted) = self.posts.recv_timeout(quiet) {
+            events.extend(posted.json()["events"].as_array().cloned().unwrap_or_default());
+        }
+        events
+    }
 }
 
 impl Drop for Receiver {

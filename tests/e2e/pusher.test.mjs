@@ -31,9 +31,12 @@ before(async () => {
   flux = await startFlux();
 }, BOUNDED);
 
-afterEach(() => {
+/** Closes the clients a test opened. */
+function disconnectAll() {
   for (const client of openClients.splice(0)) client.disconnect();
-}, BOUNDED);
+}
+
+afterEach(disconnectAll, BOUNDED);
 
 after(async () => {
   await flux?.stop(); // Absent if it failed to start: that failure is already reported.
@@ -398,23 +401,33 @@ describe("presence channels (pusher-js authorized by the pusher SDK)", () => {
   });
 });
 
+/**
+ * A webhook endpoint on a free loopback port that checks every POST with the official SDK's
+ * webhook validation: `received` holds the valid events in arrival order, `invalid()` counts the
+ * rest. `url` is for FLUX_WEBHOOK_URL; `close()` stops it.
+ */
+async function webhookReceiver() {
+  const received = [];
+  let invalid = 0;
+  const server = http.createServer((request, response) => {
+    let body = "";
+    request.on("data", (chunk) => (body += chunk));
+    request.on("end", () => {
+      const webhook = pusherServer().webhook({ headers: request.headers, rawBody: body });
+      if (webhook.isValid()) received.push(...webhook.getEvents());
+      else invalid++;
+      response.end("{}");
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { received, invalid: () => invalid, url: `http://127.0.0.1:${server.address().port}/hooks`, close: () => server.close() };
+}
+
 describe("webhooks", () => {
   test("occupied, member_added, client_event, member_removed and vacated are posted, signed as Pusher signs them", BOUNDED, async () => {
-    // A receiver that checks every POST with the official SDK's webhook validation.
-    const received = [];
-    let invalid = 0;
-    const receiver = http.createServer((request, response) => {
-      let body = "";
-      request.on("data", (chunk) => (body += chunk));
-      request.on("end", () => {
-        const webhook = pusherServer().webhook({ headers: request.headers, rawBody: body });
-        if (webhook.isValid()) received.push(...webhook.getEvents());
-        else invalid++;
-        response.end("{}");
-      });
-    });
-    await new Promise((resolve) => receiver.listen(0, "127.0.0.1", resolve));
-    const own = await startFlux({ FLUX_WEBHOOK_URL: `http://127.0.0.1:${receiver.address().port}/hooks`, FLUX_WEBHOOK_BATCH_MS: "20" });
+    const receiver = await webhookReceiver();
+    const received = receiver.received;
+    const own = await startFlux({ FLUX_WEBHOOK_URL: receiver.url, FLUX_WEBHOOK_BATCH_MS: "20" });
     try {
       const client = (id) => pusherClient(APP.key, { user: { id }, port: own.port });
       const [ann, bob] = [client("ann"), client("bob")];
@@ -427,7 +440,7 @@ describe("webhooks", () => {
       const names = () => received.map((event) => `${event.name}${event.user_id ? ":" + event.user_id : ""}`);
       const all = ["channel_vacated", "member_removed:ann", "member_removed:bob"];
       await eventually(() => all.every((name) => names().includes(name)), 5000, "the leaves and channel_vacated");
-      assert.equal(invalid, 0, "every POST must carry a valid X-Pusher-Signature");
+      assert.equal(receiver.invalid(), 0, "every POST must carry a valid X-Pusher-Signature");
       // Presence changes wait out the coalescing window; channel_vacated waits for the last
       // member_removed, as on Pusher.
       assert.equal(names()[0], "channel_occupied");
@@ -443,6 +456,127 @@ describe("webhooks", () => {
     } finally {
       await own.stop();
       receiver.close();
+    }
+  });
+});
+
+describe("cache channels", () => {
+  /** Subscribes `pusher` to `name` and resolves with the channel and every event it got, in order, once `last` has come. */
+  async function subscribedUntil(pusher, name, last) {
+    const channel = pusher.subscribe(name);
+    const events = [];
+    channel.bind_global((event, data) => events.push({ event, data }));
+    await once(channel, last);
+    return { channel, events };
+  }
+
+  test("an event triggered with the pusher SDK reaches a later subscriber right after subscription_succeeded", BOUNDED, async () => {
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 1 });
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 2 });
+    const { channel, events } = await subscribedUntil(await connected(pusherClient()), "cache-e2e-price", "price");
+    assert.deepEqual(
+      events.map(({ event }) => event),
+      ["pusher:subscription_succeeded", "price"],
+      "the last event, and only it, right after the confirmation",
+    );
+    assert.deepEqual(events[1].data, { usd: 2 });
+    const live = once(channel, "price");
+    await pusherServer().trigger("cache-e2e-price", "price", { usd: 3 });
+    assert.deepEqual(await live, { usd: 3 }, "live events follow");
+  });
+
+  test("with nothing kept, pusher-js's pusher:cache_miss binding fires and a cache_miss webhook arrives", BOUNDED, async () => {
+    const receiver = await webhookReceiver();
+    const own = await startFlux({ FLUX_WEBHOOK_URL: receiver.url, FLUX_WEBHOOK_BATCH_MS: "20" });
+    try {
+      const client = await connected(pusherClient(APP.key, { port: own.port }));
+      const { events } = await subscribedUntil(client, "private-cache-e2e-empty", "pusher:cache_miss");
+      assert.deepEqual(events.map(({ event }) => event), ["pusher:subscription_succeeded", "pusher:cache_miss"]);
+      await eventually(() => receiver.received.some((event) => event.name === "cache_miss"), 5000, "the cache_miss webhook");
+      const misses = receiver.received.filter((event) => event.name === "cache_miss");
+      assert.deepEqual(misses, [{ name: "cache_miss", channel: "private-cache-e2e-empty" }]);
+      assert.equal(receiver.invalid(), 0, "every POST must carry a valid X-Pusher-Signature");
+    } finally {
+      // Before the gateway goes: a pusher-js client that sees it go keeps trying to reconnect.
+      disconnectAll();
+      await own.stop();
+      receiver.close();
+    }
+  });
+});
+
+describe("subscription counts (FLUX_SUBSCRIPTION_COUNT_EVENTS)", () => {
+  /**
+   * Subscribes `pusher` to `name`, recording its pusher:subscription_count events from before
+   * the subscription (the first comes right behind the confirmation), and resolves with them.
+   */
+  async function countsOf(pusher, name) {
+    const channel = pusher.subscribe(name);
+    const counts = record(channel, "pusher:subscription_count");
+    await once(channel, "pusher:subscription_succeeded");
+    return counts;
+  }
+  const last = (counts) => counts.at(-1)?.subscription_count;
+
+  test("public and private subscribers hear the count as pusher:subscription_count; presence members do not", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_SUBSCRIPTION_COUNT_EVENTS: "true" });
+    try {
+      const client = (id = "user-1") => connected(pusherClient(APP.key, { port: own.port, user: { id } }));
+      const watcher = await client();
+      const counts = await countsOf(watcher, "counted");
+      await eventually(() => last(counts) === 1, 5000, "the watcher's own count");
+      for (let i = 0; i < 4; i++) await subscribed(await client(), "counted");
+      await eventually(() => last(counts) === 5, 5000, "a count of 5");
+      assert.ok(counts.length <= 5, `at most one event per change: ${JSON.stringify(counts)}`);
+      assert.equal(watcher.channel("counted").subscriptionCount, 5, "pusher-js keeps the count on the channel");
+
+      const privateCounts = await countsOf(watcher, "private-counted");
+      await subscribed(await client(), "private-counted");
+      await eventually(() => last(privateCounts) === 2, 5000, "the private channel's count");
+
+      const memberCounts = await countsOf(await client("ann"), "presence-counted");
+      await subscribed(await client("bob"), "presence-counted");
+      await sleep(1500); // Longer than the announcement interval.
+      assert.deepEqual(memberCounts, [], "no subscription counts on presence channels");
+    } finally {
+      disconnectAll();
+      await own.stop();
+    }
+  });
+
+  test("under churn the count is announced at most once a second, and settles on the final count", BOUNDED, async () => {
+    const own = await startFlux({ FLUX_SUBSCRIPTION_COUNT_EVENTS: "true" });
+    try {
+      const client = () => connected(pusherClient(APP.key, { port: own.port }));
+      const counts = await countsOf(await client(), "churned");
+      await eventually(() => last(counts) === 1, 5000, "the watcher's own count");
+      const churners = await Promise.all(Array.from({ length: 20 }, client));
+      const before = counts.length;
+      const started = Date.now();
+      let changes = 0;
+      // Each churner joins and leaves five times, then the first ten stay: 210 changes.
+      await Promise.all(
+        churners.map(async (pusher, i) => {
+          for (let round = 0; round < 5; round++) {
+            await subscribed(pusher, "churned");
+            pusher.unsubscribe("churned");
+            changes += 2;
+            await sleep(10);
+          }
+          if (i < 10) {
+            await subscribed(pusher, "churned");
+            changes += 1;
+          }
+        }),
+      );
+      await eventually(() => last(counts) === 11, 5000, "the final count of 11");
+      const elapsed = Date.now() - started;
+      const announced = counts.length - before;
+      assert.ok(announced <= Math.floor(elapsed / 1000) + 2, `${announced} announcements in ${elapsed} ms: more than one a second`);
+      assert.ok(announced * 10 < changes, `${announced} announcements for ${changes} changes`);
+    } finally {
+      disconnectAll();
+      await own.stop();
     }
   });
 });

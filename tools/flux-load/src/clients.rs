@@ -542,6 +542,7 @@ impl<'p> Shard<'p> {
                 self.tick.member_events += 1;
                 self.member_removed(i, text);
             }
+            "pusher_internal:subscription_count" if self.clients[i].role == Role::Healthy => self.tick.count_events += 1,
             "pusher:ping" => self.send(i, r#"{"event":"pusher:pong","data":{}}"#.to_string()),
             "pusher:error" => debug!("pusher:error: {text}"),
             _ => {}
@@ -933,7 +934,7 @@ mod tests {
 
     #[test]
     fn presence_subscriptions_are_signed_over_their_channel_data() {
-        let app = App { id: "a".into(), key: "k".into(), secret: "s".into() };
+        let app = App { id: "a".into(), key: "k".into(), secret: "s".into(), subscription_count_events: false };
         let message: serde_json::Value = serde_json::from_str(&subscribe_message(&app, "presence-g", "1.2", "u7")).unwrap();
         let data = &message["data"];
         let channel_data = data["channel_data"].as_str().unwrap();

@@ -16,7 +16,7 @@ use flux::pusher::App;
 use crate::clients::{unix_micros, Command, Report};
 use crate::death::NodeDeath;
 use crate::publisher::{self, Published};
-use crate::scenario::{Args, Plan, Publishing};
+use crate::scenario::{Args, Plan, Publishing, Scenario};
 use crate::stats::{Latency, Role, Tick};
 use crate::storm::{Storm, StormWatch, BUSY_ABOVE_BASELINE};
 use crate::Shards;
@@ -423,6 +423,15 @@ fn summarize(
             "presence_resyncs": totals.presence_resyncs,
         });
     }
+    if plan.scenario == Scenario::CountChurn {
+        let subscribers = plan.members(Role::Healthy, 0).max(1) as f64;
+        summary["subscription_counts"] = json!({
+            "events": totals.count_events,
+            "per_subscriber_per_sec": (totals.count_events as f64 / subscribers / window * 100.0).round() / 100.0,
+            "deliveries_per_sec": (totals.count_events as f64 / window).round(),
+            "changes_per_sec": 2.0 * plan.injection.churn_per_sec,
+        });
+    }
     if let Publishing::Rounds { phases, .. } = &plan.publishing {
         let phases: Vec<serde_json::Value> = phases
             .iter()
@@ -566,6 +575,12 @@ fn print_summary(plan: &Plan, summary: &serde_json::Value, totals: &Tick) {
             presence["member_added_latency_ms"]["p50"],
             presence["member_added_latency_ms"]["p99"],
             presence["presence_resyncs"]
+        );
+    }
+    if let Some(counts) = summary.get("subscription_counts") {
+        println!(
+            "subscription counts: {} events to the healthy subscribers, {} per subscriber per second ({} deliveries/s), while {} subscriptions/s changed",
+            counts["events"], counts["per_subscriber_per_sec"], counts["deliveries_per_sec"], counts["changes_per_sec"]
         );
     }
     if let Some(vacate) = summary.get("vacate").filter(|v| !v.is_null()) {

@@ -37,7 +37,8 @@ pub struct Args {
     #[command(flatten)]
     pub app: AppArgs,
 
-    /// Healthy subscribers (presence-storm: guild members; big-channel: subscribers;
+    /// Healthy subscribers (presence-storm: guild members; big-channel and count-churn:
+    /// subscribers;
     /// vacate-storm: the vacaters, which close all at once; node-death: the presence members on
     /// every node, the killed one's included).
     #[arg(long)]
@@ -64,7 +65,8 @@ pub struct Args {
     /// closes). Default: a third of `--duration`.
     #[arg(long)]
     pub partition_at: Option<f64>,
-    /// Leaves and rejoins per second (presence-storm; each is two membership changes).
+    /// Leaves and rejoins per second (presence-storm, count-churn; each is two changes: of
+    /// membership, of the subscription count).
     #[arg(long)]
     pub churn: Option<f64>,
     /// Milliseconds a churner stays away before it rejoins. The default is long enough for the
@@ -181,8 +183,14 @@ impl NodeArg {
     }
 }
 
-/// presence-storm's leaves and rejoins per second: 100 membership changes a second.
-const DEFAULT_PRESENCE_CHURN: f64 = 50.0;
+/// The default leaves and rejoins per second of the scenarios that churn: presence-storm's make
+/// 100 membership changes a second; count-churn's 1,000 subscription-count changes.
+fn default_churn(scenario: Scenario) -> f64 {
+    match scenario {
+        Scenario::CountChurn => 500.0,
+        _ => 50.0,
+    }
+}
 
 /// vacate-storm's healthy subscribers: enough to see lost events, few enough that the storm is
 /// the vacaters' alone.
@@ -207,6 +215,11 @@ pub enum Scenario {
     /// until each member on the others has seen member_removed for all of its members is
     /// measured. Nothing is published.
     NodeDeath,
+    /// 20,000 subscribers of one public channel; a tenth take turns leaving and rejoining (500 a
+    /// second: 1,000 subscription changes a second) while the others count the
+    /// subscription-count events they get (a Flux server needs FLUX_SUBSCRIPTION_COUNT_EVENTS).
+    /// One event a second is published as the latency probe.
+    CountChurn,
 }
 
 impl Scenario {
@@ -219,6 +232,7 @@ impl Scenario {
             Scenario::PresenceStorm => "presence-storm",
             Scenario::VacateStorm => "vacate-storm",
             Scenario::NodeDeath => "node-death",
+            Scenario::CountChurn => "count-churn",
         }
     }
 }
@@ -341,10 +355,10 @@ impl Population {
                 ..Population::default()
             },
             Scenario::BigChannel => Population { healthy: args.connections.unwrap_or(10_000), slow, partitioned, ..Population::default() },
-            Scenario::PresenceStorm => {
-                let members = args.connections.unwrap_or(5_000);
-                // A tenth of the guild takes turns leaving and rejoining.
-                let churners = if args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) > 0.0 { (members / 10).max(1) } else { 0 };
+            Scenario::PresenceStorm | Scenario::CountChurn => {
+                let members = args.connections.unwrap_or(if args.scenario == Scenario::CountChurn { 20_000 } else { 5_000 });
+                // A tenth of them take turns leaving and rejoining.
+                let churners = if args.churn.unwrap_or(default_churn(args.scenario)) > 0.0 { (members / 10).max(1) } else { 0 };
                 Population { healthy: members - churners.min(members), slow, partitioned, churners, vacaters: 0 }
             }
             Scenario::VacateStorm => {
@@ -380,6 +394,8 @@ impl Plan {
             Scenario::VacateStorm => 200.0,
             // Only membership is measured; publishes would go to the dead node too.
             Scenario::NodeDeath => 0.0,
+            // The latency probe, and what makes the run last: the counts are what is measured.
+            Scenario::CountChurn => 1.0,
         };
         let node_timeout = Duration::from_millis(args.node_timeout_ms);
         let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
@@ -398,6 +414,7 @@ impl Plan {
             // A real presence channel: every join and leave is announced to every member.
             Scenario::PresenceStorm | Scenario::NodeDeath => "presence-guild".to_string(),
             Scenario::VacateStorm => "healthy".to_string(),
+            Scenario::CountChurn => "counted".to_string(),
             _ => "guild-chat".to_string(),
         }];
         let spread = args.channels.unwrap_or(50).max(1);
@@ -468,7 +485,7 @@ impl Plan {
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
                 partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
-                churn_per_sec: if population.churners > 0 { args.churn.unwrap_or(DEFAULT_PRESENCE_CHURN) } else { 0.0 },
+                churn_per_sec: if population.churners > 0 { args.churn.unwrap_or(default_churn(scenario)) } else { 0.0 },
                 churn_away: Duration::from_millis(args.churn_away_ms),
             },
             track_completions: scenario == Scenario::BigChannel,
@@ -536,6 +553,16 @@ mod tests {
         assert_eq!(storm.channels.len(), 1 + 200 * 1000);
         assert!(storm.clients.iter().filter(|c| c.role == Role::Vacater).all(|c| c.channels.len() == 1000));
         assert_eq!(plan(&["big-channel", "--connections", "100"]).channels.len(), 1 + 50);
+    }
+
+    #[test]
+    fn count_churn_is_20000_subscribers_of_one_public_channel_a_tenth_churning() {
+        let plan = plan(&["count-churn"]);
+        assert_eq!(plan.clients.len(), 20_000);
+        assert_eq!((plan.members(Role::Healthy, 0), plan.members(Role::Churn, 0)), (18_000, 2_000));
+        assert_eq!((plan.channels[0].as_str(), plan.injection.churn_per_sec), ("counted", 500.0));
+        assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1.0));
+        assert_eq!(plan.clients[19_999].source, Ipv4Addr::new(127, 0, 0, 2), "spread over source addresses");
     }
 
     #[test]

@@ -210,6 +210,8 @@ pub struct Tick {
     pub presence_resyncs: u64,
     /// From a member's join (the time in its `user_info`) to another member hearing of it.
     pub member_added_latency: Latency,
+    /// `pusher_internal:subscription_count` events the healthy clients received.
+    pub count_events: u64,
     /// Subscriptions the vacaters had asked for when they closed: what the server held, unless
     /// it refused some (a lost confirmation does not mean a lost subscription).
     pub subscriptions_vacated: u64,
@@ -243,6 +245,7 @@ impl Tick {
         self.member_events += other.member_events;
         self.presence_resyncs += other.presence_resyncs;
         self.member_added_latency.add(&other.member_added_latency);
+        self.count_events += other.count_events;
         self.subscriptions_vacated += other.subscriptions_vacated;
         self.confirmed_subscriptions_vacated += other.confirmed_subscriptions_vacated;
         self.removals.add(&other.removals);
@@ -261,6 +264,7 @@ impl Tick {
         self.member_events = 0;
         self.presence_resyncs = 0;
         self.member_added_latency.clear();
+        self.count_events = 0;
         self.subscriptions_vacated = 0;
         self.confirmed_subscriptions_vacated = 0;
         self.removals = Removals::default();
