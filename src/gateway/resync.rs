@@ -126,14 +126,7 @@ impl Resyncs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn socket(low: u32) -> SocketId {
-        SocketId { high: 1, low }
-    }
-
-    fn room() -> ChannelName {
-        "presence-room".into()
-    }
+    use crate::pusher::presence::tests::{room, socket};
 
     #[test]
     fn a_member_is_owed_one_roster_and_its_changes_are_withheld_until_it_comes() {

@@ -457,7 +457,7 @@ impl Membership {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const WINDOW: Duration = Duration::from_millis(150);
@@ -466,11 +466,13 @@ mod tests {
         Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#)).unwrap()
     }
 
-    fn socket(low: u32) -> SocketId {
+    /// A socket id for tests (other modules' tests use it too).
+    pub(crate) fn socket(low: u32) -> SocketId {
         SocketId { high: 1, low }
     }
 
-    fn room() -> ChannelName {
+    /// The presence channel of the tests.
+    pub(crate) fn room() -> ChannelName {
         "presence-room".into()
     }
 
