@@ -154,10 +154,19 @@ pub struct Broadcast {
     /// ghost member, or a missing one), so that member is sent the whole roster again instead
     /// (see [`resync`]).
     pub roster_change: bool,
-    /// Set on a cache channel's own events (see [`Publish::is_kept`]): when it was published,
-    /// in microseconds since the Unix epoch. Every worker keeps the frame as the channel's last
-    /// event.
+    /// Set on an app's event on a cache channel (see [`Broadcast::kept`]): when it was
+    /// published, in microseconds since the Unix epoch. Every worker keeps the frame as the
+    /// channel's last event.
     pub kept_at_us: Option<u64>,
+}
+
+impl Broadcast {
+    /// This event, to be kept as its cache channel's last, published at `published_at_us`. A
+    /// kept event stays up to the TTL: an exact-size copy pins only its own bytes, not a pooled
+    /// buffer (of up to 16 KiB), which returns to the pool as soon as the original is dropped.
+    fn kept(self, published_at_us: u64) -> Broadcast {
+        Broadcast { frame: Bytes::copy_from_slice(&self.frame), kept_at_us: Some(published_at_us), ..self }
+    }
 }
 
 /// One worker's Pusher service.
@@ -290,7 +299,11 @@ impl PusherService {
     /// it to each worker with subscribers of its channel, this one included, and to the other
     /// nodes of the cluster.
     pub fn publish(&mut self, conns: &mut Conns<Session>, publish: &Publish) -> Result<(), EncodeError> {
-        let broadcast = self.frame(publish)?;
+        let mut broadcast = self.frame(publish)?;
+        // Only an app's own events are kept: Flux's announcements are framed elsewhere.
+        if is_cache_channel(&publish.channel) {
+            broadcast = broadcast.kept(unix_micros());
+        }
         if let Some(cluster) = &self.cluster {
             // The frame's payload is the event message, serialized here just now as UTF-8 JSON.
             let message = std::str::from_utf8(payload_of(&broadcast.frame)).unwrap_or_default();
@@ -304,7 +317,8 @@ impl PusherService {
         Ok(())
     }
 
-    /// Frames an event once, for every recipient on the node.
+    /// Frames an event once, for every recipient on the node: an app's event, or one of Flux's
+    /// own announcements.
     fn frame(&self, publish: &Publish) -> Result<Broadcast, EncodeError> {
         let published_at = Instant::now();
         let message = EventMessage {
@@ -314,17 +328,13 @@ impl PusherService {
             user_id: publish.user_id.as_deref(),
         };
         let frame = data_frame(&self.pool, OpCode::Data(Data::Text), |buf| Ok(serde_json::to_writer(buf, &message)?))?;
-        let kept = publish.is_kept();
-        // A kept event stays up to the TTL: an exact-size copy pins only its own bytes, not a
-        // pooled buffer (of up to 16 KiB), which returns to the pool as soon as this is dropped.
-        let frame = if kept { Bytes::copy_from_slice(&frame) } else { frame };
         Ok(Broadcast {
             channel: publish.channel.clone(),
             frame,
             except: publish.except,
             published_at,
             roster_change: false,
-            kept_at_us: kept.then(unix_micros),
+            kept_at_us: None,
         })
     }
 
@@ -357,14 +367,14 @@ impl PusherService {
             return;
         }
         let broadcast = Broadcast {
-            // Exact-size, as in `frame`: the reader's pooled buffer goes back to the pool.
-            frame: if kept { Bytes::copy_from_slice(&remote.frame) } else { remote.frame },
+            frame: remote.frame,
             channel: remote.channel,
             except: remote.except,
             published_at: Instant::now(),
             roster_change: false,
-            kept_at_us: kept.then_some(remote.published_at_us),
+            kept_at_us: None,
         };
+        let broadcast = if kept { broadcast.kept(remote.published_at_us) } else { broadcast };
         self.fan_out(conns, &broadcast);
         if subscribed {
             // Up to this worker's rings: the other workers' part of it is in their fan-out times.
@@ -407,12 +417,15 @@ impl PusherService {
         WorkerMetrics::add(&counters.deliveries, queued);
         WorkerMetrics::add(&counters.drops, dropped);
         self.fanout_times.record(broadcast.published_at.elapsed());
-        for id in std::mem::take(&mut self.missed_changes) {
+        // Taken out and put back, so the scratch keeps its capacity.
+        let mut missed = std::mem::take(&mut self.missed_changes);
+        for id in missed.drain(..) {
             let Some(socket) = conns.session(id).map(Session::socket_id) else { continue };
             if self.resyncs.missed(&broadcast.channel, socket, id) {
                 WorkerMetrics::add(&self.metrics.counters.presence_resyncs, 1);
             }
         }
+        self.missed_changes = missed;
     }
 
     /// Asks the owners for the rosters of the members that missed changes and whose rings have
