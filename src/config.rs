@@ -4,10 +4,12 @@
 //! This module only describes and validates settings; nothing here touches a socket.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
+use crate::server::TlsFiles;
 use crate::webhooks::WebhookUrl;
 
 /// The one app a node serves: the same flags (and `FLUX_APP_*` variables) for `flux` and for
@@ -43,6 +45,15 @@ pub struct Config {
     /// Port for WebSocket clients (/app/{key}) and the REST API (/apps/{id}/...).
     #[arg(long, env = "FLUX_PORT", default_value_t = 6001)]
     pub port: u16,
+
+    /// TLS certificate chain (PEM, the server's certificate first): with --tls-key, the main
+    /// port speaks TLS (wss:// and https://). SIGHUP loads the pair again for new connections.
+    #[arg(long, env = "FLUX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1); with --tls-cert.
+    #[arg(long, env = "FLUX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Port of the live dashboard and its JSON and Prometheus endpoints.
     #[arg(long, env = "FLUX_DASHBOARD_PORT", default_value_t = 8080)]
@@ -202,6 +213,8 @@ impl Default for Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 6001,
             dashboard_port: 8080,
+            tls_cert: None,
+            tls_key: None,
             app: AppArgs {
                 app_id: "app-id".into(),
                 app_key: "app-key".into(),
@@ -251,6 +264,15 @@ impl Config {
     /// The address the gateway listens on.
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// The certificate and key of a TLS main port; `None` for plain TCP. Clap makes sure both
+    /// are given or neither.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+            _ => None,
+        }
     }
 
     /// The dashboard's address.
@@ -380,6 +402,15 @@ mod tests {
         assert_eq!((parsed.max_connections, parsed.max_channels_per_connection), (Some(5000), 50));
         assert!(Config::try_parse_from(["flux", "--max-connections", "0"]).is_err());
         assert!(Config::try_parse_from(["flux", "--max-channels-per-connection", "0"]).is_err());
+    }
+
+    #[test]
+    fn tls_takes_a_certificate_and_a_key_or_neither() {
+        assert_eq!(Config::try_parse_from(["flux"]).expect("parses").tls_files(), None);
+        let both = Config::try_parse_from(["flux", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).expect("parses");
+        assert_eq!(both.tls_files(), Some(TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert!(Config::try_parse_from(["flux", "--tls-cert", "c.pem"]).is_err(), "a certificate without its key");
+        assert!(Config::try_parse_from(["flux", "--tls-key", "k.pem"]).is_err(), "a key without its certificate");
     }
 
     #[test]

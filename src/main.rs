@@ -32,8 +32,9 @@ fn main() -> ExitCode {
         }
     };
     let addr = gateway.local_addr();
+    let (ws, http) = if config.tls_files().is_some() { ("wss", "https") } else { ("ws", "http") };
     info!(
-        "flux listening on {addr} with {} workers: WebSocket ws://{addr}/app/{}?protocol=7, REST http://{addr}/apps/{}/",
+        "flux listening on {addr} with {} workers: WebSocket {ws}://{addr}/app/{}?protocol=7, REST {http}://{addr}/apps/{}/",
         gateway.workers(),
         config.app.app_key,
         config.app.app_id

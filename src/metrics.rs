@@ -106,6 +106,12 @@ counters! {
         /// Subscription-count events framed: one per channel per announcement (each then
         /// delivered to every subscriber of the channel on the node).
         subscription_count_events,
+        /// TLS handshakes completed.
+        tls_handshakes,
+        /// TLS connections closed for input that is not TLS (plaintext, garbage) or breaks it.
+        tls_refused,
+        /// TLS handshakes that did not finish within the request timeout.
+        tls_timed_out,
     }
 }
 

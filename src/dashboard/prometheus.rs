@@ -101,6 +101,11 @@ impl Collector for NodeCollector {
             ("flux_frame_pool_checkouts", "Frame buffers checked out, by whether a pooled buffer was reused."),
             ("result", [("hit", pool.hits), ("miss", pool.misses)]),
         )?;
+        labelled_counter(
+            &mut encoder,
+            ("flux_tls_handshakes", "TLS handshakes on the main port, by how they ended."),
+            ("result", [("ok", counters.tls_handshakes), ("refused", counters.tls_refused), ("timed_out", counters.tls_timed_out)]),
+        )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
         webhooks(&mut encoder, &self.0.webhooks())?;
         if let Some(status) = self.0.cluster() {

@@ -119,6 +119,7 @@ impl Gateway {
             shutdown_grace: config.shutdown_grace(),
             write_coalesce: config.write_coalesce(),
             handle_signals,
+            tls: config.tls_files(),
         };
         let evictions = Arc::new(EvictionLog::default());
         let subscriptions = Arc::new(AtomicUsize::new(0));

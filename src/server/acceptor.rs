@@ -13,6 +13,9 @@
 //! loop would spin, and the workers keep serving the connections they have meanwhile. Such an
 //! episode is logged when it starts and summed up when it ends, not once per retry.
 //!
+//! SIGHUP reloads what the node reloads without a restart (see [`Acceptor::reload`]): today
+//! the TLS certificate, for the connections accepted after it.
+//!
 //! A connection is never refused because a worker is busy: one whose inbox is full is skipped
 //! for the next, and when every inbox is full the connection is held and accepting stops (the
 //! kernel's backlog keeps the rest) until a retry, with backoff, hands it over.
@@ -22,14 +25,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::peers::Peers;
 use super::status::NodeStatus;
+use super::tls::Certificate;
 use super::worker::Envelope;
 
 const LISTENER: Token = Token(0);
@@ -73,6 +77,8 @@ pub(crate) struct Acceptor<M> {
     pub(crate) node: NodeStatus,
     /// The longest a drain lasts.
     pub(crate) grace: Duration,
+    /// The certificate of a TLS port; `None` on a plain one.
+    pub(crate) tls: Option<Certificate>,
 }
 
 impl<M: Send + 'static> Acceptor<M> {
@@ -102,8 +108,18 @@ impl<M: Send + 'static> Acceptor<M> {
                 break;
             }
             // Read every time, so that signals arriving during the drain are consumed too.
-            let signalled =
-                signals.as_mut().is_some_and(|signals| events.iter().any(|e| e.token() == SIGNALS) && signals.pending().next().is_some());
+            let (mut signalled, mut reload) = (false, false);
+            if let Some(signals) = signals.as_mut().filter(|_| events.iter().any(|e| e.token() == SIGNALS)) {
+                for signal in signals.pending() {
+                    match signal {
+                        SIGHUP => reload = true,
+                        _ => signalled = true,
+                    }
+                }
+            }
+            if reload {
+                self.reload();
+            }
             if drain_deadline.is_none() && (signalled || self.stop.load(Ordering::Acquire)) {
                 let cause = if signalled { "signal received" } else { "stop requested" };
                 info!("{cause}: stopping; health checks are answered until every client is gone");
@@ -133,7 +149,7 @@ impl<M: Send + 'static> Acceptor<M> {
             match self.accept_ready(&mut next_worker) {
                 Ok(()) => {}
                 Err(Stopped::WorkersBusy(connection)) => {
-                    if let Envelope::Adopt(_, peer) = &connection {
+                    if let Envelope::Adopt(_, peer, _) = &connection {
                         warn!("every worker's inbox is full; holding the connection from {peer} until one has room");
                     }
                     held = Some(connection);
@@ -158,8 +174,30 @@ impl<M: Send + 'static> Acceptor<M> {
         self.tell_workers(|| Envelope::Finish);
     }
 
+    /// What SIGHUP does: reload, for new connections, everything that can be reloaded without
+    /// a restart. Each part reloads on its own and keeps what it had when its new version is
+    /// refused, so one bad file does not stop the others.
+    fn reload(&mut self) {
+        if self.tls.is_none() {
+            info!("SIGHUP: nothing to reload");
+        }
+        self.reload_tls();
+    }
+
+    /// Loads the certificate and key again; connections accepted from now on get the new pair,
+    /// the ones open keep theirs.
+    fn reload_tls(&mut self) {
+        let Some(certificate) = self.tls.as_mut() else {
+            return;
+        };
+        match certificate.reload() {
+            Ok(()) => info!("TLS certificate reloaded from {} for new connections", certificate.cert_path().display()),
+            Err(e) => error!("TLS reload refused, new connections keep the previous certificate: {e}"),
+        }
+    }
+
     fn register_signals(&mut self) -> Option<Signals> {
-        let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
             Ok(s) => s,
             Err(e) => {
                 warn!("could not install signal handlers: {e}");
@@ -180,7 +218,10 @@ impl<M: Send + 'static> Acceptor<M> {
     fn accept_ready(&mut self, next_worker: &mut usize) -> Result<(), Stopped<M>> {
         loop {
             match self.listener.accept() {
-                Ok((socket, peer)) => self.hand_over(Envelope::Adopt(socket, peer), next_worker).map_err(Stopped::WorkersBusy)?,
+                Ok((socket, peer)) => {
+                    let tls = self.tls.as_ref().map(|certificate| certificate.current().clone());
+                    self.hand_over(Envelope::Adopt(socket, peer, tls), next_worker).map_err(Stopped::WorkersBusy)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => return Err(Stopped::Failed(e)),
@@ -246,6 +287,7 @@ mod tests {
             handle_signals: false,
             node: NodeStatus::new(Arc::new([])),
             grace: Duration::from_secs(1),
+            tls: None,
         };
         (acceptor, inboxes, polls)
     }
@@ -253,7 +295,7 @@ mod tests {
     fn connection(acceptor: &Acceptor<u32>) -> Envelope<u32> {
         let addr = acceptor.listener.local_addr().expect("address");
         let socket = mio::net::TcpStream::connect(addr).expect("connect");
-        Envelope::Adopt(socket, addr)
+        Envelope::Adopt(socket, addr, None)
     }
 
     #[test]

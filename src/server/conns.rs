@@ -1,5 +1,5 @@
-//! A worker's connections: each one a socket, the phase it is in (HTTP, open WebSocket,
-//! closing), and its outbound ring.
+//! A worker's connections: each one a socket (with its TLS session on a TLS port), the phase it
+//! is in (HTTP, open WebSocket, closing), and its outbound ring.
 //!
 //! [`Conns`] is the only way a [`Service`](super::Service) touches connections: it can queue
 //! frames, offer a broadcast frame, read and change sessions, and close. It never performs I/O;
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mio::net::TcpStream;
+use rustls::ServerConnection;
 use slab::Slab;
 
 use crate::fanout::pool::FramePool;
@@ -50,6 +51,10 @@ pub(crate) enum Phase<S> {
 /// One connection.
 pub(crate) struct Connection<S> {
     pub(crate) socket: TcpStream,
+    /// The TLS session on a TLS port; `None` on a plain one, so a plain connection pays one
+    /// branch for TLS and nothing else. Boxed: a session is a few hundred bytes that plain
+    /// connections should not carry in every slab entry.
+    pub(crate) tls: Option<Box<ServerConnection>>,
     pub(crate) peer: SocketAddr,
     pub(crate) phase: Phase<S>,
     pub(crate) outbound: Outbound,
@@ -125,10 +130,11 @@ impl<S> Conns<S> {
         Conns { slab: Slab::with_capacity(1024), dirty: Vec::with_capacity(1024), deferred: VecDeque::new(), limits, pool, metrics }
     }
 
-    pub(crate) fn insert(&mut self, socket: TcpStream, peer: SocketAddr, deadline: Instant) -> ConnId {
+    pub(crate) fn insert(&mut self, socket: TcpStream, tls: Option<Box<ServerConnection>>, peer: SocketAddr, deadline: Instant) -> ConnId {
         let reader = RequestReader::new(self.limits.max_head, self.limits.max_body);
         ConnId(self.slab.insert(Connection {
             socket,
+            tls,
             peer,
             phase: Phase::Http(reader),
             outbound: Outbound::new(self.limits.ring_slots),

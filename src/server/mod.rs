@@ -17,6 +17,7 @@ mod conns;
 mod peers;
 mod service;
 mod status;
+mod tls;
 mod worker;
 
 use std::io;
@@ -34,11 +35,13 @@ pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers, Sent};
 pub use service::{Ended, Routed, Service};
 pub use status::NodeStatus;
+pub use tls::{DerTime, TlsConfig, TlsError, TlsFiles};
 
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
 use crate::metrics::WorkerMetrics;
 use acceptor::Acceptor;
+use tls::Certificate;
 use worker::{Timing, Worker, WAKER};
 
 /// Messages a worker's inbox holds before senders are refused.
@@ -61,8 +64,10 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// How long a large fan-out's writes may be held to coalesce more frames into each write.
     pub write_coalesce: Duration,
-    /// Stop on SIGINT and SIGTERM.
+    /// Stop on SIGINT and SIGTERM; reload on SIGHUP.
     pub handle_signals: bool,
+    /// Serve TLS with this certificate and key; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
 }
 
 /// What a service is built with, one per worker.
@@ -79,6 +84,27 @@ pub struct WorkerContext<M> {
     pub pool: FramePool,
 }
 
+/// Why a server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket, poll or thread could not be made.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The TLS certificate or key was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl From<StartError> for io::Error {
+    /// For callers that report any start failure as I/O; the TLS reason stays in the message.
+    fn from(error: StartError) -> io::Error {
+        match error {
+            StartError::Io(e) => e,
+            StartError::Tls(e) => io::Error::other(e),
+        }
+    }
+}
+
 /// A running server.
 pub struct Server<M> {
     local_addr: SocketAddr,
@@ -92,11 +118,13 @@ pub struct Server<M> {
 
 /// Starts the acceptor and `settings.workers` workers, each running a service from
 /// `make_service`.
-pub fn start<Svc, F>(settings: ServerSettings, pool: FramePool, mut make_service: F) -> io::Result<Server<Svc::Message>>
+pub fn start<Svc, F>(settings: ServerSettings, pool: FramePool, mut make_service: F) -> Result<Server<Svc::Message>, StartError>
 where
     Svc: Service + Send,
     F: FnMut(WorkerContext<Svc::Message>) -> Svc,
 {
+    // First: a certificate that cannot serve is refused before anything runs.
+    let tls = settings.tls.clone().map(Certificate::load).transpose()?;
     let listener = TcpListener::bind(settings.listen)?;
     let local_addr = listener.local_addr()?;
     let workers = settings.workers.clamp(1, crate::fanout::directory::MAX_WORKERS);
@@ -152,6 +180,7 @@ where
         handle_signals: settings.handle_signals,
         node: status.clone(),
         grace: settings.shutdown_grace,
+        tls,
     };
     threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
 

@@ -25,6 +25,12 @@
 //! resumed by the flush that makes room. So no reply is ever dropped, and a client that asks
 //! without reading the answers is a slow consumer like any other, evicted on the same clock.
 //!
+//! A TLS connection goes through the same steps: its socket is read into its session, whose
+//! plaintext goes to the decoders as a plain socket's bytes do, and its ring is flushed through
+//! the session (see [`super::tls`]). A peer that does not speak TLS is closed at its first record
+//! and a handshake that does not finish within the request timeout at the next sweep, both
+//! counted.
+//!
 //! Shutdown is a drain: the worker closes every WebSocket with 4200 and goes on answering HTTP
 //! (each answer closing its connection, and new connections too) until the acceptor says no
 //! more will come and it holds none, or until the shutdown grace is over.
@@ -43,6 +49,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::conns::{AfterFlush, Conns, Phase};
 use super::service::{Ended, Routed, Service};
+use super::tls::{self, Flushed, Received, TlsConfig};
 use crate::fanout::ConnId;
 use crate::http::{json_error, Request, Response};
 use crate::metrics::WorkerMetrics;
@@ -58,7 +65,11 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_BUDGET: usize = 16;
 
 /// Frames written per vectored write.
-const MAX_IOVECS: usize = 64;
+pub(crate) const MAX_IOVECS: usize = 64;
+
+/// Record reads per TLS socket per loop turn. rustls reads at most 4 KiB at a time, so this
+/// lets a TLS client send as much per turn as [`READ_BUDGET`] reads of [`READ_CHUNK`] do.
+const TLS_READ_BUDGET: usize = READ_BUDGET * READ_CHUNK / 4096;
 
 /// Inbox messages handled per turn before the loop re-wakes itself to serve sockets.
 const INBOX_BUDGET: usize = 65_536;
@@ -75,8 +86,9 @@ const SWEEP: Duration = Duration::from_secs(1);
 
 /// What other threads send a worker.
 pub(crate) enum Envelope<M> {
-    /// A freshly accepted connection to own.
-    Adopt(TcpStream, SocketAddr),
+    /// A freshly accepted connection to own, with the TLS settings to serve it with on a TLS
+    /// port (the listener's current ones: a reload changes them for later connections only).
+    Adopt(TcpStream, SocketAddr, Option<TlsConfig>),
     /// Close every WebSocket and drain: answer HTTP only, until told to finish.
     Shutdown,
     /// No more connections will come (sent after every one that was handed over): stop once
@@ -223,7 +235,7 @@ impl<Svc: Service> Worker<Svc> {
                 return;
             };
             match envelope {
-                Envelope::Adopt(socket, peer) => self.adopt(socket, peer, now),
+                Envelope::Adopt(socket, peer, tls) => self.adopt(socket, peer, tls, now),
                 Envelope::Shutdown => self.begin_shutdown(now),
                 Envelope::Finish => {
                     self.begin_shutdown(now);
@@ -240,16 +252,23 @@ impl<Svc: Service> Worker<Svc> {
 
     /// Takes a connection in, during a drain too: its requests (a load balancer's health check)
     /// are still answered until the worker finishes.
-    fn adopt(&mut self, mut socket: TcpStream, peer: SocketAddr, now: Instant) {
+    fn adopt(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: Option<TlsConfig>, now: Instant) {
         if let Err(e) = socket.set_nodelay(true) {
             debug!("set_nodelay failed for {peer}: {e}");
         }
+        let session = match tls.as_ref().map(tls::session).transpose() {
+            Ok(session) => session,
+            Err(e) => {
+                warn!("could not start a TLS session for {peer}: {e}");
+                return;
+            }
+        };
         let token = Token(self.conns.slab.vacant_key());
         if let Err(e) = self.poll.registry().register(&mut socket, token, Interest::READABLE) {
             warn!("could not register connection from {peer}: {e}");
             return;
         }
-        self.conns.insert(socket, peer, now + self.timing.request_timeout);
+        self.conns.insert(socket, session, peer, now + self.timing.request_timeout);
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.connections, 1);
         WorkerMetrics::add(&counters.connections_total, 1);
@@ -262,7 +281,11 @@ impl<Svc: Service> Worker<Svc> {
             return;
         }
         let mut buf = std::mem::take(&mut self.read_buf);
-        self.read_into(id, &mut buf, now);
+        if self.conns.slab.get(id.0).is_some_and(|conn| conn.tls.is_some()) {
+            self.read_tls_into(id, &mut buf, now);
+        } else {
+            self.read_into(id, &mut buf, now);
+        }
         self.read_buf = buf;
     }
 
@@ -287,8 +310,86 @@ impl<Svc: Service> Worker<Svc> {
                 }
             }
         }
-        // Budget spent with data left. Re-registering re-arms the edge-triggered readiness, so
-        // the next poll reports the socket again after the other connections had their turn.
+        self.read_budget_spent(id);
+    }
+
+    /// Reads a TLS connection: the plaintext its session already holds first (after a pause it
+    /// is what the decoder wants next), then more records, up to the budget.
+    fn read_tls_into(&mut self, id: ConnId, buf: &mut [u8], now: Instant) {
+        for _ in 0..TLS_READ_BUDGET {
+            if !self.take_plaintext(id, buf, now) {
+                return;
+            }
+            let Some(conn) = self.conns.slab.get_mut(id.0) else {
+                return;
+            };
+            let Some(session) = conn.tls.as_deref_mut() else {
+                return;
+            };
+            match tls::receive(&mut conn.socket, session) {
+                Received::Records { bytes, handshake_done } => {
+                    WorkerMetrics::add(&self.metrics.counters.bytes_in, bytes as u64);
+                    if handshake_done {
+                        WorkerMetrics::add(&self.metrics.counters.tls_handshakes, 1);
+                    }
+                    // Handshake messages, alerts and session tickets to send.
+                    if session.wants_write() {
+                        self.conns.mark_dirty(id);
+                    }
+                }
+                Received::WouldBlock => return,
+                Received::Closed => return self.remove(id, Ended::ByClient),
+                Received::Failed(e) => {
+                    debug!("read from conn {} failed: {e}", id.0);
+                    return self.remove(id, Ended::ByClient);
+                }
+                Received::Refused(e) => {
+                    debug!("conn {} from {} is not speaking TLS properly, closing it: {e}", id.0, conn.peer);
+                    WorkerMetrics::add(&self.metrics.counters.tls_refused, 1);
+                    // One attempt to tell it why (the alert rustls queued), then it goes.
+                    let _ = session.write_tls(&mut conn.socket);
+                    return self.remove(id, Ended::ByClient);
+                }
+            }
+        }
+        // The records of the last read are decrypted: hand them on before the socket is
+        // re-armed, since nothing would report them again.
+        if self.take_plaintext(id, buf, now) {
+            self.read_budget_spent(id);
+        }
+    }
+
+    /// Passes the plaintext a TLS session holds to the decoders. Returns whether to keep
+    /// reading the connection. Bounded: a session holds at most 16 KiB of plaintext.
+    fn take_plaintext(&mut self, id: ConnId, buf: &mut [u8], now: Instant) -> bool {
+        loop {
+            let Some(session) = self.conns.slab.get_mut(id.0).and_then(|conn| conn.tls.as_deref_mut()) else {
+                return false;
+            };
+            match session.reader().read(buf) {
+                // The peer's close_notify: it sends nothing more.
+                Ok(0) => {
+                    self.remove(id, Ended::ByClient);
+                    return false;
+                }
+                Ok(n) => {
+                    if !self.process(id, &mut buf[..n], now) {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    debug!("TLS read from conn {} failed: {e}", id.0);
+                    self.remove(id, Ended::ByClient);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Budget spent with data left. Re-registering re-arms the edge-triggered readiness, so the
+    /// next poll reports the socket again after the other connections had their turn.
+    fn read_budget_spent(&mut self, id: ConnId) {
         WorkerMetrics::add(&self.metrics.counters.read_budget_exhausted, 1);
         if let Some(conn) = self.conns.slab.get_mut(id.0) {
             let interest = interest(conn.writable_interest);
@@ -612,7 +713,13 @@ impl<Svc: Service> Worker<Svc> {
                         conn.deadline = Some(now + SWEEP);
                     }
                 }
-                _ => self.remove(id, Ended::ByClient),
+                _ => {
+                    if conn.tls.as_ref().is_some_and(|session| session.is_handshaking()) {
+                        debug!("TLS handshake from {} timed out", conn.peer);
+                        WorkerMetrics::add(&self.metrics.counters.tls_timed_out, 1);
+                    }
+                    self.remove(id, Ended::ByClient);
+                }
             }
         }
     }
@@ -678,32 +785,51 @@ impl<Svc: Service> Worker<Svc> {
         let Some(conn) = self.conns.slab.get_mut(id.0) else {
             return;
         };
-        if conn.outbound.is_empty() {
+        if conn.outbound.is_empty() && conn.tls.as_ref().is_none_or(|session| !session.wants_write()) {
             return;
         }
         conn.deferred_until = None; // Deferred frames leave with this write.
         let mut blocked = false;
-        loop {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let filled = conn.outbound.write_slices(&mut slices);
-            if filled == 0 {
-                break;
-            }
-            match conn.socket.write_vectored(&slices[..filled]) {
-                Ok(0) => return self.remove(id, Ended::ByClient),
-                Ok(written) => {
-                    WorkerMetrics::add(&counters.bytes_out, written as u64);
-                    let frames = conn.outbound.advance(written);
-                    WorkerMetrics::add(&counters.messages_out, frames as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        if let Some(session) = conn.tls.as_deref_mut() {
+            // The last frame of a connection that ends is followed by TLS's own close; one that
+            // awaits the peer's WebSocket close keeps its session open to read it.
+            let close_notify = matches!(conn.phase, Phase::Closing { then: AfterFlush::Drop | AfterFlush::Linger, .. });
+            let (bytes, frames) = match tls::send(&mut conn.socket, session, &mut conn.outbound, close_notify) {
+                Flushed::Done { bytes, frames } => (bytes, frames),
+                Flushed::Blocked { bytes, frames } => {
                     blocked = true;
+                    (bytes, frames)
+                }
+                Flushed::Failed(e) => {
+                    debug!("TLS write to conn {} failed: {e}", id.0);
+                    return self.remove(id, Ended::ByClient);
+                }
+            };
+            WorkerMetrics::add(&counters.bytes_out, bytes as u64);
+            WorkerMetrics::add(&counters.messages_out, frames as u64);
+        } else {
+            loop {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let filled = conn.outbound.write_slices(&mut slices);
+                if filled == 0 {
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    debug!("write to conn {} failed: {e}", id.0);
-                    return self.remove(id, Ended::ByClient);
+                match conn.socket.write_vectored(&slices[..filled]) {
+                    Ok(0) => return self.remove(id, Ended::ByClient),
+                    Ok(written) => {
+                        WorkerMetrics::add(&counters.bytes_out, written as u64);
+                        let frames = conn.outbound.advance(written);
+                        WorkerMetrics::add(&counters.messages_out, frames as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        debug!("write to conn {} failed: {e}", id.0);
+                        return self.remove(id, Ended::ByClient);
+                    }
                 }
             }
         }

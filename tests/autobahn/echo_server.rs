@@ -68,6 +68,7 @@ fn main() {
         shutdown_grace: Duration::from_secs(1),
         write_coalesce: Duration::ZERO,
         handle_signals: true,
+        tls: None,
     };
     let pool = FramePool::default();
     match server::start(settings, pool.clone(), |_| Echo { pool: pool.clone() }) {
