@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod redis;
+pub mod tls;
 pub mod webhook_receiver;
 
 use std::io::{Read, Write};
