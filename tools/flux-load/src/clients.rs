@@ -26,6 +26,7 @@ use flux::ws::{Decoder, Incoming};
 use crate::death::{Pending, Victims};
 use crate::scenario::{Plan, SlowMode};
 use crate::stats::{Role, Tick};
+use crate::tls::Stream;
 
 /// Linux's "connection in progress" from a non-blocking connect.
 const EINPROGRESS: i32 = 115;
@@ -63,13 +64,13 @@ pub enum Report {
 
 enum Conn {
     Idle,
-    Connecting(TcpStream),
-    Handshake(TcpStream, Vec<u8>),
-    Open(TcpStream),
+    Connecting(Stream),
+    Handshake(Stream, Vec<u8>),
+    Open(Stream),
 }
 
 impl Conn {
-    fn stream(&mut self) -> Option<&mut TcpStream> {
+    fn stream(&mut self) -> Option<&mut Stream> {
         match self {
             Conn::Idle => None,
             Conn::Connecting(s) | Conn::Handshake(s, _) | Conn::Open(s) => Some(s),
@@ -304,7 +305,10 @@ impl<'p> Shard<'p> {
 
     fn connect(&mut self, i: usize) {
         let client = &mut self.clients[i];
-        match open_socket(client.source, self.plan.nodes[client.node], client.role == Role::Slow) {
+        let server = self.plan.nodes[client.node];
+        let opened = open_socket(client.source, server, client.role == Role::Slow)
+            .and_then(|socket| Stream::new(socket, self.plan.tls.as_ref(), server));
+        match opened {
             Ok(mut stream) => {
                 let interest = Interest::READABLE | Interest::WRITABLE;
                 if let Err(e) = self.poll.registry().register(&mut stream, Token(i), interest) {
@@ -355,12 +359,17 @@ impl<'p> Shard<'p> {
                 Err(_) => return self.connection_lost(i, None),
             }
         }
+        // TLS records of what was written (and of the handshake) that the socket did not take.
+        if stream.flush().is_err() {
+            return self.connection_lost(i, None);
+        }
         self.reregister(i);
     }
 
     fn reregister(&mut self, i: usize) {
         let client = &mut self.clients[i];
-        let writable = !client.out.is_empty() || matches!(client.conn, Conn::Connecting(_));
+        let tls_pending = client.conn.stream().is_some_and(|stream| stream.wants_write());
+        let writable = !client.out.is_empty() || tls_pending || matches!(client.conn, Conn::Connecting(_));
         let interest = match (client.reading, writable) {
             (_, false) => Interest::READABLE,
             (true, true) => Interest::READABLE | Interest::WRITABLE,

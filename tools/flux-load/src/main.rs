@@ -14,6 +14,7 @@ mod publisher;
 mod scenario;
 mod stats;
 mod storm;
+mod tls;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command as Process, ExitCode, Stdio};
@@ -29,7 +30,13 @@ use scenario::{Args, Plan};
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
-    let plan = Plan::new(&args);
+    let plan = match Plan::with_tls(&args) {
+        Ok(plan) => plan,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match args.shard.as_deref() {
         Some(&[index, count]) => run_child_shard(&args, &plan, index, count),
         _ => coordinator::run(&args, &plan),

@@ -17,6 +17,11 @@ use flux::ws::{Decoder, Flow, Incoming};
 use crate::clients::{field, upgrade_reply, upgrade_request, UpgradeReply};
 use crate::publisher::pace;
 use crate::stats::{Latency, LatencyMs};
+use crate::tls::TlsClient;
+
+/// A probe's connection, plain or TLS.
+trait Duplex: Read + Write {}
+impl<T: Read + Write> Duplex for T {}
 
 /// Time between the starts of two probes (a probe that takes longer delays the next).
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -77,7 +82,7 @@ impl Probes {
 
 /// Probes `server` until `stop` is set (or [`MAX_PROBES`] are done). A probe under way when
 /// `stop` is set is not counted.
-pub fn run(server: SocketAddr, key: &str, stop: &AtomicBool) -> Probes {
+pub fn run(server: SocketAddr, key: &str, tls: Option<&TlsClient>, stop: &AtomicBool) -> Probes {
     let mut probes = Probes::default();
     let mut next = Instant::now();
     for _ in 0..MAX_PROBES {
@@ -87,7 +92,7 @@ pub fn run(server: SocketAddr, key: &str, stop: &AtomicBool) -> Probes {
         }
         let began = Instant::now();
         next = began + PROBE_INTERVAL;
-        match probe(server, key, began + PROBE_TIMEOUT, stop) {
+        match probe(server, key, tls, began + PROBE_TIMEOUT, stop) {
             Outcome::Established => {
                 probes.established += 1;
                 probes.connect.record(began.elapsed().as_micros() as u64);
@@ -116,14 +121,29 @@ enum Outcome {
 }
 
 /// One probe: connect, upgrade, wait for `connection_established`; the socket closes on return.
-fn probe(server: SocketAddr, key: &str, deadline: Instant, stop: &AtomicBool) -> Outcome {
-    let mut stream = match TcpStream::connect_timeout(&server, PROBE_TIMEOUT) {
-        Ok(stream) => stream,
+fn probe(server: SocketAddr, key: &str, tls: Option<&TlsClient>, deadline: Instant, stop: &AtomicBool) -> Outcome {
+    let socket = match TcpStream::connect_timeout(&server, PROBE_TIMEOUT) {
+        Ok(socket) => socket,
         Err(e) if e.kind() == io::ErrorKind::TimedOut => return Outcome::TimedOut,
         Err(e) => return Outcome::Refused(format!("connect: {e}")),
     };
-    if let Err(e) = stream.write_all(upgrade_request(key, server).as_bytes()) {
-        return Outcome::Refused(format!("sending the upgrade: {e}"));
+    // A handle on the socket's options, whatever is layered over it. The TLS handshake runs
+    // inside the first write, so the probe's timeout bounds it from the start.
+    let control = match socket.try_clone().and_then(|control| control.set_read_timeout(Some(PROBE_TIMEOUT)).map(|()| control)) {
+        Ok(control) => control,
+        Err(e) => return Outcome::Refused(format!("socket: {e}")),
+    };
+    let mut stream: Box<dyn Duplex> = match tls {
+        Some(tls) => match tls.blocking(socket, server) {
+            Ok(tls) => Box::new(tls),
+            Err(e) => return Outcome::Refused(format!("TLS: {e}")),
+        },
+        None => Box::new(socket),
+    };
+    match stream.write_all(upgrade_request(key, server).as_bytes()) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Outcome::TimedOut,
+        Err(e) => return Outcome::Refused(format!("sending the upgrade: {e}")),
     }
     let mut reply = Reply::default();
     let mut buf = vec![0; 16 * 1024];
@@ -136,7 +156,7 @@ fn probe(server: SocketAddr, key: &str, deadline: Instant, stop: &AtomicBool) ->
             return Outcome::TimedOut;
         }
         // Short reads, so the stop flag is seen; a zero timeout would mean none at all.
-        if let Err(e) = stream.set_read_timeout(Some(left.min(STOP_CHECK))) {
+        if let Err(e) = control.set_read_timeout(Some(left.min(STOP_CHECK))) {
             return Outcome::Refused(format!("socket: {e}"));
         }
         match stream.read(&mut buf) {

@@ -14,6 +14,10 @@ use flux::pusher::App;
 use crate::clients::unix_micros;
 use crate::scenario::{Plan, Publishing};
 use crate::stats::Latency;
+use crate::tls::HttpsConnection;
+
+/// The longest one REST call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What was published.
 #[derive(Debug, Default)]
@@ -124,6 +128,8 @@ struct Publisher<'a> {
     plan: &'a Plan,
     app: &'a App,
     agent: ureq::Agent,
+    /// With `--tls`, one connection per node (ureq here speaks plain HTTP only).
+    https: Vec<HttpsConnection>,
     published: Published,
     padding: String,
     last_ts: u64,
@@ -137,11 +143,16 @@ impl<'a> Publisher<'a> {
             // Calls are sequential, so one idle connection per node is all the pool ever keeps.
             agent: ureq::Agent::config_builder()
                 .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
+                .timeout_global(Some(CALL_TIMEOUT))
                 .max_idle_connections(plan.nodes.len())
                 .max_idle_connections_per_host(1)
                 .build()
                 .into(),
+            https: plan
+                .tls
+                .iter()
+                .flat_map(|tls| plan.nodes.iter().map(|&node| HttpsConnection::new(node, tls.clone(), CALL_TIMEOUT)))
+                .collect(),
             published: Published::new(plan),
             padding: "x".repeat(plan.payload),
             last_ts: 0,
@@ -159,18 +170,25 @@ impl<'a> Publisher<'a> {
         let body = serde_json::json!({"name": "load", "channels": names, "data": data}).to_string();
         let path = format!("/apps/{}/events", self.app.id);
         let query = sign_query(self.app, "POST", &path, body.as_bytes(), &[], ts / 1_000_000);
-        let url = format!("http://{}{path}?{query}", self.plan.nodes[node]);
         let began = Instant::now();
-        // The answer is read to its end, which is what puts the connection back in the agent's
-        // pool: left unread, it is closed, and every publish pays for a new connection.
-        let result = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str()).and_then(|mut response| {
-            let answer = response.body_mut().read_to_string()?;
-            Ok((response.status(), answer))
-        });
+        let result = match self.https.get_mut(node) {
+            Some(https) => https.post(&format!("{path}?{query}"), &body),
+            None => {
+                let url = format!("http://{}{path}?{query}", self.plan.nodes[node]);
+                // The answer is read to its end, which is what puts the connection back in the
+                // agent's pool: left unread, it is closed, and every publish pays for a new one.
+                let sent = self.agent.post(&url).header("Content-Type", "application/json").send(body.as_str());
+                sent.and_then(|mut response| {
+                    let answer = response.body_mut().read_to_string()?;
+                    Ok((response.status().as_u16(), answer))
+                })
+                .map_err(|e| e.to_string())
+            }
+        };
         self.published.call_latency.record(began.elapsed().as_micros() as u64);
         self.published.calls += 1;
         match result {
-            Ok((status, _)) if status == 200 => {
+            Ok((200, _)) => {
                 self.published.per_node[node] += 1;
                 for &c in channels {
                     self.published.per_channel[c] += 1;

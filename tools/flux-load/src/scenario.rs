@@ -3,6 +3,7 @@
 //! inject. The plan is a pure function of the arguments, so every shard process computes the
 //! same one and takes its own slice.
 
+use crate::tls::TlsClient;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -116,6 +117,15 @@ pub struct Args {
     /// New connections per second while connecting.
     #[arg(long, default_value_t = 4_000)]
     pub connect_rate: u32,
+    /// Speak TLS to the server (wss:// and https://), trusting the authorities in `--ca`.
+    #[arg(long, requires = "ca")]
+    pub tls: bool,
+    /// PEM file of the certificate authorities `--tls` trusts.
+    #[arg(long, requires = "tls")]
+    pub ca: Option<std::path::PathBuf>,
+    /// With `--tls`: the name the server's certificate must carry (default: the node's IP).
+    #[arg(long, requires = "tls")]
+    pub tls_name: Option<String>,
     /// Seconds allowed for every client to connect and subscribe.
     #[arg(long, default_value_t = 60)]
     pub connect_timeout: u64,
@@ -315,6 +325,8 @@ pub struct Plan {
     pub track_completions: bool,
     /// node-death's kill.
     pub kill: Option<Kill>,
+    /// How to speak TLS (`--tls`); `None`: plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
 /// A node killed once every member has joined (node-death).
@@ -490,7 +502,17 @@ impl Plan {
             },
             track_completions: scenario == Scenario::BigChannel,
             kill,
+            tls: None,
         }
+    }
+
+    /// The plan of `args`, speaking TLS with `--tls`; refused when the CA file is not usable.
+    pub fn with_tls(args: &Args) -> Result<Plan, String> {
+        let mut plan = Plan::new(args);
+        if let (true, Some(ca)) = (args.tls, &args.ca) {
+            plan.tls = Some(TlsClient::new(ca, args.tls_name.as_deref())?);
+        }
+        Ok(plan)
     }
 
     /// Clients of `role` subscribed to channel `channel`.

@@ -67,6 +67,7 @@ impl StormWatch {
             // `--server-pid` name one server too).
             server: plan.nodes[0],
             key: args.app.app_key.clone(),
+            tls: plan.tls.clone(),
             pid: args.server_pid,
             metrics_url: args.metrics_port.map(|port| format!("http://{}/metrics", SocketAddr::new(args.host, port))),
             agent: ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(2))).build().into(),
@@ -93,6 +94,7 @@ impl StormWatch {
 struct Target {
     server: SocketAddr,
     key: String,
+    tls: Option<crate::tls::TlsClient>,
     pid: Option<u32>,
     metrics_url: Option<String>,
     agent: ureq::Agent,
@@ -112,7 +114,7 @@ impl Target {
             _ => None,
         };
         let probes = std::thread::scope(|scope| {
-            let prober = scope.spawn(|| prober::run(self.server, &self.key, stop));
+            let prober = scope.spawn(|| prober::run(self.server, &self.key, self.tls.as_ref(), stop));
             let mut next = storm;
             while !stop.load(Ordering::Relaxed) {
                 next += SAMPLE_EVERY;
