@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
 import { spawn } from "node:child_process";
+import https from "node:https";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -42,7 +43,8 @@ function freePort() {
   });
 }
 
-async function answers(port) {
+async function answers(port, ca) {
+  if (ca) return answersOverTls(port, ca);
   try {
     const response = await fetch(`http://127.0.0.1:${port}/`, { signal: AbortSignal.timeout(1000) });
     await response.body?.cancel();
@@ -52,11 +54,24 @@ async function answers(port) {
   }
 }
 
+/** `GET /` over https, trusting the authority `ca` (PEM); fetch takes no CA of its own. */
+function answersOverTls(port, ca) {
+  return new Promise((resolve) => {
+    const request = https.get({ host: "127.0.0.1", port, path: "/", ca, timeout: 1000 }, (response) => {
+      response.resume();
+      resolve(response.statusCode === 200);
+    });
+    request.on("error", () => resolve(false)); // Not listening yet.
+    request.on("timeout", () => request.destroy());
+  });
+}
+
 /**
- * Starts a gateway and waits until `GET /` answers 200. Returns `{ port, log(), stop() }`;
- * `stop()` sends SIGTERM and asserts a clean exit: code 0 and no panic in the log.
+ * Starts a gateway and waits until `GET /` answers 200 (over https trusting `ca` when the gateway
+ * is given a certificate). Returns `{ port, log(), stop() }`; `stop()` sends SIGTERM and asserts a
+ * clean exit: code 0 and no panic in the log.
  */
-export async function startFlux(env = {}) {
+export async function startFlux(env = {}, { ca } = {}) {
   const port = await freePort();
   const child = spawn(FLUX_BIN, [], {
     env: {
@@ -85,7 +100,7 @@ export async function startFlux(env = {}) {
   });
 
   const deadline = Date.now() + START_TIMEOUT_MS;
-  while (!(await answers(port))) {
+  while (!(await answers(port, ca))) {
     if (exit || Date.now() > deadline) {
       child.kill("SIGKILL");
       throw new Error(`flux (${FLUX_BIN}) did not start on port ${port}: ${JSON.stringify(exit)}\n${log}`);

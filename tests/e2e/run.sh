@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end tests of the real `flux` binary with real third-party clients: pusher-js 8, the
-# official `pusher` server SDK and `ws` (node --test), then Python's `websockets`.
+# official `pusher` server SDK and `ws` (node --test), then Python's `websockets`; each also over
+# TLS, with a certificate `openssl` makes for the run.
 # Builds the debug binary, installs the npm packages from package-lock.json and a virtualenv with
 # websockets when missing or stale, and bounds every step in time. Loopback only.
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$ROOT"
 WEBSOCKETS="websockets==15.0.1"
 
 timeout 900 cargo build --quiet --bin flux
-export FLUX_BIN="$ROOT/target/debug/flux"
+export FLUX_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/flux"
 
 # npm ci records what it installed in node_modules/.package-lock.json: reinstall when that is
 # missing or older than the lock file.
