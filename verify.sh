@@ -7,8 +7,10 @@ cd "$(dirname "$0")"
 
 WORK="$(mktemp -d)"
 FLUX_PID=""
+TLS_PID=""
 cleanup() {
   [ -n "$FLUX_PID" ] && kill -TERM "$FLUX_PID" 2>/dev/null && wait "$FLUX_PID" 2>/dev/null || true
+  [ -n "$TLS_PID" ] && kill -TERM "$TLS_PID" 2>/dev/null && wait "$TLS_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -83,4 +85,42 @@ wait "$FLUX_PID" || fail "the gateway exited with $? on SIGTERM"
 FLUX_PID=""
 ! grep -q "panicked" "$WORK/flux.log" || fail "a panic in the gateway log"
 pass "clean shutdown, no panic in the log"
+
+# 7. Over TLS: a certificate for 127.0.0.1 from a CA made here, trusted by the clients only.
+curve=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${curve[@]}" -days 2 -subj /CN=verify-ca -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null \
+  && openssl req "${curve[@]}" -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.csr" 2>/dev/null \
+  && echo "subjectAltName=DNS:localhost,IP:127.0.0.1" >"$WORK/tls.ext" \
+  && openssl x509 -req -days 2 -in "$WORK/tls.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial \
+    -extfile "$WORK/tls.ext" -out "$WORK/tls.pem" 2>/dev/null || fail "openssl could not make a test certificate"
+FLUX_PORT=0 FLUX_DASHBOARD_PORT=0 FLUX_WORKERS=2 FLUX_TLS_CERT="$WORK/tls.pem" FLUX_TLS_KEY="$WORK/tls.key" RUST_LOG=info \
+  target/release/flux 2>"$WORK/tls.log" &
+TLS_PID=$!
+for _ in $(seq 100); do grep -q "flux listening on" "$WORK/tls.log" && break; sleep 0.1; done
+TLS_ADDR="$(grep -o 'flux listening on [0-9.:]*' "$WORK/tls.log" | awk '{print $4}')"
+[ -n "$TLS_ADDR" ] || fail "the TLS gateway did not start: $(tail -3 "$WORK/tls.log")"
+TLS_PORT="${TLS_ADDR##*:}"
+(cd tests/e2e && NODE_EXTRA_CA_CERTS="$WORK/ca.pem" timeout 20 node --input-type=module -e "
+  import PusherClient from 'pusher-js';
+  import PusherServer from 'pusher';
+  const client = new PusherClient('app-key', { wsHost: '127.0.0.1', wssPort: $TLS_PORT, forceTLS: true, enabledTransports: ['ws'], cluster: 'mt1' });
+  const channel = client.subscribe('verify');
+  channel.bind('pusher:subscription_succeeded', () =>
+    new PusherServer({ appId: 'app-id', key: 'app-key', secret: 'app-secret', host: '127.0.0.1', port: '$TLS_PORT', useTLS: true })
+      .trigger('verify', 'ping', { ok: true }));
+  channel.bind('ping', (data) => { client.disconnect(); process.exit(data.ok === true ? 0 : 1); });
+") || fail "pusher-js (forceTLS) did not receive an event published with the pusher SDK (useTLS)"
+pass "over TLS: pusher-js (forceTLS) received an event published with the pusher SDK (useTLS)"
+target/release/flux-load slow-consumer --port "$TLS_PORT" --tls --ca "$WORK/ca.pem" --connections 100 --slow 5 --quiet \
+  --json "$WORK/tls-slow.json" >"$WORK/tls-load.log" 2>&1 || fail "flux-load slow-consumer --tls failed: $(tail -5 "$WORK/tls-load.log")"
+read -r EXPECTED HEALTHY GAPS EVICTED <<<"$(python3 -c "
+import json; s = json.load(open('$WORK/tls-slow.json'))
+print(s['expected'], s['roles']['healthy']['unique'], s['gaps'], s['roles']['slow']['evicted'])")"
+[ "$EXPECTED" -gt 0 ] && [ "$GAPS" -eq 0 ] && [ "$HEALTHY" -eq "$EXPECTED" ] || fail "over TLS, fast consumers received $HEALTHY of $EXPECTED events"
+[ "$EVICTED" -eq 5 ] || fail "over TLS, $EVICTED of 5 slow consumers saw close code 4100"
+pass "over TLS: fast consumers received 100% ($HEALTHY of $EXPECTED events), 5 slow consumers evicted with 4100"
+kill -TERM "$TLS_PID"
+wait "$TLS_PID" || fail "the TLS gateway exited with $? on SIGTERM"
+TLS_PID=""
+! grep -q "panicked" "$WORK/tls.log" || fail "a panic in the TLS gateway log"
 echo "verify: all checks passed"
