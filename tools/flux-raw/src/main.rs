@@ -14,7 +14,8 @@
 //! buffer, which the kernel treats as the `write(2)` it was before.)
 //!
 //! Bytes the kernel refuses wait in an unbounded per-socket backlog (a benchmark reference, not a
-//! server). One mio loop per thread; the threads share the port with SO_REUSEPORT, and a publish
+//! server). With `--tls-cert` and `--tls-key` the sockets speak TLS (see [`tls`]), so the limit
+//! includes encryption too. One mio loop per thread; the threads share the port with SO_REUSEPORT, and a publish
 //! received by one thread reaches the others through a channel and a `Waker`.
 
 use std::collections::HashMap;
@@ -28,14 +29,18 @@ use bytes::Bytes;
 use clap::Parser;
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use flux::fanout::pool::FramePool;
 use flux::http::{json_error, Request, RequestReader, Response};
 use flux::pusher::protocol::{self, EventMessage, SocketId};
+use flux::server::{TlsConfig, TlsFiles};
 use flux::ws::{text_frame, upgrade_response, Decoder, Flow, Incoming};
+
+mod tls;
+use tls::Stream;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -66,6 +71,12 @@ struct Args {
     /// for 10 ms goes out with what there is). 1: one write per frame, the naive limit.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=MAX_FRAMES_PER_WRITE as i64))]
     frames_per_write: u16,
+    /// TLS certificate chain (PEM): with --tls-key, clients speak TLS (checked as Flux checks it).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// The frames of one publish: each channel's event, framed once.
@@ -75,7 +86,17 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    match run(SocketAddr::new(args.host, args.port), threads, usize::from(args.frames_per_write)) {
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => match (TlsFiles { cert, key }).load(std::time::SystemTime::now()) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                error!("flux-raw: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    match run(SocketAddr::new(args.host, args.port), threads, usize::from(args.frames_per_write), tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("flux-raw: {e}");
@@ -84,7 +105,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(addr: SocketAddr, threads: usize, frames_per_write: usize) -> io::Result<()> {
+fn run(addr: SocketAddr, threads: usize, frames_per_write: usize, tls: Option<TlsConfig>) -> io::Result<()> {
     // The first listener picks the port when 0 was asked for; the others join it.
     let first = reuse_port_listener(addr)?;
     let addr = first.local_addr()?;
@@ -100,7 +121,8 @@ fn run(addr: SocketAddr, threads: usize, frames_per_write: usize) -> io::Result<
         peers.push((tx, Arc::new(Waker::new(poll.registry(), WAKER)?)));
         inboxes.push(rx);
     }
-    info!("flux-raw listening on {addr} with {threads} threads, {frames_per_write} frame(s) per write");
+    let over = if tls.is_some() { "TLS" } else { "plain TCP" };
+    info!("flux-raw listening on {addr} with {threads} threads, {frames_per_write} frame(s) per write, over {over}");
     let pool = FramePool::default();
     let handles: Vec<_> = polls
         .into_iter()
@@ -109,7 +131,7 @@ fn run(addr: SocketAddr, threads: usize, frames_per_write: usize) -> io::Result<
         .enumerate()
         .map(|(index, ((poll, listener), inbox))| {
             let others = peers.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, p)| p.clone()).collect();
-            let mut event_loop = Loop::new(index, poll, listener, inbox, others, pool.clone(), frames_per_write)?;
+            let mut event_loop = Loop::new(index, poll, listener, inbox, others, pool.clone(), frames_per_write, tls.clone())?;
             Ok(std::thread::spawn(move || event_loop.run()))
         })
         .collect::<io::Result<_>>()?;
@@ -139,7 +161,7 @@ enum State {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     state: State,
     channels: Vec<String>,
     /// Frames waiting for the next write: fewer than `frames_per_write`.
@@ -174,9 +196,12 @@ struct Loop {
     holding: Vec<usize>,
     /// When the held frames go out, whatever their number.
     write_held_at: Option<Instant>,
+    /// The TLS settings of a TLS port.
+    tls: Option<TlsConfig>,
 }
 
 impl Loop {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         index: usize,
         poll: Poll,
@@ -185,6 +210,7 @@ impl Loop {
         others: Vec<(Sender<Broadcast>, Arc<Waker>)>,
         pool: FramePool,
         frames_per_write: usize,
+        tls: Option<TlsConfig>,
     ) -> io::Result<Loop> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(Loop {
@@ -201,6 +227,7 @@ impl Loop {
             frames_per_write,
             holding: Vec::new(),
             write_held_at: None,
+            tls,
         })
     }
 
@@ -241,7 +268,11 @@ impl Loop {
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((socket, _)) => {
+                    let Ok(mut stream) = Stream::new(socket, self.tls.as_ref()) else {
+                        warn!("could not start a TLS session");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     if self.poll.registry().register(&mut stream, Token(entry.key()), Interest::READABLE).is_ok() {
@@ -465,6 +496,11 @@ impl Loop {
                 Err(_) => return self.close(key),
             }
         }
+        match conn.stream.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return, // TLS records still waiting.
+            Err(_) => return self.close(key),
+        }
         conn.wants_writable = false;
         let _ = self.poll.registry().reregister(&mut conn.stream, Token(key), Interest::READABLE);
     }
@@ -503,7 +539,7 @@ fn write_held(poll: &Poll, key: usize, conn: &mut Conn) -> bool {
             }
         }
     }
-    let queued = !unwritten.is_empty();
+    let queued = !unwritten.is_empty() || conn.stream.wants_write();
     for slice in unwritten.iter() {
         conn.backlog.extend_from_slice(slice);
     }
@@ -533,11 +569,12 @@ fn client_message(text: &str, actions: &mut Vec<Action>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mio::net::TcpStream;
 
     /// A connection to a blocking loopback peer, registered with `poll`.
     fn connection(poll: &Poll) -> (Conn, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut stream = Stream::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap(), None).unwrap();
         let (peer, _) = listener.accept().unwrap();
         poll.registry().register(&mut stream, Token(0), Interest::READABLE).unwrap();
         let conn = Conn {
