@@ -277,11 +277,12 @@ impl<Svc: Service> Worker<Svc> {
     /// Reads what the socket has, up to the budget, and processes it. A connection whose
     /// reading is paused is left alone: the socket keeps its bytes, so TCP slows the client.
     fn readable(&mut self, id: ConnId, now: Instant) {
-        if self.conns.slab.get(id.0).is_none_or(|conn| conn.reading_paused) {
+        let Some(conn) = self.conns.slab.get(id.0).filter(|conn| !conn.reading_paused) else {
             return;
-        }
+        };
+        let tls = conn.tls.is_some();
         let mut buf = std::mem::take(&mut self.read_buf);
-        if self.conns.slab.get(id.0).is_some_and(|conn| conn.tls.is_some()) {
+        if tls {
             self.read_tls_into(id, &mut buf, now);
         } else {
             self.read_into(id, &mut buf, now);
