@@ -127,8 +127,6 @@ pub struct AppConfig {
     pub limits: Limits,
     /// Its webhooks.
     pub webhooks: Vec<AppWebhook>,
-    /// Whether its subscribers get `pusher_internal:subscription_count`.
-    pub subscription_count_events: bool,
 }
 
 /// The apps of a node, found by key (WebSocket clients) or by id (REST calls).
@@ -195,11 +193,15 @@ impl Apps {
                 webhooks.push(AppWebhook { url, event_types: hook.event_types, channel_prefix });
             }
             apps.push(AppConfig {
-                app: App { id: entry.id.into_inner(), key: entry.key.into_inner(), secret: entry.secret.into_inner() },
+                app: App {
+                    id: entry.id.into_inner(),
+                    key: entry.key.into_inner(),
+                    secret: entry.secret.into_inner(),
+                    subscription_count_events: entry.subscription_count_events,
+                },
                 enabled: entry.enabled,
                 limits: entry.limits,
                 webhooks,
-                subscription_count_events: entry.subscription_count_events,
             });
         }
         Ok(Apps::new(apps))
@@ -332,11 +334,12 @@ subscription_count_events = true
     fn the_issues_example_reads_with_defaults_for_what_it_leaves_out() {
         let apps = Apps::parse(TWO_APPS).unwrap();
         let a = apps.by_key("key-a").unwrap();
-        assert_eq!(a.app, App { id: "app-a".into(), key: "key-a".into(), secret: "secret-a".into() });
+        let expected = App { id: "app-a".into(), key: "key-a".into(), secret: "secret-a".into(), subscription_count_events: false };
+        assert_eq!(a.app, expected);
         assert_eq!(a.limits.max_connections, Some(5000));
-        assert!(a.enabled && !a.subscription_count_events);
+        assert!(a.enabled);
         let b = apps.by_id("app-b").unwrap();
-        assert!(b.subscription_count_events);
+        assert!(b.app.subscription_count_events);
         assert_eq!(b.limits, Limits::default());
         assert_eq!((b.limits.max_event_payload_kb, b.limits.max_event_batch_size, b.limits.max_channel_name_length), (10, 10, 200));
         assert!(apps.by_key("app-a").is_none() && apps.by_id("key-b").is_none(), "keys and ids are apart");
