@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::pusher::App;
+use crate::config::Config;
+use crate::pusher::{App, AppIndex};
 use crate::webhooks::WebhookUrl;
 
 /// Why an apps file was refused.
@@ -129,35 +131,144 @@ pub struct AppConfig {
     pub webhooks: Vec<AppWebhook>,
 }
 
-/// The apps of a node, found by key (WebSocket clients) or by id (REST calls).
-#[derive(Debug, Clone, Default)]
-pub struct Apps {
-    apps: Vec<Arc<AppConfig>>,
-    by_key: HashMap<String, usize>,
-    by_id: HashMap<String, usize>,
+impl AppConfig {
+    /// The app of the `FLUX_APP_*` settings, with the node's older settings for what they
+    /// covered (client events on, as Flux always had them).
+    pub fn from_settings(config: &Config) -> Self {
+        AppConfig {
+            app: App::from_args(&config.app),
+            enabled: true,
+            limits: Limits {
+                enable_client_messages: true,
+                max_client_events_per_sec: config.client_events_per_sec,
+                max_presence_members_per_channel: config.presence_max_members,
+                max_event_payload_kb: u32::try_from(config.max_payload.div_ceil(1024)).unwrap_or(u32::MAX),
+                ..Limits::default()
+            },
+            webhooks: Vec::new(),
+        }
+    }
+
+    /// Largest event data, in bytes.
+    pub fn max_payload(&self) -> usize {
+        self.limits.max_event_payload_kb as usize * 1024
+    }
+
+    /// Whether this app's webhooks include `event_type` for `channel`.
+    pub fn wants_webhook(&self, event_type: &str, channel: &str) -> bool {
+        self.webhooks.iter().any(|hook| hook.wants(event_type, channel))
+    }
 }
 
+impl AppWebhook {
+    /// Whether this webhook wants `event_type` for `channel`.
+    pub fn wants(&self, event_type: &str, channel: &str) -> bool {
+        self.event_types.iter().any(|t| t == event_type) && self.channel_prefix.as_deref().is_none_or(|p| channel.starts_with(p))
+    }
+}
+
+crate::metrics::counters! {
+    /// One app's live counters on this node, shared by every worker (each adds once per
+    /// connection, message or broadcast, never per recipient).
+    AppCells,
+    /// A copy of one app's counters.
+    AppCounters {
+        /// WebSocket connections open now (a gauge).
+        connections,
+        /// Messages received from its clients.
+        messages_in,
+        /// Events published (REST, client events and the node's own announcements).
+        broadcasts,
+        /// Frames queued to its subscribers.
+        deliveries,
+        /// Clients refused for its `max_connections`.
+        over_quota,
+        /// REST calls refused for its per-second limits (429).
+        rate_limited,
+    }
+}
+
+/// One WebSocket connection of an app: counted in the app's `connections` while it lives, so
+/// every way a connection ends (closed, evicted, a failed upgrade) counts it out.
+#[derive(Debug)]
+pub struct Connected(Arc<AppCells>);
+
+impl Connected {
+    /// Counts a connection in.
+    pub fn new(cells: &Arc<AppCells>) -> Self {
+        cells.connections.fetch_add(1, Ordering::Relaxed);
+        Connected(cells.clone())
+    }
+
+    /// The app's counters.
+    pub fn cells(&self) -> &AppCells {
+        &self.0
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An app's place in the table: its settings (replaced on reload) and its counters (kept).
+#[derive(Debug, Clone)]
+struct Slot {
+    config: Arc<AppConfig>,
+    cells: Arc<AppCells>,
+}
+
+/// The apps of a node, found by key (WebSocket clients), by id (REST calls) or by index
+/// (channels and connections). An app keeps its index and its counters through reloads, and an
+/// index is never given to another app: a removed app's slot stays empty.
+#[derive(Debug, Clone, Default)]
+pub struct Apps {
+    slots: Vec<Option<Slot>>,
+    by_key: HashMap<String, AppIndex>,
+    by_id: HashMap<String, AppIndex>,
+}
+
+/// The node's apps, swapped whole on reload and read by every worker without a lock.
+pub type SharedApps = Arc<arc_swap::ArcSwap<Apps>>;
+
 impl Apps {
-    /// The apps, in file order. Ids and keys must be unique (a file is checked for it).
-    fn new(apps: Vec<AppConfig>) -> Self {
-        let by_key = apps.iter().enumerate().map(|(i, a)| (a.app.key.clone(), i)).collect();
-        let by_id = apps.iter().enumerate().map(|(i, a)| (a.app.id.clone(), i)).collect();
-        Apps { apps: apps.into_iter().map(Arc::new).collect(), by_key, by_id }
+    /// `apps` numbered after `previous`: an app with an id `previous` had keeps its index, a
+    /// new one takes the next unused. Ids and keys must be unique (a file is checked for it).
+    fn numbered(apps: Vec<AppConfig>, previous: Option<&Apps>) -> Self {
+        let mut slots: Vec<Option<Slot>> = previous.map_or_else(Vec::new, |p| vec![None; p.slots.len()]);
+        let (mut by_key, mut by_id) = (HashMap::new(), HashMap::new());
+        for app in apps {
+            let kept = previous.and_then(|p| p.by_id(&app.app.id).map(|(index, _)| (index, p.slots[index.0 as usize].clone())));
+            let (index, cells) = match kept {
+                Some((index, slot)) => (index, slot.map(|s| s.cells).unwrap_or_default()),
+                None => {
+                    slots.push(None);
+                    (AppIndex((slots.len() - 1) as u32), Arc::default())
+                }
+            };
+            by_key.insert(app.app.key.clone(), index);
+            by_id.insert(app.app.id.clone(), index);
+            slots[index.0 as usize] = Some(Slot { config: Arc::new(app), cells });
+        }
+        Apps { slots, by_key, by_id }
     }
 
-    /// One app with default limits: the node's `FLUX_APP_*` settings.
-    pub fn single(app: AppConfig) -> Self {
-        Apps::new(vec![app])
+    /// These apps, numbered in order (ids and keys unique, as a file is checked for).
+    pub fn new(apps: Vec<AppConfig>) -> Self {
+        Apps::numbered(apps, None)
     }
 
-    /// Reads and checks an apps file.
-    pub fn load(path: &Path) -> Result<Apps, AppsError> {
+    /// Reads and checks an apps file; apps `previous` had keep their indices. No app may allow
+    /// events larger than the node reads (`max_payload` bytes).
+    pub fn load(path: &Path, max_payload: usize, previous: Option<&Apps>) -> Result<Apps, AppsError> {
         let text = std::fs::read_to_string(path).map_err(|source| AppsError::Read { path: path.to_owned(), source })?;
-        Apps::parse(&text).map_err(|(line, reason)| AppsError::Invalid { path: path.to_owned(), line, reason })
+        let apps = Apps::parse(&text, max_payload).map_err(|(line, reason)| AppsError::Invalid { path: path.to_owned(), line, reason })?;
+        Ok(Apps::numbered(apps, previous))
     }
 
     /// Parses and checks an apps file's text; on error, the line and the reason.
-    pub fn parse(text: &str) -> Result<Apps, (usize, String)> {
+    fn parse(text: &str, max_payload: usize) -> Result<Vec<AppConfig>, (usize, String)> {
         let line_of = |offset: usize| text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1;
         let file: FileModel = toml::from_str(text).map_err(|e| (e.span().map_or(1, |s| line_of(s.start)), e.message().to_owned()))?;
         if file.apps.is_empty() {
@@ -180,7 +291,7 @@ impl Apps {
             if let Some(first) = keys.insert(entry.key.get_ref().clone(), line) {
                 return refuse(entry.key.span(), format!("app key {:?} is already used by the app on line {first}", entry.key.get_ref()));
             }
-            check_limits(&entry.limits).map_err(|reason| (line, reason))?;
+            check_limits(&entry.limits, max_payload).map_err(|reason| (line, reason))?;
             let mut webhooks = Vec::with_capacity(entry.webhooks.len());
             for hook in entry.webhooks {
                 let hook_line = line_of(hook.span().start);
@@ -204,22 +315,43 @@ impl Apps {
                 webhooks,
             });
         }
-        Ok(Apps::new(apps))
+        Ok(apps)
+    }
+
+    /// The app with this index, unless it was removed.
+    pub fn get(&self, index: AppIndex) -> Option<&Arc<AppConfig>> {
+        self.slot(index).map(|slot| &slot.config)
+    }
+
+    /// The counters of the app with this index, unless it was removed.
+    pub fn cells(&self, index: AppIndex) -> Option<&Arc<AppCells>> {
+        self.slot(index).map(|slot| &slot.cells)
+    }
+
+    fn slot(&self, index: AppIndex) -> Option<&Slot> {
+        self.slots.get(index.0 as usize).and_then(Option::as_ref)
     }
 
     /// The app clients connect to with `key`.
-    pub fn by_key(&self, key: &str) -> Option<&Arc<AppConfig>> {
-        self.by_key.get(key).map(|&i| &self.apps[i])
+    pub fn by_key(&self, key: &str) -> Option<(AppIndex, &Arc<AppConfig>)> {
+        let &index = self.by_key.get(key)?;
+        Some((index, self.get(index)?))
     }
 
     /// The app REST calls name by `id`.
-    pub fn by_id(&self, id: &str) -> Option<&Arc<AppConfig>> {
-        self.by_id.get(id).map(|&i| &self.apps[i])
+    pub fn by_id(&self, id: &str) -> Option<(AppIndex, &Arc<AppConfig>)> {
+        let &index = self.by_id.get(id)?;
+        Some((index, self.get(index)?))
     }
 
-    /// Every app, in file order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<AppConfig>> {
-        self.apps.iter()
+    /// Every app, by index.
+    pub fn iter(&self) -> impl Iterator<Item = (AppIndex, &Arc<AppConfig>)> {
+        self.slots.iter().enumerate().filter_map(|(i, slot)| Some((AppIndex(i as u32), &slot.as_ref()?.config)))
+    }
+
+    /// Whether the app with this index may serve (it exists and is enabled).
+    pub fn serves(&self, index: AppIndex) -> bool {
+        self.get(index).is_some_and(|app| app.enabled)
     }
 }
 
@@ -272,7 +404,7 @@ struct WebhookFilter {
 }
 
 /// Limits that would make an app unusable are refused.
-fn check_limits(limits: &Limits) -> Result<(), String> {
+fn check_limits(limits: &Limits, max_payload: usize) -> Result<(), String> {
     let at_least_one = [
         ("max_channel_name_length", limits.max_channel_name_length),
         ("max_event_name_length", limits.max_event_name_length),
@@ -284,6 +416,12 @@ fn check_limits(limits: &Limits) -> Result<(), String> {
     ];
     if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
         return Err(format!("{name} must be at least 1"));
+    }
+    if limits.max_event_payload_kb as usize * 1024 > max_payload {
+        return Err(format!(
+            "max_event_payload_kb = {} is more than the node reads ({max_payload} bytes); raise FLUX_MAX_PAYLOAD",
+            limits.max_event_payload_kb
+        ));
     }
     if let Some(bad) = limits.allowed_origins.iter().find(|p| p.is_empty() || p.contains(char::is_whitespace)) {
         return Err(format!("allowed_origins entry {bad:?} is not an origin pattern"));
@@ -326,19 +464,26 @@ secret = "secret-b"
 subscription_count_events = true
 "#;
 
+    const MAX_PAYLOAD: usize = 10 * 1024;
+
     fn refusal(text: &str) -> (usize, String) {
-        Apps::parse(text).expect_err("refused")
+        Apps::parse(text, MAX_PAYLOAD).expect_err("refused")
+    }
+
+    fn read(text: &str) -> Apps {
+        Apps::numbered(Apps::parse(text, MAX_PAYLOAD).expect("reads"), None)
     }
 
     #[test]
     fn the_issues_example_reads_with_defaults_for_what_it_leaves_out() {
-        let apps = Apps::parse(TWO_APPS).unwrap();
-        let a = apps.by_key("key-a").unwrap();
+        let apps = read(TWO_APPS);
+        let (index, a) = apps.by_key("key-a").unwrap();
+        assert_eq!(index, AppIndex(0));
         let expected = App { id: "app-a".into(), key: "key-a".into(), secret: "secret-a".into(), subscription_count_events: false };
         assert_eq!(a.app, expected);
         assert_eq!(a.limits.max_connections, Some(5000));
         assert!(a.enabled);
-        let b = apps.by_id("app-b").unwrap();
+        let (_, b) = apps.by_id("app-b").unwrap();
         assert!(b.app.subscription_count_events);
         assert_eq!(b.limits, Limits::default());
         assert_eq!((b.limits.max_event_payload_kb, b.limits.max_event_batch_size, b.limits.max_channel_name_length), (10, 10, 200));
@@ -377,6 +522,7 @@ subscription_count_events = true
         assert!(refusal("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_event_batch_size = 0\n")
             .1
             .contains("max_event_batch_size"));
+        assert!(refusal("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_event_payload_kb = 11\n").1.contains("FLUX_MAX_PAYLOAD"));
     }
 
     #[test]
@@ -392,8 +538,10 @@ url = "http://127.0.0.1:9000/hooks"
 event_types = ["channel_occupied", "member_added"]
 filter = { channel_name_starts_with = "presence-" }
 "#;
-        let apps = Apps::parse(file).unwrap();
-        let hook = &apps.by_id("a").unwrap().webhooks[0];
+        let apps = read(file);
+        let hook = &apps.by_id("a").unwrap().1.webhooks[0];
+        assert!(hook.wants("member_added", "presence-room") && !hook.wants("member_added", "private-room"));
+        assert!(!hook.wants("client_event", "presence-room"));
         assert_eq!(hook.event_types, ["channel_occupied", "member_added"]);
         assert_eq!(hook.channel_prefix.as_deref(), Some("presence-"));
 
@@ -403,6 +551,19 @@ filter = { channel_name_starts_with = "presence-" }
         let (line, reason) = refusal(&file.replace("http://127.0.0.1", "https://127.0.0.1"));
         assert_eq!(line, 7, "{reason}");
         assert!(reason.contains("http://"), "{reason}");
+    }
+
+    #[test]
+    fn apps_keep_their_index_through_a_reload_and_a_removed_ones_is_not_reused() {
+        let before = read(TWO_APPS);
+        let without_a = TWO_APPS.split("[[apps]]").nth(2).map(|b| format!("[[apps]]{b}")).unwrap();
+        let with_c = format!("{without_a}\n[[apps]]\nid = \"app-c\"\nkey = \"key-c\"\nsecret = \"secret-c\"\nenabled = false\n");
+        let after = Apps::numbered(Apps::parse(&with_c, MAX_PAYLOAD).unwrap(), Some(&before));
+        assert_eq!(after.by_id("app-b").map(|(i, _)| i), before.by_id("app-b").map(|(i, _)| i));
+        assert_eq!(after.by_key("key-c").map(|(i, _)| i), Some(AppIndex(2)), "a new app takes a new index");
+        assert!(after.get(AppIndex(0)).is_none() && after.by_key("key-a").is_none(), "app-a was removed");
+        assert!(after.serves(AppIndex(1)) && !after.serves(AppIndex(2)) && !after.serves(AppIndex(0)));
+        assert_eq!(after.iter().map(|(i, _)| i).collect::<Vec<_>>(), [AppIndex(1), AppIndex(2)]);
     }
 
     #[test]

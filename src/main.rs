@@ -32,12 +32,14 @@ fn main() -> ExitCode {
         }
     };
     let addr = gateway.local_addr();
-    info!(
-        "flux listening on {addr} with {} workers: WebSocket ws://{addr}/app/{}?protocol=7, REST http://{addr}/apps/{}/",
-        gateway.workers(),
-        config.app.app_key,
-        config.app.app_id
-    );
+    info!("flux listening on {addr} with {} workers", gateway.workers());
+    for (_, app) in gateway.observer().apps().iter() {
+        let state = if app.enabled { "" } else { " (disabled)" };
+        info!("  app {}{state}: WebSocket ws://{addr}/app/{}?protocol=7, REST http://{addr}/apps/{}/", app.app.id, app.app.key, app.app.id);
+    }
+    if let Some(path) = &config.apps_file {
+        info!("apps from {}; SIGHUP reads it again", path.display());
+    }
     info!("flux dashboard on http://{}/", dashboard.local_addr());
     if let Some(url) = &config.webhook_url {
         info!("flux webhooks to {url}");

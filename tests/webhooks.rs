@@ -13,8 +13,9 @@ use common::wait_until;
 use common::webhook_receiver::Receiver;
 use flux::config::Config;
 use flux::dashboard::Dashboard;
-use flux::pusher::protocol::SocketId;
+use flux::pusher::protocol::{ChannelName, SocketId};
 use flux::pusher::signature::hmac_matches;
+use flux::pusher::AppIndex;
 use flux::webhooks::{Emitted, Retry, WebhookEvent, WebhookSettings, WebhookUrl, Webhooks};
 use serde_json::Value;
 
@@ -33,7 +34,7 @@ fn settings(url: WebhookUrl) -> WebhookSettings {
 }
 
 fn occupied(channel: &str) -> WebhookEvent {
-    WebhookEvent::ChannelOccupied { channel: channel.into() }
+    WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), channel) }
 }
 
 fn unix_ms() -> u64 {
@@ -50,9 +51,9 @@ fn events_are_posted_batched_and_signed_as_pusher_posts_them() {
     let emitted_at = Instant::now();
     let events = [
         occupied("presence-room"),
-        WebhookEvent::MemberAdded { channel: "presence-room".into(), user_id: "42".into() },
+        WebhookEvent::MemberAdded { channel: ChannelName::new(AppIndex(0), "presence-room"), user_id: "42".into() },
         WebhookEvent::ClientEvent {
-            channel: "presence-room".into(),
+            channel: ChannelName::new(AppIndex(0), "presence-room"),
             event: "client-typing".into(),
             data: r#"{"typing":true}"#.into(),
             socket_id: SocketId { high: 123, low: 456 },

@@ -97,7 +97,9 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
+    use crate::pusher::protocol::ChannelName;
     use crate::pusher::signature::hmac_matches;
+    use crate::pusher::AppIndex;
 
     fn to_json(event: &WebhookEvent) -> Value {
         serde_json::to_value(event).expect("events serialize")
@@ -105,7 +107,7 @@ mod tests {
 
     #[test]
     fn events_serialize_as_pusher_documents_them() {
-        let channel: ChannelName = "presence-room".into();
+        let channel = ChannelName::new(AppIndex(0), "presence-room");
         assert_eq!(
             to_json(&WebhookEvent::ChannelOccupied { channel: channel.clone() }),
             json!({"name": "channel_occupied", "channel": "presence-room"})
@@ -115,7 +117,7 @@ mod tests {
             json!({"name": "channel_vacated", "channel": "presence-room"})
         );
         assert_eq!(
-            to_json(&WebhookEvent::CacheMiss { channel: "cache-price".into() }),
+            to_json(&WebhookEvent::CacheMiss { channel: ChannelName::new(AppIndex(0), "cache-price") }),
             json!({"name": "cache_miss", "channel": "cache-price"})
         );
         assert_eq!(
@@ -143,7 +145,10 @@ mod tests {
 
     #[test]
     fn the_body_carries_time_ms_and_the_events_in_order() {
-        let events = [WebhookEvent::ChannelOccupied { channel: "a".into() }, WebhookEvent::ChannelVacated { channel: "a".into() }];
+        let events = [
+            WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), "a") },
+            WebhookEvent::ChannelVacated { channel: ChannelName::new(AppIndex(0), "a") },
+        ];
         let body = body(&events, 1_396_258_618_139).expect("serializes");
         let value: Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(value["time_ms"], 1_396_258_618_139u64);
@@ -153,7 +158,7 @@ mod tests {
 
     #[test]
     fn the_signature_is_the_hmac_of_the_exact_body() {
-        let body = body(&[WebhookEvent::ChannelOccupied { channel: "c".into() }], 1).expect("serializes");
+        let body = body(&[WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), "c") }], 1).expect("serializes");
         let signature = signature("app-secret", &body);
         assert_eq!(signature.len(), 64, "hex SHA-256");
         assert!(hmac_matches("app-secret", &body, &signature));

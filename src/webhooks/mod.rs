@@ -264,6 +264,8 @@ impl Drop for DeliveryThread {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pusher::protocol::ChannelName;
+    use crate::pusher::AppIndex;
 
     #[test]
     fn only_http_urls_with_a_host_are_accepted() {
@@ -278,7 +280,7 @@ mod tests {
     fn a_disabled_handle_does_nothing_and_counts_nothing() {
         let webhooks = Webhooks::disabled();
         assert!(!webhooks.is_enabled());
-        assert_eq!(webhooks.emit(WebhookEvent::ChannelOccupied { channel: "c".into() }), Emitted::Disabled);
+        assert_eq!(webhooks.emit(WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), "c") }), Emitted::Disabled);
         assert_eq!(webhooks.stats(), WebhookStats::default());
     }
 

@@ -50,7 +50,12 @@ pub fn open(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
 impl Client {
     /// Connects with the default app key and waits for `pusher:connection_established`.
     pub fn connect(addr: SocketAddr) -> Client {
-        let mut ws = open(addr, "/app/app-key?protocol=7&client=test&version=1");
+        Client::connect_to(addr, "app-key")
+    }
+
+    /// Connects with app key `key` and waits for `pusher:connection_established`.
+    pub fn connect_to(addr: SocketAddr, key: &str) -> Client {
+        let mut ws = open(addr, &format!("/app/{key}?protocol=7&client=test&version=1"));
         let established = next_event(&mut ws);
         assert_eq!(established["event"], "pusher:connection_established", "{established}");
         let data: Value = serde_json::from_str(established["data"].as_str().expect("data is a string")).expect("data is JSON");
@@ -136,7 +141,12 @@ pub fn unix_now() -> u64 {
 
 /// A signed REST call; returns the status and the body.
 pub fn rest(addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> (u16, Value) {
-    let query = sign_query(&app(), method, path, body.as_bytes(), params, unix_now());
+    rest_as(&app(), addr, method, path, body, params)
+}
+
+/// A REST call signed with `app`'s key and secret; returns the status and the body.
+pub fn rest_as(app: &App, addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let query = sign_query(app, method, path, body.as_bytes(), params, unix_now());
     let url = format!("http://{addr}{path}?{query}");
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let response = match method {
