@@ -133,7 +133,8 @@ pub struct AppConfig {
 
 impl AppConfig {
     /// The app of the `FLUX_APP_*` settings, with the node's older settings for what they
-    /// covered (client events on, as Flux always had them).
+    /// covered (client events on, as Flux always had them; `FLUX_WEBHOOK_URL` gets every
+    /// webhook event).
     pub fn from_settings(config: &Config) -> Self {
         AppConfig {
             app: App::from_args(&config.app),
@@ -145,18 +146,21 @@ impl AppConfig {
                 max_event_payload_kb: u32::try_from(config.max_payload.div_ceil(1024)).unwrap_or(u32::MAX),
                 ..Limits::default()
             },
-            webhooks: Vec::new(),
+            webhooks: config
+                .webhook_url
+                .iter()
+                .map(|url| AppWebhook {
+                    url: url.clone(),
+                    event_types: WEBHOOK_EVENT_TYPES.iter().map(|t| t.to_string()).collect(),
+                    channel_prefix: None,
+                })
+                .collect(),
         }
     }
 
     /// Largest event data, in bytes.
     pub fn max_payload(&self) -> usize {
         self.limits.max_event_payload_kb as usize * 1024
-    }
-
-    /// Whether this app's webhooks include `event_type` for `channel`.
-    pub fn wants_webhook(&self, event_type: &str, channel: &str) -> bool {
-        self.webhooks.iter().any(|hook| hook.wants(event_type, channel))
     }
 }
 

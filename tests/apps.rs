@@ -7,6 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::webhook_receiver::Receiver;
 use common::{close_code, open, poll_event, rest_as, Client};
 use flux::config::Config;
 use flux::pusher::App;
@@ -181,6 +182,50 @@ fn a_reload_adds_and_disables_apps_and_a_bad_file_changes_nothing() {
     let _still_review = Client::connect_to(addr, "review-key");
     assert_eq!(publish(addr, "production", "updates", "still here"), 200);
     assert_eq!(production.next_event()["data"], "still here");
+    node.stop();
+    node.join();
+}
+
+#[test]
+fn each_app_posts_the_webhooks_it_asked_for_signed_with_its_own_secret() {
+    let (staging_hooks, production_hooks) = (Receiver::answering(&[]), Receiver::answering(&[]));
+    let file = AppsFile::new(&format!(
+        r#"{STAGING}
+[[apps.webhooks]]
+url = "{}"
+event_types = ["channel_occupied", "subscription_count"]
+
+[[apps]]
+id = "review"
+key = "review-key"
+secret = "review-secret"
+
+[[apps.webhooks]]
+url = "{}"
+event_types = ["channel_occupied"]
+filter = {{ channel_name_starts_with = "presence-" }}
+"#,
+        production_hooks.url, staging_hooks.url
+    ));
+    let node = common::start(&Config { apps_file: Some(file.0.clone()), webhook_batch_ms: 10, ..common::config() });
+    let addr = node.local_addr();
+    let mut review = Client::connect_to(addr, "review-key");
+    review.subscribe("chat");
+    let mut production = Client::connect_to(addr, "production-key");
+    production.subscribe("chat");
+
+    let post = production_hooks.next(Duration::from_secs(5));
+    assert_eq!((post.event_names(), post.json()["events"][0]["channel"].as_str()), (vec!["channel_occupied".to_string()], Some("chat")));
+    assert_eq!(post.header("x-pusher-key"), "production-key");
+    let signed = flux::pusher::signature::hmac_matches("production-secret", &post.body, post.header("x-pusher-signature"));
+    assert!(signed, "signed with production's secret");
+    // The review app's webhook wants presence channels only; staging has none.
+    assert!(staging_hooks.events_until_quiet(Duration::from_millis(300)).is_empty(), "review's chat is not under its filter");
+    common::join_presence_of(&mut review, &app("review"), "presence-room", "ann");
+    let post = staging_hooks.next(Duration::from_secs(5));
+    assert_eq!(post.json()["events"][0]["channel"], "presence-room");
+    assert_eq!(post.header("x-pusher-key"), "review-key");
+    assert!(production_hooks.events_until_quiet(Duration::from_millis(300)).is_empty(), "each app's events go to its own webhook");
     node.stop();
     node.join();
 }

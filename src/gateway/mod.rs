@@ -812,6 +812,9 @@ impl PusherService {
                 except: None,
                 user_id: None,
             };
+            if self.webhooks.is_enabled() && self.reports_webhooks(&publish.channel) {
+                self.webhooks.emit(WebhookEvent::SubscriptionCount { channel: publish.channel.clone(), subscription_count: count });
+            }
             match self.frame(&publish) {
                 Ok(broadcast) => {
                     WorkerMetrics::add(&self.metrics.counters.subscription_count_events, 1);

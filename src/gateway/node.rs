@@ -24,7 +24,7 @@ use crate::fanout::WorkerId;
 use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
 use crate::pusher::session::{Policy, Timeouts};
 use crate::server::{self, ConnLimits, NodeStatus, Peers, Server, ServerSettings};
-use crate::webhooks::{DeliveryThread, WebhookSettings, WebhookStats, Webhooks};
+use crate::webhooks::{DeliverySettings, WebhookStats, Webhooks};
 
 /// Largest HTTP request head (request line and headers).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -58,6 +58,10 @@ pub struct ConnectionSnapshot {
 /// app of its `FLUX_APP_*` settings.
 fn load_apps(config: &Config, previous: Option<&Apps>) -> io::Result<Apps> {
     match &config.apps_file {
+        Some(_) if config.webhook_url.is_some() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "FLUX_WEBHOOK_URL is the webhook of the FLUX_APP_* app; with an apps file, list each app's [[apps.webhooks]] there",
+        )),
         Some(path) => Apps::load(path, config.max_payload, previous).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
         None => Ok(Apps::new(vec![AppConfig::from_settings(config)])),
     }
@@ -67,9 +71,8 @@ fn load_apps(config: &Config, previous: Option<&Apps>) -> io::Result<Apps> {
 pub struct Gateway {
     server: Server<Message>,
     observer: Observer,
-    webhooks: Webhooks,
     /// Stopped after the server, so the webhooks of the last connections' closes are posted.
-    delivery: Option<DeliveryThread>,
+    webhooks: Webhooks,
     /// Stopped after the server too, so the other nodes hear of the last closes before this
     /// node says it leaves.
     cluster: Option<Cluster>,
@@ -97,16 +100,11 @@ pub struct Observer {
 impl Gateway {
     /// Starts a node configured by `config`. With `handle_signals`, SIGINT and SIGTERM stop it.
     pub fn start(config: &Config, handle_signals: bool) -> io::Result<Gateway> {
-        // Started first, so every worker's service gets its handle. Should the server then fail
-        // to start, dropping `delivery` stops the thread again.
-        let (webhooks, delivery) = match WebhookSettings::from_config(config) {
-            Some(webhook_settings) => {
-                let (webhooks, delivery) = Webhooks::start(webhook_settings)?;
-                (webhooks, Some(delivery))
-            }
-            None => (Webhooks::disabled(), None),
-        };
         let apps: SharedApps = Arc::new(ArcSwap::from_pointee(load_apps(config, None)?));
+        // Started first, so every worker's service gets its handle. Should the server then fail
+        // to start, dropping the last handle stops the delivery threads again.
+        let webhooks = Webhooks::new(DeliverySettings::from_config(config));
+        webhooks.configure(&apps.load())?;
         let policy = Arc::new(Policy {
             timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
             presence_coalesce: config.presence_coalesce(),
@@ -177,12 +175,17 @@ impl Gateway {
             cluster: link,
             apps: apps.clone(),
         };
-        let apps_source = config.apps_file.clone().map(|path| AppsSource { path, max_payload: config.max_payload, apps: apps.clone() });
+        let apps_source = config.apps_file.clone().map(|path| AppsSource {
+            path,
+            max_payload: config.max_payload,
+            apps: apps.clone(),
+            webhooks: webhooks.clone(),
+        });
         let reload = match (&apps_source, handle_signals) {
             (Some(source), true) => Some(ReloadOnHangup::start(source.clone())?),
             _ => None,
         };
-        Ok(Gateway { server, observer, webhooks, delivery, cluster, apps_source, reload, shutdown_grace: config.shutdown_grace() })
+        Ok(Gateway { server, observer, webhooks, cluster, apps_source, reload, shutdown_grace: config.shutdown_grace() })
     }
 
     /// The address clients and REST callers use.
@@ -227,9 +230,7 @@ impl Gateway {
         if let Some(cluster) = self.cluster {
             cluster.stop(self.shutdown_grace);
         }
-        if let Some(delivery) = self.delivery {
-            delivery.stop();
-        }
+        self.webhooks.stop();
     }
 }
 

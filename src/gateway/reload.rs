@@ -12,6 +12,7 @@ use signal_hook::consts::SIGHUP;
 use signal_hook::iterator::{Handle, Signals};
 
 use crate::apps::{Apps, AppsError, SharedApps};
+use crate::webhooks::Webhooks;
 
 /// Where the node's apps come from when they come from a file, and the apps in use.
 #[derive(Clone)]
@@ -22,15 +23,22 @@ pub struct AppsSource {
     pub max_payload: usize,
     /// The apps the workers read.
     pub apps: SharedApps,
+    /// Where their webhooks go.
+    pub webhooks: Webhooks,
 }
 
 impl AppsSource {
     /// Reads the file again and, if it is good, swaps it in: apps keep their indices (and
-    /// counters) by id. Returns how many apps it holds.
+    /// counters) by id, and webhooks follow. Returns how many apps it holds.
     pub fn reload(&self) -> Result<usize, AppsError> {
         let current = self.apps.load();
         let apps = Apps::load(&self.path, self.max_payload, Some(&current))?;
         let count = apps.iter().count();
+        // The file is good: a thread that cannot be started for a new endpoint is logged, and
+        // the apps are served all the same.
+        if let Err(e) = self.webhooks.configure(&apps) {
+            error!("could not start a webhook delivery thread: {e}; some webhooks of {} are not posted", self.path.display());
+        }
         self.apps.store(std::sync::Arc::new(apps));
         Ok(count)
     }

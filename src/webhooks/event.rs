@@ -66,6 +66,43 @@ pub enum WebhookEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         user_id: Option<String>,
     },
+    /// A channel's subscription count changed (for apps with `subscription_count_events`, at
+    /// most once a second per channel, as the events to its subscribers).
+    SubscriptionCount {
+        /// The channel.
+        #[serde(serialize_with = "as_string")]
+        channel: ChannelName,
+        /// Its subscriptions now.
+        subscription_count: u32,
+    },
+}
+
+impl WebhookEvent {
+    /// The channel it is about, whose app's webhooks it goes to.
+    pub fn channel(&self) -> &ChannelName {
+        match self {
+            WebhookEvent::ChannelOccupied { channel }
+            | WebhookEvent::ChannelVacated { channel }
+            | WebhookEvent::MemberAdded { channel, .. }
+            | WebhookEvent::MemberRemoved { channel, .. }
+            | WebhookEvent::CacheMiss { channel }
+            | WebhookEvent::ClientEvent { channel, .. }
+            | WebhookEvent::SubscriptionCount { channel, .. } => channel,
+        }
+    }
+
+    /// Its Pusher name, as webhooks' `event_types` list it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WebhookEvent::ChannelOccupied { .. } => "channel_occupied",
+            WebhookEvent::ChannelVacated { .. } => "channel_vacated",
+            WebhookEvent::MemberAdded { .. } => "member_added",
+            WebhookEvent::MemberRemoved { .. } => "member_removed",
+            WebhookEvent::CacheMiss { .. } => "cache_miss",
+            WebhookEvent::ClientEvent { .. } => "client_event",
+            WebhookEvent::SubscriptionCount { .. } => "subscription_count",
+        }
+    }
 }
 
 /// Channel names are `Arc<str>` and socket ids a pair of numbers; both travel as JSON strings.
@@ -141,6 +178,12 @@ mod tests {
                    "data": "{\"data\":1234}", "socket_id": "34718.5367461", "user_id": "42"})
         );
         assert!(to_json(&client_event(None)).get("user_id").is_none(), "no user_id outside presence");
+        let count = WebhookEvent::SubscriptionCount { channel: ChannelName::new(AppIndex(0), "news"), subscription_count: 7 };
+        assert_eq!(to_json(&count), json!({"name": "subscription_count", "channel": "news", "subscription_count": 7}));
+        for event in [count, client_event(None), WebhookEvent::ChannelVacated { channel: channel.clone() }] {
+            assert_eq!(to_json(&event)["name"], event.name(), "the name event_types filter on is the name posted");
+            assert_eq!(event.channel().to_string(), to_json(&event)["channel"]);
+        }
     }
 
     #[test]

@@ -85,8 +85,13 @@ impl Client {
 /// Subscribes `client` to presence `channel` as `user_id` (with `{"name": user_id}` as its
 /// info), signed as an auth endpoint would, and returns the `subscription_succeeded`.
 pub fn join_presence(client: &mut Client, channel: &str, user_id: &str) -> Value {
+    join_presence_of(client, &app(), channel, user_id)
+}
+
+/// As [`join_presence`], signed for `app`.
+pub fn join_presence_of(client: &mut Client, app: &App, channel: &str, user_id: &str) -> Value {
     let channel_data = json!({"user_id": user_id, "user_info": {"name": user_id}}).to_string();
-    let auth = flux::pusher::signature::channel_auth(&app(), &client.socket_id, channel, Some(&channel_data));
+    let auth = flux::pusher::signature::channel_auth(app, &client.socket_id, channel, Some(&channel_data));
     client.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}));
     let reply = client.next_event();
     assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
