@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::Config;
+use crate::pusher::rate::RateLimit;
 use crate::pusher::{App, AppIndex};
 use crate::webhooks::WebhookUrl;
 
@@ -192,6 +194,18 @@ crate::metrics::counters! {
     }
 }
 
+/// One app's figures, for the dashboard and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AppStatus {
+    /// Its id.
+    pub id: String,
+    /// Whether it serves (a disabled app keeps its figures until removed).
+    pub enabled: bool,
+    /// Its counters since start (`connections`: open now).
+    #[serde(flatten)]
+    pub counters: AppCounters,
+}
+
 /// One WebSocket connection of an app: counted in the app's `connections` while it lives, so
 /// every way a connection ends (closed, evicted, a failed upgrade) counts it out.
 #[derive(Debug)]
@@ -216,11 +230,29 @@ impl Drop for Connected {
     }
 }
 
-/// An app's place in the table: its settings (replaced on reload) and its counters (kept).
+/// The REST rate limits of one app on this node, shared by every worker.
+#[derive(Debug)]
+pub struct AppRates {
+    /// Events published through REST (`max_backend_events_per_sec`).
+    pub backend_events: RateLimit,
+    /// REST reads (`max_read_requests_per_sec`).
+    pub read_requests: RateLimit,
+}
+
+impl Default for AppRates {
+    fn default() -> Self {
+        let now = Instant::now();
+        AppRates { backend_events: RateLimit::new(now), read_requests: RateLimit::new(now) }
+    }
+}
+
+/// An app's place in the table: its settings (replaced on reload), its counters and its rate
+/// limits' state (kept).
 #[derive(Debug, Clone)]
 struct Slot {
     config: Arc<AppConfig>,
     cells: Arc<AppCells>,
+    rates: Arc<AppRates>,
 }
 
 /// The apps of a node, found by key (WebSocket clients), by id (REST calls) or by index
@@ -243,17 +275,17 @@ impl Apps {
         let mut slots: Vec<Option<Slot>> = previous.map_or_else(Vec::new, |p| vec![None; p.slots.len()]);
         let (mut by_key, mut by_id) = (HashMap::new(), HashMap::new());
         for app in apps {
-            let kept = previous.and_then(|p| p.by_id(&app.app.id).map(|(index, _)| (index, p.slots[index.0 as usize].clone())));
-            let (index, cells) = match kept {
-                Some((index, slot)) => (index, slot.map(|s| s.cells).unwrap_or_default()),
+            let kept = previous.and_then(|p| p.by_id(&app.app.id).and_then(|(index, _)| Some((index, p.slot(index)?.clone()))));
+            let (index, cells, rates) = match kept {
+                Some((index, slot)) => (index, slot.cells, slot.rates),
                 None => {
                     slots.push(None);
-                    (AppIndex((slots.len() - 1) as u32), Arc::default())
+                    (AppIndex((slots.len() - 1) as u32), Arc::default(), Arc::default())
                 }
             };
             by_key.insert(app.app.key.clone(), index);
             by_id.insert(app.app.id.clone(), index);
-            slots[index.0 as usize] = Some(Slot { config: Arc::new(app), cells });
+            slots[index.0 as usize] = Some(Slot { config: Arc::new(app), cells, rates });
         }
         Apps { slots, by_key, by_id }
     }
@@ -332,6 +364,11 @@ impl Apps {
         self.slot(index).map(|slot| &slot.cells)
     }
 
+    /// The REST rate limits of the app with this index, unless it was removed.
+    pub fn rates(&self, index: AppIndex) -> Option<&Arc<AppRates>> {
+        self.slot(index).map(|slot| &slot.rates)
+    }
+
     fn slot(&self, index: AppIndex) -> Option<&Slot> {
         self.slots.get(index.0 as usize).and_then(Option::as_ref)
     }
@@ -351,6 +388,15 @@ impl Apps {
     /// Every app, by index.
     pub fn iter(&self) -> impl Iterator<Item = (AppIndex, &Arc<AppConfig>)> {
         self.slots.iter().enumerate().filter_map(|(i, slot)| Some((AppIndex(i as u32), &slot.as_ref()?.config)))
+    }
+
+    /// Every app's figures, in index order.
+    pub fn status(&self) -> Vec<AppStatus> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|slot| AppStatus { id: slot.config.app.id.clone(), enabled: slot.config.enabled, counters: slot.cells.snapshot() })
+            .collect()
     }
 
     /// Whether the app with this index may serve (it exists and is enabled).

@@ -231,6 +231,24 @@ filter = {{ channel_name_starts_with = "presence-" }}
 }
 
 #[test]
+fn over_its_per_second_limits_an_apps_rest_calls_get_429() {
+    let file =
+        AppsFile::new(&STAGING.replace("enable_client_messages = true", "max_read_requests_per_sec = 2\nmax_backend_events_per_sec = 1"));
+    let node = start(&file);
+    let addr = node.local_addr();
+    let read = || rest_as(&app("production"), addr, "GET", "/apps/production/channels", "", &[]);
+    let (first, second, third) = (read(), read(), read());
+    assert_eq!((first.0, second.0, third.0), (200, 200, 429), "{third:?}");
+    assert!(third.1["error"].as_str().is_some_and(|e| e.contains("max_read_requests_per_sec")), "{third:?}");
+    assert_eq!(publish(addr, "production", "news", "one"), 200);
+    assert_eq!(publish(addr, "production", "news", "two"), 429);
+    assert_eq!(publish(addr, "staging", "news", "staging has no limit"), 200);
+    assert_eq!(node.observer().apps().status()[1].counters.rate_limited, 2);
+    node.stop();
+    node.join();
+}
+
+#[test]
 fn a_bad_apps_file_stops_the_start_with_the_line_and_the_reason() {
     let file = AppsFile::new(&format!("{STAGING}\n[[apps]]\nid = \"staging\"\nkey = \"k\"\nsecret = \"s\"\n"));
     let error =

@@ -357,6 +357,9 @@ impl PusherService {
     /// every worker, if it is to be kept).
     fn fan_out(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
+        if let Some(cells) = self.apps.load().cells(broadcast.channel.app()) {
+            WorkerMetrics::add(&cells.broadcasts, 1);
+        }
         let workers = match broadcast.kept_at_us {
             Some(_) => WorkerSet::all(self.outbox.workers()),
             None => self.directory.workers_with(broadcast.channel.key()),
@@ -431,6 +434,9 @@ impl PusherService {
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.deliveries, queued);
         WorkerMetrics::add(&counters.drops, dropped);
+        if let Some(cells) = self.apps.load().cells(broadcast.channel.app()) {
+            WorkerMetrics::add(&cells.deliveries, queued);
+        }
         self.fanout_times.record(broadcast.published_at.elapsed());
         // Taken out and put back, so the scratch keeps its capacity.
         let mut missed = std::mem::take(&mut self.missed_changes);
@@ -915,12 +921,18 @@ impl PusherService {
     fn handle_rest(&mut self, conns: &mut Conns<Session>, request: &Request) -> Response {
         let unix_now = crate::clock::since_unix_epoch().as_secs();
         let apps = self.apps.load();
-        let (index, app) = match rest::resolve(request, &apps) {
+        let (index, app, rates) = match rest::resolve(request, &apps) {
             Ok(found) => found,
             Err(refused) => return refused,
         };
-        let context = RestContext { app, index, directory: &self.directory, membership: &self.membership, unix_now };
+        let rates = (rates, Instant::now());
+        let context = RestContext { app, index, directory: &self.directory, membership: &self.membership, unix_now, rates };
         let outcome = rest::handle(request, &context);
+        if outcome.response.status == 429 {
+            if let Some(cells) = apps.cells(index) {
+                WorkerMetrics::add(&cells.rate_limited, 1);
+            }
+        }
         drop(apps);
         if let Some(user) = outcome.terminate_user {
             if let Some(cluster) = &self.cluster {

@@ -1,12 +1,13 @@
 //! The Pusher Channels protocol (sans-IO): its messages, the per-connection session state
-//! machine, the signed REST API, presence rosters, cache channels' last events and
-//! subscription-count events.
+//! machine, the signed REST API, presence rosters, cache channels' last events,
+//! subscription-count events and rate limits.
 
 pub mod cache;
 pub mod channel;
 pub mod counts;
 pub mod presence;
 pub mod protocol;
+pub mod rate;
 pub mod rest;
 pub mod session;
 pub mod signature;

@@ -4,7 +4,7 @@
 //! Routes: `POST /apps/{id}/events`, `POST /apps/{id}/batch_events`, `GET /apps/{id}/channels`,
 //! `GET /apps/{id}/channels/{name}`. Errors answer `{"error": "..."}` with Pusher's statuses:
 //! 400 malformed, 401 signature, 403 disabled app, 404 unknown app or route, 405 method, 413 too
-//! large. Each app's limits (`max_event_channels_at_once`, `max_event_batch_size`, ...) apply to
+//! large, 429 over the app's per-second limits (counted only once a call is signed). Each app's limits (`max_event_channels_at_once`, `max_event_batch_size`, ...) apply to
 //! its calls, and a call signed for one app reaches only that app's channels.
 
 use serde::Deserialize;
@@ -16,7 +16,10 @@ use super::protocol::{
     event_data_text, validate_channel_name, validate_publish_channel, ChannelKey, ChannelKind, ChannelName, SocketId, MAX_USER_ID_LEN,
 };
 use super::{signature, AppIndex};
-use crate::apps::{AppConfig, Apps};
+use std::time::Instant;
+
+use super::rate::RateLimit;
+use crate::apps::{AppConfig, AppRates, Apps};
 use crate::fanout::directory::Directory;
 use crate::http::{json_error, Request, Response};
 
@@ -32,6 +35,8 @@ pub struct RestContext<'a> {
     pub membership: &'a Membership,
     /// The server's clock, for `auth_timestamp`.
     pub unix_now: u64,
+    /// The app's rate limits on this node, and now, to check them.
+    pub rates: (&'a AppRates, Instant),
 }
 
 impl RestContext<'_> {
@@ -46,17 +51,33 @@ impl RestContext<'_> {
     fn max_channel_name(&self) -> usize {
         self.app.limits.max_channel_name_length as usize
     }
+
+    /// Takes `n` from `limit` (a budget of `per_sec`, if the app has one): 429 when they are not
+    /// all there.
+    fn within(&self, limit: &RateLimit, per_sec: Option<u32>, n: usize, what: &str, setting: &str) -> Result<(), Refusal> {
+        let Some(per_sec) = per_sec else { return Ok(()) };
+        if limit.allow(u32::try_from(n).unwrap_or(u32::MAX), per_sec, self.rates.1) {
+            return Ok(());
+        }
+        Err(Refusal::new(429, format!("over the app's limit of {per_sec} {what} a second ({setting})")))
+    }
+
+    /// REST publishes count against `max_backend_events_per_sec`, one per event and channel.
+    fn publishing(&self, publishes: &[Publish]) -> Result<(), Refusal> {
+        let per_sec = self.app.limits.max_backend_events_per_sec;
+        self.within(&self.rates.0.backend_events, per_sec, publishes.len(), "events", "max_backend_events_per_sec")
+    }
 }
 
 /// The app a REST call names in its path (`/apps/{id}/...`): 404 for an id no app has, 403 for
 /// a disabled app.
-pub fn resolve<'a>(request: &Request, apps: &'a Apps) -> Result<(AppIndex, &'a AppConfig), Response> {
+pub fn resolve<'a>(request: &Request, apps: &'a Apps) -> Result<(AppIndex, &'a AppConfig, &'a AppRates), Response> {
     let rest = request.path.strip_prefix("/apps/").unwrap_or_default();
     let app_id = rest.split_once('/').map_or(rest, |(id, _)| id);
-    match apps.by_id(app_id) {
+    match apps.by_id(app_id).and_then(|(index, app)| Some((index, app, apps.rates(index)?))) {
         None => Err(json_error(404, &format!("unknown app id {:?}", truncated(app_id)))),
-        Some((_, app)) if !app.enabled => Err(json_error(403, &format!("app {:?} is disabled", truncated(app_id)))),
-        Some((index, app)) => Ok((index, app)),
+        Some((_, app, _)) if !app.enabled => Err(json_error(403, &format!("app {:?} is disabled", truncated(app_id)))),
+        Some((index, app, rates)) => Ok((index, app, rates)),
     }
 }
 
@@ -147,6 +168,10 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
     if request.method != method {
         return Err(Refusal::new(405, format!("{} expects {method}", request.path)));
     }
+    if method == "GET" {
+        let per_sec = context.app.limits.max_read_requests_per_sec;
+        context.within(&context.rates.0.read_requests, per_sec, 1, "read requests", "max_read_requests_per_sec")?;
+    }
     match route {
         Route::Events => events(request, context),
         Route::BatchEvents => batch_events(request, context),
@@ -235,6 +260,7 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
             channels.iter().map(|c| Ok((c.clone(), info.attributes(c, context)?))).collect::<Result<_, Refusal>>()?;
         Response::json(200, json!({ "channels": attributes }).to_string())
     };
+    context.publishing(&publishes)?;
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
@@ -261,6 +287,7 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
         publishes.push(Publish { channel: context.channel(&item.channel), event: item.name.clone(), data, except, user_id: None });
     }
     let response = if any_info { Response::json(200, json!({ "batch": attributes }).to_string()) } else { Response::json(200, "{}") };
+    context.publishing(&publishes)?;
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
@@ -372,6 +399,7 @@ mod tests {
     use crate::fanout::WorkerId;
     use crate::pusher::signature::sign_query;
     use crate::pusher::App;
+    use std::time::Duration;
 
     const NOW: u64 = 1_700_000_000;
 
@@ -429,9 +457,13 @@ mod tests {
         for user in ["u1", "u2"] {
             membership.apply(&ChannelName::new(APP, "presence-x"), user, true);
         }
-        match resolve(&request, &apps) {
-            Ok((index, app)) => {
-                handle(&request, &RestContext { app, index, directory: &directory, membership: &membership, unix_now: NOW })
+        call_apps(&apps, &request, &directory, &membership, Instant::now())
+    }
+
+    fn call_apps(apps: &Apps, request: &Request, directory: &Directory, membership: &Membership, now: Instant) -> RestOutcome {
+        match resolve(request, apps) {
+            Ok((index, app, rates)) => {
+                handle(request, &RestContext { app, index, directory, membership, unix_now: NOW, rates: (rates, now) })
             }
             Err(response) => RestOutcome::respond(response),
         }
@@ -572,6 +604,37 @@ mod tests {
         assert_eq!(call_as("other", "POST", "/apps/other/events", long_name, &[]).response.status, 413);
         let batch = json!({"batch": (0..3).map(|_| json!({"name": "e", "channel": "c", "data": "d"})).collect::<Vec<_>>()}).to_string();
         assert_eq!(call_as("other", "POST", "/apps/other/batch_events", &batch, &[]).response.status, 413);
+    }
+
+    #[test]
+    fn over_an_apps_per_second_limits_signed_calls_get_429() {
+        let mut limited = AppConfig::from_settings(&crate::config::Config::default());
+        (limited.limits.max_backend_events_per_sec, limited.limits.max_read_requests_per_sec) = (Some(3), Some(2));
+        let apps = Apps::new(vec![limited]);
+        let (directory, membership) = (directory(), Membership::default());
+        let request = |method: &str, path: &str, body: &str, signer: &App| Request {
+            method: method.into(),
+            path: path.into(),
+            query: sign_query(signer, method, path, body.as_bytes(), &[], NOW),
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+            close: false,
+        };
+        let me = signer("app-id");
+        let t0 = Instant::now();
+        let status = |req: &Request, at: Instant| call_apps(&apps, req, &directory, &membership, at).response.status;
+        let two = request("POST", "/apps/app-id/events", r#"{"name":"e","channels":["a","b"],"data":"d"}"#, &me);
+        assert_eq!(status(&two, t0), 200);
+        assert_eq!(status(&two, t0), 429, "an event to two channels is two of the three a second");
+        let refused = call_apps(&apps, &two, &directory, &membership, t0);
+        assert!(refused.publishes.is_empty() && body_json(&refused)["error"].as_str().unwrap().contains("max_backend_events_per_sec"));
+        assert_eq!(status(&two, t0 + Duration::from_millis(700)), 200, "room again");
+        let read = request("GET", "/apps/app-id/channels", "", &me);
+        assert_eq!((status(&read, t0), status(&read, t0), status(&read, t0)), (200, 200, 429));
+        let unsigned = request("GET", "/apps/app-id/channels", "", &App { secret: "wrong".into(), ..me.clone() });
+        assert_eq!(status(&unsigned, t0 + Duration::from_secs(5)), 401);
+        assert_eq!(status(&read, t0 + Duration::from_secs(5)), 200, "an unsigned call spends nothing of the budget");
+        assert_eq!(status(&read, t0 + Duration::from_secs(5)), 200);
     }
 
     #[test]

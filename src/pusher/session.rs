@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::presence::Member;
 use super::protocol::{self, code, ChannelKey, ChannelKind, ChannelName, ClientMessage, SocketId, SubscribeData, UnsubscribeData};
+use super::rate::RateLimit;
 use super::signature;
 use super::{App, AppIndex};
 use crate::apps::{AppCells, AppConfig, Connected};
@@ -106,34 +107,6 @@ struct UserData {
     id: String,
 }
 
-/// A token bucket for client events, refilled by the session's own clock (`now` is an input
-/// here, which a clock-reading crate such as governor cannot take).
-#[derive(Debug)]
-struct Budget {
-    tokens: f64,
-    refilled_at: Instant,
-}
-
-impl Budget {
-    fn full(per_sec: u32, now: Instant) -> Self {
-        Budget { tokens: f64::from(per_sec), refilled_at: now }
-    }
-
-    /// Spends one token if there is one; a second's worth at most is ever saved up.
-    fn spend(&mut self, per_sec: u32, now: Instant) -> bool {
-        let rate = f64::from(per_sec);
-        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.refilled_at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The Pusher state of one connection.
 #[derive(Debug)]
 pub struct Session {
@@ -147,7 +120,8 @@ pub struct Session {
     /// The user id this connection is on each presence channel it joined.
     memberships: Vec<(ChannelName, String)>,
     user_id: Option<String>,
-    client_events: Option<Budget>,
+    /// Its client-event budget, from its first client event on.
+    client_events: Option<RateLimit>,
     last_heard: Instant,
     ping_sent_at: Option<Instant>,
 }
@@ -360,7 +334,7 @@ impl Session {
             return refuse(&format!("Client event data is larger than {} bytes", app.max_payload()));
         }
         let per_sec = limits.max_client_events_per_sec;
-        if !self.client_events.get_or_insert_with(|| Budget::full(per_sec, now)).spend(per_sec, now) {
+        if !self.client_events.get_or_insert_with(|| RateLimit::new(now)).allow(1, per_sec, now) {
             return Action::Reply(protocol::error(
                 Some(code::CLIENT_EVENT_RATE_LIMIT),
                 &format!("Client event rejected due to rate limit ({per_sec} per second)"),
