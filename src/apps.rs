@@ -179,8 +179,11 @@ crate::metrics::counters! {
     AppCells,
     /// A copy of one app's counters.
     AppCounters {
-        /// WebSocket connections open now (a gauge).
+        /// WebSocket connections open now on this node (a gauge).
         connections,
+        /// Its connections on the other nodes of the cluster, as of their last heartbeats (a
+        /// gauge, written by the cluster thread).
+        connections_elsewhere,
         /// Messages received from its clients.
         messages_in,
         /// Events published (REST, client events and the node's own announcements).

@@ -4,36 +4,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::webhook_receiver::Receiver;
-use common::{close_code, open, poll_event, rest_as, Client};
+use common::{close_code, open, poll_event, rest_as, AppsFile, Client};
 use flux::config::Config;
 use flux::pusher::App;
 use serde_json::json;
 use tungstenite::client::IntoClientRequest;
-
-/// A file of its own under the system's temp dir, removed when dropped.
-struct AppsFile(PathBuf);
-
-impl AppsFile {
-    fn new(text: &str) -> AppsFile {
-        let path = std::env::temp_dir().join(format!("flux-apps-{}-{}.toml", std::process::id(), fastrand::u64(..)));
-        std::fs::write(&path, text).expect("write the apps file");
-        AppsFile(path)
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).expect("rewrite the apps file");
-    }
-}
-
-impl Drop for AppsFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 const STAGING: &str = r#"
 [[apps]]

@@ -228,8 +228,16 @@ impl PreparedCluster {
             settings.node_timeout,
             Instant::now(),
         );
-        let machine =
-            StateThread { state, inputs, control: control_tx, peers, shared: link.shared.clone(), stop: stop.clone(), connections };
+        let machine = StateThread {
+            state,
+            inputs,
+            control: control_tx,
+            peers,
+            shared: link.shared.clone(),
+            stop: stop.clone(),
+            connections,
+            apps: link.apps.clone(),
+        };
         threads.push(spawn("flux-cluster", Box::new(move || machine.run()))?);
         Ok(Cluster { stop, stop_publisher, threads, publisher })
     }
@@ -602,6 +610,8 @@ struct StateThread<M, F> {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     connections: F,
+    /// The node's apps: their connections go out in heartbeats, and theirs elsewhere come in.
+    apps: SharedApps,
 }
 
 impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
@@ -622,8 +632,18 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
             }
             let now = Instant::now();
             if self.state.poll_timeout() <= now {
-                self.state.set_connections((self.connections)());
+                let apps = self.apps.load();
+                let per_app = apps.status().into_iter().map(|app| (app.id, app.counters.connections)).collect();
+                self.state.set_connections((self.connections)(), per_app);
                 self.state.handle_timeout(now);
+                // Each app's connections on the other nodes, for its cluster-wide max_connections.
+                let elsewhere = self.state.remote_app_connections();
+                for (index, app) in apps.iter() {
+                    if let Some(cells) = apps.cells(index) {
+                        let count = elsewhere.get(app.app.id.as_str()).copied().unwrap_or(0);
+                        cells.connections_elsewhere.store(count, Ordering::Relaxed);
+                    }
+                }
             }
             self.transmit(now);
             self.hand_out();

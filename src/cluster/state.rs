@@ -69,6 +69,8 @@ struct Peer {
     members: ChannelMap<HashMap<String, String>>,
     addr: String,
     connections: u64,
+    /// Its open connections per app id, as of its last heartbeat.
+    app_connections: HashMap<String, u64>,
 }
 
 impl Peer {
@@ -83,6 +85,7 @@ impl Peer {
             members: ChannelMap::default(),
             addr: String::new(),
             connections: 0,
+            app_connections: HashMap::new(),
         }
     }
 }
@@ -125,6 +128,8 @@ pub struct ClusterState {
     /// When `handle_timeout` last ran, to notice that this process itself was frozen.
     last_tick: Instant,
     connections: u64,
+    /// This node's open connections per app id, for its heartbeats.
+    app_connections: Vec<(String, u64)>,
     peers: HashMap<NodeId, Peer>,
     /// Subscriptions per channel on every other node together.
     remote: ChannelMap<u32>,
@@ -162,6 +167,7 @@ impl ClusterState {
             next_heartbeat: now,
             last_tick: now,
             connections: 0,
+            app_connections: Vec::new(),
             peers: HashMap::new(),
             remote: ChannelMap::default(),
             remote_changed: IndexSet::new(),
@@ -230,9 +236,19 @@ impl ClusterState {
         }
     }
 
-    /// This node's open connections, for its heartbeats.
-    pub fn set_connections(&mut self, connections: u64) {
+    /// This node's open connections, in all and per app id, for its heartbeats.
+    pub fn set_connections(&mut self, connections: u64, per_app: Vec<(String, u64)>) {
         self.connections = connections;
+        self.app_connections = per_app;
+    }
+
+    /// Every other live node's open connections per app id, added up.
+    pub fn remote_app_connections(&self) -> HashMap<&str, u64> {
+        let mut sums = HashMap::new();
+        for (app, count) in self.peers.values().flat_map(|peer| peer.app_connections.iter()) {
+            *sums.entry(app.as_str()).or_insert(0) += count;
+        }
+        sums
     }
 
     /// A message from Redis (this node's own come back too, and are ignored).
@@ -249,10 +265,11 @@ impl ClusterState {
         match &envelope.body {
             // Handed straight to the workers by the thread that reads them.
             Body::Broadcast { .. } | Body::Terminate { .. } | Body::CacheMiss { .. } => {}
-            Body::Heartbeat { addr, connections, last_seq } => {
+            Body::Heartbeat { addr, connections, last_seq, apps } => {
                 peer.addr.clear();
                 peer.addr.push_str(addr);
                 peer.connections = *connections;
+                peer.app_connections = apps.iter().map(|&(app, count)| (app.to_string(), count)).collect();
                 if peer.next_seq.is_none_or(|next| *last_seq >= next) {
                     self.ask_sync(&node, now);
                 }
@@ -447,7 +464,8 @@ impl ClusterState {
         }
         if self.next_heartbeat <= now {
             self.next_heartbeat = now + self.heartbeat_every();
-            let heartbeat = Body::Heartbeat { addr: &self.addr, connections: self.connections, last_seq: self.last_seq };
+            let apps = self.app_connections.iter().map(|(app, count)| (app.as_str(), *count)).collect();
+            let heartbeat = Body::Heartbeat { addr: &self.addr, connections: self.connections, last_seq: self.last_seq, apps };
             let bytes = Envelope { node: &self.me, incarnation: self.incarnation, body: heartbeat }.encode();
             self.transmit.push_back(bytes);
         }
@@ -685,6 +703,24 @@ mod tests {
         assert_eq!(b.poll_event(), Some(NodeEvent::Died("a".into())));
         assert_eq!(b.poll_remote_counts(), Some(vec![(chan("chat"), 0)]));
         assert!(b.nodes(now).is_empty());
+    }
+
+    #[test]
+    fn heartbeats_carry_each_apps_connections_and_a_dead_nodes_leave_the_sums() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
+        a.set_connections(7, vec![("app-id".into(), 5), ("other".into(), 2)]);
+        b.set_connections(3, vec![("app-id".into(), 3)]);
+        settle(&mut [&mut a, &mut b, &mut c], t0);
+        let sums = c.remote_app_connections();
+        assert_eq!((sums.get("app-id"), sums.get("other")), (Some(&8), Some(&2)));
+        assert_eq!(a.remote_app_connections().get("app-id"), Some(&3), "a node's own are not remote to it");
+        // b goes silent; a and c keep beating.
+        for step in 1..=11 {
+            settle(&mut [&mut a, &mut c], t0 + TIMEOUT * step / 10 + Duration::from_millis(1));
+        }
+        assert_eq!(c.nodes(t0 + TIMEOUT * 2).len(), 1, "b is dead");
+        assert_eq!(c.remote_app_connections().get("app-id"), Some(&5), "b's died with it");
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum Body<'a> {
         /// The sequence number of the last state message it sent (0: none yet), so a receiver
         /// that missed one knows.
         last_seq: u64,
+        /// Its open connections per app (by id), for the apps' cluster-wide `max_connections`.
+        #[serde(borrow)]
+        apps: Vec<(&'a str, u64)>,
     },
     /// What changed on the sender since its previous state message.
     Delta {
@@ -161,7 +164,7 @@ mod tests {
         });
         round_trip(Body::Terminate { app: "app", user_id: "u1" });
         round_trip(Body::CacheMiss { channel: ("app", "cache-price") });
-        round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9 });
+        round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9, apps: vec![("app-a", 5), ("app-b", 2)] });
         round_trip(Body::Delta {
             seq: 3,
             counts: vec![(("app", "a"), 1), (("app", "b"), 0)],

@@ -150,8 +150,11 @@ fn webhooks(encoder: &mut DescriptorEncoder, stats: &WebhookStats) -> Result<(),
 /// Each app's figures, labelled with its id.
 fn apps(encoder: &mut DescriptorEncoder, apps: &[AppStatus]) -> Result<(), fmt::Error> {
     type AppRead = fn(&AppCounters) -> u64;
-    let families: [(&str, &str, MetricType, AppRead); 6] = [
-        ("flux_app_connections", "WebSocket connections of the app open now.", MetricType::Gauge, |c| c.connections),
+    let families: [(&str, &str, MetricType, AppRead); 7] = [
+        ("flux_app_connections", "WebSocket connections of the app open now on this node.", MetricType::Gauge, |c| c.connections),
+        ("flux_app_connections_elsewhere", "The app's connections on the other nodes of the cluster.", MetricType::Gauge, |c| {
+            c.connections_elsewhere
+        }),
         ("flux_app_messages_received", "WebSocket messages received from the app's clients.", MetricType::Counter, |c| c.messages_in),
         (
             "flux_app_broadcasts",

@@ -1019,7 +1019,11 @@ impl PusherService {
                 }
                 Ok(_) => match self.readiness().refusal() {
                     Some(refusal) => refuse(&self.pool, refusal.code, &refusal.message, refusal.reason),
-                    None if app.limits.max_connections.is_some_and(|most| cells.connections.load(Ordering::Relaxed) >= most) => {
+                    // Counted across the cluster: the other nodes' as of their last heartbeats.
+                    None if app.limits.max_connections.is_some_and(|most| {
+                        cells.connections.load(Ordering::Relaxed) + cells.connections_elsewhere.load(Ordering::Relaxed) >= most
+                    }) =>
+                    {
                         WorkerMetrics::add(&cells.over_quota, 1);
                         let message = "Over connection quota: the app holds its max_connections";
                         refuse(&self.pool, code::OVER_QUOTA, message, "Over connection quota")

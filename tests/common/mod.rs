@@ -186,6 +186,27 @@ pub fn publish(addr: SocketAddr, channels: &[&str], event: &str, data: &str, exc
     rest(addr, "POST", "/apps/app-id/events", &body.to_string(), &[])
 }
 
+/// An apps file of its own under the system's temp dir, removed when dropped.
+pub struct AppsFile(pub std::path::PathBuf);
+
+impl AppsFile {
+    pub fn new(text: &str) -> AppsFile {
+        let path = std::env::temp_dir().join(format!("flux-apps-{}-{}.toml", std::process::id(), fastrand::u64(..)));
+        std::fs::write(&path, text).expect("write the apps file");
+        AppsFile(path)
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("rewrite the apps file");
+    }
+}
+
+impl Drop for AppsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
