@@ -12,7 +12,7 @@ cd "$ROOT"
 WEBSOCKETS="websockets==15.0.1"
 
 timeout 900 cargo build --quiet --bin flux
-export FLUX_BIN="$ROOT/target/debug/flux"
+export FLUX_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/flux"
 
 # npm ci records what it installed in node_modules/.package-lock.json: reinstall when that is
 # missing or older than the lock file.
