@@ -309,7 +309,12 @@ impl Apps {
     /// Parses and checks an apps file's text; on error, the line and the reason.
     fn parse(text: &str, max_payload: usize) -> Result<Vec<AppConfig>, (usize, String)> {
         let line_of = |offset: usize| text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1;
-        let file: FileModel = toml::from_str(text).map_err(|e| (e.span().map_or(1, |s| line_of(s.start)), e.message().to_owned()))?;
+        let file: FileModel = toml::from_str(text)
+            .map_err(|e| {
+                let span = e.span().unwrap_or_default();
+                (setting_at_fault(text, span.start).unwrap_or(span.start), e.message().to_owned())
+            })
+            .map_err(|(offset, reason)| (line_of(offset), reason))?;
         if file.apps.is_empty() {
             return Err((1, "no apps: the file needs at least one [[apps]] table".into()));
         }
@@ -456,6 +461,31 @@ struct WebhookFilter {
     channel_name_starts_with: Option<String>,
 }
 
+/// Where in `text` the setting is that made the `[[apps]]` table at `table_start` fail. Errors
+/// in the limits come through serde's `flatten`, which keeps only the table's span; so each
+/// limit of that table is read again alone, and the first one refused is the one at fault.
+fn setting_at_fault(text: &str, table_start: usize) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct RawFile {
+        #[serde(default)]
+        apps: Vec<Spanned<toml::map::Map<String, toml::Value>>>,
+    }
+    #[derive(Deserialize)]
+    struct RawSettings(std::collections::BTreeMap<Spanned<String>, toml::Value>);
+    let raw: RawFile = toml::from_str(text).ok()?;
+    let table = raw.apps.into_iter().find(|t| t.span().start == table_start)?;
+    let keyed: RawSettings = toml::from_str(&text[table.span()].replacen("[[apps]]", "", 1)).ok()?;
+    let offset = table.span().start + "[[apps]]".len();
+    keyed.0.into_iter().find_map(|(key, value)| {
+        const NOT_LIMITS: [&str; 6] = ["id", "key", "secret", "enabled", "subscription_count_events", "webhooks"];
+        if NOT_LIMITS.contains(&key.get_ref().as_str()) {
+            return None;
+        }
+        let alone = toml::Value::Table([(key.get_ref().clone(), value)].into_iter().collect());
+        Limits::deserialize(alone).is_err().then(|| offset + key.span().start)
+    })
+}
+
 /// Limits that would make an app unusable are refused.
 fn check_limits(limits: &Limits, max_payload: usize) -> Result<(), String> {
     let at_least_one = [
@@ -553,12 +583,14 @@ subscription_count_events = true
 
         let unknown = "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_conections = 5\n";
         let (line, reason) = refusal(unknown);
-        assert_eq!(line, 1, "the table with the unknown field: {reason}");
+        assert_eq!(line, 5, "the unknown field's own line: {reason}");
         assert!(reason.contains("max_conections"), "{reason}");
 
         let wrong_type = "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_connections = \"many\"\n";
         let (line, reason) = refusal(wrong_type);
-        assert!((1..=5).contains(&line), "{line}: {reason}");
+        assert_eq!(line, 5, "{reason}");
+        let second_app = format!("{TWO_APPS}max_event_batch_size = []\n");
+        assert_eq!(refusal(&second_app).0, 14, "a wrong type in the second app: its own line");
         assert!(reason.contains("invalid type") || reason.contains("expected"), "{reason}");
 
         let (line, reason) = refusal("[[apps]]\nid = \"a\"\nkey = \"k\"\n");

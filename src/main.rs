@@ -16,6 +16,12 @@ fn main() -> ExitCode {
     let config = Config::parse();
     let gateway = match Gateway::start(&config, true) {
         Ok(gateway) => gateway,
+        // A refused apps file or settings say what is wrong themselves; other failures are about
+        // the address (in use, not ours).
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
+            error!("could not start: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             error!("could not start on {}: {e}", config.listen_addr());
             return ExitCode::FAILURE;
