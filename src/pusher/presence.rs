@@ -28,9 +28,6 @@ use serde_json::value::RawValue;
 use super::protocol::{ChannelKey, ChannelMap, ChannelName, SocketId, MAX_USER_ID_LEN};
 use crate::fanout::WorkerId;
 
-/// Largest `user_info`, in bytes (Pusher's limit).
-pub const MAX_USER_INFO_BYTES: usize = 1024;
-
 /// The worker that owns `channel`'s roster: the same answer on every worker of a node.
 pub fn owner_of(channel: &str, workers: usize) -> WorkerId {
     // SipHash with fixed keys: stable across workers (and runs of one binary).
@@ -66,9 +63,9 @@ pub enum MemberError {
     /// `user_id` is empty or too long.
     #[error("user_id must be 1 to {MAX_USER_ID_LEN} characters")]
     UserId,
-    /// `user_info` is too large.
-    #[error("user_info must be at most {MAX_USER_INFO_BYTES} bytes")]
-    UserInfo,
+    /// `user_info` is larger than the app allows (`max_presence_member_size_kb`), in bytes.
+    #[error("user_info must be at most {0} bytes (max_presence_member_size_kb)")]
+    UserInfo(usize),
 }
 
 #[derive(Deserialize)]
@@ -86,8 +83,9 @@ enum UserId {
 }
 
 impl Member {
-    /// Reads a presence subscription's `channel_data`.
-    pub fn parse(channel_data: &str) -> Result<Member, MemberError> {
+    /// Reads a presence subscription's `channel_data`, whose `user_info` may have
+    /// `max_info_bytes` at most.
+    pub fn parse(channel_data: &str, max_info_bytes: usize) -> Result<Member, MemberError> {
         let data: ChannelData = serde_json::from_str(channel_data).map_err(|e| MemberError::Malformed(e.to_string()))?;
         let user_id = match data.user_id {
             UserId::Text(id) => id,
@@ -97,8 +95,8 @@ impl Member {
             return Err(MemberError::UserId);
         }
         let user_info = data.user_info.map_or_else(|| RawValue::NULL.to_owned(), RawValue::to_owned);
-        if user_info.get().len() > MAX_USER_INFO_BYTES {
-            return Err(MemberError::UserInfo);
+        if user_info.get().len() > max_info_bytes {
+            return Err(MemberError::UserInfo(max_info_bytes));
         }
         Ok(Member { user_id, user_info })
     }
@@ -470,7 +468,7 @@ pub(crate) mod tests {
     const WINDOW: Duration = Duration::from_millis(150);
 
     fn member(id: &str) -> Member {
-        Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#)).unwrap()
+        Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#), 1024).unwrap()
     }
 
     /// A socket id for tests (other modules' tests use it too).
@@ -485,16 +483,17 @@ pub(crate) mod tests {
 
     #[test]
     fn channel_data_is_read_and_limited() {
-        let ann = Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#).unwrap();
+        let ann = Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#, 1024).unwrap();
         assert_eq!((ann.user_id.as_str(), ann.user_info.get()), ("u1", r#"{"name":"Ann"}"#));
-        let ten = Member::parse(r#"{"user_id":10}"#).unwrap();
+        let ten = Member::parse(r#"{"user_id":10}"#, 1024).unwrap();
         assert_eq!((ten.user_id.as_str(), ten.user_info.get()), ("10", "null"));
-        assert!(matches!(Member::parse("nope"), Err(MemberError::Malformed(_))));
-        assert!(matches!(Member::parse(r#"{"user_info":{}}"#), Err(MemberError::Malformed(_))));
-        assert_eq!(Member::parse(r#"{"user_id":""}"#), Err(MemberError::UserId));
-        assert_eq!(Member::parse(&format!(r#"{{"user_id":"{}"}}"#, "u".repeat(129))), Err(MemberError::UserId));
+        assert!(matches!(Member::parse("nope", 1024), Err(MemberError::Malformed(_))));
+        assert!(matches!(Member::parse(r#"{"user_info":{}}"#, 1024), Err(MemberError::Malformed(_))));
+        assert_eq!(Member::parse(r#"{"user_id":""}"#, 1024), Err(MemberError::UserId));
+        assert_eq!(Member::parse(&format!(r#"{{"user_id":"{}"}}"#, "u".repeat(129)), 1024), Err(MemberError::UserId));
         let big = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(1100));
-        assert_eq!(Member::parse(&big), Err(MemberError::UserInfo));
+        assert_eq!(Member::parse(&big, 1024), Err(MemberError::UserInfo(1024)));
+        assert!(Member::parse(&big, 2048).is_ok(), "an app may allow more");
     }
 
     #[test]

@@ -258,15 +258,11 @@ impl Session {
             Some(auth) if signature::channel_auth_matches(&app.app, &socket_id, &channel, Some(channel_data), auth) => {}
             _ => return Action::Reply(auth_error(&channel, &socket_id)),
         }
-        let member = match Member::parse(channel_data) {
+        let most_info = app.limits.max_presence_member_size_kb as usize * 1024;
+        let member = match Member::parse(channel_data, most_info) {
             Ok(member) => member,
             Err(e) => return Action::Reply(protocol::subscription_error(&channel, "InvalidChannelData", &e.to_string(), 400)),
         };
-        let most_info = app.limits.max_presence_member_size_kb as usize * 1024;
-        if member.user_info.get().len() > most_info {
-            let message = format!("user_info must be at most {most_info} bytes (max_presence_member_size_kb)");
-            return Action::Reply(protocol::subscription_error(&channel, "InvalidChannelData", &message, 400));
-        }
         if !self.is_subscribed(&channel) {
             let name = ChannelName::new(self.app, &channel);
             self.memberships.push((name.clone(), member.user_id.clone()));
@@ -592,7 +588,7 @@ mod tests {
         let mut s = session(t0);
         let data = r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#;
         let action = s.handle_text(&presence_subscribe("presence-room", "1.1", data, "app-secret"), t0, &policy(), &test_app());
-        let member = Member::parse(data).unwrap();
+        let member = Member::parse(data, 1024).unwrap();
         assert_eq!(action, Action::JoinPresence { channel: "presence-room".into(), member: member.clone(), max_members: 100 });
         assert_eq!(s.subscriptions().iter().map(|c| &**c).collect::<Vec<_>>(), ["presence-room"]);
         // Asking again asks the roster again (for the member list), without a second subscription.
@@ -607,6 +603,21 @@ mod tests {
         // A refused join is forgotten.
         s.unsubscribed("presence-room");
         assert!(s.subscriptions().is_empty());
+    }
+
+    #[test]
+    fn an_apps_presence_settings_bound_its_members() {
+        let t0 = Instant::now();
+        let roomy = AppConfig {
+            limits: crate::apps::Limits { max_presence_member_size_kb: 2, max_presence_members_per_channel: 7, ..test_app().limits },
+            ..test_app()
+        };
+        let info = format!(r#"{{"user_id":"u1","user_info":"{}"}}"#, "x".repeat(1500));
+        let text = presence_subscribe("presence-room", "1.1", &info, "app-secret");
+        let refused = reply_event(&session(t0).handle_text(&text, t0, &policy(), &test_app()));
+        assert_eq!((refused["event"].as_str(), refused["data"]["status"].as_u64()), (Some("pusher:subscription_error"), Some(400)));
+        let joined = session(t0).handle_text(&text, t0, &policy(), &roomy);
+        assert!(matches!(joined, Action::JoinPresence { max_members: 7, .. }), "{joined:?}");
     }
 
     #[test]
