@@ -59,9 +59,15 @@ pub struct Config {
     #[arg(long, env = "FLUX_DASHBOARD_PORT", default_value_t = 8080)]
     pub dashboard_port: u16,
 
-    /// The app Flux serves.
+    /// The app Flux serves, unless an apps file is given.
     #[command(flatten)]
     pub app: AppArgs,
+
+    /// A TOML file of the apps to serve (`[[apps]]` tables: id, key, secret, enabled and
+    /// limits, as soketi and Sockudo name them). SIGHUP reads it again. Unset: one app, from the
+    /// `FLUX_APP_*` settings.
+    #[arg(long, env = "FLUX_APPS_FILE")]
+    pub apps_file: Option<PathBuf>,
 
     /// Client events (`client-*`) one connection may send per second; over it they are refused
     /// with `pusher:error` 4301.
@@ -221,6 +227,7 @@ impl Default for Config {
                 app_secret: "app-secret".into(),
                 subscription_count_events: false,
             },
+            apps_file: None,
             client_events_per_sec: 10,
             presence_max_members: 100,
             presence_coalesce_ms: 150,

@@ -23,6 +23,7 @@
 
 #![deny(missing_docs)]
 
+pub mod apps;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -16,6 +16,12 @@ fn main() -> ExitCode {
     let config = Config::parse();
     let gateway = match Gateway::start(&config, true) {
         Ok(gateway) => gateway,
+        // A refused apps file or settings say what is wrong themselves; other failures are about
+        // the address (in use, not ours).
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
+            error!("could not start: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             error!("could not start on {}: {e}", config.listen_addr());
             return ExitCode::FAILURE;
@@ -33,12 +39,17 @@ fn main() -> ExitCode {
     };
     let addr = gateway.local_addr();
     let (ws, http) = if config.tls_files().is_some() { ("wss", "https") } else { ("ws", "http") };
-    info!(
-        "flux listening on {addr} with {} workers: WebSocket {ws}://{addr}/app/{}?protocol=7, REST {http}://{addr}/apps/{}/",
-        gateway.workers(),
-        config.app.app_key,
-        config.app.app_id
-    );
+    info!("flux listening on {addr} with {} workers", gateway.workers());
+    for (_, app) in gateway.observer().apps().iter() {
+        let state = if app.enabled { "" } else { " (disabled)" };
+        info!(
+            "  app {}{state}: WebSocket {ws}://{addr}/app/{}?protocol=7, REST {http}://{addr}/apps/{}/",
+            app.app.id, app.app.key, app.app.id
+        );
+    }
+    if let Some(path) = &config.apps_file {
+        info!("apps from {}; SIGHUP reads it again", path.display());
+    }
     info!("flux dashboard on http://{}/", dashboard.local_addr());
     if let Some(url) = &config.webhook_url {
         info!("flux webhooks to {url}");

@@ -120,6 +120,37 @@ function renderStats(stats) {
   show("webhooks_queue", `${formatCount(hooks.queue_depth)} / ${formatCount(hooks.queue_capacity)}`, hooks.queue_depth);
   document.getElementById("webhooks-card").classList.toggle("bad", hooks.events_dropped + hooks.events_given_up > 0);
   renderCluster(stats.cluster);
+  renderApps(stats.apps, stats.interval_s);
+}
+
+/** Each app's totals at the last poll, for its per-second rates. */
+const appTotalsBefore = new Map();
+
+/** The apps panel: one row per app, with rates over the last poll. */
+function renderApps(apps, intervalS) {
+  const body = document.querySelector("#apps tbody");
+  if (apps.length === 0) {
+    body.innerHTML = '<tr class="empty"><td colspan="9">No app yet.</td></tr>';
+    return;
+  }
+  body.replaceChildren(...apps.map((app) => {
+    const before = appTotalsBefore.get(app.id);
+    const rate = (key) => (before ? formatCount(Math.max(0, app[key] - before[key]) / intervalS) : "–");
+    appTotalsBefore.set(app.id, app);
+    const row = document.createElement("tr");
+    const cells = [
+      app.id, app.enabled ? "serving" : "disabled", formatCount(app.connections), rate("messages_in"), rate("broadcasts"),
+      rate("deliveries"), formatCount(app.deliveries), formatCount(app.over_quota), formatCount(app.rate_limited),
+    ];
+    for (const [i, text] of cells.entries()) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      if (i >= 2) cell.className = "num";
+      row.append(cell);
+    }
+    row.dataset.app = app.id;
+    return row;
+  }));
 }
 
 /** The cluster panel: shown only when the node is in a cluster (FLUX_REDIS_URL). */

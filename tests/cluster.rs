@@ -551,3 +551,42 @@ fn subscription_counts_are_the_clusters() {
         assert!((1..=3).contains(&seen), "{seen}");
     }
 }
+
+/// Two apps on two nodes: a channel name of one app is not the other's anywhere in the cluster,
+/// and an app's max_connections counts its connections on every node.
+#[test]
+fn apps_stay_apart_across_nodes_and_a_quota_counts_the_cluster() {
+    let Some(redis) = RedisServer::start() else { return };
+    let file = AppsFile::new(
+        "[[apps]]\nid = \"app-id\"\nkey = \"app-key\"\nsecret = \"app-secret\"\nmax_connections = 2\n\n\
+         [[apps]]\nid = \"other\"\nkey = \"other-key\"\nsecret = \"other-secret\"\n",
+    );
+    let config = |id: &str| Config { apps_file: Some(file.0.clone()), ..node_config(&redis, id, 1_000) };
+    let nodes: Vec<Gateway> = ["a", "b"].iter().map(|id| start(&config(id))).collect();
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(|n| sees(n, 1))), "the nodes never met");
+    let (a, b) = (nodes[0].local_addr(), nodes[1].local_addr());
+
+    let mut mine = Client::connect(a);
+    mine.subscribe("chat");
+    let mut theirs = Client::connect_to(b, "other-key");
+    theirs.subscribe("chat");
+    assert!(wait_for_count(a, "chat", 1, Duration::from_secs(5)), "app-id's chat holds one subscriber, not two");
+    let other =
+        flux::pusher::App { id: "other".into(), key: "other-key".into(), secret: "other-secret".into(), subscription_count_events: false };
+    let body = json!({"name": "news", "channel": "chat", "data": "for other"}).to_string();
+    assert_eq!(rest_as(&other, a, "POST", "/apps/other/events", &body, &[]).0, 200);
+    assert_eq!(theirs.next_event()["data"], "for other", "published on a, delivered on b");
+    nothing_more(&mut mine);
+
+    // One of app-id's two connections is on a; once b has heard a's heartbeat, b admits one and
+    // refuses the next.
+    assert!(wait_until(Duration::from_secs(5), || nodes[1].observer().apps().status()[0].counters.connections_elsewhere == 1));
+    let _second = Client::connect(b);
+    let mut third = open(b, "/app/app-key?protocol=7");
+    assert_eq!(close_code(&mut third), Some(4004), "over app-id's max_connections across the cluster");
+    let _other_app_is_free = Client::connect_to(b, "other-key");
+    for node in nodes {
+        node.stop();
+        node.join();
+    }
+}

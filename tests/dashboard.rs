@@ -84,7 +84,10 @@ fn stats_have_their_shape_and_move_after_a_publish() {
             && totals["totals"]["deliveries"] == 1
             && totals["totals"]["websockets"] == 1
             && totals["fanout"]["count"] == 1
+            && totals["apps"][0]["deliveries"] == 1
     }));
+    let app = &get_json(&dashboard, "/api/stats")["apps"][0];
+    assert_eq!((app["id"].as_str(), app["enabled"].as_bool(), app["connections"].as_u64()), (Some("app-id"), Some(true), Some(1)), "{app}");
     // The sampler saw the delivery as a rate in one of its one-second samples.
     assert!(wait_until(Duration::from_secs(5), || {
         let history = get_json(&dashboard, "/api/history");
@@ -204,6 +207,13 @@ fn metrics_are_prometheus_text_with_total_counters() {
     // Without a webhook URL the webhook series are there, at zero.
     assert_eq!(value("flux_webhook_events_total", r#"result="queued""#), 0.0);
     assert_eq!(value("flux_webhook_queue_depth", ""), 0.0);
+    // The same, for the one app.
+    let app = r#"app="app-id""#;
+    assert_eq!(types.get("flux_app_connections").map(String::as_str), Some("gauge"));
+    assert_eq!((value("flux_app_connections", app), value("flux_app_broadcasts_total", app)), (1.0, 1.0));
+    assert_eq!(value("flux_app_deliveries_total", app), 1.0);
+    assert!(value("flux_app_messages_received_total", app) >= 1.0, "the subscribe");
+    assert_eq!((value("flux_app_connections_refused_total", app), value("flux_app_rate_limited_total", app)), (0.0, 0.0));
 }
 
 #[test]

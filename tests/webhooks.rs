@@ -11,18 +11,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::wait_until;
 use common::webhook_receiver::Receiver;
+use flux::apps::{AppConfig, AppWebhook, Apps, WEBHOOK_EVENT_TYPES};
 use flux::config::Config;
 use flux::dashboard::Dashboard;
-use flux::pusher::protocol::SocketId;
+use flux::pusher::protocol::{ChannelName, SocketId};
 use flux::pusher::signature::hmac_matches;
-use flux::webhooks::{Emitted, Retry, WebhookEvent, WebhookSettings, WebhookUrl, Webhooks};
+use flux::pusher::AppIndex;
+use flux::webhooks::{DeliverySettings, Emitted, Retry, WebhookEvent, WebhookUrl, Webhooks};
 use serde_json::Value;
 
-fn settings(url: WebhookUrl) -> WebhookSettings {
-    WebhookSettings {
-        url,
-        app_key: "app-key".into(),
-        app_secret: "app-secret".into(),
+fn settings() -> DeliverySettings {
+    DeliverySettings {
         batch_window: Duration::from_millis(150),
         batch_max: 50,
         queue: 1024,
@@ -32,8 +31,17 @@ fn settings(url: WebhookUrl) -> WebhookSettings {
     }
 }
 
+/// Webhooks delivered as `delivery` says, for the default app, to `url`, wanting every event.
+fn start(delivery: DeliverySettings, url: WebhookUrl) -> Webhooks {
+    let mut app = AppConfig::from_settings(&Config::default());
+    app.webhooks = vec![AppWebhook { url, event_types: WEBHOOK_EVENT_TYPES.iter().map(|t| t.to_string()).collect(), channel_prefix: None }];
+    let webhooks = Webhooks::new(delivery);
+    webhooks.configure(&Apps::new(vec![app])).expect("starts");
+    webhooks
+}
+
 fn occupied(channel: &str) -> WebhookEvent {
-    WebhookEvent::ChannelOccupied { channel: channel.into() }
+    WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), channel) }
 }
 
 fn unix_ms() -> u64 {
@@ -45,14 +53,14 @@ const WAIT: Duration = Duration::from_secs(5);
 #[test]
 fn events_are_posted_batched_and_signed_as_pusher_posts_them() {
     let receiver = Receiver::answering(&[]);
-    let (webhooks, delivery) = Webhooks::start(settings(receiver.url.clone())).expect("starts");
+    let webhooks = start(settings(), receiver.url.clone());
     let before = unix_ms();
     let emitted_at = Instant::now();
     let events = [
         occupied("presence-room"),
-        WebhookEvent::MemberAdded { channel: "presence-room".into(), user_id: "42".into() },
+        WebhookEvent::MemberAdded { channel: ChannelName::new(AppIndex(0), "presence-room"), user_id: "42".into() },
         WebhookEvent::ClientEvent {
-            channel: "presence-room".into(),
+            channel: ChannelName::new(AppIndex(0), "presence-room"),
             event: "client-typing".into(),
             data: r#"{"typing":true}"#.into(),
             socket_id: SocketId { high: 123, low: 456 },
@@ -81,15 +89,13 @@ fn events_are_posted_batched_and_signed_as_pusher_posts_them() {
     let stats = webhooks.stats();
     assert_eq!((stats.counters.events_queued, stats.counters.events_delivered), (3, 3));
     assert_eq!((stats.counters.attempts_failed, stats.counters.retries, stats.queue_depth), (0, 0, 0));
-    delivery.stop();
+    webhooks.stop();
 }
 
 #[test]
 fn a_full_batch_goes_without_waiting_for_the_window() {
     let receiver = Receiver::answering(&[]);
-    let (webhooks, _delivery) =
-        Webhooks::start(WebhookSettings { batch_max: 2, batch_window: Duration::from_secs(30), ..settings(receiver.url.clone()) })
-            .expect("starts");
+    let webhooks = start(DeliverySettings { batch_max: 2, batch_window: Duration::from_secs(30), ..settings() }, receiver.url.clone());
     for n in 0..4 {
         webhooks.emit(occupied(&format!("c{n}")));
     }
@@ -105,7 +111,7 @@ fn a_full_batch_goes_without_waiting_for_the_window() {
 #[test]
 fn a_failed_post_is_retried_after_a_backoff_with_the_same_body() {
     let receiver = Receiver::answering(&[500]);
-    let (webhooks, _delivery) = Webhooks::start(settings(receiver.url.clone())).expect("starts");
+    let webhooks = start(settings(), receiver.url.clone());
     webhooks.emit(occupied("retried"));
     let failed = receiver.next(WAIT);
     let retried = receiver.next(WAIT);
@@ -122,8 +128,7 @@ fn a_refused_connection_is_retried_then_given_up_and_counted() {
     // A port that was just free: connections to it are refused.
     let closed = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
     let url: WebhookUrl = format!("http://{closed}/hooks").parse().expect("a valid URL");
-    let (webhooks, _delivery) =
-        Webhooks::start(WebhookSettings { batch_window: Duration::from_millis(1), ..settings(url) }).expect("starts");
+    let webhooks = start(DeliverySettings { batch_window: Duration::from_millis(1), ..settings() }, url);
     assert_eq!(webhooks.emit(occupied("nobody-listens")), Emitted::Queued);
     assert!(wait_until(WAIT, || webhooks.stats().counters.batches_given_up == 1));
     let c = webhooks.stats().counters;
@@ -138,15 +143,17 @@ fn an_endpoint_that_never_answers_does_not_block_emit_and_drops_are_counted() {
     let url: WebhookUrl = format!("http://{}/hooks", silent.local_addr().expect("its address")).parse().expect("a valid URL");
     let timeout = Duration::from_secs(3);
     let (queue, batch_max) = (16, 4);
-    let (webhooks, delivery) = Webhooks::start(WebhookSettings {
-        batch_window: Duration::from_millis(1),
-        batch_max,
-        queue,
-        timeout,
-        drain: Duration::from_millis(200),
-        ..settings(url)
-    })
-    .expect("starts");
+    let webhooks = start(
+        DeliverySettings {
+            batch_window: Duration::from_millis(1),
+            batch_max,
+            queue,
+            timeout,
+            drain: Duration::from_millis(200),
+            ..settings()
+        },
+        url,
+    );
     // Let the first batch leave, so the thread is stuck in its POST.
     webhooks.emit(occupied("first"));
     assert!(wait_until(WAIT, || webhooks.stats().counters.events_queued == 1 && webhooks.stats().queue_depth == 0));
@@ -170,11 +177,11 @@ fn an_endpoint_that_never_answers_does_not_block_emit_and_drops_are_counted() {
 
     // Stopping is bounded by the POST in flight, whatever is queued.
     let stopping = Instant::now();
-    delivery.stop();
+    webhooks.stop();
     assert!(stopping.elapsed() < timeout + Duration::from_secs(1), "stopped in {:?}", stopping.elapsed());
     let c = webhooks.stats().counters;
     assert_eq!(c.events_given_up, c.events_queued, "every queued event is given up and counted: {c:?}");
-    assert_eq!(webhooks.emit(occupied("late")), Emitted::Dropped, "after the stop, events are dropped");
+    assert_eq!(webhooks.emit(occupied("late")), Emitted::Disabled, "after the stop, events go nowhere");
     drop(silent);
 }
 

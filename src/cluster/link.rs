@@ -25,7 +25,10 @@ use log::{error, info, warn};
 
 use super::state::{ClusterState, NodeEvent, RemoteMember};
 use super::wire::{Body, Envelope, Kept};
-use super::{ClusterError, ClusterLink, ClusterSettings, Delivery, KeptEvent, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE};
+use super::{
+    local_channel, ClusterError, ClusterLink, ClusterSettings, Delivery, KeptEvent, RemoteBroadcast, Shared, CONTROL_QUEUE, EVENT_QUEUE,
+};
+use crate::apps::SharedApps;
 use crate::fanout::directory::OccupancyBatch;
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
@@ -107,13 +110,14 @@ pub struct PreparedCluster {
 
 impl Cluster {
     /// Checks the settings and makes the queues; nothing connects yet.
-    pub fn prepare(settings: ClusterSettings) -> Result<PreparedCluster, ClusterError> {
+    pub fn prepare(settings: ClusterSettings, apps: SharedApps) -> Result<PreparedCluster, ClusterError> {
         let client = redis::Client::open(settings.redis_url.as_str()).map_err(ClusterError::Url)?;
         let (events_tx, events) = bounded(EVENT_QUEUE);
         let (inputs_tx, inputs) = bounded(EVENT_QUEUE);
         let link = ClusterLink {
             node: settings.node_id.clone(),
             incarnation: fastrand::u64(..),
+            apps,
             kept_prefix: settings.kept_prefix().into(),
             events: events_tx,
             inputs: inputs_tx,
@@ -196,6 +200,7 @@ impl PreparedCluster {
             requests: load_requests,
             peers: peers.clone(),
             pool: pool.clone(),
+            apps: link.apps.clone(),
             shared: link.shared.clone(),
             stop: stop.clone(),
         };
@@ -209,13 +214,30 @@ impl PreparedCluster {
             pool,
             inputs: link.inputs.clone(),
             load,
+            apps: link.apps.clone(),
             shared: link.shared.clone(),
             stop: stop.clone(),
         };
         threads.push(spawn("flux-cluster-in", Box::new(move || subscriber.run()))?);
-        let state = ClusterState::new(settings.node_id.clone(), link.incarnation, addr, peers.len(), settings.node_timeout, Instant::now());
-        let machine =
-            StateThread { state, inputs, control: control_tx, peers, shared: link.shared.clone(), stop: stop.clone(), connections };
+        let state = ClusterState::new(
+            settings.node_id.clone(),
+            link.incarnation,
+            link.apps.clone(),
+            addr,
+            peers.len(),
+            settings.node_timeout,
+            Instant::now(),
+        );
+        let machine = StateThread {
+            state,
+            inputs,
+            control: control_tx,
+            peers,
+            shared: link.shared.clone(),
+            stop: stop.clone(),
+            connections,
+            apps: link.apps.clone(),
+        };
         threads.push(spawn("flux-cluster", Box::new(move || machine.run()))?);
         Ok(Cluster { stop, stop_publisher, threads, publisher })
     }
@@ -382,6 +404,8 @@ struct Subscriber<M> {
     inputs: crossbeam_channel::Sender<Input>,
     /// Asks the loader to read the cache channels' events back.
     load: Sender<()>,
+    /// The node's apps, to find a channel's app by its id.
+    apps: SharedApps,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
 }
@@ -436,9 +460,10 @@ impl<M: From<Delivery>> Subscriber<M> {
         stats.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         match envelope.body {
             Body::Broadcast { channel, except, published_at_us, message } => {
-                let owner = owner_of(channel, self.peers.len());
+                let Some(channel) = local_channel(&self.apps.load(), channel) else { return };
+                let owner = owner_of(&channel, self.peers.len());
                 let broadcast = RemoteBroadcast {
-                    channel: channel.into(),
+                    channel,
                     except: except.map(|(high, low)| SocketId { high, low }),
                     frame: text_frame(&self.pool, message),
                     published_at_us,
@@ -446,12 +471,14 @@ impl<M: From<Delivery>> Subscriber<M> {
                 self.hand_to(owner, Delivery::Broadcast(broadcast));
             }
             Body::CacheMiss { channel } => {
-                self.hand_to(owner_of(channel, self.peers.len()), Delivery::CacheMiss(channel.into()));
+                let Some(channel) = local_channel(&self.apps.load(), channel) else { return };
+                self.hand_to(owner_of(&channel, self.peers.len()), Delivery::CacheMiss(channel));
             }
-            Body::Terminate { user_id } => {
+            Body::Terminate { app, user_id } => {
+                let Some((app, _)) = self.apps.load().by_id(app).map(|(index, config)| (index, config.clone())) else { return };
                 let user: Arc<str> = user_id.into();
                 for worker in 0..self.peers.len() {
-                    self.hand_to(WorkerId(worker), Delivery::Terminate(user.clone()));
+                    self.hand_to(WorkerId(worker), Delivery::Terminate(app, user.clone()));
                 }
             }
             _ => {
@@ -495,6 +522,8 @@ struct Loader<M> {
     peers: Peers<M>,
     /// Frames the events (then copied exact-size, as the workers keep them).
     pool: FramePool,
+    /// The node's apps, to find a channel's app by its id.
+    apps: SharedApps,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
 }
@@ -562,8 +591,10 @@ impl<M: From<Delivery>> Loader<M> {
             Err(_) if *ttl_ms == -1 => self.ttl,
             Err(_) => return None,
         };
+        // `{prefix}{app id}:{channel}`: channel names hold no colon, app ids may.
+        let channel = local_channel(&self.apps.load(), key.strip_prefix(&self.prefix)?.rsplit_once(':')?)?;
         Some(KeptEvent {
-            channel: key.strip_prefix(&self.prefix)?.into(),
+            channel,
             frame: Bytes::copy_from_slice(&text_frame(&self.pool, kept.message)),
             published_at_us: kept.published_at_us,
             remaining,
@@ -579,6 +610,8 @@ struct StateThread<M, F> {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     connections: F,
+    /// The node's apps: their connections go out in heartbeats, and theirs elsewhere come in.
+    apps: SharedApps,
 }
 
 impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
@@ -599,8 +632,18 @@ impl<M: From<Delivery>, F: Fn() -> u64> StateThread<M, F> {
             }
             let now = Instant::now();
             if self.state.poll_timeout() <= now {
-                self.state.set_connections((self.connections)());
+                let apps = self.apps.load();
+                let per_app = apps.status().into_iter().map(|app| (app.id, app.counters.connections)).collect();
+                self.state.set_connections((self.connections)(), per_app);
                 self.state.handle_timeout(now);
+                // Each app's connections on the other nodes, for its cluster-wide max_connections.
+                let elsewhere = self.state.remote_app_connections();
+                for (index, app) in apps.iter() {
+                    if let Some(cells) = apps.cells(index) {
+                        let count = elsewhere.get(app.app.id.as_str()).copied().unwrap_or(0);
+                        cells.connections_elsewhere.store(count, Ordering::Relaxed);
+                    }
+                }
             }
             self.transmit(now);
             self.hand_out();

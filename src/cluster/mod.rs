@@ -19,9 +19,13 @@
 //! Cache channels: every node reads every event, so each keeps every cache channel's last event
 //! as it goes by. A node that was not there to see one (it started later, or its link was down)
 //! finds it in Redis: the publishing node also stores each cache channel's event under
-//! `{prefix}:cache:{channel}` with the cache TTL (`SET ... PX`, in the same pipeline as its
+//! `{prefix}:cache:{app id}:{channel}` with the cache TTL (`SET ... PX`, in the same pipeline as its
 //! `PUBLISH`), and a node reads them all back (`SCAN`) each time its subscription to the
 //! cluster's channel is (re)made, so it misses none published meanwhile. Redis expires them.
+//!
+//! Apps: nodes may number their apps differently (an app added by a reload takes the next
+//! free number), so a channel travels as its app's id and its name, and each node finds its own
+//! app by the id. A channel of an app this node does not serve is not its business.
 
 mod link;
 pub mod state;
@@ -35,13 +39,15 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 use serde::Serialize;
 
+use crate::apps::{Apps, SharedApps};
 use crate::config::Config;
 use crate::fanout::directory::OccupancyBatch;
 use crate::metrics::LatencySummary;
 use crate::pusher::protocol::{ChannelName, SocketId};
+use crate::pusher::AppIndex;
 pub use link::Cluster;
 pub use state::{NodeId, RemoteMember};
-use wire::{Body, Envelope, Kept};
+use wire::{Body, Channel, Envelope, Kept};
 
 /// Broadcasts waiting to be published on Redis; past this they are dropped and counted.
 pub const EVENT_QUEUE: usize = 65_536;
@@ -96,8 +102,8 @@ impl ClusterSettings {
         format!("{}:bus", self.prefix)
     }
 
-    /// The start of the Redis keys that hold the cache channels' last events: the channel's
-    /// name follows.
+    /// The start of the Redis keys that hold the cache channels' last events: the app's id, a
+    /// colon and the channel's name follow (channel names hold no colon).
     pub fn kept_prefix(&self) -> String {
         format!("{}:cache:", self.prefix)
     }
@@ -110,8 +116,8 @@ pub enum Delivery {
     Broadcast(RemoteBroadcast),
     /// The other nodes' subscription counts for the channels where they changed.
     Occupancy(Arc<[(ChannelName, u32)]>),
-    /// Close this user's connections.
-    Terminate(Arc<str>),
+    /// Close the connections of this user of this app.
+    Terminate(AppIndex, Arc<str>),
     /// Users whose presence on the other nodes changed, in channels this worker owns.
     Presence(Arc<[RemoteMember]>),
     /// The live nodes, this one included, sorted: who reports which channel's webhooks.
@@ -133,6 +139,17 @@ pub fn reporter_of<'n>(channel: &str, nodes: &'n [NodeId]) -> Option<&'n NodeId>
         key.extend_from_slice(node.as_bytes());
         xxhash_rust::xxh3::xxh3_64(&key)
     })
+}
+
+/// How a channel of this node travels: its app's id and its name (`None` if its app was removed).
+fn wire_channel<'a>(apps: &'a Apps, channel: &'a ChannelName) -> Option<Channel<'a>> {
+    Some((apps.get(channel.app())?.app.id.as_str(), channel))
+}
+
+/// This node's channel for one that travelled (`None` for an app this node does not serve).
+fn local_channel(apps: &Apps, (app_id, name): Channel<'_>) -> Option<ChannelName> {
+    let (index, _) = apps.by_id(app_id)?;
+    Some(ChannelName::new(index, name))
 }
 
 /// An event from another node.
@@ -238,6 +255,7 @@ struct Shared {
 pub struct ClusterLink {
     node: NodeId,
     incarnation: u64,
+    apps: SharedApps,
     /// `{prefix}:cache:`, the start of a cache channel's key in Redis.
     kept_prefix: Arc<str>,
     events: Sender<link::Outgoing>,
@@ -247,25 +265,37 @@ pub struct ClusterLink {
 
 impl ClusterLink {
     /// Publishes an event to the other nodes: one Redis message, whatever their number.
-    pub fn broadcast(&self, channel: &str, except: Option<SocketId>, message: &str, published_at_us: u64) {
-        self.publish(Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message });
+    pub fn broadcast(&self, channel: &ChannelName, except: Option<SocketId>, message: &str, published_at_us: u64) {
+        let apps = self.apps.load();
+        if let Some(channel) = wire_channel(&apps, channel) {
+            self.publish(Body::Broadcast { channel, except: except.map(|s| (s.high, s.low)), published_at_us, message });
+        }
     }
 
     /// Stores a cache channel's last event (just broadcast) in Redis for the cache TTL, for the
     /// nodes that were not there to see it.
-    pub fn keep(&self, channel: &str, message: &str, published_at_us: u64) {
-        let key = format!("{}{channel}", self.kept_prefix);
-        self.queue(link::Outgoing::Keep { key, value: Kept { published_at_us, message }.encode() });
+    pub fn keep(&self, channel: &ChannelName, message: &str, published_at_us: u64) {
+        let apps = self.apps.load();
+        if let Some((app_id, name)) = wire_channel(&apps, channel) {
+            let key = format!("{}{app_id}:{name}", self.kept_prefix);
+            self.queue(link::Outgoing::Keep { key, value: Kept { published_at_us, message }.encode() });
+        }
     }
 
     /// Tells the node that reports `channel`'s webhooks that a subscriber here found no event.
-    pub fn cache_miss(&self, channel: &str) {
-        self.publish(Body::CacheMiss { channel });
+    pub fn cache_miss(&self, channel: &ChannelName) {
+        let apps = self.apps.load();
+        if let Some(channel) = wire_channel(&apps, channel) {
+            self.publish(Body::CacheMiss { channel });
+        }
     }
 
-    /// Closes a user's connections on the other nodes.
-    pub fn terminate(&self, user_id: &str) {
-        self.publish(Body::Terminate { user_id });
+    /// Closes the connections of a user of `app` on the other nodes.
+    pub fn terminate(&self, app: AppIndex, user_id: &str) {
+        let apps = self.apps.load();
+        if let Some(app) = apps.get(app) {
+            self.publish(Body::Terminate { app: &app.app.id, user_id });
+        }
     }
 
     /// Queues `body` for Redis behind the other events.

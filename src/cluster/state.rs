@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use indexmap::{IndexMap, IndexSet};
 use log::warn;
 
-use super::wire::{Body, Count, Envelope, MemberChange};
-use super::PeerStatus;
+use super::wire::{Body, Channel, Count, Envelope, MemberChange};
+use super::{local_channel, wire_channel, PeerStatus};
+use crate::apps::SharedApps;
 use crate::fanout::directory::{Directory, OccupancyBatch};
-use crate::pusher::protocol::ChannelName;
+use crate::pusher::protocol::{ChannelKey, ChannelMap, ChannelName};
 
 /// A node's id (`FLUX_NODE_ID`).
 pub type NodeId = Arc<str>;
@@ -63,11 +64,13 @@ struct Peer {
     next_seq: Option<u64>,
     /// When it was last asked for a snapshot.
     asked_at: Option<Instant>,
-    counts: HashMap<ChannelName, u32>,
+    counts: ChannelMap<u32>,
     /// Presence members with a connection on it: channel, user, user_info.
-    members: HashMap<ChannelName, HashMap<String, String>>,
+    members: ChannelMap<HashMap<String, String>>,
     addr: String,
     connections: u64,
+    /// Its open connections per app id, as of its last heartbeat.
+    app_connections: HashMap<String, u64>,
 }
 
 impl Peer {
@@ -78,10 +81,11 @@ impl Peer {
             last_heard: now,
             next_seq: None,
             asked_at: None,
-            counts: HashMap::new(),
-            members: HashMap::new(),
+            counts: ChannelMap::default(),
+            members: ChannelMap::default(),
             addr: String::new(),
             connections: 0,
+            app_connections: HashMap::new(),
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct RemoteMember {
 #[derive(Debug)]
 pub struct ClusterState {
     me: NodeId,
+    /// The node's apps: channels travel named by their app's id, not this node's index of it.
+    apps: SharedApps,
     incarnation: u64,
     addr: String,
     timeout: Duration,
@@ -110,7 +116,7 @@ pub struct ClusterState {
     /// Channels whose count on this node changed since the last state message.
     local_changed: IndexSet<ChannelName>,
     /// Presence members with a connection on this node: channel, user, user_info.
-    local_members: HashMap<ChannelName, HashMap<String, String>>,
+    local_members: ChannelMap<HashMap<String, String>>,
     /// Presence changes on this node since the last state message, in order.
     local_member_changes: Vec<(ChannelName, String, Option<String>)>,
     /// The sequence number of the last state message this node sent.
@@ -122,12 +128,14 @@ pub struct ClusterState {
     /// When `handle_timeout` last ran, to notice that this process itself was frozen.
     last_tick: Instant,
     connections: u64,
+    /// This node's open connections per app id, for its heartbeats.
+    app_connections: Vec<(String, u64)>,
     peers: HashMap<NodeId, Peer>,
     /// Subscriptions per channel on every other node together.
-    remote: HashMap<ChannelName, u32>,
+    remote: ChannelMap<u32>,
     remote_changed: IndexSet<ChannelName>,
     /// Per presence channel and user: how many other nodes hold them, and the latest user_info.
-    remote_members: HashMap<ChannelName, HashMap<String, (u32, String)>>,
+    remote_members: ChannelMap<HashMap<String, (u32, String)>>,
     /// Users whose remote presence changed since the last poll, each with whether they were
     /// present before the first of those changes (so a leave and return within one poll, as in
     /// a resync, is no change at all).
@@ -139,17 +147,19 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// The view of node `me` (this run: `incarnation`), whose clients connect at `addr`, of a
-    /// node of `workers` workers, with nodes declared dead after `timeout` of silence.
-    pub fn new(me: NodeId, incarnation: u64, addr: String, workers: usize, timeout: Duration, now: Instant) -> Self {
+    /// The view of node `me` (this run: `incarnation`) serving `apps`, whose clients connect at
+    /// `addr`, of a node of `workers` workers, with nodes declared dead after `timeout` of
+    /// silence.
+    pub fn new(me: NodeId, incarnation: u64, apps: SharedApps, addr: String, workers: usize, timeout: Duration, now: Instant) -> Self {
         ClusterState {
             me,
+            apps,
             incarnation,
             addr,
             timeout,
             local: Directory::new(workers),
             local_changed: IndexSet::new(),
-            local_members: HashMap::new(),
+            local_members: ChannelMap::default(),
             local_member_changes: Vec::new(),
             last_seq: 0,
             snapshot_due: false,
@@ -157,10 +167,11 @@ impl ClusterState {
             next_heartbeat: now,
             last_tick: now,
             connections: 0,
+            app_connections: Vec::new(),
             peers: HashMap::new(),
-            remote: HashMap::new(),
+            remote: ChannelMap::default(),
             remote_changed: IndexSet::new(),
-            remote_members: HashMap::new(),
+            remote_members: ChannelMap::default(),
             remote_members_changed: IndexMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
@@ -225,9 +236,19 @@ impl ClusterState {
         }
     }
 
-    /// This node's open connections, for its heartbeats.
-    pub fn set_connections(&mut self, connections: u64) {
+    /// This node's open connections, in all and per app id, for its heartbeats.
+    pub fn set_connections(&mut self, connections: u64, per_app: Vec<(String, u64)>) {
         self.connections = connections;
+        self.app_connections = per_app;
+    }
+
+    /// Every other live node's open connections per app id, added up.
+    pub fn remote_app_connections(&self) -> HashMap<&str, u64> {
+        let mut sums = HashMap::new();
+        for (app, count) in self.peers.values().flat_map(|peer| peer.app_connections.iter()) {
+            *sums.entry(app.as_str()).or_insert(0) += count;
+        }
+        sums
     }
 
     /// A message from Redis (this node's own come back too, and are ignored).
@@ -244,10 +265,11 @@ impl ClusterState {
         match &envelope.body {
             // Handed straight to the workers by the thread that reads them.
             Body::Broadcast { .. } | Body::Terminate { .. } | Body::CacheMiss { .. } => {}
-            Body::Heartbeat { addr, connections, last_seq } => {
+            Body::Heartbeat { addr, connections, last_seq, apps } => {
                 peer.addr.clear();
                 peer.addr.push_str(addr);
                 peer.connections = *connections;
+                peer.app_connections = apps.iter().map(|&(app, count)| (app.to_string(), count)).collect();
                 if peer.next_seq.is_none_or(|next| *last_seq >= next) {
                     self.ask_sync(&node, now);
                 }
@@ -308,52 +330,58 @@ impl ClusterState {
         self.send(Body::SyncRequest { target: Some(node) });
     }
 
+    /// This node's name for a channel of the wire, found among those already known (so it is
+    /// shared, not allocated again); `None` for an app this node does not serve.
+    fn known<V>(&self, known: &ChannelMap<V>, channel: Channel<'_>) -> Option<ChannelName> {
+        let apps = self.apps.load();
+        let (index, _) = apps.by_id(channel.0)?;
+        match known.get_key_value(&ChannelKey::new(index, channel.1)) {
+            Some((name, _)) => Some(name.clone()),
+            None => local_channel(&apps, channel),
+        }
+    }
+
     fn apply_counts(&mut self, node: &NodeId, counts: &[Count<'_>]) {
         for &(channel, count) in counts {
-            self.set_count(node, channel, count);
+            if let Some(channel) = self.known(&self.remote, channel) {
+                self.set_count(node, channel, count);
+            }
         }
     }
 
     /// Sets `node`'s count for `channel`, and the cluster's remote total with it.
-    fn set_count(&mut self, node: &NodeId, channel: &str, count: u32) {
+    fn set_count(&mut self, node: &NodeId, name: ChannelName, count: u32) {
         let Some(peer) = self.peers.get_mut(node) else { return };
-        let name: ChannelName = match self.remote.get_key_value(channel) {
-            Some((name, _)) => name.clone(),
-            None => channel.into(),
-        };
-        let before =
-            if count == 0 { peer.counts.remove(channel).unwrap_or(0) } else { peer.counts.insert(name.clone(), count).unwrap_or(0) };
+        let before = if count == 0 { peer.counts.remove(&name).unwrap_or(0) } else { peer.counts.insert(name.clone(), count).unwrap_or(0) };
         if before == count {
             return;
         }
         let total = self.remote.entry(name.clone()).or_insert(0);
         *total = (*total + count).saturating_sub(before);
         if *total == 0 {
-            self.remote.remove(channel);
+            self.remote.remove(&name);
         }
         self.remote_changed.insert(name);
     }
 
     fn apply_members(&mut self, node: &NodeId, members: &[MemberChange<'_>]) {
         for &(channel, user_id, user_info) in members {
-            self.set_member(node, channel, user_id, user_info);
+            if let Some(channel) = self.known(&self.remote_members, channel) {
+                self.set_member(node, channel, user_id, user_info);
+            }
         }
     }
 
     /// Sets whether `node` holds `user_id` in `channel`, and the cluster's remote roster with it.
-    fn set_member(&mut self, node: &NodeId, channel: &str, user_id: &str, user_info: Option<&str>) {
+    fn set_member(&mut self, node: &NodeId, name: ChannelName, user_id: &str, user_info: Option<&str>) {
         let Some(peer) = self.peers.get_mut(node) else { return };
-        let name: ChannelName = match self.remote_members.get_key_value(channel) {
-            Some((name, _)) => name.clone(),
-            None => channel.into(),
-        };
         let held = peer.members.entry(name.clone()).or_default();
         let was_held = match user_info {
             Some(info) => held.insert(user_id.to_string(), info.to_string()).is_some(),
             None => held.remove(user_id).is_some(),
         };
         if held.is_empty() {
-            peer.members.remove(channel);
+            peer.members.remove(&name);
         }
         let users = self.remote_members.entry(name.clone()).or_default();
         // Only a user's first node and last node change the cluster's roster as seen from here.
@@ -381,7 +409,7 @@ impl ClusterState {
             (false, None) => false,
         };
         if users.is_empty() {
-            self.remote_members.remove(channel);
+            self.remote_members.remove(&name);
         }
         if transition {
             let present_now = user_info.is_some();
@@ -396,10 +424,10 @@ impl ClusterState {
         let members: Vec<(ChannelName, String)> =
             peer.members.iter().flat_map(|(channel, users)| users.keys().map(move |user| (channel.clone(), user.clone()))).collect();
         for channel in held {
-            self.set_count(node, &channel, 0);
+            self.set_count(node, channel, 0);
         }
         for (channel, user_id) in members {
-            self.set_member(node, &channel, &user_id, None);
+            self.set_member(node, channel, &user_id, None);
         }
     }
 
@@ -436,7 +464,8 @@ impl ClusterState {
         }
         if self.next_heartbeat <= now {
             self.next_heartbeat = now + self.heartbeat_every();
-            let heartbeat = Body::Heartbeat { addr: &self.addr, connections: self.connections, last_seq: self.last_seq };
+            let apps = self.app_connections.iter().map(|(app, count)| (app.as_str(), *count)).collect();
+            let heartbeat = Body::Heartbeat { addr: &self.addr, connections: self.connections, last_seq: self.last_seq, apps };
             let bytes = Envelope { node: &self.me, incarnation: self.incarnation, body: heartbeat }.encode();
             self.transmit.push_back(bytes);
         }
@@ -444,25 +473,32 @@ impl ClusterState {
 
     /// Sends this node's changes, or everything it holds when a snapshot is due.
     fn flush(&mut self) {
+        let apps = self.apps.load();
         if self.snapshot_due {
             self.snapshot_due = false;
             self.local_changed.clear();
             self.local_member_changes.clear();
             self.last_seq += 1;
-            let counts: Vec<Count<'_>> = self.local.local_channels().collect();
+            let counts: Vec<Count<'_>> =
+                self.local.local_channels().filter_map(|(channel, count)| Some((wire_channel(&apps, channel)?, count))).collect();
             let members: Vec<MemberChange<'_>> = self
                 .local_members
                 .iter()
-                .flat_map(|(channel, users)| users.iter().map(move |(user, info)| (&**channel, user.as_str(), Some(info.as_str()))))
+                .filter_map(|(channel, users)| Some((wire_channel(&apps, channel)?, users)))
+                .flat_map(|(channel, users)| users.iter().map(move |(user, info)| (channel, user.as_str(), Some(info.as_str()))))
                 .collect();
             let body = Body::Snapshot { seq: self.last_seq, counts, members };
             self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
         } else if !self.local_changed.is_empty() || !self.local_member_changes.is_empty() {
             self.last_seq += 1;
             let local = &self.local;
-            let counts: Vec<Count<'_>> = self.local_changed.iter().map(|c| (&**c, local.local_count(c))).collect();
-            let members: Vec<MemberChange<'_>> =
-                self.local_member_changes.iter().map(|(channel, user, info)| (&**channel, user.as_str(), info.as_deref())).collect();
+            let counts: Vec<Count<'_>> =
+                self.local_changed.iter().filter_map(|c| Some((wire_channel(&apps, c)?, local.local_count(c.key())))).collect();
+            let members: Vec<MemberChange<'_>> = self
+                .local_member_changes
+                .iter()
+                .filter_map(|(channel, user, info)| Some((wire_channel(&apps, channel)?, user.as_str(), info.as_deref())))
+                .collect();
             let body = Body::Delta { seq: self.last_seq, counts, members };
             self.transmit.push_back(Envelope { node: &self.me, incarnation: self.incarnation, body }.encode());
             self.local_changed.clear();
@@ -549,19 +585,22 @@ impl ClusterState {
     /// Subscriptions to `channel` on the other nodes together.
     #[cfg(test)]
     fn remote_count(&self, channel: &str) -> u32 {
-        self.remote.get(channel).copied().unwrap_or(0)
+        self.remote.get(&ChannelKey::new(crate::pusher::AppIndex(0), channel)).copied().unwrap_or(0)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apps::{AppConfig, Apps};
+    use crate::config::Config;
     use crate::fanout::WorkerId;
+    use crate::pusher::AppIndex;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
     fn node(id: &str, incarnation: u64, t0: Instant) -> ClusterState {
-        let mut state = ClusterState::new(id.into(), incarnation, format!("{id}:6001"), 2, TIMEOUT, t0);
+        let mut state = ClusterState::new(id.into(), incarnation, two_apps(), format!("{id}:6001"), 2, TIMEOUT, t0);
         state.handle_link_up(t0);
         state
     }
@@ -581,8 +620,20 @@ mod tests {
         }
     }
 
+    /// The node's default app (index 0) and a second one, "other".
+    fn two_apps() -> SharedApps {
+        let default = AppConfig::from_settings(&Config::default());
+        let mut other = default.clone();
+        (other.app.id, other.app.key) = ("other".into(), "other-key".into());
+        Arc::new(arc_swap::ArcSwap::from_pointee(Apps::new(vec![default, other])))
+    }
+
+    fn chan(name: &str) -> ChannelName {
+        ChannelName::new(AppIndex(0), name)
+    }
+
     fn occupancy(worker: usize, counts: &[(&str, u32)]) -> OccupancyBatch {
-        OccupancyBatch { worker: WorkerId(worker), counts: counts.iter().map(|&(c, n)| (ChannelName::from(c), n)).collect() }
+        OccupancyBatch { worker: WorkerId(worker), counts: counts.iter().map(|&(c, n)| (chan(c), n)).collect() }
     }
 
     /// Runs every node's timers and carries each one's messages to all the others (as Redis
@@ -610,11 +661,25 @@ mod tests {
         settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!((b.remote_count("chat"), b.remote_count("news")), (5, 1));
         let changed = b.poll_remote_counts().expect("changes");
-        assert!(changed.contains(&("chat".into(), 5)) && changed.contains(&("news".into(), 1)), "{changed:?}");
+        assert!(changed.contains(&(chan("chat"), 5)) && changed.contains(&(chan("news"), 1)), "{changed:?}");
         a.handle_local_occupancy(&occupancy(0, &[("chat", 0), ("news", 0)]), t0 + FLUSH_EVERY);
         settle(&mut [&mut a, &mut b], t0 + 2 * FLUSH_EVERY);
         assert_eq!((b.remote_count("chat"), b.remote_count("news")), (3, 0));
         assert_eq!(a.remote_count("chat"), 0, "a's own counts are not remote to it");
+    }
+
+    #[test]
+    fn the_same_channel_name_in_two_apps_is_counted_apart_across_nodes() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
+        settle(&mut [&mut a, &mut b], t0);
+        let others_chat = ChannelName::new(AppIndex(1), "chat");
+        let batch = OccupancyBatch { worker: WorkerId(0), counts: vec![(chan("chat"), 2), (others_chat.clone(), 7)].into() };
+        a.handle_local_occupancy(&batch, t0);
+        settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
+        let mut changed = b.poll_remote_counts().expect("changes");
+        changed.sort();
+        assert_eq!(changed, [(chan("chat"), 2), (others_chat, 7)]);
     }
 
     #[test]
@@ -636,8 +701,26 @@ mod tests {
         b.handle_timeout(t0 + FLUSH_EVERY + TIMEOUT);
         assert_eq!(b.remote_count("chat"), 0);
         assert_eq!(b.poll_event(), Some(NodeEvent::Died("a".into())));
-        assert_eq!(b.poll_remote_counts(), Some(vec![("chat".into(), 0)]));
+        assert_eq!(b.poll_remote_counts(), Some(vec![(chan("chat"), 0)]));
         assert!(b.nodes(now).is_empty());
+    }
+
+    #[test]
+    fn heartbeats_carry_each_apps_connections_and_a_dead_nodes_leave_the_sums() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
+        a.set_connections(7, vec![("app-id".into(), 5), ("other".into(), 2)]);
+        b.set_connections(3, vec![("app-id".into(), 3)]);
+        settle(&mut [&mut a, &mut b, &mut c], t0);
+        let sums = c.remote_app_connections();
+        assert_eq!((sums.get("app-id"), sums.get("other")), (Some(&8), Some(&2)));
+        assert_eq!(a.remote_app_connections().get("app-id"), Some(&3), "a node's own are not remote to it");
+        // b goes silent; a and c keep beating.
+        for step in 1..=11 {
+            settle(&mut [&mut a, &mut c], t0 + TIMEOUT * step / 10 + Duration::from_millis(1));
+        }
+        assert_eq!(c.nodes(t0 + TIMEOUT * 2).len(), 1, "b is dead");
+        assert_eq!(c.remote_app_connections().get("app-id"), Some(&5), "b's died with it");
     }
 
     #[test]
@@ -746,7 +829,7 @@ mod tests {
     }
 
     fn member(channel: &str, user: &str, info: Option<&str>) -> RemoteMember {
-        RemoteMember { channel: channel.into(), user_id: user.into(), user_info: info.map(str::to_string) }
+        RemoteMember { channel: chan(channel), user_id: user.into(), user_info: info.map(str::to_string) }
     }
 
     #[test]
@@ -754,17 +837,17 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b, mut c) = (node("a", 1, t0), node("b", 2, t0), node("c", 3, t0));
         let (p, info) = ("presence-guild", r#"{"name":"Ann"}"#);
-        a.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0);
+        a.handle_local_presence(chan(p), "ann".into(), Some(info.into()), t0);
         settle(&mut [&mut a, &mut b, &mut c], t0 + FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]));
-        b.handle_local_presence(p.into(), "ann".into(), Some(info.into()), t0 + FLUSH_EVERY);
+        b.handle_local_presence(chan(p), "ann".into(), Some(info.into()), t0 + FLUSH_EVERY);
         settle(&mut [&mut a, &mut b, &mut c], t0 + 2 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), None, "a second node holding ann changes nothing for c");
         assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", Some(info))]), "a learns ann is on b too");
-        a.handle_local_presence(p.into(), "ann".into(), None, t0 + 2 * FLUSH_EVERY);
+        a.handle_local_presence(chan(p), "ann".into(), None, t0 + 2 * FLUSH_EVERY);
         settle(&mut [&mut a, &mut b, &mut c], t0 + 3 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), None, "still on b");
-        b.handle_local_presence(p.into(), "ann".into(), None, t0 + 3 * FLUSH_EVERY);
+        b.handle_local_presence(chan(p), "ann".into(), None, t0 + 3 * FLUSH_EVERY);
         settle(&mut [&mut a, &mut b, &mut c], t0 + 4 * FLUSH_EVERY);
         assert_eq!(c.poll_remote_members(), Some(vec![member(p, "ann", None)]));
         assert_eq!(a.poll_remote_members(), Some(vec![member(p, "ann", None)]));
@@ -774,8 +857,8 @@ mod tests {
     fn a_dead_nodes_members_leave_and_a_resync_does_not_flap_them() {
         let t0 = Instant::now();
         let (mut a, mut b) = (node("a", 1, t0), node("b", 2, t0));
-        a.handle_local_presence("presence-x".into(), "u1".into(), Some("null".into()), t0);
-        a.handle_local_presence("presence-x".into(), "u2".into(), Some("null".into()), t0);
+        a.handle_local_presence(chan("presence-x"), "u1".into(), Some("null".into()), t0);
+        a.handle_local_presence(chan("presence-x"), "u2".into(), Some("null".into()), t0);
         settle(&mut [&mut a, &mut b], t0 + FLUSH_EVERY);
         assert_eq!(b.poll_remote_members().map(|m| m.len()), Some(2));
         b.handle_link_up(t0 + FLUSH_EVERY);

@@ -20,12 +20,16 @@ pub struct Envelope<'a> {
     pub body: Body<'a>,
 }
 
+/// A channel as nodes name it: `(app id, channel name)`. Nodes may number their apps
+/// differently; the id is the app's name everywhere.
+pub type Channel<'a> = (&'a str, &'a str);
+
 /// A channel's subscription count on the sending node.
-pub type Count<'a> = (&'a str, u32);
+pub type Count<'a> = (Channel<'a>, u32);
 
 /// A user's presence in a presence channel on the sending node: `(channel, user_id, user_info)`,
 /// where the info (raw JSON) is `None` once the user has no connection there any more.
-pub type MemberChange<'a> = (&'a str, &'a str, Option<&'a str>);
+pub type MemberChange<'a> = (Channel<'a>, &'a str, Option<&'a str>);
 
 /// What a node says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +37,8 @@ pub enum Body<'a> {
     /// An event for the subscribers of `channel` on every other node.
     Broadcast {
         /// The channel.
-        channel: &'a str,
+        #[serde(borrow)]
+        channel: Channel<'a>,
         /// A socket that must not receive it (`(high, low)` of its socket id).
         except: Option<(u32, u32)>,
         /// When it was published, in microseconds since the Unix epoch, for the cross-node
@@ -44,6 +49,8 @@ pub enum Body<'a> {
     },
     /// Close every connection signed in as this user (REST `terminate_connections`).
     Terminate {
+        /// The user's app (its id).
+        app: &'a str,
         /// The user.
         user_id: &'a str,
     },
@@ -56,6 +63,9 @@ pub enum Body<'a> {
         /// The sequence number of the last state message it sent (0: none yet), so a receiver
         /// that missed one knows.
         last_seq: u64,
+        /// Its open connections per app (by id), for the apps' cluster-wide `max_connections`.
+        #[serde(borrow)]
+        apps: Vec<(&'a str, u64)>,
     },
     /// What changed on the sender since its previous state message.
     Delta {
@@ -88,7 +98,8 @@ pub enum Body<'a> {
     /// upgraded.)
     CacheMiss {
         /// The cache channel.
-        channel: &'a str,
+        #[serde(borrow)]
+        channel: Channel<'a>,
     },
 }
 
@@ -146,18 +157,18 @@ mod tests {
     #[test]
     fn every_body_round_trips() {
         round_trip(Body::Broadcast {
-            channel: "chat",
+            channel: ("app", "chat"),
             except: Some((1, 2)),
             published_at_us: 1_700_000_000_000_000,
             message: r#"{"event":"e","channel":"chat","data":"{}"}"#,
         });
-        round_trip(Body::Terminate { user_id: "u1" });
-        round_trip(Body::CacheMiss { channel: "cache-price" });
-        round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9 });
+        round_trip(Body::Terminate { app: "app", user_id: "u1" });
+        round_trip(Body::CacheMiss { channel: ("app", "cache-price") });
+        round_trip(Body::Heartbeat { addr: "127.0.0.1:6001", connections: 7, last_seq: 9, apps: vec![("app-a", 5), ("app-b", 2)] });
         round_trip(Body::Delta {
             seq: 3,
-            counts: vec![("a", 1), ("b", 0)],
-            members: vec![("presence-a", "u1", Some(r#"{"name":"Ann"}"#)), ("presence-a", "u2", None)],
+            counts: vec![(("app", "a"), 1), (("app", "b"), 0)],
+            members: vec![(("app", "presence-a"), "u1", Some(r#"{"name":"Ann"}"#)), (("app", "presence-a"), "u2", None)],
         });
         round_trip(Body::Snapshot { seq: 4, counts: vec![], members: vec![] });
         round_trip(Body::SyncRequest { target: None });
@@ -171,7 +182,7 @@ mod tests {
         let envelope = Envelope {
             node: "n1",
             incarnation: u64::MAX,
-            body: Body::Broadcast { channel: "chat", except: None, published_at_us: u64::MAX, message: &message },
+            body: Body::Broadcast { channel: ("app", "chat"), except: None, published_at_us: u64::MAX, message: &message },
         };
         assert!(envelope.encode().len() < 100 + 40, "{} bytes", envelope.encode().len());
     }
@@ -180,9 +191,9 @@ mod tests {
     fn variants_keep_their_numbers_for_nodes_of_other_builds() {
         // After the node id ("n": length and byte) and the incarnation (0): the variant.
         let variant = |body| Envelope { node: "n", incarnation: 0, body }.encode()[3];
-        assert_eq!(variant(Body::Terminate { user_id: "u" }), 1);
+        assert_eq!(variant(Body::Terminate { app: "a", user_id: "u" }), 1);
         assert_eq!(variant(Body::Leaving), 6);
-        assert_eq!(variant(Body::CacheMiss { channel: "cache-x" }), 7);
+        assert_eq!(variant(Body::CacheMiss { channel: ("a", "cache-x") }), 7);
     }
 
     #[test]
@@ -197,7 +208,7 @@ mod tests {
     fn garbage_and_truncated_messages_are_errors_not_panics() {
         assert!(Envelope::decode(b"").is_err());
         assert!(Envelope::decode(&[0xff; 64]).is_err());
-        let bytes = Envelope { node: "n", incarnation: 1, body: Body::Terminate { user_id: "someone" } }.encode();
+        let bytes = Envelope { node: "n", incarnation: 1, body: Body::Terminate { app: "a", user_id: "someone" } }.encode();
         for cut in 0..bytes.len() {
             assert!(Envelope::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::sampler::{History, Sample, HISTORY_LEN, SAMPLE_INTERVAL};
+use crate::apps::AppStatus;
 use crate::cluster::ClusterStatus;
 use crate::fanout::pool::PoolStats;
 use crate::gateway::evictions::Eviction;
@@ -52,6 +53,8 @@ pub struct Stats {
     pub webhooks: WebhookStats,
     /// The cluster as this node sees it (absent for a single node).
     pub cluster: Option<ClusterStatus>,
+    /// Each app's connections, messages and deliveries on this node.
+    pub apps: Vec<AppStatus>,
 }
 
 /// The frame pool's counters and hit rate.
@@ -78,6 +81,7 @@ pub fn stats(observer: &Observer, history: &History) -> Stats {
         fanout: observer.fanout_latency(),
         webhooks: observer.webhooks(),
         cluster: observer.cluster(),
+        apps: observer.apps().status(),
     }
 }
 

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::apps::{AppCounters, AppStatus};
 use crate::cluster::ClusterStatus;
 use crate::gateway::Observer;
 use crate::metrics::Counters;
@@ -108,6 +109,7 @@ impl Collector for NodeCollector {
         )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
         webhooks(&mut encoder, &self.0.webhooks())?;
+        apps(&mut encoder, &self.0.apps().status())?;
         if let Some(status) = self.0.cluster() {
             cluster(&mut encoder, &status)?;
             let help = "Time from a publish on another node of the cluster to its frame queued in the last ring of a worker here.";
@@ -148,6 +150,41 @@ fn webhooks(encoder: &mut DescriptorEncoder, stats: &WebhookStats) -> Result<(),
     counter(encoder, "flux_webhook_failed_attempts", failed_help, c.attempts_failed)?;
     counter(encoder, "flux_webhook_retries", "Webhook POSTs that retried a failed one.", c.retries)?;
     gauge(encoder, "flux_webhook_queue_depth", "Webhook events waiting in the queue.", stats.queue_depth)
+}
+
+/// Each app's figures, labelled with its id.
+fn apps(encoder: &mut DescriptorEncoder, apps: &[AppStatus]) -> Result<(), fmt::Error> {
+    type AppRead = fn(&AppCounters) -> u64;
+    let families: [(&str, &str, MetricType, AppRead); 7] = [
+        ("flux_app_connections", "WebSocket connections of the app open now on this node.", MetricType::Gauge, |c| c.connections),
+        ("flux_app_connections_elsewhere", "The app's connections on the other nodes of the cluster.", MetricType::Gauge, |c| {
+            c.connections_elsewhere
+        }),
+        ("flux_app_messages_received", "WebSocket messages received from the app's clients.", MetricType::Counter, |c| c.messages_in),
+        (
+            "flux_app_broadcasts",
+            "The app's events fanned out (REST, client events, announcements), once per channel.",
+            MetricType::Counter,
+            |c| c.broadcasts,
+        ),
+        ("flux_app_deliveries", "Frames queued into the rings of the app's subscribers.", MetricType::Counter, |c| c.deliveries),
+        ("flux_app_connections_refused", "Clients refused for the app's max_connections (4004).", MetricType::Counter, |c| c.over_quota),
+        ("flux_app_rate_limited", "REST calls of the app refused with 429 for its per-second limits.", MetricType::Counter, |c| {
+            c.rate_limited
+        }),
+    ];
+    for (name, help, kind, read) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for app in apps {
+            let labels = [("app", app.id.as_str())];
+            let value = read(&app.counters);
+            match kind {
+                MetricType::Gauge => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?,
+                _ => ConstCounter::new(value).encode(family.encode_family(&labels)?)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The cluster's figures, when the node is in one.

@@ -9,11 +9,11 @@
 //! subscriptions per channel (one total for all of them, kept by the cluster), so the REST API
 //! answers for the whole cluster; routing a broadcast only ever looks at this node's workers.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::WorkerId;
-use crate::pusher::protocol::ChannelName;
+use crate::pusher::protocol::{ChannelKey, ChannelMap, ChannelName};
+use crate::pusher::AppIndex;
 
 /// Most workers a node may run: worker sets are 64-bit masks.
 pub const MAX_WORKERS: usize = 64;
@@ -87,15 +87,15 @@ impl WorkerSet {
 #[derive(Debug)]
 pub struct Directory {
     workers: usize,
-    channels: HashMap<ChannelName, Box<[u32]>>,
+    channels: ChannelMap<Box<[u32]>>,
     /// Subscriptions on the other nodes of the cluster, per channel.
-    remote: HashMap<ChannelName, u32>,
+    remote: ChannelMap<u32>,
 }
 
 impl Directory {
     /// An empty directory for a node of `workers` workers (at most [`MAX_WORKERS`]).
     pub fn new(workers: usize) -> Self {
-        Directory { workers: workers.clamp(1, MAX_WORKERS), channels: HashMap::new(), remote: HashMap::new() }
+        Directory { workers: workers.clamp(1, MAX_WORKERS), channels: ChannelMap::default(), remote: ChannelMap::default() }
     }
 
     /// Sets the subscriptions to `channel` on the other nodes of the cluster together.
@@ -114,10 +114,10 @@ impl Directory {
             return;
         }
         if update.count == 0 {
-            if let Some(counts) = self.channels.get_mut(&*update.channel) {
+            if let Some(counts) = self.channels.get_mut(&update.channel) {
                 counts[worker] = 0;
                 if counts.iter().all(|&c| c == 0) {
-                    self.channels.remove(&*update.channel);
+                    self.channels.remove(&update.channel);
                 }
             }
             return;
@@ -128,19 +128,19 @@ impl Directory {
     }
 
     /// Subscriptions to `channel` across the node (and the cluster).
-    pub fn subscription_count(&self, channel: &str) -> u32 {
-        self.local_count(channel) + self.remote.get(channel).copied().unwrap_or(0)
+    pub fn subscription_count(&self, channel: ChannelKey<'_>) -> u32 {
+        self.local_count(channel) + self.remote.get(&channel).copied().unwrap_or(0)
     }
 
     /// Subscriptions to `channel` on this node.
-    pub fn local_count(&self, channel: &str) -> u32 {
-        self.channels.get(channel).map_or(0, |counts| counts.iter().sum())
+    pub fn local_count(&self, channel: ChannelKey<'_>) -> u32 {
+        self.channels.get(&channel).map_or(0, |counts| counts.iter().sum())
     }
 
     /// Workers holding at least one subscriber of `channel`.
-    pub fn workers_with(&self, channel: &str) -> WorkerSet {
+    pub fn workers_with(&self, channel: ChannelKey<'_>) -> WorkerSet {
         let mut set = WorkerSet::default();
-        if let Some(counts) = self.channels.get(channel) {
+        if let Some(counts) = self.channels.get(&channel) {
             for (w, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
                 set.insert(WorkerId(w));
             }
@@ -148,16 +148,24 @@ impl Directory {
         set
     }
 
-    /// Every occupied channel with its subscription count across the node (and the cluster).
-    pub fn channels(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
-        let here = self.local_channels().map(|(name, count)| (name, count + self.remote.get(name).copied().unwrap_or(0)));
-        let elsewhere = self.remote.iter().filter(|(name, _)| !self.channels.contains_key(*name)).map(|(name, &count)| (&**name, count));
+    /// Every occupied channel of `app` with its subscription count across the node (and the
+    /// cluster).
+    pub fn channels(&self, app: AppIndex) -> impl Iterator<Item = (&str, u32)> + '_ {
+        let here = self
+            .local_channels()
+            .filter(move |(name, _)| name.app() == app)
+            .map(|(name, count)| (&**name, count + self.remote.get(name).copied().unwrap_or(0)));
+        let elsewhere = self
+            .remote
+            .iter()
+            .filter(move |(name, _)| name.app() == app && !self.channels.contains_key(*name))
+            .map(|(name, &count)| (&**name, count));
         here.chain(elsewhere)
     }
 
     /// Every channel occupied on this node, with its subscription count here.
-    pub fn local_channels(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
-        self.channels.iter().map(|(name, counts)| (&**name, counts.iter().sum()))
+    pub fn local_channels(&self) -> impl Iterator<Item = (&ChannelName, u32)> + '_ {
+        self.channels.iter().map(|(name, counts)| (name, counts.iter().sum()))
     }
 
     /// Number of channels occupied on this node.
@@ -175,8 +183,14 @@ impl Directory {
 mod tests {
     use super::*;
 
+    const APP: AppIndex = AppIndex(0);
+
     fn occ(worker: usize, channel: &str, count: u32) -> Occupancy {
-        Occupancy { worker: WorkerId(worker), channel: channel.into(), count }
+        Occupancy { worker: WorkerId(worker), channel: ChannelName::new(APP, channel), count }
+    }
+
+    fn key(channel: &str) -> ChannelKey<'_> {
+        ChannelKey::new(APP, channel)
     }
 
     #[test]
@@ -185,13 +199,13 @@ mod tests {
         dir.apply(&occ(0, "chat", 2));
         dir.apply(&occ(2, "chat", 5));
         dir.apply(&occ(1, "news", 1));
-        assert_eq!(dir.subscription_count("chat"), 7);
-        assert_eq!(dir.workers_with("chat").iter().collect::<Vec<_>>(), vec![WorkerId(0), WorkerId(2)]);
+        assert_eq!(dir.subscription_count(key("chat")), 7);
+        assert_eq!(dir.workers_with(key("chat")).iter().collect::<Vec<_>>(), vec![WorkerId(0), WorkerId(2)]);
         dir.apply(&occ(0, "chat", 0));
-        assert_eq!(dir.subscription_count("chat"), 5);
+        assert_eq!(dir.subscription_count(key("chat")), 5);
         dir.apply(&occ(2, "chat", 0));
-        assert_eq!(dir.subscription_count("chat"), 0);
-        assert!(dir.workers_with("chat").is_empty());
+        assert_eq!(dir.subscription_count(key("chat")), 0);
+        assert!(dir.workers_with(key("chat")).is_empty());
         assert_eq!(dir.len(), 1, "only news is left");
     }
 
@@ -199,16 +213,19 @@ mod tests {
     fn the_other_nodes_counts_add_to_queries_but_not_to_routing() {
         let mut dir = Directory::new(2);
         dir.apply(&occ(0, "chat", 2));
-        dir.apply_remote(&"chat".into(), 3);
-        dir.apply_remote(&"elsewhere".into(), 4);
-        assert_eq!((dir.subscription_count("chat"), dir.local_count("chat")), (5, 2));
-        let mut all: Vec<_> = dir.channels().collect();
+        dir.apply_remote(&ChannelName::new(APP, "chat"), 3);
+        dir.apply_remote(&ChannelName::new(APP, "elsewhere"), 4);
+        assert_eq!((dir.subscription_count(key("chat")), dir.local_count(key("chat"))), (5, 2));
+        let mut all: Vec<_> = dir.channels(APP).collect();
         all.sort();
         assert_eq!(all, [("chat", 5), ("elsewhere", 4)]);
-        assert!(dir.workers_with("elsewhere").is_empty(), "no worker here delivers it");
-        assert_eq!(dir.local_channels().collect::<Vec<_>>(), [("chat", 2)]);
-        dir.apply_remote(&"elsewhere".into(), 0);
-        assert_eq!(dir.channels().count(), 1);
+        assert!(dir.workers_with(key("elsewhere")).is_empty(), "no worker here delivers it");
+        assert_eq!(dir.local_channels().map(|(c, n)| (&**c, n)).collect::<Vec<_>>(), [("chat", 2)]);
+        dir.apply_remote(&ChannelName::new(AppIndex(1), "chat"), 6);
+        assert_eq!(dir.channels(AppIndex(1)).collect::<Vec<_>>(), [("chat", 6)], "another app's channel of that name");
+        assert_eq!(dir.subscription_count(key("chat")), 5);
+        dir.apply_remote(&ChannelName::new(APP, "elsewhere"), 0);
+        assert_eq!(dir.channels(APP).count(), 1);
     }
 
     #[test]

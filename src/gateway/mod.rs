@@ -13,6 +13,7 @@
 pub mod evictions;
 pub mod health;
 mod node;
+mod reload;
 mod resync;
 
 use std::collections::VecDeque;
@@ -23,12 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use indexmap::IndexSet;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 pub use node::{ConnectionSnapshot, Gateway, Observer};
 
+use crate::apps::{Apps, Connected, SharedApps};
 use crate::cluster::state::RemoteMember;
 use crate::cluster::{ClusterLink, Delivery, NodeId, RemoteBroadcast};
 use crate::fanout::directory::{Directory, Occupancy, OccupancyBatch, WorkerSet};
@@ -41,9 +43,12 @@ use crate::metrics::{LatencyRecorder, WorkerMetrics};
 use crate::pusher::cache::LastEvents;
 use crate::pusher::counts::{SubscriptionCounts, ANNOUNCE_EVERY};
 use crate::pusher::presence::{owner_of, Change, Member, Membership, Rosters};
-use crate::pusher::protocol::{self, code, is_cache_channel, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS};
+use crate::pusher::protocol::{
+    self, code, is_cache_channel, ChannelKey, ChannelKind, ChannelName, EventMessage, SocketId, PROTOCOL_VERSIONS,
+};
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
+use crate::pusher::AppIndex;
 use crate::server::{Conns, Ended, Flush, NodeStatus, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
 use crate::ws::{data_frame, payload_of, text_frame, EncodeError, Incoming};
@@ -59,14 +64,17 @@ pub enum Message {
     Occupancy(OccupancyBatch),
     /// A request for this worker's connections.
     Snapshot(Sender<Vec<ConnectionSnapshot>>),
-    /// Close every connection signed in as this user (REST `terminate_connections` on this node).
-    TerminateUser(Arc<str>),
+    /// Close every connection of this app signed in as this user (REST `terminate_connections`
+    /// on this node).
+    TerminateUser(AppIndex, Arc<str>),
     /// To a presence channel's owner: connection `conn` of worker `from` joins as `member`.
     PresenceJoin {
         /// The channel.
         channel: ChannelName,
         /// Who joins.
         member: Member,
+        /// Members the channel's app allows.
+        max_members: usize,
         /// The joining connection's socket id.
         socket: SocketId,
         /// Its worker and key there, for the answer.
@@ -173,6 +181,10 @@ impl Broadcast {
 pub struct PusherService {
     id: WorkerId,
     policy: Arc<Policy>,
+    /// The node's apps as last (re)loaded.
+    apps: SharedApps,
+    /// The apps this worker's connections were last checked against (see [`Self::on_tick`]).
+    apps_checked: Arc<Apps>,
     registry: Registry,
     directory: Directory,
     outbox: Outbox<Message>,
@@ -251,6 +263,7 @@ impl PusherService {
     pub fn new(
         context: WorkerContext<Message>,
         policy: Arc<Policy>,
+        apps: SharedApps,
         evictions: Arc<EvictionLog>,
         subscriptions: Arc<AtomicUsize>,
         webhooks: Webhooks,
@@ -259,6 +272,8 @@ impl PusherService {
         let workers = context.peers.len();
         PusherService {
             id: context.id,
+            apps_checked: apps.load_full(),
+            apps,
             registry: Registry::new(),
             directory: Directory::new(workers),
             outbox: Outbox::new(context.peers),
@@ -273,7 +288,7 @@ impl PusherService {
             changed_occupancy: IndexSet::new(),
             evictions,
             subscriptions,
-            rosters: Rosters::new(policy.presence_coalesce, policy.presence_max_members, policy.presence_batch),
+            rosters: Rosters::new(policy.presence_coalesce, policy.presence_batch),
             last_events: LastEvents::new(policy.cache_ttl, policy.cache_max_bytes),
             subscription_counts: SubscriptionCounts::new(ANNOUNCE_EVERY),
             membership: Membership::default(),
@@ -342,9 +357,12 @@ impl PusherService {
     /// every worker, if it is to be kept).
     fn fan_out(&mut self, conns: &mut Conns<Session>, broadcast: &Broadcast) {
         WorkerMetrics::add(&self.metrics.counters.broadcasts, 1);
+        if let Some(cells) = self.apps.load().cells(broadcast.channel.app()) {
+            WorkerMetrics::add(&cells.broadcasts, 1);
+        }
         let workers = match broadcast.kept_at_us {
             Some(_) => WorkerSet::all(self.outbox.workers()),
-            None => self.directory.workers_with(&broadcast.channel),
+            None => self.directory.workers_with(broadcast.channel.key()),
         };
         for worker in workers.iter() {
             if worker == self.id {
@@ -361,7 +379,7 @@ impl PusherService {
         // Every node reads every event (one Redis channel for the cluster): one for a channel
         // with no subscriber here is neither a broadcast nor a delivery time of this node, unless
         // it is to be kept. Only the apps' events cross nodes, so a cache channel's are kept.
-        let subscribed = !self.directory.workers_with(&remote.channel).is_empty();
+        let subscribed = !self.directory.workers_with(remote.channel.key()).is_empty();
         let kept = is_cache_channel(&remote.channel);
         if !subscribed && !kept {
             return;
@@ -389,7 +407,7 @@ impl PusherService {
             let dropped = self.last_events.store(&broadcast.channel, broadcast.frame.clone(), published_at_us, Instant::now());
             self.count_cache_evictions(dropped);
         }
-        let Some(subscribers) = self.registry.subscribers(&broadcast.channel) else {
+        let Some(subscribers) = self.registry.subscribers(broadcast.channel.key()) else {
             return;
         };
         // Waiting up to one more coalescing window lets a presence batch ride along with the
@@ -416,6 +434,9 @@ impl PusherService {
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.deliveries, queued);
         WorkerMetrics::add(&counters.drops, dropped);
+        if let Some(cells) = self.apps.load().cells(broadcast.channel.app()) {
+            WorkerMetrics::add(&cells.deliveries, queued);
+        }
         self.fanout_times.record(broadcast.published_at.elapsed());
         // Taken out and put back, so the scratch keeps its capacity.
         let mut missed = std::mem::take(&mut self.missed_changes);
@@ -459,8 +480,14 @@ impl PusherService {
         }
     }
 
+    /// The shared name of `channel` of `app`: the registry's, if it has subscribers here.
+    fn channel_name(&self, app: AppIndex, channel: &str) -> ChannelName {
+        self.registry.name(ChannelKey::new(app, channel)).cloned().unwrap_or_else(|| ChannelName::new(app, channel))
+    }
+
     fn subscribe(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, now: Instant) {
-        let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
+        let Some(app) = conns.session(id).map(Session::app) else { return };
+        let name = self.channel_name(app, &channel);
         self.add_subscriber(&name, id, now);
         if let Some(session) = conns.session_mut(id) {
             session.subscribed(name.clone());
@@ -476,7 +503,7 @@ impl PusherService {
         if !is_cache_channel(channel) {
             return;
         }
-        if let Some(frame) = self.last_events.get(channel, now) {
+        if let Some(frame) = self.last_events.get(channel.key(), now) {
             conns.send(id, frame);
             WorkerMetrics::add(&self.metrics.counters.cache_hits, 1);
             return;
@@ -529,7 +556,7 @@ impl PusherService {
     }
 
     fn unsubscribe(&mut self, id: ConnId, socket: SocketId, channel: &ChannelName, now: Instant) {
-        if let Some(count) = self.registry.unsubscribe(channel, id) {
+        if let Some(count) = self.registry.unsubscribe(channel.key(), id) {
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
             self.occupancy_changed(channel, count, now);
         }
@@ -545,19 +572,19 @@ impl PusherService {
     }
 
     /// Connection `id` asks to join a presence channel: its owner decides, here or on its worker.
-    fn join_presence(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, member: Member, now: Instant) {
-        let Some(socket) = conns.session(id).map(Session::socket_id) else {
+    fn join_presence(&mut self, conns: &mut Conns<Session>, id: ConnId, channel: String, member: Member, max_members: usize, now: Instant) {
+        let Some((socket, app)) = conns.session(id).map(|s| (s.socket_id(), s.app())) else {
             return;
         };
-        let name: ChannelName = self.registry.name(&channel).cloned().unwrap_or_else(|| channel.into());
+        let name = self.channel_name(app, &channel);
         // The answer may come from another worker, later: hold its room until it does.
         conns.promise_reply(id);
         let owner = owner_of(&name, self.outbox.workers());
         if owner == self.id {
-            let result = self.roster_join(&name, &member, socket, now);
+            let result = self.roster_join(&name, &member, max_members, socket, now);
             self.presence_joined(conns, id, socket, &name, result, now);
         } else {
-            let join = Message::PresenceJoin { channel: name.clone(), member, socket, from: self.id, conn: id };
+            let join = Message::PresenceJoin { channel: name.clone(), member, max_members, socket, from: self.id, conn: id };
             if !self.send_to(owner, join, format_args!("a presence join on {name}")) {
                 self.presence_joined(conns, id, socket, &name, Err("The server is busy; try again".into()), now);
             }
@@ -566,8 +593,15 @@ impl PusherService {
 
     /// The owner's side of a join: the roster's answer, news of a new member for every
     /// worker's replica, and of the user's first connection here for the other nodes.
-    fn roster_join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<String, String> {
-        let joined = self.rosters.join(channel, member, socket, now).map_err(|e| e.to_string())?;
+    fn roster_join(
+        &mut self,
+        channel: &ChannelName,
+        member: &Member,
+        max_members: usize,
+        socket: SocketId,
+        now: Instant,
+    ) -> Result<String, String> {
+        let joined = self.rosters.join(channel, member, max_members, socket, now).map_err(|e| e.to_string())?;
         if joined.new_member {
             self.membership_changed(channel, &member.user_id, true);
         }
@@ -738,7 +772,8 @@ impl PusherService {
     /// that reports the channel's webhooks, sends `channel_occupied` and `channel_vacated` when
     /// its count across the node (and the cluster) leaves or reaches 0, so each is sent once.
     fn track_occupancy(&mut self, channel: &ChannelName, now: Instant, change: impl FnOnce(&mut Directory)) {
-        let counted = self.policy.app.subscription_count_events && ChannelKind::of(channel) != ChannelKind::Presence;
+        let counted = ChannelKind::of(channel) != ChannelKind::Presence
+            && self.apps.load().get(channel.app()).is_some_and(|app| app.app.subscription_count_events);
         if counted && owner_of(channel, self.outbox.workers()) == self.id {
             self.subscription_counts.handle_change(channel, now);
         }
@@ -746,9 +781,9 @@ impl PusherService {
             change(&mut self.directory);
             return;
         }
-        let before = self.directory.subscription_count(channel);
+        let before = self.directory.subscription_count(channel.key());
         change(&mut self.directory);
-        let after = self.directory.subscription_count(channel);
+        let after = self.directory.subscription_count(channel.key());
         let channel = channel.clone();
         match (before, after) {
             (0, n) if n > 0 => {
@@ -775,7 +810,7 @@ impl PusherService {
     /// stays on this node: every node announces the same count to its own subscribers.
     fn announce_counts(&mut self, conns: &mut Conns<Session>, now: Instant) {
         let directory = &self.directory;
-        for (channel, count) in self.subscription_counts.poll_due(now, |channel| directory.subscription_count(channel)) {
+        for (channel, count) in self.subscription_counts.poll_due(now, |channel| directory.subscription_count(channel.key())) {
             let publish = Publish {
                 channel,
                 event: "pusher_internal:subscription_count".into(),
@@ -783,6 +818,9 @@ impl PusherService {
                 except: None,
                 user_id: None,
             };
+            if self.webhooks.is_enabled() && self.reports_webhooks(&publish.channel) {
+                self.webhooks.emit(WebhookEvent::SubscriptionCount { channel: publish.channel.clone(), subscription_count: count });
+            }
             match self.frame(&publish) {
                 Ok(broadcast) => {
                     WorkerMetrics::add(&self.metrics.counters.subscription_count_events, 1);
@@ -814,7 +852,7 @@ impl PusherService {
                     self.unsubscribe(id, socket, &channel, now);
                 }
             }
-            Action::JoinPresence { channel, member } => self.join_presence(conns, id, channel, member, now),
+            Action::JoinPresence { channel, member, max_members } => self.join_presence(conns, id, channel, member, max_members, now),
             Action::ClientEvent { channel, event, data, user_id } => {
                 let except = conns.session(id).map(Session::socket_id);
                 if let (true, Some(socket_id)) = (self.webhooks.is_enabled(), except) {
@@ -882,23 +920,29 @@ impl PusherService {
 
     fn handle_rest(&mut self, conns: &mut Conns<Session>, request: &Request) -> Response {
         let unix_now = crate::clock::since_unix_epoch().as_secs();
-        let context = RestContext {
-            app: &self.policy.app,
-            directory: &self.directory,
-            membership: &self.membership,
-            unix_now,
-            max_payload: self.policy.max_payload,
+        let apps = self.apps.load();
+        let (index, app, rates) = match rest::resolve(request, &apps) {
+            Ok(found) => found,
+            Err(refused) => return refused,
         };
+        let rates = (rates, Instant::now());
+        let context = RestContext { app, index, directory: &self.directory, membership: &self.membership, unix_now, rates };
         let outcome = rest::handle(request, &context);
+        if outcome.response.status == 429 {
+            if let Some(cells) = apps.cells(index) {
+                WorkerMetrics::add(&cells.rate_limited, 1);
+            }
+        }
+        drop(apps);
         if let Some(user) = outcome.terminate_user {
             if let Some(cluster) = &self.cluster {
-                cluster.terminate(&user);
+                cluster.terminate(index, &user);
             }
             let user: Arc<str> = user.into();
             for worker in self.other_workers() {
-                self.send_to(worker, Message::TerminateUser(user.clone()), format_args!("terminate_connections for a user"));
+                self.send_to(worker, Message::TerminateUser(index, user.clone()), format_args!("terminate_connections for a user"));
             }
-            self.terminate_user(conns, &user, Instant::now());
+            self.terminate_user(conns, index, &user, Instant::now());
         }
         for publish in &outcome.publishes {
             if let Err(e) = self.publish(conns, publish) {
@@ -909,12 +953,29 @@ impl PusherService {
         outcome.response
     }
 
-    /// Closes this worker's connections signed in as `user`, the way Pusher does (4009).
-    fn terminate_user(&mut self, conns: &mut Conns<Session>, user: &str, now: Instant) {
-        let theirs: Vec<ConnId> = conns.sessions().filter(|(_, s)| s.user_id() == Some(user)).map(|(id, _)| id).collect();
+    /// Closes this worker's connections of `app` signed in as `user`, the way Pusher does (4009).
+    fn terminate_user(&mut self, conns: &mut Conns<Session>, app: AppIndex, user: &str, now: Instant) {
+        let theirs: Vec<ConnId> = conns.sessions().filter(|(_, s)| s.app() == app && s.user_id() == Some(user)).map(|(id, _)| id).collect();
         for id in theirs {
             self.carry_out(conns, id, Action::Close(code::UNAUTHORIZED, "Connections of this user were terminated"), now);
         }
+    }
+
+    /// After a reload, closes this worker's connections of apps that were removed or disabled,
+    /// with Pusher's 4003. Everything else keeps its connection.
+    fn close_disabled_apps(&mut self, conns: &mut Conns<Session>, now: Instant) {
+        let apps = self.apps.load_full();
+        if Arc::ptr_eq(&apps, &self.apps_checked) {
+            return;
+        }
+        let closing: Vec<ConnId> = conns.sessions().filter(|(_, s)| !apps.serves(s.app())).map(|(id, _)| id).collect();
+        if !closing.is_empty() {
+            info!("worker {}: closing {} connections of disabled or removed apps", self.id.0, closing.len());
+        }
+        for id in closing {
+            self.carry_out(conns, id, Action::Close(code::APP_DISABLED, "App disabled"), now);
+        }
+        self.apps_checked = apps;
     }
 
     /// Whether the node takes new clients now.
@@ -922,20 +983,25 @@ impl PusherService {
         Readiness::of(self.node.is_draining(), self.node.websockets(), self.policy.max_connections)
     }
 
-    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way. Workers admit apart,
-    /// so at the limit each of the others may admit one more at the same moment: the limit may
-    /// be passed by fewer connections than there are workers, and is never stuck, since the
-    /// count is the workers' own gauges of open sessions.
+    /// Decides whether `/app/{key}?protocol=N` may connect, Pusher's way: a known, enabled
+    /// app, a protocol version Flux speaks, an `Origin` the app allows, and room on the node and
+    /// in the app's quota. Workers admit apart, so at a limit each of the others may admit one
+    /// more at the same moment: a limit may be passed by fewer connections than there are
+    /// workers, and is never stuck, since the counts are gauges of open sessions.
     fn admit(&mut self, key: &str, request: &Request, now: Instant) -> Routed<Session> {
         let refuse = |pool: &FramePool, code: u16, message: &str, reason: &'static str| Routed::Refuse {
             frame: text_frame(pool, &protocol::error(Some(code), message)),
             code,
             reason,
         };
-        if key != self.policy.app.key {
+        let apps = self.apps.load();
+        let Some((index, app)) = apps.by_key(key) else {
             let message = format!("App key {} does not exist", protocol::truncate(key, 64));
             return refuse(&self.pool, code::APP_NOT_FOUND, &message, "App not found");
-        }
+        };
+        let Some(cells) = apps.cells(index).filter(|_| app.enabled) else {
+            return refuse(&self.pool, code::APP_DISABLED, "App is disabled", "App disabled");
+        };
         match request.query_param("protocol") {
             None => refuse(&self.pool, code::NO_PROTOCOL_VERSION, "No protocol version supplied", "No protocol version"),
             Some(version) => match version.parse::<u32>() {
@@ -944,9 +1010,28 @@ impl PusherService {
                     let message = format!("Unsupported protocol version {v}; this server speaks 7");
                     refuse(&self.pool, code::UNSUPPORTED_PROTOCOL, &message, "Unsupported protocol version")
                 }
+                Ok(_) if !app.limits.allows_origin(request.header("origin")) => {
+                    let message = format!(
+                        "Origin {} is not allowed for this app",
+                        protocol::truncate(request.header("origin").unwrap_or_default(), 64)
+                    );
+                    refuse(&self.pool, code::UNAUTHORIZED, &message, "Origin not allowed")
+                }
                 Ok(_) => match self.readiness().refusal() {
                     Some(refusal) => refuse(&self.pool, refusal.code, &refusal.message, refusal.reason),
-                    None => Routed::Upgrade(Session::new(self.next_socket_id(), now)),
+                    // Counted across the cluster: the other nodes' as of their last heartbeats.
+                    None if app.limits.max_connections.is_some_and(|most| {
+                        cells.connections.load(Ordering::Relaxed) + cells.connections_elsewhere.load(Ordering::Relaxed) >= most
+                    }) =>
+                    {
+                        WorkerMetrics::add(&cells.over_quota, 1);
+                        let message = "Over connection quota: the app holds its max_connections";
+                        refuse(&self.pool, code::OVER_QUOTA, message, "Over connection quota")
+                    }
+                    None => {
+                        let connected = Connected::new(cells);
+                        Routed::Upgrade(Session::new(self.next_socket_id(), index, connected, now))
+                    }
                 },
             },
         }
@@ -1004,8 +1089,16 @@ impl Service for PusherService {
         let Some(session) = conns.session_mut(id) else {
             return;
         };
+        let apps = self.apps.load();
         let action = match message {
-            Incoming::Text(text) => session.handle_text(text, now, &self.policy),
+            Incoming::Text(text) => {
+                WorkerMetrics::add(&session.app_cells().messages_in, 1);
+                match apps.get(session.app()).filter(|app| app.enabled) {
+                    Some(app) => session.handle_text(text, now, &self.policy, app),
+                    // Disabled or removed by a reload this worker has not swept yet.
+                    None => Action::Close(code::APP_DISABLED, "App disabled"),
+                }
+            }
             Incoming::Binary(_) => {
                 session.heard(now);
                 Action::Reply(protocol::error(None, "Binary messages are not supported; send JSON text"))
@@ -1015,6 +1108,7 @@ impl Service for PusherService {
                 Action::None
             }
         };
+        drop(apps);
         self.carry_out(conns, id, action, now);
     }
 
@@ -1047,6 +1141,7 @@ impl Service for PusherService {
         }
         self.metrics.fanout.merge(&mut self.fanout_times);
         self.metrics.remote_delivery.merge(&mut self.remote_times);
+        self.close_disabled_apps(conns, now);
     }
 
     fn on_inbox(&mut self, conns: &mut Conns<Session>, message: Message, now: Instant) {
@@ -1061,10 +1156,12 @@ impl Service for PusherService {
                 // The asker may have given up waiting; that is fine.
                 let _ = reply.send(self.snapshot(conns, now));
             }
-            Message::TerminateUser(user) | Message::Cluster(Delivery::Terminate(user)) => self.terminate_user(conns, &user, now),
+            Message::TerminateUser(app, user) | Message::Cluster(Delivery::Terminate(app, user)) => {
+                self.terminate_user(conns, app, &user, now)
+            }
             // Sent only by other workers: a worker that owns the channel joins it directly.
-            Message::PresenceJoin { channel, member, socket, from, conn } => {
-                let result = self.roster_join(&channel, &member, socket, now);
+            Message::PresenceJoin { channel, member, max_members, socket, from, conn } => {
+                let result = self.roster_join(&channel, &member, max_members, socket, now);
                 let answer = Message::PresenceJoined { channel: channel.clone(), socket, conn, result };
                 if !self.send_to(from, answer, format_args!("the answer to a presence join on {channel}")) {
                     // The joiner will never hear back, so undo the join rather than leak it.
@@ -1141,7 +1238,7 @@ impl Service for PusherService {
                 .changed_occupancy
                 .drain(..)
                 .map(|channel| {
-                    let count = registry.subscribers(&channel).map_or(0, |s| s.len() as u32);
+                    let count = registry.subscribers(channel.key()).map_or(0, |s| s.len() as u32);
                     (channel, count)
                 })
                 .collect();

@@ -8,21 +8,23 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use hdrhistogram::Histogram;
 
 use super::evictions::{Eviction, EvictionLog};
+use super::reload::{AppsSource, ReloadOnHangup};
 use super::{Message, PusherService};
+use crate::apps::{AppConfig, Apps, SharedApps};
 use crate::cluster::{Cluster, ClusterLink, ClusterSettings, ClusterStatus};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
 use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
 use crate::pusher::session::{Policy, Timeouts};
-use crate::pusher::App;
 use crate::server::{self, ConnLimits, NodeStatus, Peers, Server, ServerSettings};
-use crate::webhooks::{DeliveryThread, WebhookSettings, WebhookStats, Webhooks};
+use crate::webhooks::{DeliverySettings, WebhookStats, Webhooks};
 
 /// Largest HTTP request head (request line and headers).
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
@@ -52,16 +54,32 @@ pub struct ConnectionSnapshot {
     pub backpressured_ms: Option<u64>,
 }
 
+/// The apps `config` names: its apps file's (apps `previous` had keep their indices), or the one
+/// app of its `FLUX_APP_*` settings.
+fn load_apps(config: &Config, previous: Option<&Apps>) -> io::Result<Apps> {
+    match &config.apps_file {
+        Some(_) if config.webhook_url.is_some() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "FLUX_WEBHOOK_URL is the webhook of the FLUX_APP_* app; with an apps file, list each app's [[apps.webhooks]] there",
+        )),
+        Some(path) => Apps::load(path, config.max_payload, previous).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        None => Ok(Apps::new(vec![AppConfig::from_settings(config)])),
+    }
+}
+
 /// A running Flux node.
 pub struct Gateway {
     server: Server<Message>,
     observer: Observer,
-    webhooks: Webhooks,
     /// Stopped after the server, so the webhooks of the last connections' closes are posted.
-    delivery: Option<DeliveryThread>,
+    webhooks: Webhooks,
     /// Stopped after the server too, so the other nodes hear of the last closes before this
     /// node says it leaves.
     cluster: Option<Cluster>,
+    /// The apps file, if the apps come from one.
+    apps_source: Option<AppsSource>,
+    /// Reloads it on SIGHUP, when the node handles signals.
+    reload: Option<ReloadOnHangup>,
     shutdown_grace: Duration,
 }
 
@@ -76,26 +94,19 @@ pub struct Observer {
     evictions: Arc<EvictionLog>,
     webhooks: Webhooks,
     cluster: Option<ClusterLink>,
+    apps: SharedApps,
 }
 
 impl Gateway {
     /// Starts a node configured by `config`. With `handle_signals`, SIGINT and SIGTERM stop it.
     pub fn start(config: &Config, handle_signals: bool) -> io::Result<Gateway> {
+        let apps: SharedApps = Arc::new(ArcSwap::from_pointee(load_apps(config, None)?));
         // Started first, so every worker's service gets its handle. Should the server then fail
-        // to start, dropping `delivery` stops the thread again.
-        let (webhooks, delivery) = match WebhookSettings::from_config(config) {
-            Some(webhook_settings) => {
-                let (webhooks, delivery) = Webhooks::start(webhook_settings)?;
-                (webhooks, Some(delivery))
-            }
-            None => (Webhooks::disabled(), None),
-        };
+        // to start, dropping the last handle stops the delivery threads again.
+        let webhooks = Webhooks::new(DeliverySettings::from_config(config));
+        webhooks.configure(&apps.load())?;
         let policy = Arc::new(Policy {
-            app: App::from_args(&config.app),
             timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
-            max_payload: config.max_payload,
-            client_events_per_sec: config.client_events_per_sec,
-            presence_max_members: config.presence_max_members as usize,
             presence_coalesce: config.presence_coalesce(),
             presence_batch: crate::pusher::presence::batch_for_ring(config.ring_slots as usize),
             max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
@@ -123,10 +134,21 @@ impl Gateway {
         };
         let evictions = Arc::new(EvictionLog::default());
         let subscriptions = Arc::new(AtomicUsize::new(0));
-        let prepared = ClusterSettings::from_config(config).map(Cluster::prepare).transpose().map_err(io::Error::other)?;
+        let prepared = ClusterSettings::from_config(config)
+            .map(|settings| Cluster::prepare(settings, apps.clone()))
+            .transpose()
+            .map_err(io::Error::other)?;
         let link = prepared.as_ref().map(|p| p.link().clone());
         let server = server::start(server_settings, FramePool::default(), |context| {
-            PusherService::new(context, policy.clone(), evictions.clone(), subscriptions.clone(), webhooks.clone(), link.clone())
+            PusherService::new(
+                context,
+                policy.clone(),
+                apps.clone(),
+                evictions.clone(),
+                subscriptions.clone(),
+                webhooks.clone(),
+                link.clone(),
+            )
         })?;
         let status = server.status().clone();
         let cluster = match prepared {
@@ -152,8 +174,19 @@ impl Gateway {
             evictions,
             webhooks: webhooks.clone(),
             cluster: link,
+            apps: apps.clone(),
         };
-        Ok(Gateway { server, observer, webhooks, delivery, cluster, shutdown_grace: config.shutdown_grace() })
+        let apps_source = config.apps_file.clone().map(|path| AppsSource {
+            path,
+            max_payload: config.max_payload,
+            apps: apps.clone(),
+            webhooks: webhooks.clone(),
+        });
+        let reload = match (&apps_source, handle_signals) {
+            (Some(source), true) => Some(ReloadOnHangup::start(source.clone())?),
+            _ => None,
+        };
+        Ok(Gateway { server, observer, webhooks, cluster, apps_source, reload, shutdown_grace: config.shutdown_grace() })
     }
 
     /// The address clients and REST callers use.
@@ -177,6 +210,12 @@ impl Gateway {
         &self.webhooks
     }
 
+    /// Reads the apps file again, as SIGHUP does: `Ok(None)` without an apps file, else the
+    /// number of apps now served. A bad file changes nothing.
+    pub fn reload_apps(&self) -> Result<Option<usize>, crate::apps::AppsError> {
+        self.apps_source.as_ref().map(AppsSource::reload).transpose()
+    }
+
     /// Asks the node to stop: no more accepts, close 4200 to every client, flush, then exit.
     pub fn stop(&self) {
         self.server.stop();
@@ -186,16 +225,22 @@ impl Gateway {
     /// `FLUX_SHUTDOWN_GRACE_MS`) and stops the webhook thread.
     pub fn join(self) {
         self.server.join();
+        if let Some(reload) = self.reload {
+            reload.stop();
+        }
         if let Some(cluster) = self.cluster {
             cluster.stop(self.shutdown_grace);
         }
-        if let Some(delivery) = self.delivery {
-            delivery.stop();
-        }
+        self.webhooks.stop();
     }
 }
 
 impl Observer {
+    /// The apps the node serves now.
+    pub fn apps(&self) -> Arc<Apps> {
+        self.apps.load_full()
+    }
+
     /// All workers' counters, added up.
     pub fn counters(&self) -> Counters {
         self.status.counters()

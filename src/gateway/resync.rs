@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use crate::fanout::ConnId;
-use crate::pusher::protocol::{ChannelName, SocketId};
+use crate::pusher::protocol::{ChannelMap, ChannelName, SocketId};
 
 /// Where a member's resync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,7 @@ enum Stage {
 /// The members owed a roster, by channel.
 #[derive(Debug, Default)]
 pub struct Resyncs {
-    channels: HashMap<ChannelName, HashMap<SocketId, Stage>>,
+    channels: ChannelMap<HashMap<SocketId, Stage>>,
     draining: usize,
 }
 
@@ -60,7 +60,7 @@ impl Resyncs {
     }
 
     /// Whether `channel`'s changes are withheld from `socket` (it is owed the roster).
-    pub fn withholds(&self, channel: &str) -> Option<impl Fn(SocketId) -> bool + '_> {
+    pub fn withholds(&self, channel: &ChannelName) -> Option<impl Fn(SocketId) -> bool + '_> {
         let members = self.channels.get(channel)?;
         Some(move |socket| members.contains_key(&socket))
     }
@@ -102,7 +102,7 @@ impl Resyncs {
 
     /// The roster for `socket` on `channel` is here (or the member has gone): its changes are
     /// offered again.
-    pub fn answered(&mut self, channel: &str, socket: SocketId) {
+    pub fn answered(&mut self, channel: &ChannelName, socket: SocketId) {
         let Some(members) = self.channels.get_mut(channel) else { return };
         if let Some(Stage::Draining(_)) = members.remove(&socket) {
             self.draining -= 1;
@@ -131,11 +131,11 @@ mod tests {
     #[test]
     fn a_member_is_owed_one_roster_and_its_changes_are_withheld_until_it_comes() {
         let mut resyncs = Resyncs::default();
-        assert!(resyncs.withholds("presence-room").is_none());
+        assert!(resyncs.withholds(&room()).is_none());
         assert!(resyncs.missed(&room(), socket(1), ConnId(7)));
         assert!(!resyncs.missed(&room(), socket(1), ConnId(7)), "one roster, however many changes it missed");
         {
-            let withheld = resyncs.withholds("presence-room").unwrap();
+            let withheld = resyncs.withholds(&room()).unwrap();
             assert!(withheld(socket(1)) && !withheld(socket(2)));
         }
 
@@ -143,10 +143,10 @@ mod tests {
         let due = resyncs.due(|id| id == ConnId(7));
         assert_eq!(due, [Due { channel: room(), socket: socket(1), id: ConnId(7) }]);
         assert!(resyncs.due(|_| true).is_empty(), "asked once");
-        assert!(resyncs.withholds("presence-room").unwrap()(socket(1)), "withheld until the roster is here");
+        assert!(resyncs.withholds(&room()).unwrap()(socket(1)), "withheld until the roster is here");
 
-        resyncs.answered("presence-room", socket(1));
-        assert!(resyncs.withholds("presence-room").is_none());
+        resyncs.answered(&room(), socket(1));
+        assert!(resyncs.withholds(&room()).is_none());
     }
 
     #[test]
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(resyncs.due(|_| true).len(), 2);
         resyncs.forget(socket(1), [&room()]);
         resyncs.forget(socket(2), [&room()]);
-        assert!(resyncs.withholds("presence-room").is_none());
+        assert!(resyncs.withholds(&room()).is_none());
         assert_eq!(resyncs.draining, 0);
     }
 }

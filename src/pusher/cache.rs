@@ -15,12 +15,12 @@
 //! with a virtual clock.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::protocol::ChannelName;
+use super::protocol::{ChannelKey, ChannelMap, ChannelName};
 
 /// How long after a reported miss the channel's further misses are not reported: a crowd that
 /// subscribes to an empty channel at once (a page many people open) costs the app's server one
@@ -63,7 +63,7 @@ pub struct LastEvents {
     max_bytes: usize,
     /// What the entries cost now, by [`Entry::cost`].
     bytes: usize,
-    entries: HashMap<ChannelName, Entry>,
+    entries: ChannelMap<Entry>,
     /// Every entry has at least one deadline here, and none later than its expiry, so the top
     /// is never later than the next expiry. A kept event whose TTL starts again keeps its old
     /// deadline; when that comes, it is queued again at the real expiry. So a busy channel
@@ -74,7 +74,7 @@ pub struct LastEvents {
 impl LastEvents {
     /// Keeps events for `ttl`, and entries of at most `max_bytes` together.
     pub fn new(ttl: Duration, max_bytes: usize) -> Self {
-        LastEvents { ttl, max_bytes, bytes: 0, entries: HashMap::new(), deadlines: BinaryHeap::new() }
+        LastEvents { ttl, max_bytes, bytes: 0, entries: ChannelMap::default(), deadlines: BinaryHeap::new() }
     }
 
     /// Keeps `frame`, published at `published_at_us` (microseconds since the Unix epoch), as
@@ -97,8 +97,8 @@ impl LastEvents {
     }
 
     /// `channel`'s last event, unless none is kept or it has expired.
-    pub fn get(&self, channel: &str, now: Instant) -> Option<&Bytes> {
-        match self.entries.get(channel) {
+    pub fn get(&self, channel: ChannelKey<'_>, now: Instant) -> Option<&Bytes> {
+        match self.entries.get(&channel) {
             Some(Entry::Event { frame, expires, .. }) if *expires > now => Some(frame),
             _ => None,
         }
@@ -196,7 +196,7 @@ mod tests {
     }
 
     fn name(channel: &str) -> ChannelName {
-        channel.into()
+        ChannelName::new(crate::pusher::AppIndex(0), channel)
     }
 
     /// A start time, an empty cache of 1 MiB and the channel most tests use.
@@ -207,11 +207,11 @@ mod tests {
     #[test]
     fn an_event_is_kept_for_the_ttl_and_then_forgotten() {
         let (t0, mut cache, price) = price_cache();
-        assert!(cache.get(&price, t0).is_none());
+        assert!(cache.get(price.key(), t0).is_none());
         cache.store(&price, frame("42"), 1, t0);
-        assert_eq!(cache.get(&price, t0 + TTL - Duration::from_millis(1)).map(|f| &f[..]), Some(&b"42"[..]));
+        assert_eq!(cache.get(price.key(), t0 + TTL - Duration::from_millis(1)).map(|f| &f[..]), Some(&b"42"[..]));
         assert_eq!(cache.poll_timeout(), Some(t0 + TTL));
-        assert!(cache.get(&price, t0 + TTL).is_none(), "expired, even before the timer ran");
+        assert!(cache.get(price.key(), t0 + TTL).is_none(), "expired, even before the timer ran");
         cache.handle_timeout(t0 + TTL - Duration::from_millis(1));
         assert_eq!(cache.len(), 1);
         cache.handle_timeout(t0 + TTL);
@@ -226,7 +226,7 @@ mod tests {
         let later = t0 + TTL / 2;
         cache.store(&price, frame("2"), 2, later);
         cache.handle_timeout(t0 + TTL);
-        assert_eq!(cache.get(&price, t0 + TTL).map(|f| &f[..]), Some(&b"2"[..]), "the first deadline only moved");
+        assert_eq!(cache.get(price.key(), t0 + TTL).map(|f| &f[..]), Some(&b"2"[..]), "the first deadline only moved");
         assert_eq!(cache.poll_timeout(), Some(later + TTL));
         assert_eq!(cache.deadlines.len(), 1, "one deadline per channel, however many events");
         cache.handle_timeout(later + TTL);
@@ -238,13 +238,13 @@ mod tests {
         let (t0, mut cache, price) = price_cache();
         cache.store(&price, frame("new"), 20, t0);
         cache.restore(&price, frame("old"), 10, Duration::from_secs(60), t0);
-        assert_eq!(cache.get(&price, t0).map(|f| &f[..]), Some(&b"new"[..]));
+        assert_eq!(cache.get(price.key(), t0).map(|f| &f[..]), Some(&b"new"[..]));
         let other = name("cache-other");
         cache.restore(&other, frame("elsewhere"), 10, Duration::from_secs(60), t0);
-        assert_eq!(cache.get(&other, t0 + Duration::from_secs(59)).map(|f| &f[..]), Some(&b"elsewhere"[..]));
-        assert!(cache.get(&other, t0 + Duration::from_secs(60)).is_none(), "only what was left of its TTL");
+        assert_eq!(cache.get(other.key(), t0 + Duration::from_secs(59)).map(|f| &f[..]), Some(&b"elsewhere"[..]));
+        assert!(cache.get(other.key(), t0 + Duration::from_secs(60)).is_none(), "only what was left of its TTL");
         cache.restore(&price, frame("newer"), 30, Duration::from_secs(60), t0);
-        assert_eq!(cache.get(&price, t0).map(|f| &f[..]), Some(&b"newer"[..]));
+        assert_eq!(cache.get(price.key(), t0).map(|f| &f[..]), Some(&b"newer"[..]));
         cache.handle_timeout(t0 + Duration::from_secs(60));
         assert!(cache.is_empty(), "its shorter TTL got a deadline of its own");
     }
@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(cache.store(&name("cache-0"), frame(&data), 2, t0 + Duration::from_secs(3)), 0);
         assert_eq!(cache.store(&name("cache-3"), frame(&data), 1, t0 + Duration::from_secs(4)), 1);
         let now = t0 + Duration::from_secs(4);
-        let kept: Vec<bool> = (0..4).map(|i| cache.get(&format!("cache-{i}"), now).is_some()).collect();
+        let kept: Vec<bool> = (0..4).map(|i| cache.get(name(&format!("cache-{i}")).key(), now).is_some()).collect();
         assert_eq!(kept, [true, false, true, true]);
         assert_eq!(cache.bytes, 3 * entry);
     }
@@ -273,7 +273,7 @@ mod tests {
         let (t0, mut cache, price) = price_cache();
         assert!(cache.miss(&price, t0), "the first miss is reported");
         assert!(!cache.miss(&price, t0 + MISS_REPORT_EVERY - Duration::from_millis(1)), "a crowd of misses is one report");
-        assert!(cache.get(&price, t0).is_none(), "a reported miss is still a miss");
+        assert!(cache.get(price.key(), t0).is_none(), "a reported miss is still a miss");
         assert!(cache.miss(&price, t0 + MISS_REPORT_EVERY), "an app that did not answer hears again");
         cache.store(&price, frame("1"), 1, t0 + MISS_REPORT_EVERY);
         assert!(!cache.miss(&price, t0 + MISS_REPORT_EVERY * 2), "the event came: no miss to report");

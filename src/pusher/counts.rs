@@ -11,10 +11,10 @@
 //! Time is an input (`now`), so all of this is tested with a virtual clock.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use super::protocol::ChannelName;
+use super::protocol::{ChannelMap, ChannelName};
 
 /// The shortest time between two announcements of one channel's count. A count is for display:
 /// a second behind is not noticed, while each announcement costs a delivery per subscriber.
@@ -36,7 +36,7 @@ struct Announced {
 pub struct SubscriptionCounts {
     every: Duration,
     /// Channels with an announcement out or due; a channel is forgotten once it is empty.
-    channels: HashMap<ChannelName, Announced>,
+    channels: ChannelMap<Announced>,
     /// When each waiting channel is due: one entry per waiting channel.
     due: BinaryHeap<Reverse<(Instant, ChannelName)>>,
 }
@@ -44,7 +44,7 @@ pub struct SubscriptionCounts {
 impl SubscriptionCounts {
     /// Announcements at most `every` apart per channel.
     pub fn new(every: Duration) -> Self {
-        SubscriptionCounts { every, channels: HashMap::new(), due: BinaryHeap::new() }
+        SubscriptionCounts { every, channels: ChannelMap::default(), due: BinaryHeap::new() }
     }
 
     /// `channel`'s subscriber count changed at `now`.
@@ -66,7 +66,7 @@ impl SubscriptionCounts {
     /// The announcements due at `now`, each with the channel's count now (read with
     /// `count_of`). A channel whose count is what it last announced has nothing to say; one
     /// with no subscriber left has no one to say it to, and is forgotten.
-    pub fn poll_due(&mut self, now: Instant, count_of: impl Fn(&str) -> u32) -> Vec<(ChannelName, u32)> {
+    pub fn poll_due(&mut self, now: Instant, count_of: impl Fn(&ChannelName) -> u32) -> Vec<(ChannelName, u32)> {
         let mut due = Vec::new();
         while self.poll_timeout().is_some_and(|at| at <= now) {
             let Some(Reverse((_, channel))) = self.due.pop() else { break };
@@ -94,7 +94,7 @@ mod tests {
     const EVERY: Duration = ANNOUNCE_EVERY;
 
     fn name(channel: &str) -> ChannelName {
-        channel.into()
+        ChannelName::new(crate::pusher::AppIndex(0), channel)
     }
 
     /// A start time, no announcement owed, and the channel most tests use.
@@ -158,7 +158,7 @@ mod tests {
         let mut counts = SubscriptionCounts::new(EVERY);
         counts.handle_change(&name("a"), t0);
         counts.handle_change(&name("b"), t0);
-        let mut due = counts.poll_due(t0, |channel| if channel == "a" { 1 } else { 2 });
+        let mut due = counts.poll_due(t0, |channel| if &**channel == "a" { 1 } else { 2 });
         due.sort();
         assert_eq!(due, [(name("a"), 1), (name("b"), 2)]);
     }

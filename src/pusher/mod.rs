@@ -1,14 +1,22 @@
 //! The Pusher Channels protocol (sans-IO): its messages, the per-connection session state
-//! machine, the signed REST API, presence rosters, cache channels' last events and
-//! subscription-count events.
+//! machine, the signed REST API, presence rosters, cache channels' last events,
+//! subscription-count events and rate limits.
 
 pub mod cache;
+pub mod channel;
 pub mod counts;
 pub mod presence;
 pub mod protocol;
+pub mod rate;
 pub mod rest;
 pub mod session;
 pub mod signature;
+
+/// An app's place in the node's table of apps: fixed for as long as the node runs, through
+/// reloads, so channels and connections can name their app with a number. Never sent to
+/// another node (they may number apps differently); the app's id is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AppIndex(pub u32);
 
 /// One Pusher app: the id in REST paths, the key clients connect with, the secret that signs,
 /// and the features it turned on.

@@ -25,11 +25,8 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
-use super::protocol::{ChannelName, SocketId, MAX_USER_ID_LEN};
+use super::protocol::{ChannelKey, ChannelMap, ChannelName, SocketId, MAX_USER_ID_LEN};
 use crate::fanout::WorkerId;
-
-/// Largest `user_info`, in bytes (Pusher's limit).
-pub const MAX_USER_INFO_BYTES: usize = 1024;
 
 /// The worker that owns `channel`'s roster: the same answer on every worker of a node.
 pub fn owner_of(channel: &str, workers: usize) -> WorkerId {
@@ -66,9 +63,9 @@ pub enum MemberError {
     /// `user_id` is empty or too long.
     #[error("user_id must be 1 to {MAX_USER_ID_LEN} characters")]
     UserId,
-    /// `user_info` is too large.
-    #[error("user_info must be at most {MAX_USER_INFO_BYTES} bytes")]
-    UserInfo,
+    /// `user_info` is larger than the app allows (`max_presence_member_size_kb`), in bytes.
+    #[error("user_info must be at most {0} bytes (max_presence_member_size_kb)")]
+    UserInfo(usize),
 }
 
 #[derive(Deserialize)]
@@ -86,8 +83,9 @@ enum UserId {
 }
 
 impl Member {
-    /// Reads a presence subscription's `channel_data`.
-    pub fn parse(channel_data: &str) -> Result<Member, MemberError> {
+    /// Reads a presence subscription's `channel_data`, whose `user_info` may have
+    /// `max_info_bytes` at most.
+    pub fn parse(channel_data: &str, max_info_bytes: usize) -> Result<Member, MemberError> {
         let data: ChannelData = serde_json::from_str(channel_data).map_err(|e| MemberError::Malformed(e.to_string()))?;
         let user_id = match data.user_id {
             UserId::Text(id) => id,
@@ -97,8 +95,8 @@ impl Member {
             return Err(MemberError::UserId);
         }
         let user_info = data.user_info.map_or_else(|| RawValue::NULL.to_owned(), RawValue::to_owned);
-        if user_info.get().len() > MAX_USER_INFO_BYTES {
-            return Err(MemberError::UserInfo);
+        if user_info.get().len() > max_info_bytes {
+            return Err(MemberError::UserInfo(max_info_bytes));
         }
         Ok(Member { user_id, user_info })
     }
@@ -233,9 +231,8 @@ const CATCH_UP: Duration = Duration::from_millis(25);
 #[derive(Debug)]
 pub struct Rosters {
     window: Duration,
-    max_members: usize,
     max_batch: usize,
-    channels: HashMap<ChannelName, Roster>,
+    channels: ChannelMap<Roster>,
     /// Pending changes in the order they began (so by deadline).
     due: VecDeque<(Instant, ChannelName, String)>,
     /// When the previous batch went out; the next waits a window after it.
@@ -245,15 +242,23 @@ pub struct Rosters {
 }
 
 impl Rosters {
-    /// Rosters that coalesce each user's changes over `window`, hold at most `max_members`
-    /// members per channel, and announce at most `max_batch` changes at once.
-    pub fn new(window: Duration, max_members: usize, max_batch: usize) -> Self {
-        Rosters { window, max_members, max_batch, channels: HashMap::new(), due: VecDeque::new(), last_batch: None, cut_short: false }
+    /// Rosters that coalesce each user's changes over `window` and announce at most
+    /// `max_batch` changes at once.
+    pub fn new(window: Duration, max_batch: usize) -> Self {
+        Rosters { window, max_batch, channels: ChannelMap::default(), due: VecDeque::new(), last_batch: None, cut_short: false }
     }
 
-    /// Connection `socket` joins `channel` as `member`; or why it may not.
-    pub fn join(&mut self, channel: &ChannelName, member: &Member, socket: SocketId, now: Instant) -> Result<Joined, JoinError> {
-        let full = self.channels.get(channel).is_some_and(|r| r.members.len() >= self.max_members);
+    /// Connection `socket` joins `channel` as `member`, where the channel's app allows
+    /// `max_members` members; or why it may not.
+    pub fn join(
+        &mut self,
+        channel: &ChannelName,
+        member: &Member,
+        max_members: usize,
+        socket: SocketId,
+        now: Instant,
+    ) -> Result<Joined, JoinError> {
+        let full = self.channels.get(channel).is_some_and(|r| r.members.len() >= max_members);
         let roster = self.channels.entry(channel.clone()).or_default();
         if roster.users.contains_key(&socket) {
             // Already in (a repeated join): nothing changes.
@@ -266,7 +271,7 @@ impl Rosters {
                 present.user_info.clone_from(&member.user_info);
                 (false, present.sockets.len() == 1)
             }
-            None if full => return Err(JoinError::Full(self.max_members)),
+            None if full => return Err(JoinError::Full(max_members)),
             None => {
                 let present = Present { user_info: member.user_info.clone(), sockets: vec![socket], elsewhere: false };
                 roster.members.insert(member.user_id.clone(), present);
@@ -280,7 +285,7 @@ impl Rosters {
 
     /// The `subscription_succeeded` data for member `socket` of `channel` now, as a joiner would
     /// get it (`None` if it is not a member).
-    pub fn listing(&self, channel: &str, socket: SocketId) -> Option<String> {
+    pub fn listing(&self, channel: &ChannelName, socket: SocketId) -> Option<String> {
         let roster = self.channels.get(channel)?;
         let user_id = roster.users.get(&socket)?;
         Some(presence_data(roster, user_id))
@@ -385,12 +390,12 @@ impl Rosters {
     }
 
     /// Members of `channel` now.
-    pub fn count(&self, channel: &str) -> usize {
+    pub fn count(&self, channel: &ChannelName) -> usize {
         self.channels.get(channel).map_or(0, |r| r.members.len())
     }
 
     /// Whether `channel` has changes not announced yet.
-    pub fn has_pending(&self, channel: &str) -> bool {
+    pub fn has_pending(&self, channel: &ChannelName) -> bool {
         self.channels.get(channel).is_some_and(|r| !r.pending.is_empty())
     }
 }
@@ -429,7 +434,7 @@ fn member_infos<S: Serializer>(listed: &Listed<'_>, serializer: S) -> Result<S::
 /// `user_count`). Owners send each membership change to every worker as it happens.
 #[derive(Debug, Default)]
 pub struct Membership {
-    channels: HashMap<ChannelName, indexmap::IndexSet<String>>,
+    channels: ChannelMap<indexmap::IndexSet<String>>,
 }
 
 impl Membership {
@@ -446,13 +451,13 @@ impl Membership {
     }
 
     /// The user ids in `channel`.
-    pub fn users(&self, channel: &str) -> impl Iterator<Item = &str> {
-        self.channels.get(channel).into_iter().flatten().map(String::as_str)
+    pub fn users(&self, channel: ChannelKey<'_>) -> impl Iterator<Item = &str> {
+        self.channels.get(&channel).into_iter().flatten().map(String::as_str)
     }
 
     /// How many users are in `channel`.
-    pub fn user_count(&self, channel: &str) -> usize {
-        self.channels.get(channel).map_or(0, |users| users.len())
+    pub fn user_count(&self, channel: ChannelKey<'_>) -> usize {
+        self.channels.get(&channel).map_or(0, |users| users.len())
     }
 }
 
@@ -463,7 +468,7 @@ pub(crate) mod tests {
     const WINDOW: Duration = Duration::from_millis(150);
 
     fn member(id: &str) -> Member {
-        Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#)).unwrap()
+        Member::parse(&format!(r#"{{"user_id":"{id}","user_info":{{"name":"{id}"}}}}"#), 1024).unwrap()
     }
 
     /// A socket id for tests (other modules' tests use it too).
@@ -473,31 +478,32 @@ pub(crate) mod tests {
 
     /// The presence channel of the tests.
     pub(crate) fn room() -> ChannelName {
-        "presence-room".into()
+        ChannelName::new(crate::pusher::AppIndex(0), "presence-room")
     }
 
     #[test]
     fn channel_data_is_read_and_limited() {
-        let ann = Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#).unwrap();
+        let ann = Member::parse(r#"{"user_id":"u1","user_info":{"name":"Ann"}}"#, 1024).unwrap();
         assert_eq!((ann.user_id.as_str(), ann.user_info.get()), ("u1", r#"{"name":"Ann"}"#));
-        let ten = Member::parse(r#"{"user_id":10}"#).unwrap();
+        let ten = Member::parse(r#"{"user_id":10}"#, 1024).unwrap();
         assert_eq!((ten.user_id.as_str(), ten.user_info.get()), ("10", "null"));
-        assert!(matches!(Member::parse("nope"), Err(MemberError::Malformed(_))));
-        assert!(matches!(Member::parse(r#"{"user_info":{}}"#), Err(MemberError::Malformed(_))));
-        assert_eq!(Member::parse(r#"{"user_id":""}"#), Err(MemberError::UserId));
-        assert_eq!(Member::parse(&format!(r#"{{"user_id":"{}"}}"#, "u".repeat(129))), Err(MemberError::UserId));
+        assert!(matches!(Member::parse("nope", 1024), Err(MemberError::Malformed(_))));
+        assert!(matches!(Member::parse(r#"{"user_info":{}}"#, 1024), Err(MemberError::Malformed(_))));
+        assert_eq!(Member::parse(r#"{"user_id":""}"#, 1024), Err(MemberError::UserId));
+        assert_eq!(Member::parse(&format!(r#"{{"user_id":"{}"}}"#, "u".repeat(129)), 1024), Err(MemberError::UserId));
         let big = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(1100));
-        assert_eq!(Member::parse(&big), Err(MemberError::UserInfo));
+        assert_eq!(Member::parse(&big, 1024), Err(MemberError::UserInfo(1024)));
+        assert!(Member::parse(&big, 2048).is_ok(), "an app may allow more");
     }
 
     #[test]
     fn subscription_data_lists_every_member_once() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
-        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
-        rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        rosters.join(&room(), &member("a"), 100, socket(1), t0).unwrap();
+        rosters.join(&room(), &member("b"), 100, socket(2), t0).unwrap();
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 2);
-        let joined = rosters.join(&room(), &member("a"), socket(3), t0 + WINDOW).unwrap();
+        let joined = rosters.join(&room(), &member("a"), 100, socket(3), t0 + WINDOW).unwrap();
         assert!(!joined.new_member);
         let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
         assert_eq!(data["presence"]["ids"], serde_json::json!(["a", "b"]));
@@ -508,14 +514,14 @@ pub(crate) mod tests {
     #[test]
     fn users_on_other_nodes_are_members_until_no_node_holds_them() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 2, MAX_BATCH);
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
         let info = || RawValue::from_string(r#"{"name":"r"}"#.into()).unwrap();
         assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), Some(true));
         assert_eq!(rosters.set_elsewhere(&room(), "remote", Some(info()), t0), None, "already a member");
-        let joined = rosters.join(&room(), &member("remote"), socket(1), t0).unwrap();
+        let joined = rosters.join(&room(), &member("remote"), 2, socket(1), t0).unwrap();
         assert_eq!((joined.new_member, joined.first_here), (false, true), "a member already, but new here");
-        rosters.join(&room(), &member("local"), socket(2), t0).unwrap();
-        assert_eq!(rosters.join(&room(), &member("third"), socket(3), t0), Err(JoinError::Full(2)), "remote members count");
+        rosters.join(&room(), &member("local"), 2, socket(2), t0).unwrap();
+        assert_eq!(rosters.join(&room(), &member("third"), 2, socket(3), t0), Err(JoinError::Full(2)), "remote members count");
         let changes = rosters.poll_changes(t0 + WINDOW);
         assert!(matches!(&changes[0], Change::Added { member, except: None, .. } if member.user_id == "remote"), "{changes:?}");
         assert_eq!(rosters.leave(&room(), socket(1), t0 + WINDOW), Some(Left { user_id: "remote".into(), last_here: true, gone: false }));
@@ -528,9 +534,9 @@ pub(crate) mod tests {
     #[test]
     fn a_joiner_is_not_told_of_a_member_whose_member_added_is_still_to_come() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
-        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
-        let joined = rosters.join(&room(), &member("b"), socket(2), t0 + WINDOW / 2).unwrap();
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        rosters.join(&room(), &member("a"), 100, socket(1), t0).unwrap();
+        let joined = rosters.join(&room(), &member("b"), 100, socket(2), t0 + WINDOW / 2).unwrap();
         let data: serde_json::Value = serde_json::from_str(&joined.data).unwrap();
         assert_eq!(data["presence"]["ids"], serde_json::json!(["b"]), "a's member_added is still to come");
         assert_eq!(data["presence"]["count"], 1);
@@ -544,8 +550,8 @@ pub(crate) mod tests {
     #[test]
     fn a_user_is_added_with_the_first_connection_and_removed_with_the_last() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
-        assert!(rosters.join(&room(), &member("a"), socket(1), t0).unwrap().new_member);
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        assert!(rosters.join(&room(), &member("a"), 100, socket(1), t0).unwrap().new_member);
         assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW));
         assert_eq!(rosters.poll_changes(t0 + WINDOW - Duration::from_millis(1)), vec![]);
         assert_eq!(
@@ -554,45 +560,45 @@ pub(crate) mod tests {
         );
         // A second connection of the same user: no news, either way.
         let t1 = t0 + Duration::from_secs(1);
-        rosters.join(&room(), &member("a"), socket(2), t1).unwrap();
+        rosters.join(&room(), &member("a"), 100, socket(2), t1).unwrap();
         assert!(!rosters.leave(&room(), socket(1), t1).expect("joined").gone);
         assert_eq!(rosters.poll_timeout(), None);
-        assert_eq!(rosters.count("presence-room"), 1);
+        assert_eq!(rosters.count(&room()), 1);
         // A socket that is not in the channel changes nothing.
         assert_eq!(rosters.leave(&room(), socket(9), t1), None);
         // The last connection leaves.
         let t2 = t1 + Duration::from_secs(1);
         assert_eq!(rosters.leave(&room(), socket(2), t2), Some(Left { user_id: "a".into(), last_here: true, gone: true }));
-        assert_eq!(rosters.count("presence-room"), 0);
-        assert!(rosters.has_pending("presence-room"));
+        assert_eq!(rosters.count(&room()), 0);
+        assert!(rosters.has_pending(&room()));
         assert_eq!(rosters.poll_changes(t2 + WINDOW), vec![Change::Removed { channel: room(), user_id: "a".into() }]);
-        assert!(!rosters.has_pending("presence-room"));
+        assert!(!rosters.has_pending(&room()));
         assert_eq!(rosters.poll_timeout(), None);
     }
 
     #[test]
     fn a_reconnect_flap_inside_the_window_announces_nothing() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
-        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        rosters.join(&room(), &member("a"), 100, socket(1), t0).unwrap();
         rosters.poll_changes(t0 + WINDOW);
         let t1 = t0 + Duration::from_secs(1);
         rosters.leave(&room(), socket(1), t1);
-        rosters.join(&room(), &member("a"), socket(2), t1 + Duration::from_millis(50)).unwrap();
+        rosters.join(&room(), &member("a"), 100, socket(2), t1 + Duration::from_millis(50)).unwrap();
         assert_eq!(rosters.poll_changes(t1 + WINDOW * 2), vec![]);
         // Likewise a join that is undone at once.
-        rosters.join(&room(), &member("b"), socket(3), t1).unwrap();
+        rosters.join(&room(), &member("b"), 100, socket(3), t1).unwrap();
         rosters.leave(&room(), socket(3), t1 + Duration::from_millis(10));
         assert_eq!(rosters.poll_changes(t1 + WINDOW * 2), vec![]);
-        assert_eq!(rosters.count("presence-room"), 1);
+        assert_eq!(rosters.count(&room()), 1);
     }
 
     #[test]
     fn changes_go_out_in_batches_at_most_once_a_window() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 1000, MAX_BATCH);
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
         for i in 0..50 {
-            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0 + Duration::from_millis(i as u64)).unwrap();
+            rosters.join(&room(), &member(&format!("u{i}")), 1000, socket(i), t0 + Duration::from_millis(i as u64)).unwrap();
         }
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 1);
         // The rest waits for the next batch, a window later, and goes out together.
@@ -607,7 +613,7 @@ pub(crate) mod tests {
         for ms in 0..1000u64 {
             let now = t1 + Duration::from_millis(ms);
             if ms % 10 == 0 {
-                rosters.join(&room(), &member(&format!("v{ms}")), socket(1000 + ms as u32), now).unwrap();
+                rosters.join(&room(), &member(&format!("v{ms}")), 1000, socket(1000 + ms as u32), now).unwrap();
             }
             let batch = rosters.poll_changes(now);
             if !batch.is_empty() {
@@ -625,15 +631,15 @@ pub(crate) mod tests {
     #[test]
     fn a_members_listing_is_what_a_joiner_would_get() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 100, MAX_BATCH);
-        let joined = rosters.join(&room(), &member("ann"), socket(1), t0).unwrap();
-        rosters.join(&room(), &member("bob"), socket(2), t0 + WINDOW).unwrap();
-        assert_eq!(rosters.listing("presence-room", socket(1)), Some(joined.data.clone()), "bob is not announced yet");
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        let joined = rosters.join(&room(), &member("ann"), 100, socket(1), t0).unwrap();
+        rosters.join(&room(), &member("bob"), 100, socket(2), t0 + WINDOW).unwrap();
+        assert_eq!(rosters.listing(&room(), socket(1)), Some(joined.data.clone()), "bob is not announced yet");
         rosters.poll_changes(t0 + WINDOW * 2);
-        let listed = rosters.listing("presence-room", socket(1)).unwrap();
+        let listed = rosters.listing(&room(), socket(1)).unwrap();
         assert!(listed.contains("bob") && listed.contains("ann"), "{listed}");
-        assert_eq!(rosters.listing("presence-room", socket(3)), None, "not a member");
-        assert_eq!(rosters.listing("presence-other", socket(1)), None);
+        assert_eq!(rosters.listing(&room(), socket(3)), None, "not a member");
+        assert_eq!(rosters.listing(&ChannelName::new(crate::pusher::AppIndex(0), "presence-other"), socket(1)), None);
     }
 
     #[test]
@@ -642,9 +648,9 @@ pub(crate) mod tests {
         assert_eq!(batch_for_ring(16), 8);
         assert_eq!(batch_for_ring(1), 1);
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 1000, batch_for_ring(16));
+        let mut rosters = Rosters::new(WINDOW, batch_for_ring(16));
         for i in 0..20 {
-            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0).unwrap();
+            rosters.join(&room(), &member(&format!("u{i}")), 1000, socket(i), t0).unwrap();
         }
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), 8);
     }
@@ -652,9 +658,9 @@ pub(crate) mod tests {
     #[test]
     fn a_join_storm_goes_out_in_batches_that_fit_a_ring_one_after_another() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 1000, MAX_BATCH);
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
         for i in 0..250 {
-            rosters.join(&room(), &member(&format!("u{i}")), socket(i), t0).unwrap();
+            rosters.join(&room(), &member(&format!("u{i}")), 1000, socket(i), t0).unwrap();
         }
         assert_eq!(rosters.poll_changes(t0 + WINDOW).len(), MAX_BATCH);
         // The rest does not wait a window: it follows as soon as the first part can be written.
@@ -666,19 +672,19 @@ pub(crate) mod tests {
         assert_eq!(newest.user_id, "u249", "oldest first, none lost");
         assert_eq!(rosters.poll_timeout(), None);
         // A batch that was not cut short restores the full window before the next.
-        rosters.join(&room(), &member("late"), socket(999), t0 + WINDOW + CATCH_UP * 2).unwrap();
+        rosters.join(&room(), &member("late"), 1000, socket(999), t0 + WINDOW + CATCH_UP * 2).unwrap();
         assert_eq!(rosters.poll_timeout(), Some(t0 + WINDOW * 2 + CATCH_UP * 2));
     }
 
     #[test]
     fn new_members_beyond_the_limit_are_refused_but_known_users_may_add_connections() {
         let t0 = Instant::now();
-        let mut rosters = Rosters::new(WINDOW, 2, MAX_BATCH);
-        rosters.join(&room(), &member("a"), socket(1), t0).unwrap();
-        rosters.join(&room(), &member("b"), socket(2), t0).unwrap();
-        assert_eq!(rosters.join(&room(), &member("c"), socket(3), t0), Err(JoinError::Full(2)));
-        assert!(rosters.join(&room(), &member("a"), socket(4), t0).is_ok());
-        assert_eq!(rosters.count("presence-room"), 2);
+        let mut rosters = Rosters::new(WINDOW, MAX_BATCH);
+        rosters.join(&room(), &member("a"), 2, socket(1), t0).unwrap();
+        rosters.join(&room(), &member("b"), 2, socket(2), t0).unwrap();
+        assert_eq!(rosters.join(&room(), &member("c"), 2, socket(3), t0), Err(JoinError::Full(2)));
+        assert!(rosters.join(&room(), &member("a"), 2, socket(4), t0).is_ok());
+        assert_eq!(rosters.count(&room()), 2);
     }
 
     #[test]
@@ -695,9 +701,9 @@ pub(crate) mod tests {
         replica.apply(&room(), "a", true);
         replica.apply(&room(), "b", true);
         replica.apply(&room(), "a", false);
-        assert_eq!(replica.users("presence-room").collect::<Vec<_>>(), vec!["b"]);
-        assert_eq!(replica.user_count("presence-room"), 1);
+        assert_eq!(replica.users(room().key()).collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(replica.user_count(room().key()), 1);
         replica.apply(&room(), "b", false);
-        assert_eq!(replica.user_count("presence-room"), 0);
+        assert_eq!(replica.user_count(room().key()), 0);
     }
 }

@@ -6,7 +6,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -14,22 +13,20 @@ use serde_json::value::RawValue;
 /// The protocol version Flux speaks. Pusher's protocol 5 and 6 use the same messages.
 pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 5..=7;
 
-/// Pusher's longest channel name.
-pub const MAX_CHANNEL_NAME_LEN: usize = 164;
-
-/// Pusher's longest event name.
-pub const MAX_EVENT_NAME_LEN: usize = 200;
+/// The most of a refused channel's name echoed back in `pusher:subscription_error`.
+pub const ECHOED_CHANNEL_LEN: usize = 200;
 
 /// Pusher's longest user id (sign-in and presence).
 pub const MAX_USER_ID_LEN: usize = 128;
 
-/// A channel's name, shared between the registry, the connections and in-flight broadcasts.
-pub type ChannelName = Arc<str>;
+pub use super::channel::{ChannelKey, ChannelMap, ChannelName};
 
 /// Close codes and `pusher:error` codes from the Pusher protocol.
 pub mod code {
     /// The app key is unknown.
     pub const APP_NOT_FOUND: u16 = 4001;
+    /// The app is disabled.
+    pub const APP_DISABLED: u16 = 4003;
     /// Over connection quota: the node holds its maximum of connections. In Pusher's 4000-4099
     /// range, so clients do not reconnect.
     pub const OVER_QUOTA: u16 = 4004;
@@ -120,9 +117,9 @@ pub enum ChannelNameError {
     /// Empty name.
     #[error("channel name is empty")]
     Empty,
-    /// Longer than Pusher allows.
-    #[error("channel name is longer than {MAX_CHANNEL_NAME_LEN} characters")]
-    TooLong,
+    /// Longer than the app allows (`max_channel_name_length`).
+    #[error("channel name is longer than {0} characters")]
+    TooLong(usize),
     /// A character outside Pusher's set.
     #[error("channel name may contain only A-Z a-z 0-9 _ - = @ , . ;")]
     InvalidCharacter,
@@ -135,13 +132,14 @@ pub fn is_cache_channel(name: &str) -> bool {
     ["cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-"].iter().any(|prefix| name.starts_with(prefix))
 }
 
-/// Checks a channel name against Pusher's rules: 1 to 164 characters from `A-Za-z0-9_-=@,.;`.
-pub fn validate_channel_name(name: &str) -> Result<(), ChannelNameError> {
+/// Checks a channel name against Pusher's rules: 1 to `max_len` characters (the app's
+/// `max_channel_name_length`) from `A-Za-z0-9_-=@,.;`.
+pub fn validate_channel_name(name: &str, max_len: usize) -> Result<(), ChannelNameError> {
     if name.is_empty() {
         return Err(ChannelNameError::Empty);
     }
-    if name.len() > MAX_CHANNEL_NAME_LEN {
-        return Err(ChannelNameError::TooLong);
+    if name.len() > max_len {
+        return Err(ChannelNameError::TooLong(max_len));
     }
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b);
     if !name.bytes().all(allowed) {
@@ -152,13 +150,13 @@ pub fn validate_channel_name(name: &str) -> Result<(), ChannelNameError> {
 
 /// Checks a channel an event may be published to: a channel name by Pusher's rules, or a
 /// user's `#server-to-user-{user_id}` channel (the REST side of the SDKs' `sendToUser`).
-pub fn validate_publish_channel(name: &str) -> Result<(), ChannelNameError> {
+pub fn validate_publish_channel(name: &str, max_len: usize) -> Result<(), ChannelNameError> {
     match name.strip_prefix(crate::pusher::session::SERVER_TO_USER_PREFIX) {
         Some("") => Err(ChannelNameError::Empty),
-        Some(user_id) if user_id.len() > MAX_USER_ID_LEN => Err(ChannelNameError::TooLong),
+        Some(user_id) if user_id.len() > MAX_USER_ID_LEN => Err(ChannelNameError::TooLong(MAX_USER_ID_LEN)),
         Some(user_id) if user_id.chars().any(char::is_control) => Err(ChannelNameError::InvalidCharacter),
         Some(_) => Ok(()),
-        None => validate_channel_name(name),
+        None => validate_channel_name(name, max_len),
     }
 }
 
@@ -336,11 +334,11 @@ pub fn truncate(s: &str, max: usize) -> &str {
 
 /// `pusher:subscription_error`, which pusher-js hands to the channel's error callback.
 /// The channel is echoed back so the client can match the error to its channel; a name too
-/// long to be valid is cut to the longest valid length, so a bad request is never mirrored whole.
+/// long to be valid is cut (to [`ECHOED_CHANNEL_LEN`]), so a bad request is never mirrored whole.
 pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> String {
     to_json(&ObjectEvent {
         event: "pusher:subscription_error",
-        channel: Some(truncate(channel, MAX_CHANNEL_NAME_LEN)),
+        channel: Some(truncate(channel, ECHOED_CHANNEL_LEN)),
         data: SubscriptionErrorData { kind, error: message, status },
     })
 }
@@ -361,26 +359,27 @@ mod tests {
 
     #[test]
     fn channel_names_follow_pushers_rules() {
-        for good in ["a", "my-channel", "private-x_y=z@a,b.c;d", "presence-room.1", &"c".repeat(164)] {
-            assert_eq!(validate_channel_name(good), Ok(()), "{good}");
+        for good in ["a", "my-channel", "private-x_y=z@a,b.c;d", "presence-room.1", &"c".repeat(200)] {
+            assert_eq!(validate_channel_name(good, 200), Ok(()), "{good}");
         }
-        assert_eq!(validate_channel_name(""), Err(ChannelNameError::Empty));
-        assert_eq!(validate_channel_name(&"c".repeat(165)), Err(ChannelNameError::TooLong));
+        assert_eq!(validate_channel_name("", 200), Err(ChannelNameError::Empty));
+        assert_eq!(validate_channel_name(&"c".repeat(201), 200), Err(ChannelNameError::TooLong(200)));
+        assert_eq!(validate_channel_name(&"c".repeat(11), 10), Err(ChannelNameError::TooLong(10)), "the app's own limit");
         for bad in ["a b", "a/b", "é", "a#b", "a\"b"] {
-            assert_eq!(validate_channel_name(bad), Err(ChannelNameError::InvalidCharacter), "{bad}");
+            assert_eq!(validate_channel_name(bad, 200), Err(ChannelNameError::InvalidCharacter), "{bad}");
         }
     }
 
     #[test]
     fn events_may_go_to_a_users_channel() {
-        assert_eq!(validate_publish_channel("#server-to-user-user 9"), Ok(()), "user ids are free text");
-        assert_eq!(validate_publish_channel("chat"), Ok(()));
-        assert_eq!(validate_publish_channel("#server-to-user-"), Err(ChannelNameError::Empty));
+        assert_eq!(validate_publish_channel("#server-to-user-user 9", 200), Ok(()), "user ids are free text");
+        assert_eq!(validate_publish_channel("chat", 200), Ok(()));
+        assert_eq!(validate_publish_channel("#server-to-user-", 200), Err(ChannelNameError::Empty));
         assert_eq!(
-            validate_publish_channel(&format!("#server-to-user-{}", "u".repeat(MAX_USER_ID_LEN + 1))),
-            Err(ChannelNameError::TooLong)
+            validate_publish_channel(&format!("#server-to-user-{}", "u".repeat(MAX_USER_ID_LEN + 1)), 200),
+            Err(ChannelNameError::TooLong(MAX_USER_ID_LEN))
         );
-        assert_eq!(validate_publish_channel("#other"), Err(ChannelNameError::InvalidCharacter));
+        assert_eq!(validate_publish_channel("#other", 200), Err(ChannelNameError::InvalidCharacter));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! Routes: `POST /apps/{id}/events`, `POST /apps/{id}/batch_events`, `GET /apps/{id}/channels`,
 //! `GET /apps/{id}/channels/{name}`. Errors answer `{"error": "..."}` with Pusher's statuses:
-//! 400 malformed, 401 signature, 404 unknown app or route, 405 method, 413 too large.
+//! 400 malformed, 401 signature, 403 disabled app, 404 unknown app or route, 405 method, 413 too
+//! large, 429 over the app's per-second limits (counted only once a call is signed). Each app's limits (`max_event_channels_at_once`, `max_event_batch_size`, ...) apply to
+//! its calls, and a call signed for one app reaches only that app's channels.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -11,31 +13,72 @@ use serde_json::{json, Map, Value};
 
 use super::presence::Membership;
 use super::protocol::{
-    event_data_text, validate_channel_name, validate_publish_channel, ChannelKind, ChannelName, SocketId, MAX_EVENT_NAME_LEN,
-    MAX_USER_ID_LEN,
+    event_data_text, validate_channel_name, validate_publish_channel, ChannelKey, ChannelKind, ChannelName, SocketId, MAX_USER_ID_LEN,
 };
-use super::signature;
-use super::App;
+use super::{signature, AppIndex};
+use std::time::Instant;
+
+use super::rate::RateLimit;
+use crate::apps::{AppConfig, AppRates, Apps};
 use crate::fanout::directory::Directory;
 use crate::http::{json_error, Request, Response};
 
-/// Most channels one `events` call may name (Pusher's limit).
-pub const MAX_CHANNELS_PER_EVENT: usize = 100;
-/// Most events in one `batch_events` call (Pusher's limit).
-pub const MAX_BATCH_EVENTS: usize = 10;
-
 /// What a REST call reads from the node.
 pub struct RestContext<'a> {
-    /// The app requests must be signed for.
-    pub app: &'a App,
+    /// The app the call names (see [`resolve`]); it must be signed with its secret.
+    pub app: &'a AppConfig,
+    /// That app's index, which its channels carry.
+    pub index: AppIndex,
     /// Channel occupancy (this worker's replica of the node's directory).
     pub directory: &'a Directory,
     /// Presence channels' users (this worker's replica).
     pub membership: &'a Membership,
     /// The server's clock, for `auth_timestamp`.
     pub unix_now: u64,
-    /// Largest event `data`, in bytes.
-    pub max_payload: usize,
+    /// The app's rate limits on this node, and now, to check them.
+    pub rates: (&'a AppRates, Instant),
+}
+
+impl RestContext<'_> {
+    fn channel(&self, name: &str) -> ChannelName {
+        ChannelName::new(self.index, name)
+    }
+
+    fn key<'n>(&self, name: &'n str) -> ChannelKey<'n> {
+        ChannelKey::new(self.index, name)
+    }
+
+    fn max_channel_name(&self) -> usize {
+        self.app.limits.max_channel_name_length as usize
+    }
+
+    /// Takes `n` from `limit` (a budget of `per_sec`, if the app has one): 429 when they are not
+    /// all there.
+    fn within(&self, limit: &RateLimit, per_sec: Option<u32>, n: usize, what: &str, setting: &str) -> Result<(), Refusal> {
+        let Some(per_sec) = per_sec else { return Ok(()) };
+        if limit.allow(u32::try_from(n).unwrap_or(u32::MAX), per_sec, self.rates.1) {
+            return Ok(());
+        }
+        Err(Refusal::new(429, format!("over the app's limit of {per_sec} {what} a second ({setting})")))
+    }
+
+    /// REST publishes count against `max_backend_events_per_sec`, one per event and channel.
+    fn publishing(&self, publishes: &[Publish]) -> Result<(), Refusal> {
+        let per_sec = self.app.limits.max_backend_events_per_sec;
+        self.within(&self.rates.0.backend_events, per_sec, publishes.len(), "events", "max_backend_events_per_sec")
+    }
+}
+
+/// The app a REST call names in its path (`/apps/{id}/...`): 404 for an id no app has, 403 for
+/// a disabled app.
+pub fn resolve<'a>(request: &Request, apps: &'a Apps) -> Result<(AppIndex, &'a AppConfig, &'a AppRates), Response> {
+    let rest = request.path.strip_prefix("/apps/").unwrap_or_default();
+    let app_id = rest.split_once('/').map_or(rest, |(id, _)| id);
+    match apps.by_id(app_id).and_then(|(index, app)| Some((index, app, apps.rates(index)?))) {
+        None => Err(json_error(404, &format!("unknown app id {:?}", truncated(app_id)))),
+        Some((_, app, _)) if !app.enabled => Err(json_error(403, &format!("app {:?} is disabled", truncated(app_id)))),
+        Some((index, app, rates)) => Ok((index, app, rates)),
+    }
 }
 
 /// One event for one channel, to be published.
@@ -102,11 +145,9 @@ pub fn handle(request: &Request, context: &RestContext<'_>) -> RestOutcome {
 }
 
 fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, Refusal> {
+    // The app id was resolved already (see `resolve`).
     let rest = request.path.strip_prefix("/apps/").ok_or_else(|| Refusal::new(404, "not found"))?;
-    let (app_id, resource) = rest.split_once('/').unwrap_or((rest, ""));
-    if app_id != context.app.id {
-        return Err(Refusal::new(404, format!("unknown app id {:?}", app_id.chars().take(64).collect::<String>())));
-    }
+    let resource = rest.split_once('/').map_or("", |(_, resource)| resource);
     let (route, method) = match resource.split_once('/') {
         None if resource == "events" => (Route::Events, "POST"),
         None if resource == "batch_events" => (Route::BatchEvents, "POST"),
@@ -122,10 +163,14 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
         },
         _ => return Err(Refusal::new(404, format!("no such API endpoint: {}", request.path))),
     };
-    signature::verify(context.app, &request.method, &request.path, &request.query, &request.body, context.unix_now)
+    signature::verify(&context.app.app, &request.method, &request.path, &request.query, &request.body, context.unix_now)
         .map_err(|e| Refusal::new(401, e.to_string()))?;
     if request.method != method {
         return Err(Refusal::new(405, format!("{} expects {method}", request.path)));
+    }
+    if method == "GET" {
+        let per_sec = context.app.limits.max_read_requests_per_sec;
+        context.within(&context.rates.0.read_requests, per_sec, 1, "read requests", "max_read_requests_per_sec")?;
     }
     match route {
         Route::Events => events(request, context),
@@ -195,16 +240,18 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
     if channels.is_empty() {
         return Err(Refusal::new(400, "channels is empty"));
     }
-    if channels.len() > MAX_CHANNELS_PER_EVENT {
-        return Err(Refusal::new(413, format!("an event may go to at most {MAX_CHANNELS_PER_EVENT} channels")));
+    let most = context.app.limits.max_event_channels_at_once as usize;
+    if channels.len() > most {
+        return Err(Refusal::new(413, format!("an event may go to at most {most} channels (max_event_channels_at_once)")));
     }
-    let event = checked_event(&body.name, body.data, context.max_payload)?;
+    let event = checked_event(&body.name, body.data, context.app)?;
     let except = parse_socket_id(body.socket_id.as_deref())?;
     let info = Info::parse(body.info.as_deref())?;
     let mut publishes = Vec::with_capacity(channels.len());
     for channel in &channels {
-        validate_publish_channel(channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
-        publishes.push(Publish { channel: channel.as_str().into(), event: body.name.clone(), data: event.clone(), except, user_id: None });
+        validate_publish_channel(channel, context.max_channel_name())
+            .map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
+        publishes.push(Publish { channel: context.channel(channel), event: body.name.clone(), data: event.clone(), except, user_id: None });
     }
     let response = if info.is_empty() {
         Response::json(200, "{}")
@@ -213,6 +260,7 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
             channels.iter().map(|c| Ok((c.clone(), info.attributes(c, context)?))).collect::<Result<_, Refusal>>()?;
         Response::json(200, json!({ "channels": attributes }).to_string())
     };
+    context.publishing(&publishes)?;
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
@@ -221,34 +269,39 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
     if body.batch.is_empty() {
         return Err(Refusal::new(400, "batch is empty"));
     }
-    if body.batch.len() > MAX_BATCH_EVENTS {
-        return Err(Refusal::new(413, format!("a batch may hold at most {MAX_BATCH_EVENTS} events")));
+    let most = context.app.limits.max_event_batch_size as usize;
+    if body.batch.len() > most {
+        return Err(Refusal::new(413, format!("a batch may hold at most {most} events (max_event_batch_size)")));
     }
     let mut publishes = Vec::with_capacity(body.batch.len());
     let mut attributes = Vec::with_capacity(body.batch.len());
     let mut any_info = false;
     for item in &body.batch {
-        validate_publish_channel(&item.channel).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(&item.channel))))?;
-        let data = checked_event(&item.name, item.data, context.max_payload)?;
+        validate_publish_channel(&item.channel, context.max_channel_name())
+            .map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(&item.channel))))?;
+        let data = checked_event(&item.name, item.data, context.app)?;
         let except = parse_socket_id(item.socket_id.as_deref())?;
         let info = Info::parse(item.info.as_deref())?;
         any_info |= !info.is_empty();
         attributes.push(info.attributes(&item.channel, context)?);
-        publishes.push(Publish { channel: item.channel.as_str().into(), event: item.name.clone(), data, except, user_id: None });
+        publishes.push(Publish { channel: context.channel(&item.channel), event: item.name.clone(), data, except, user_id: None });
     }
     let response = if any_info { Response::json(200, json!({ "batch": attributes }).to_string()) } else { Response::json(200, "{}") };
+    context.publishing(&publishes)?;
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
 /// Checks an event's name and size, and returns its data as the string clients receive
 /// ([`event_data_text`]).
-fn checked_event(name: &str, data: &RawValue, max_payload: usize) -> Result<String, Refusal> {
+fn checked_event(name: &str, data: &RawValue, app: &AppConfig) -> Result<String, Refusal> {
     if name.is_empty() {
         return Err(Refusal::new(400, "event name is empty"));
     }
-    if name.len() > MAX_EVENT_NAME_LEN {
-        return Err(Refusal::new(413, format!("event name is longer than {MAX_EVENT_NAME_LEN} characters")));
+    let most = app.limits.max_event_name_length as usize;
+    if name.len() > most {
+        return Err(Refusal::new(413, format!("event name is longer than {most} characters (max_event_name_length)")));
     }
+    let max_payload = app.max_payload();
     let data = event_data_text(data);
     if data.len() > max_payload {
         return Err(Refusal::new(413, format!("event data is {} bytes, more than the {max_payload}-byte limit", data.len())));
@@ -294,10 +347,10 @@ impl Info {
             if ChannelKind::of(channel) != ChannelKind::Presence {
                 return Err(Refusal::new(400, "user_count is only available for presence channels"));
             }
-            attributes.insert("user_count".into(), context.membership.user_count(channel).into());
+            attributes.insert("user_count".into(), context.membership.user_count(context.key(channel)).into());
         }
         if self.subscription_count {
-            attributes.insert("subscription_count".into(), context.directory.subscription_count(channel).into());
+            attributes.insert("subscription_count".into(), context.directory.subscription_count(context.key(channel)).into());
         }
         Ok(Value::Object(attributes))
     }
@@ -310,7 +363,7 @@ fn channels(request: &Request, context: &RestContext<'_>) -> Result<Response, Re
         return Err(Refusal::new(400, "info=user_count needs filter_by_prefix=presence-"));
     }
     let mut listed = Map::new();
-    let mut names: Vec<(&str, u32)> = context.directory.channels().filter(|(name, _)| name.starts_with(&prefix)).collect();
+    let mut names: Vec<(&str, u32)> = context.directory.channels(context.index).filter(|(name, _)| name.starts_with(&prefix)).collect();
     names.sort_unstable();
     for (name, _) in names {
         listed.insert(name.to_owned(), info.attributes(name, context)?);
@@ -319,9 +372,9 @@ fn channels(request: &Request, context: &RestContext<'_>) -> Result<Response, Re
 }
 
 fn channel(request: &Request, name: &str, context: &RestContext<'_>) -> Result<Response, Refusal> {
-    validate_channel_name(name).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
+    validate_channel_name(name, context.max_channel_name()).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
     let info = Info::parse(request.query_param("info").as_deref())?;
-    let count = context.directory.subscription_count(name);
+    let count = context.directory.subscription_count(context.key(name));
     let mut attributes = match info.attributes(name, context)? {
         Value::Object(map) => map,
         _ => Map::new(),
@@ -331,11 +384,11 @@ fn channel(request: &Request, name: &str, context: &RestContext<'_>) -> Result<R
 }
 
 fn users(name: &str, context: &RestContext<'_>) -> Result<Response, Refusal> {
-    validate_channel_name(name).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
+    validate_channel_name(name, context.max_channel_name()).map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(name))))?;
     if ChannelKind::of(name) != ChannelKind::Presence {
         return Err(Refusal::new(400, "users are only listed for presence channels"));
     }
-    let users: Vec<Value> = context.membership.users(name).map(|id| json!({ "id": id })).collect();
+    let users: Vec<Value> = context.membership.users(context.key(name)).map(|id| json!({ "id": id })).collect();
     Ok(Response::json(200, json!({ "users": users }).to_string()))
 }
 
@@ -345,23 +398,47 @@ mod tests {
     use crate::fanout::directory::Occupancy;
     use crate::fanout::WorkerId;
     use crate::pusher::signature::sign_query;
+    use crate::pusher::App;
+    use std::time::Duration;
 
     const NOW: u64 = 1_700_000_000;
 
-    fn app() -> App {
-        App { id: "app-id".into(), key: "app-key".into(), secret: "app-secret".into(), subscription_count_events: false }
+    const APP: AppIndex = AppIndex(0);
+    const OTHER: AppIndex = AppIndex(1);
+
+    /// The default app (index 0), and "other" (index 1) with tighter limits, and "off",
+    /// disabled.
+    fn apps() -> Apps {
+        let default = AppConfig::from_settings(&crate::config::Config::default());
+        let mut other = default.clone();
+        other.app = App { id: "other".into(), key: "other-key".into(), secret: "other-secret".into(), subscription_count_events: false };
+        (other.limits.max_event_channels_at_once, other.limits.max_event_batch_size, other.limits.max_event_name_length) = (2, 2, 5);
+        let mut off = default.clone();
+        off.app = App { id: "off".into(), key: "off-key".into(), secret: "off-secret".into(), subscription_count_events: false };
+        off.enabled = false;
+        Apps::new(vec![default, other, off])
+    }
+
+    fn signer(app_id: &str) -> App {
+        apps().by_id(app_id).expect("an app of the tests").1.app.clone()
     }
 
     fn directory() -> Directory {
         let mut directory = Directory::new(2);
-        for (worker, channel, count) in [(0, "news", 2), (1, "news", 3), (1, "presence-x", 1), (0, "sports", 1)] {
-            directory.apply(&Occupancy { worker: WorkerId(worker), channel: channel.into(), count });
+        let counts = [(0, APP, "news", 2), (1, APP, "news", 3), (1, APP, "presence-x", 1), (0, APP, "sports", 1), (0, OTHER, "news", 9)];
+        for (worker, app, channel, count) in counts {
+            directory.apply(&Occupancy { worker: WorkerId(worker), channel: ChannelName::new(app, channel), count });
         }
         directory
     }
 
     fn call(method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome {
-        let query = sign_query(&app(), method, path, body.as_bytes(), params, NOW);
+        call_as("app-id", method, path, body, params)
+    }
+
+    /// A call signed with the secret of app `signer_id`.
+    fn call_as(signer_id: &str, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome {
+        let query = sign_query(&signer(signer_id), method, path, body.as_bytes(), params, NOW);
         call_with_query(method, path, body, &query)
     }
 
@@ -374,13 +451,22 @@ mod tests {
             body: body.as_bytes().to_vec(),
             close: false,
         };
-        let app = app();
+        let apps = apps();
         let directory = directory();
         let mut membership = Membership::default();
         for user in ["u1", "u2"] {
-            membership.apply(&"presence-x".into(), user, true);
+            membership.apply(&ChannelName::new(APP, "presence-x"), user, true);
         }
-        handle(&request, &RestContext { app: &app, directory: &directory, membership: &membership, unix_now: NOW, max_payload: 100 })
+        call_apps(&apps, &request, &directory, &membership, Instant::now())
+    }
+
+    fn call_apps(apps: &Apps, request: &Request, directory: &Directory, membership: &Membership, now: Instant) -> RestOutcome {
+        match resolve(request, apps) {
+            Ok((index, app, rates)) => {
+                handle(request, &RestContext { app, index, directory, membership, unix_now: NOW, rates: (rates, now) })
+            }
+            Err(response) => RestOutcome::respond(response),
+        }
     }
 
     fn body_json(outcome: &RestOutcome) -> Value {
@@ -397,8 +483,8 @@ mod tests {
         assert_eq!(
             outcome.publishes,
             vec![
-                Publish { channel: "a".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
-                Publish { channel: "b".into(), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
+                Publish { channel: ChannelName::new(APP, "a"), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
+                Publish { channel: ChannelName::new(APP, "b"), event: "greet".into(), data: r#"{"x":1}"#.into(), except, user_id: None },
             ]
         );
     }
@@ -446,20 +532,29 @@ mod tests {
                 401,
                 call_with_query("GET", "/apps/app-id/channels", "", "auth_key=app-key&auth_timestamp=1&auth_version=1.0&auth_signature=00"),
             ),
-            (404, call("GET", "/apps/other/channels", "", &[])),
+            (404, call("GET", "/apps/nobody/channels", "", &[])),
             (404, call("GET", "/apps/app-id/nothing", "", &[])),
             (405, call("GET", "/apps/app-id/events", "", &[])),
             (400, call("POST", "/apps/app-id/events", "not json", &[])),
             (400, call("POST", "/apps/app-id/events", r#"{"name":"e","data":"d"}"#, &[])),
             (400, call("POST", "/apps/app-id/events", r#"{"name":"e","channels":["bad name"],"data":"d"}"#, &[])),
             (400, call("POST", "/apps/app-id/events", r#"{"name":"e","channels":["a"],"data":"d","socket_id":"x"}"#, &[])),
-            (413, call("POST", "/apps/app-id/events", &format!(r#"{{"name":"e","channels":["a"],"data":"{}"}}"#, "x".repeat(101)), &[])),
+            (
+                413,
+                call(
+                    "POST",
+                    "/apps/app-id/events",
+                    &format!(r#"{{"name":"e","channels":["a"],"data":"{}"}}"#, "x".repeat(10 * 1024 + 1)),
+                    &[],
+                ),
+            ),
             (400, call("GET", "/apps/app-id/channels", "", &[("info", "user_count")])),
             (400, call("GET", "/apps/app-id/channels/news", "", &[("info", "bogus")])),
             (400, call("GET", "/apps/app-id/channels/news", "", &[("info", "user_count")])),
             (400, call("GET", "/apps/app-id/channels/news/users", "", &[])),
             (404, call("GET", "/apps/app-id/channels/presence-x/members", "", &[])),
             (405, call("GET", "/apps/app-id/users/u1/terminate_connections", "", &[])),
+            (403, call_as("off", "GET", "/apps/off/channels", "", &[])),
         ];
         for (status, outcome) in cases {
             assert_eq!(outcome.response.status, status, "{:?}", String::from_utf8_lossy(&outcome.response.body));
@@ -485,6 +580,61 @@ mod tests {
         let outcome = call("POST", "/apps/app-id/users/user%20one/terminate_connections", "", &[]);
         assert_eq!(outcome.response.status, 200);
         assert_eq!(outcome.terminate_user.as_deref(), Some("user one"));
+    }
+
+    #[test]
+    fn a_call_reaches_only_its_own_apps_channels_and_needs_its_own_secret() {
+        let listed = call("GET", "/apps/app-id/channels", "", &[("info", "subscription_count")]);
+        assert_eq!(body_json(&listed)["channels"]["news"], json!({"subscription_count": 5}), "not the other app's 9");
+        let others = call_as("other", "GET", "/apps/other/channels", "", &[("info", "subscription_count")]);
+        assert_eq!(body_json(&others), json!({"channels": {"news": {"subscription_count": 9}}}));
+        let published = call_as("other", "POST", "/apps/other/events", r#"{"name":"e","channel":"news","data":"d"}"#, &[]);
+        assert_eq!(published.publishes[0].channel, ChannelName::new(OTHER, "news"));
+        let forged = call_as("app-id", "POST", "/apps/other/events", r#"{"name":"e","channel":"news","data":"d"}"#, &[]);
+        assert_eq!(forged.response.status, 401, "signed with another app's secret");
+        assert!(forged.publishes.is_empty());
+    }
+
+    #[test]
+    fn each_apps_own_limits_apply_to_its_calls() {
+        let three = r#"{"name":"e","channels":["a","b","c"],"data":"d"}"#;
+        assert_eq!(call("POST", "/apps/app-id/events", three, &[]).response.status, 200);
+        assert_eq!(call_as("other", "POST", "/apps/other/events", three, &[]).response.status, 413);
+        let long_name = r#"{"name":"client","channel":"a","data":"d"}"#;
+        assert_eq!(call_as("other", "POST", "/apps/other/events", long_name, &[]).response.status, 413);
+        let batch = json!({"batch": (0..3).map(|_| json!({"name": "e", "channel": "c", "data": "d"})).collect::<Vec<_>>()}).to_string();
+        assert_eq!(call_as("other", "POST", "/apps/other/batch_events", &batch, &[]).response.status, 413);
+    }
+
+    #[test]
+    fn over_an_apps_per_second_limits_signed_calls_get_429() {
+        let mut limited = AppConfig::from_settings(&crate::config::Config::default());
+        (limited.limits.max_backend_events_per_sec, limited.limits.max_read_requests_per_sec) = (Some(3), Some(2));
+        let apps = Apps::new(vec![limited]);
+        let (directory, membership) = (directory(), Membership::default());
+        let request = |method: &str, path: &str, body: &str, signer: &App| Request {
+            method: method.into(),
+            path: path.into(),
+            query: sign_query(signer, method, path, body.as_bytes(), &[], NOW),
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+            close: false,
+        };
+        let me = signer("app-id");
+        let t0 = Instant::now();
+        let status = |req: &Request, at: Instant| call_apps(&apps, req, &directory, &membership, at).response.status;
+        let two = request("POST", "/apps/app-id/events", r#"{"name":"e","channels":["a","b"],"data":"d"}"#, &me);
+        assert_eq!(status(&two, t0), 200);
+        assert_eq!(status(&two, t0), 429, "an event to two channels is two of the three a second");
+        let refused = call_apps(&apps, &two, &directory, &membership, t0);
+        assert!(refused.publishes.is_empty() && body_json(&refused)["error"].as_str().unwrap().contains("max_backend_events_per_sec"));
+        assert_eq!(status(&two, t0 + Duration::from_millis(700)), 200, "room again");
+        let read = request("GET", "/apps/app-id/channels", "", &me);
+        assert_eq!((status(&read, t0), status(&read, t0), status(&read, t0)), (200, 200, 429));
+        let unsigned = request("GET", "/apps/app-id/channels", "", &App { secret: "wrong".into(), ..me.clone() });
+        assert_eq!(status(&unsigned, t0 + Duration::from_secs(5)), 401);
+        assert_eq!(status(&read, t0 + Duration::from_secs(5)), 200, "an unsigned call spends nothing of the budget");
+        assert_eq!(status(&read, t0 + Duration::from_secs(5)), 200);
     }
 
     #[test]

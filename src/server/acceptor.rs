@@ -13,8 +13,10 @@
 //! loop would spin, and the workers keep serving the connections they have meanwhile. Such an
 //! episode is logged when it starts and summed up when it ends, not once per retry.
 //!
-//! SIGHUP reloads what the node reloads without a restart (see [`Acceptor::reload`]): today
-//! the TLS certificate, for the connections accepted after it.
+//! On a TLS port, SIGHUP reloads the certificate for the connections accepted after it (see
+//! [`Acceptor::reload_tls`]). The apps file has a SIGHUP listener of its own
+//! ([`crate::gateway`]'s reload thread): each part reloads on its own, and a bad file of one
+//! does not stop the other. A plain port does not listen for SIGHUP.
 //!
 //! A connection is never refused because a worker is busy: one whose inbox is full is skipped
 //! for the next, and when every inbox is full the connection is held and accepting stops (the
@@ -118,7 +120,7 @@ impl<M: Send + 'static> Acceptor<M> {
                 }
             }
             if reload {
-                self.reload();
+                self.reload_tls();
             }
             if drain_deadline.is_none() && (signalled || self.stop.load(Ordering::Acquire)) {
                 let cause = if signalled { "signal received" } else { "stop requested" };
@@ -174,18 +176,8 @@ impl<M: Send + 'static> Acceptor<M> {
         self.tell_workers(|| Envelope::Finish);
     }
 
-    /// What SIGHUP does: reload, for new connections, everything that can be reloaded without
-    /// a restart. Each part reloads on its own and keeps what it had when its new version is
-    /// refused, so one bad file does not stop the others.
-    fn reload(&mut self) {
-        if self.tls.is_none() {
-            info!("SIGHUP: nothing to reload");
-        }
-        self.reload_tls();
-    }
-
     /// Loads the certificate and key again; connections accepted from now on get the new pair,
-    /// the ones open keep theirs.
+    /// the ones open keep theirs. A refused pair leaves the current one in place.
     fn reload_tls(&mut self) {
         let Some(certificate) = self.tls.as_mut() else {
             return;
@@ -197,7 +189,9 @@ impl<M: Send + 'static> Acceptor<M> {
     }
 
     fn register_signals(&mut self) -> Option<Signals> {
-        let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        // SIGHUP only on a TLS port, where there is a certificate to reload.
+        let hangup = self.tls.as_ref().map(|_| SIGHUP);
+        let mut signals = match Signals::new([SIGINT, SIGTERM].into_iter().chain(hangup)) {
             Ok(s) => s,
             Err(e) => {
                 warn!("could not install signal handlers: {e}");

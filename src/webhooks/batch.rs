@@ -102,9 +102,11 @@ impl Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pusher::protocol::ChannelName;
+    use crate::pusher::AppIndex;
 
     fn event(n: usize) -> WebhookEvent {
-        WebhookEvent::ChannelOccupied { channel: format!("c{n}").into() }
+        WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), &format!("c{n}")) }
     }
 
     fn channels(batch: &[WebhookEvent]) -> Vec<String> {

@@ -14,7 +14,7 @@ use log::{debug, warn};
 
 use super::batch::Batcher;
 use super::event::{self, WebhookEvent};
-use super::{StatCells, WebhookSettings};
+use super::{DeliverySettings, Endpoint, StatCells};
 
 /// The most of a response body read, only so the connection can be reused; receivers answer
 /// webhooks with nothing or a few bytes.
@@ -41,7 +41,8 @@ enum Wake {
 
 /// The delivery thread's state.
 pub struct Courier {
-    settings: WebhookSettings,
+    endpoint: Endpoint,
+    settings: DeliverySettings,
     agent: ureq::Agent,
     events: Receiver<WebhookEvent>,
     stop: Receiver<Instant>,
@@ -52,8 +53,15 @@ pub struct Courier {
 }
 
 impl Courier {
-    /// A courier for `settings`, reading `events` until `stop` says when to be done.
-    pub fn new(settings: WebhookSettings, events: Receiver<WebhookEvent>, stop: Receiver<Instant>, stats: Arc<StatCells>) -> Courier {
+    /// A courier to `endpoint` as `settings` say, reading `events` until `stop` says when to
+    /// be done.
+    pub fn new(
+        endpoint: Endpoint,
+        settings: DeliverySettings,
+        events: Receiver<WebhookEvent>,
+        stop: Receiver<Instant>,
+        stats: Arc<StatCells>,
+    ) -> Courier {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(settings.timeout))
             // Statuses are outcomes to count and retry, not errors to unpack.
@@ -63,7 +71,7 @@ impl Courier {
             .build()
             .into();
         let batcher = Batcher::new(settings.batch_window, settings.batch_max);
-        Courier { settings, agent, events, stop, batcher, stats, deadline: None }
+        Courier { endpoint, settings, agent, events, stop, batcher, stats, deadline: None }
     }
 
     /// Runs until stopped, then posts what is queued until the deadline and gives up the rest.
@@ -145,7 +153,7 @@ impl Courier {
             }
         };
         // Signed once: every retry sends the very same body, so the receiver can dedupe on it.
-        let signature = event::signature(&self.settings.app_secret, &body);
+        let signature = event::signature(&self.endpoint.app_secret, &body);
         let mut failed = 0;
         // Each attempt gets the post timeout, or what is left of the drain once stopping.
         while let Some(timeout) = self.budget(self.settings.timeout) {
@@ -161,7 +169,7 @@ impl Courier {
                 Err(e) => {
                     self.stats.attempts_failed.fetch_add(1, Ordering::Relaxed);
                     failed += 1;
-                    debug!("webhook post to {} failed (attempt {failed}): {e}", self.settings.url);
+                    debug!("webhook post to {} failed (attempt {failed}): {e}", self.endpoint.url);
                     let Some(delay) = self.settings.retry.delay_after(failed) else {
                         warn!("giving up a webhook batch of {} events after {failed} attempts: {e}", batch.len());
                         break;
@@ -211,12 +219,12 @@ impl Courier {
     fn post(&self, body: &str, signature: &str, timeout: Duration) -> Result<(), PostError> {
         let response = self
             .agent
-            .post(&self.settings.url.0)
+            .post(&self.endpoint.url.0)
             .config()
             .timeout_global(Some(timeout))
             .build()
             .header("Content-Type", "application/json")
-            .header("X-Pusher-Key", &self.settings.app_key)
+            .header("X-Pusher-Key", &self.endpoint.app_key)
             .header("X-Pusher-Signature", signature)
             .send(body)?;
         let status = response.status();

@@ -66,6 +66,43 @@ pub enum WebhookEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         user_id: Option<String>,
     },
+    /// A channel's subscription count changed (for apps with `subscription_count_events`, at
+    /// most once a second per channel, as the events to its subscribers).
+    SubscriptionCount {
+        /// The channel.
+        #[serde(serialize_with = "as_string")]
+        channel: ChannelName,
+        /// Its subscriptions now.
+        subscription_count: u32,
+    },
+}
+
+impl WebhookEvent {
+    /// The channel it is about, whose app's webhooks it goes to.
+    pub fn channel(&self) -> &ChannelName {
+        match self {
+            WebhookEvent::ChannelOccupied { channel }
+            | WebhookEvent::ChannelVacated { channel }
+            | WebhookEvent::MemberAdded { channel, .. }
+            | WebhookEvent::MemberRemoved { channel, .. }
+            | WebhookEvent::CacheMiss { channel }
+            | WebhookEvent::ClientEvent { channel, .. }
+            | WebhookEvent::SubscriptionCount { channel, .. } => channel,
+        }
+    }
+
+    /// Its Pusher name, as webhooks' `event_types` list it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WebhookEvent::ChannelOccupied { .. } => "channel_occupied",
+            WebhookEvent::ChannelVacated { .. } => "channel_vacated",
+            WebhookEvent::MemberAdded { .. } => "member_added",
+            WebhookEvent::MemberRemoved { .. } => "member_removed",
+            WebhookEvent::CacheMiss { .. } => "cache_miss",
+            WebhookEvent::ClientEvent { .. } => "client_event",
+            WebhookEvent::SubscriptionCount { .. } => "subscription_count",
+        }
+    }
 }
 
 /// Channel names are `Arc<str>` and socket ids a pair of numbers; both travel as JSON strings.
@@ -97,7 +134,9 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
+    use crate::pusher::protocol::ChannelName;
     use crate::pusher::signature::hmac_matches;
+    use crate::pusher::AppIndex;
 
     fn to_json(event: &WebhookEvent) -> Value {
         serde_json::to_value(event).expect("events serialize")
@@ -105,7 +144,7 @@ mod tests {
 
     #[test]
     fn events_serialize_as_pusher_documents_them() {
-        let channel: ChannelName = "presence-room".into();
+        let channel = ChannelName::new(AppIndex(0), "presence-room");
         assert_eq!(
             to_json(&WebhookEvent::ChannelOccupied { channel: channel.clone() }),
             json!({"name": "channel_occupied", "channel": "presence-room"})
@@ -115,7 +154,7 @@ mod tests {
             json!({"name": "channel_vacated", "channel": "presence-room"})
         );
         assert_eq!(
-            to_json(&WebhookEvent::CacheMiss { channel: "cache-price".into() }),
+            to_json(&WebhookEvent::CacheMiss { channel: ChannelName::new(AppIndex(0), "cache-price") }),
             json!({"name": "cache_miss", "channel": "cache-price"})
         );
         assert_eq!(
@@ -139,11 +178,20 @@ mod tests {
                    "data": "{\"data\":1234}", "socket_id": "34718.5367461", "user_id": "42"})
         );
         assert!(to_json(&client_event(None)).get("user_id").is_none(), "no user_id outside presence");
+        let count = WebhookEvent::SubscriptionCount { channel: ChannelName::new(AppIndex(0), "news"), subscription_count: 7 };
+        assert_eq!(to_json(&count), json!({"name": "subscription_count", "channel": "news", "subscription_count": 7}));
+        for event in [count, client_event(None), WebhookEvent::ChannelVacated { channel: channel.clone() }] {
+            assert_eq!(to_json(&event)["name"], event.name(), "the name event_types filter on is the name posted");
+            assert_eq!(event.channel().to_string(), to_json(&event)["channel"]);
+        }
     }
 
     #[test]
     fn the_body_carries_time_ms_and_the_events_in_order() {
-        let events = [WebhookEvent::ChannelOccupied { channel: "a".into() }, WebhookEvent::ChannelVacated { channel: "a".into() }];
+        let events = [
+            WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), "a") },
+            WebhookEvent::ChannelVacated { channel: ChannelName::new(AppIndex(0), "a") },
+        ];
         let body = body(&events, 1_396_258_618_139).expect("serializes");
         let value: Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(value["time_ms"], 1_396_258_618_139u64);
@@ -153,7 +201,7 @@ mod tests {
 
     #[test]
     fn the_signature_is_the_hmac_of_the_exact_body() {
-        let body = body(&[WebhookEvent::ChannelOccupied { channel: "c".into() }], 1).expect("serializes");
+        let body = body(&[WebhookEvent::ChannelOccupied { channel: ChannelName::new(AppIndex(0), "c") }], 1).expect("serializes");
         let signature = signature("app-secret", &body);
         assert_eq!(signature.len(), 64, "hex SHA-256");
         assert!(hmac_matches("app-secret", &body, &signature));

@@ -2,7 +2,8 @@
 // the slow-consumer scenario against the gateway that run.sh started:
 //   1. the live numbers move: messages out/s read twice, the second read is higher;
 //   2. a slow consumer's cell in the connections grid turns red, and hovering it shows it;
-//   3. that consumer's eviction appears in the evictions log within 15 s.
+//   3. that consumer's eviction appears in the evictions log within 15 s;
+//   4. the apps table shows the app's connections and a delivery rate above zero.
 // Saves $SCREENSHOT at the end (and artefacts in $ARTIFACTS). Every wait is bounded; the load is
 // stopped on the way out, whatever happened.
 import { spawn } from "node:child_process";
@@ -127,6 +128,17 @@ async function main() {
     );
     const row = await page.locator(`#evictions tbody tr[data-socket-id="${evicted}"]`).first().innerText();
     step(`its eviction is in the log: ${row.replaceAll("\t", " | ")}`);
+
+    const appRow = await eventually(
+      async () => {
+        const cells = await page.$$eval('#apps tbody tr[data-app="app-id"] td', (tds) => tds.map((td) => td.textContent));
+        const number = (text) => Number((text ?? "").replace(/[^\d.]/g, "") || 0);
+        return cells.length > 0 && number(cells[2]) > 0 && number(cells[5]) > 0 ? cells : undefined;
+      },
+      5_000,
+      "the app's connections and deliveries/s in the apps table",
+    );
+    step(`the apps table: ${appRow.join(" | ")}`);
 
     await page.mouse.move(0, 0);
     await page.screenshot({ path: SCREENSHOT, fullPage: true });

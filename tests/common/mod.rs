@@ -51,7 +51,12 @@ pub fn open(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
 impl Client {
     /// Connects with the default app key and waits for `pusher:connection_established`.
     pub fn connect(addr: SocketAddr) -> Client {
-        let mut ws = open(addr, "/app/app-key?protocol=7&client=test&version=1");
+        Client::connect_to(addr, "app-key")
+    }
+
+    /// Connects with app key `key` and waits for `pusher:connection_established`.
+    pub fn connect_to(addr: SocketAddr, key: &str) -> Client {
+        let mut ws = open(addr, &format!("/app/{key}?protocol=7&client=test&version=1"));
         let established = next_event(&mut ws);
         assert_eq!(established["event"], "pusher:connection_established", "{established}");
         let data: Value = serde_json::from_str(established["data"].as_str().expect("data is a string")).expect("data is JSON");
@@ -81,8 +86,13 @@ impl Client {
 /// Subscribes `client` to presence `channel` as `user_id` (with `{"name": user_id}` as its
 /// info), signed as an auth endpoint would, and returns the `subscription_succeeded`.
 pub fn join_presence(client: &mut Client, channel: &str, user_id: &str) -> Value {
+    join_presence_of(client, &app(), channel, user_id)
+}
+
+/// As [`join_presence`], signed for `app`.
+pub fn join_presence_of(client: &mut Client, app: &App, channel: &str, user_id: &str) -> Value {
     let channel_data = json!({"user_id": user_id, "user_info": {"name": user_id}}).to_string();
-    let auth = flux::pusher::signature::channel_auth(&app(), &client.socket_id, channel, Some(&channel_data));
+    let auth = flux::pusher::signature::channel_auth(app, &client.socket_id, channel, Some(&channel_data));
     client.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}));
     let reply = client.next_event();
     assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
@@ -137,7 +147,12 @@ pub fn unix_now() -> u64 {
 
 /// A signed REST call; returns the status and the body.
 pub fn rest(addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> (u16, Value) {
-    let query = sign_query(&app(), method, path, body.as_bytes(), params, unix_now());
+    rest_as(&app(), addr, method, path, body, params)
+}
+
+/// A REST call signed with `app`'s key and secret; returns the status and the body.
+pub fn rest_as(app: &App, addr: SocketAddr, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let query = sign_query(app, method, path, body.as_bytes(), params, unix_now());
     let url = format!("http://{addr}{path}?{query}");
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let response = match method {
@@ -170,6 +185,27 @@ pub fn publish(addr: SocketAddr, channels: &[&str], event: &str, data: &str, exc
         body["socket_id"] = json!(socket_id);
     }
     rest(addr, "POST", "/apps/app-id/events", &body.to_string(), &[])
+}
+
+/// An apps file of its own under the system's temp dir, removed when dropped.
+pub struct AppsFile(pub std::path::PathBuf);
+
+impl AppsFile {
+    pub fn new(text: &str) -> AppsFile {
+        let path = std::env::temp_dir().join(format!("flux-apps-{}-{}.toml", std::process::id(), fastrand::u64(..)));
+        std::fs::write(&path, text).expect("write the apps file");
+        AppsFile(path)
+    }
+
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("rewrite the apps file");
+    }
+}
+
+impl Drop for AppsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.

@@ -1,4 +1,5 @@
-// Runs the real `flux` binary for the end-to-end tests, and the small waiting helpers they share.
+// Runs the real `flux` binary for the end-to-end tests (on an apps file of its own where a test needs
+// one), and the small waiting helpers they share.
 //
 // The gateway is started on a free loopback port with two workers, so subscriptions, publishes and
 // occupancy really cross worker threads, and is stopped with SIGTERM, which must exit 0.
@@ -6,8 +7,10 @@ import assert from "node:assert/strict";
 import PusherClient from "pusher-js";
 import PusherServer from "pusher";
 import { spawn } from "node:child_process";
+import fs from "node:fs";
 import https from "node:https";
 import net from "node:net";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -66,30 +69,33 @@ function answersOverTls(port, ca) {
   });
 }
 
+/** The environment every gateway here starts with, before a test's own settings. */
+function fluxEnv(port, env) {
+  return {
+    ...process.env,
+    FLUX_HOST: "127.0.0.1",
+    FLUX_PORT: String(port),
+    // Any free port: several gateways run at once here, and 8080 may be taken.
+    FLUX_DASHBOARD_PORT: "0",
+    FLUX_WORKERS: "2",
+    FLUX_APP_ID: APP.appId,
+    FLUX_APP_KEY: APP.key,
+    FLUX_APP_SECRET: APP.secret,
+    FLUX_ACTIVITY_TIMEOUT: String(ACTIVITY_TIMEOUT),
+    RUST_LOG: "info",
+    ...env,
+  };
+}
+
 /**
  * Starts a gateway and waits until `GET /` answers 200 (over https trusting `ca` when the gateway
- * is given a certificate). Returns `{ port, log(), stop() }`; `stop()` sends SIGTERM and asserts a
- * clean exit: code 0 and no panic in the log.
+ * is given a certificate). Returns `{ port, log(), kill(), stop() }`; `stop()` sends SIGTERM and
+ * asserts a clean exit: code 0 and no panic in the log. `args` are command-line flags
+ * (`["--apps-file", path]`).
  */
-export async function startFlux(env = {}, { ca } = {}) {
+export async function startFlux(env = {}, { args = [], ca } = {}) {
   const port = await freePort();
-  const child = spawn(FLUX_BIN, [], {
-    env: {
-      ...process.env,
-      FLUX_HOST: "127.0.0.1",
-      FLUX_PORT: String(port),
-      // Any free port: several gateways run at once here, and 8080 may be taken.
-      FLUX_DASHBOARD_PORT: "0",
-      FLUX_WORKERS: "2",
-      FLUX_APP_ID: APP.appId,
-      FLUX_APP_KEY: APP.key,
-      FLUX_APP_SECRET: APP.secret,
-      FLUX_ACTIVITY_TIMEOUT: String(ACTIVITY_TIMEOUT),
-      RUST_LOG: "info",
-      ...env,
-    },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
+  const child = spawn(FLUX_BIN, args, { env: fluxEnv(port, env), stdio: ["ignore", "ignore", "pipe"] });
   let log = "";
   child.stderr.on("data", (chunk) => (log += chunk));
   let exit = null; // How the process ended, once it has: { code, signal }, or { error } if it never ran.
@@ -111,7 +117,7 @@ export async function startFlux(env = {}, { ca } = {}) {
   return {
     port,
     log: () => log,
-    /** Sends `signal` (SIGKILL, SIGSTOP, ...) and, for SIGKILL, resolves once the process is gone. */
+    /** Sends `signal` (SIGKILL, SIGSTOP, SIGHUP, ...) and, for SIGKILL, resolves once the process is gone. */
     async kill(signal = "SIGKILL") {
       child.kill(signal);
       if (signal === "SIGKILL") await exited;
@@ -124,6 +130,47 @@ export async function startFlux(env = {}, { ca } = {}) {
       assert.deepEqual({ code, signal }, { code: 0, signal: null }, `flux did not exit 0 on SIGTERM:\n${log}`);
       assert.doesNotMatch(log, /panicked/, "flux panicked");
     },
+  };
+}
+
+/**
+ * Runs a gateway that is expected not to start: resolves with `{ code, signal, log }` once it
+ * exits, or rejects (after SIGKILL) if it is still running after `ms`.
+ */
+export async function fluxExit(env = {}, { args = [], ms = START_TIMEOUT_MS } = {}) {
+  const port = await freePort();
+  const child = spawn(FLUX_BIN, args, { env: fluxEnv(port, env), stdio: ["ignore", "pipe", "pipe"] });
+  let log = "";
+  child.stdout.on("data", (chunk) => (log += chunk));
+  child.stderr.on("data", (chunk) => (log += chunk));
+  const exited = new Promise((resolve) => {
+    child.on("error", (error) => resolve({ error }));
+    // "close", not "exit": by then both pipes are read to their end, so the log is whole.
+    child.on("close", (code, signal) => resolve({ code, signal }));
+  });
+  const timer = setTimeout(() => child.kill("SIGKILL"), ms);
+  const outcome = await exited;
+  clearTimeout(timer);
+  if (outcome.signal === "SIGKILL") throw new Error(`flux was still running after ${ms} ms:\n${log}`);
+  return { ...outcome, log };
+}
+
+/**
+ * An apps file (TOML) of its own in a fresh temp directory. Returns `{ path, write(text),
+ * remove() }`; `remove()` deletes the directory.
+ */
+export function appsFile(text) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "flux-e2e-apps-"));
+  const file = path.join(dir, "apps.toml");
+  fs.writeFileSync(file, text);
+  return {
+    path: file,
+    /** Replaces the file's text in one step (a rename), so a reload never reads half of it. */
+    write(next) {
+      fs.writeFileSync(`${file}.next`, next);
+      fs.renameSync(`${file}.next`, file);
+    },
+    remove: () => fs.rmSync(dir, { recursive: true, force: true }),
   };
 }
 
@@ -189,11 +236,37 @@ export async function eventually(check, ms = 5000, what = "a condition") {
 }
 
 /**
+ * The `Origin` header pusher-js sends, by app key. pusher-js 8 in Node opens its sockets with
+ * faye-websocket and takes no socket options, so the one seam is its runtime's
+ * `createWebSocket(url)`: wrapped here to add the header for the key the URL names.
+ *
+ * The wrapper also makes `close()` of a socket that is already closed do nothing. After a server
+ * closes a connected client with 4000-4099, pusher-js closes the socket again, and faye-websocket
+ * then arms a 30 s close timer that nothing clears: harmless, but it keeps node alive 30 s.
+ */
+const origins = new Map();
+const createWebSocket = PusherClient.Runtime.createWebSocket;
+PusherClient.Runtime.createWebSocket = function (url) {
+  const origin = origins.get(new URL(url).pathname.split("/").pop());
+  const Socket = this.getWebSocketAPI();
+  const socket = origin === undefined ? createWebSocket.call(this, url) : new Socket(url, [], { headers: { Origin: origin } });
+  const close = socket.close;
+  socket.close = function (...args) {
+    if (this.readyState !== 3) close.apply(this, args); // 3: CLOSED, as in the WebSocket API.
+  };
+  return socket;
+};
+
+/**
  * A pusher-js client of the gateway on `port`, on plain WebSocket only. Private channels are
  * authorized, and users signed in, by the official server SDK (`authorizer`), as an app's auth
- * endpoint would do; presence members are `user` with `{ name }` as their info.
+ * endpoint would do; presence members are `user` with `{ name }` as their info. With `origin`,
+ * its sockets send that `Origin` header, as a browser on that page would; without, none (the
+ * header goes by key, so it is the latest client of a key that decides it for the key's sockets).
  */
-export function newPusherClient(port, { key = APP.key, authorizer = newPusherServer(port), user = { id: "user-1" } } = {}) {
+export function newPusherClient(port, { key = APP.key, authorizer = newPusherServer(port), user = { id: "user-1" }, origin } = {}) {
+  if (origin === undefined) origins.delete(key);
+  else origins.set(key, origin);
   return new PusherClient(key, {
     wsHost: "127.0.0.1",
     wsPort: port,
@@ -212,9 +285,9 @@ export function newPusherClient(port, { key = APP.key, authorizer = newPusherSer
   });
 }
 
-/** The official server SDK, pointed at the gateway on `port`. */
-export function newPusherServer(port, secret = APP.secret) {
-  return new PusherServer({ ...APP, secret, host: "127.0.0.1", port: String(port), useTLS: false });
+/** The official server SDK, pointed at the gateway on `port`, for `app` (`{ appId, key, secret }`), signing with `secret`. */
+export function newPusherServer(port, secret = APP.secret, app = APP) {
+  return new PusherServer({ appId: app.appId, key: app.key, secret, host: "127.0.0.1", port: String(port), useTLS: false });
 }
 
 /** Resolves with `pusher` once it is connected. */
