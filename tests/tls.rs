@@ -178,7 +178,7 @@ struct FluxProcess {
 }
 
 impl FluxProcess {
-    fn start(cert: &Path, key: &Path) -> FluxProcess {
+    fn start(cert: &Path, key: &Path, args: &[&std::ffi::OsStr]) -> FluxProcess {
         let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let (port, dashboard) = (free(), free());
         let mut child = Command::new(env!("CARGO_BIN_EXE_flux"))
@@ -187,6 +187,7 @@ impl FluxProcess {
             .arg(cert)
             .arg("--tls-key")
             .arg(key)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -206,7 +207,12 @@ impl FluxProcess {
     }
 
     fn wait_for_log(&self, text: &str) -> bool {
-        wait_until(Duration::from_secs(10), || self.log.lock().expect("log").iter().any(|line| line.contains(text)))
+        self.wait_for_lines(text, 1)
+    }
+
+    /// Waits until `count` lines of the log contain `text`.
+    fn wait_for_lines(&self, text: &str, count: usize) -> bool {
+        wait_until(Duration::from_secs(10), || self.log.lock().expect("log").iter().filter(|line| line.contains(text)).count() >= count)
     }
 
     fn signal(&self, signal: &str) {
@@ -222,6 +228,8 @@ impl Drop for FluxProcess {
     }
 }
 
+/// The SIGHUP test's node serves its app from an apps file, so the certificate's reload is seen
+/// beside the apps file's, each on its own.
 #[test]
 fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs() {
     let Some(pki) = Pki::new("sighup") else { return };
@@ -233,7 +241,9 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
         std::fs::copy(key, &live_key).expect("copy key");
     };
     install(&old.cert, &old.key);
-    let flux = FluxProcess::start(&live_cert, &live_key);
+    let apps = pki.dir.join("apps.toml");
+    std::fs::write(&apps, "[[apps]]\nid = \"app-id\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n").expect("apps file");
+    let flux = FluxProcess::start(&live_cert, &live_key, &["--apps-file".as_ref(), apps.as_os_str()]);
     let (trust_old, trust_new) = (client_config(&old_ca.cert), client_config(&new_ca.cert));
 
     let mut before = WssClient::connect(flux.addr, &trust_old);
@@ -243,6 +253,7 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
     install(&new.cert, &new.key);
     flux.signal("-HUP");
     assert!(flux.wait_for_log("TLS certificate reloaded"), "{:?}", flux.log.lock());
+    assert!(flux.wait_for_log("SIGHUP: reloaded"), "the apps file is reloaded too: {:?}", flux.log.lock());
     assert!(try_connect(flux.addr, &trust_old).is_err(), "new clients no longer get the old certificate");
     let mut after = WssClient::connect(flux.addr, &trust_new);
     after.subscribe("swap");
@@ -255,6 +266,11 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
     install(&old.cert, &new.key);
     flux.signal("-HUP");
     assert!(flux.wait_for_log("TLS reload refused"), "{:?}", flux.log.lock());
+    assert!(
+        flux.wait_for_lines("SIGHUP: reloaded", 2),
+        "a refused certificate does not stop the apps file's reload: {:?}",
+        flux.log.lock()
+    );
     assert!(flux.log.lock().expect("log").iter().any(|l| l.contains("does not match")), "{:?}", flux.log.lock());
     WssClient::connect(flux.addr, &trust_new).subscribe("swap");
 
