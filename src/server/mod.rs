@@ -35,7 +35,7 @@ pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers, Sent};
 pub use service::{Ended, Routed, Service};
 pub use status::NodeStatus;
-pub use tls::{DerTime, TlsConfig, TlsError, TlsFiles};
+pub use tls::{TlsConfig, TlsError, TlsFiles};
 
 use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
@@ -96,11 +96,12 @@ pub enum StartError {
 }
 
 impl From<StartError> for io::Error {
-    /// For callers that report any start failure as I/O; the TLS reason stays in the message.
+    /// For callers that report any start failure as I/O; a refused certificate is a bad
+    /// setting (`InvalidInput`), with its reason in the message.
     fn from(error: StartError) -> io::Error {
         match error {
             StartError::Io(e) => e,
-            StartError::Tls(e) => io::Error::other(e),
+            StartError::Tls(e) => io::Error::new(io::ErrorKind::InvalidInput, e),
         }
     }
 }

@@ -11,7 +11,6 @@
 //!
 //! Nothing here decides what a connection means: no HTTP, no WebSocket, no metrics.
 
-use std::fmt;
 use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,7 +75,7 @@ pub enum TlsError {
         /// The file.
         path: PathBuf,
         /// Its end of validity.
-        not_after: DerTime,
+        not_after: String,
     },
     /// The certificate is not valid yet.
     #[error("the TLS certificate {} is not valid before {not_before}", path.display())]
@@ -84,7 +83,7 @@ pub enum TlsError {
         /// The file.
         path: PathBuf,
         /// Its start of validity.
-        not_before: DerTime,
+        not_before: String,
     },
     /// The key is not the certificate's.
     #[error("the TLS key {} does not match the certificate {}", key.display(), cert.display())]
@@ -171,14 +170,15 @@ fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
 }
 
 fn check_validity(path: &Path, leaf: &CertificateDer<'_>, now: SystemTime) -> Result<(), TlsError> {
-    let (not_before, not_after) = validity(leaf).ok_or_else(|| TlsError::Validity { path: path.to_path_buf() })?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf).map_err(|_| TlsError::Validity { path: path.to_path_buf() })?;
+    let validity = certificate.validity();
     // Before 1970 is a clock that cannot be trusted with anything; let the certificate pass.
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    if now > not_after.unix() {
-        return Err(TlsError::Expired { path: path.to_path_buf(), not_after });
+    if now > validity.not_after.timestamp() {
+        return Err(TlsError::Expired { path: path.to_path_buf(), not_after: validity.not_after.to_string() });
     }
-    if now < not_before.unix() {
-        return Err(TlsError::NotYetValid { path: path.to_path_buf(), not_before });
+    if now < validity.not_before.timestamp() {
+        return Err(TlsError::NotYetValid { path: path.to_path_buf(), not_before: validity.not_before.to_string() });
     }
     Ok(())
 }
@@ -284,127 +284,5 @@ pub(crate) fn send(socket: &mut TcpStream, session: &mut ServerConnection, outbo
             Ok(taken) => frames += outbound.advance(taken),
             Err(e) => return Flushed::Failed(e),
         }
-    }
-}
-
-/// A certificate time (UTCTime or GeneralizedTime), always UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DerTime {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-}
-
-impl DerTime {
-    /// Seconds since the Unix epoch.
-    fn unix(&self) -> i64 {
-        // Days from the civil date (Howard Hinnant's algorithm), March-based years.
-        let (y, m) = if self.month <= 2 { (self.year - 1, self.month + 9) } else { (self.year, self.month - 3) };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let doy = (153 * i64::from(m) + 2) / 5 + i64::from(self.day) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        days * 86_400 + i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second)
-    }
-}
-
-impl fmt::Display for DerTime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let DerTime { year, month, day, hour, minute, second } = self;
-        write!(f, "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
-    }
-}
-
-/// The validity period (not before, not after) of a DER certificate. rustls checks a peer's
-/// certificate dates, never its own, so the few DER steps to the `validity` field are read here
-/// rather than pulling in an X.509 parser for one field.
-fn validity(cert: &[u8]) -> Option<(DerTime, DerTime)> {
-    let (0x30, certificate, _) = der(cert)? else { return None };
-    let (0x30, tbs, _) = der(certificate)? else { return None };
-    let (tag, _, after) = der(tbs)?;
-    // The version is an optional explicit [0]; then serial, signature algorithm, issuer.
-    let mut rest = if tag == 0xa0 { after } else { tbs };
-    for _ in 0..3 {
-        rest = der(rest)?.2;
-    }
-    let (0x30, validity, _) = der(rest)? else { return None };
-    let (before_tag, before, rest) = der(validity)?;
-    let (after_tag, after, _) = der(rest)?;
-    Some((time(before_tag, before)?, time(after_tag, after)?))
-}
-
-/// One DER element: its tag, its contents and what follows it.
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let octets = usize::from(first & 0x7f);
-        if octets == 0 || octets > 4 || rest.len() < octets {
-            return None;
-        }
-        let len = rest[..octets].iter().fold(0usize, |len, &b| (len << 8) | usize::from(b));
-        (len, &rest[octets..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// A UTCTime (tag 0x17, `YYMMDDHHMMSSZ`) or GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).
-fn time(tag: u8, bytes: &[u8]) -> Option<DerTime> {
-    let digits = bytes.strip_suffix(b"Z")?;
-    if !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let number = |range: std::ops::Range<usize>| digits.get(range).map(|d| d.iter().fold(0u32, |n, &c| n * 10 + u32::from(c - b'0')));
-    let (year, rest) = match (tag, digits.len()) {
-        // RFC 5280: two-digit years 50-99 are 19xx, 00-49 are 20xx.
-        (0x17, 12) => {
-            let yy = i64::from(number(0..2)?);
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
-        }
-        (0x18, 14) => (i64::from(number(0..4)?), 4),
-        _ => return None,
-    };
-    let time = DerTime {
-        year,
-        month: number(rest..rest + 2)?,
-        day: number(rest + 2..rest + 4)?,
-        hour: number(rest + 4..rest + 6)?,
-        minute: number(rest + 6..rest + 8)?,
-        second: number(rest + 8..rest + 10)?,
-    };
-    ((1..=12).contains(&time.month) && (1..=31).contains(&time.day) && time.hour < 24 && time.minute < 60 && time.second < 61)
-        .then_some(time)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn der_times_convert_to_the_unix_clock() {
-        let utc = time(0x17, b"700101000000Z").expect("UTCTime");
-        assert_eq!(utc.unix(), 0);
-        let generalized = time(0x18, b"20380119031407Z").expect("GeneralizedTime");
-        assert_eq!(generalized.unix(), i64::from(i32::MAX));
-        assert_eq!(time(0x17, b"491231235959Z").expect("a 20xx year").year, 2049);
-        assert_eq!(generalized.to_string(), "2038-01-19 03:14:07 UTC");
-        assert_eq!(time(0x17, b"701301000000Z"), None, "month 13");
-        assert_eq!(time(0x17, b"7001010000Z"), None, "too short");
-        assert_eq!(time(0x18, b"700101000000Z"), None, "a UTCTime's length under the GeneralizedTime tag");
-    }
-
-    #[test]
-    fn der_lengths_are_checked_against_the_input() {
-        assert_eq!(der(&[0x30, 0x02, 1, 2, 9]), Some((0x30, &[1u8, 2][..], &[9u8][..])));
-        assert_eq!(der(&[0x30, 0x81, 0x02, 1, 2]), Some((0x30, &[1u8, 2][..], &[][..])));
-        assert_eq!(der(&[0x30, 0x03, 1, 2]), None, "shorter than it says");
-        assert_eq!(der(&[0x30, 0x80]), None, "indefinite length is not DER");
-        assert_eq!(validity(&[0x30, 0x00]), None);
     }
 }
