@@ -20,6 +20,7 @@
 //!   cluster and the threads that carry it to and from Redis and the workers.
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`clock`]: wall-clock time for timestamps that leave the process.
+//! - [`panics`]: a panic on any thread ends the process (no half-alive node).
 
 #![deny(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod panics;
 pub mod pusher;
 pub mod server;
 pub mod webhooks;

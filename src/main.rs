@@ -1,6 +1,6 @@
 //! The `flux` binary: parses settings, starts a gateway node and its dashboard, and runs until
 //! SIGINT or SIGTERM, then closes every client with 4200, flushes, stops the dashboard, and
-//! exits 0.
+//! exits 0. A panic on any thread aborts the process (see [`flux::panics`]).
 
 use std::process::ExitCode;
 
@@ -13,6 +13,7 @@ use flux::gateway::Gateway;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    flux::panics::end_the_process_on_panic();
     let config = Config::parse();
     let gateway = match Gateway::start(&config, true) {
         Ok(gateway) => gateway,
