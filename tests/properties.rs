@@ -19,7 +19,7 @@ use flux::http::{Request, RequestReader};
 use flux::pusher::presence::Membership;
 use flux::pusher::protocol::SocketId;
 use flux::pusher::rest::{self, RestContext};
-use flux::pusher::session::{Policy, Session, Timeouts};
+use flux::pusher::session::{Policy, Session};
 use flux::pusher::signature::{sign_query, verify};
 use flux::pusher::AppIndex;
 use flux::ws::{Decoder, Flow, Incoming};
@@ -185,19 +185,6 @@ fn read_requests(bytes: &[u8], cuts: &[usize]) -> Vec<Result<Request, u16>> {
     read
 }
 
-fn policy() -> Policy {
-    Policy {
-        timeouts: Timeouts { activity: std::time::Duration::from_secs(120), pong: std::time::Duration::from_secs(30) },
-        presence_coalesce: std::time::Duration::from_millis(150),
-        presence_batch: 100,
-        max_subscriptions: 1_000_000,
-        cache_ttl: std::time::Duration::from_secs(1800),
-        cache_max_bytes: 1 << 20,
-        max_channels_per_connection: 1000,
-        max_connections: None,
-    }
-}
-
 /// Pusher client messages, from well-formed to nonsense: real event names and shapes with
 /// arbitrary values, and arbitrary text.
 fn client_text() -> impl Strategy<Value = String> {
@@ -283,7 +270,7 @@ proptest! {
         let now = Instant::now();
         let mut session = Session::new(SocketId { high: 1, low: 1 }, AppIndex(0), flux::apps::Connected::new(&cells), now);
         for text in &texts {
-            session.handle_text(text, now, &policy(), &app);
+            session.handle_text(text, now, &Policy::from_config(&Config::default()), &app);
         }
     }
 

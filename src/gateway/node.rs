@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
 use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
-use crate::pusher::session::{Policy, Timeouts};
+use crate::pusher::session::Policy;
 use crate::server::{self, ConnLimits, NodeStatus, Peers, Server, ServerSettings};
 use crate::webhooks::{DeliverySettings, WebhookStats, Webhooks};
 
@@ -105,16 +105,7 @@ impl Gateway {
         // to start, dropping the last handle stops the delivery threads again.
         let webhooks = Webhooks::new(DeliverySettings::from_config(config));
         webhooks.configure(&apps.load())?;
-        let policy = Arc::new(Policy {
-            timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
-            presence_coalesce: config.presence_coalesce(),
-            presence_batch: crate::pusher::presence::batch_for_ring(config.ring_slots as usize),
-            max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
-            cache_ttl: config.cache_ttl(),
-            cache_max_bytes: config.cache_max_bytes(),
-            max_channels_per_connection: config.max_channels_per_connection as usize,
-            max_connections: config.max_connections,
-        });
+        let policy = Arc::new(Policy::from_config(config));
         let server_settings = ServerSettings {
             listen: config.listen_addr(),
             workers: config.worker_count(),

@@ -55,6 +55,22 @@ pub struct Policy {
     pub max_connections: Option<u64>,
 }
 
+impl Policy {
+    /// The node's settings in `config`.
+    pub fn from_config(config: &crate::config::Config) -> Policy {
+        Policy {
+            timeouts: Timeouts { activity: config.activity_timeout(), pong: config.pong_timeout() },
+            presence_coalesce: config.presence_coalesce(),
+            presence_batch: super::presence::batch_for_ring(config.ring_slots as usize),
+            max_subscriptions: usize::try_from(config.max_subscriptions).unwrap_or(usize::MAX),
+            cache_ttl: config.cache_ttl(),
+            cache_max_bytes: config.cache_max_bytes(),
+            max_channels_per_connection: config.max_channels_per_connection as usize,
+            max_connections: config.max_connections,
+        }
+    }
+}
+
 /// What the caller must do after an input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -384,16 +400,7 @@ mod tests {
     const TIMEOUTS: Timeouts = Timeouts { activity: Duration::from_secs(120), pong: Duration::from_secs(30) };
 
     fn policy() -> Policy {
-        Policy {
-            timeouts: TIMEOUTS,
-            presence_coalesce: Duration::from_millis(150),
-            presence_batch: 100,
-            max_subscriptions: 1_000_000,
-            cache_ttl: Duration::from_secs(1800),
-            cache_max_bytes: 1 << 20,
-            max_channels_per_connection: 1000,
-            max_connections: None,
-        }
+        Policy::from_config(&crate::config::Config::default())
     }
 
     /// The app of the tests: Flux's default, with client events on.
