@@ -281,7 +281,16 @@ pub fn subscription_succeeded(channel: &str) -> String {
 /// `pusher_internal:subscription_succeeded` for a presence channel, with its member list
 /// (`{"presence":{...}}`, which travels as a JSON string).
 pub fn presence_subscription_succeeded(channel: &str, presence_data: &str) -> String {
-    to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None })
+    let message =
+        EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None };
+    // The member list is hundreds of KB in a big channel: room for it and its escaped quotes
+    // up front, rather than growing by doubling from 128 bytes (issue 16).
+    let mut json = Vec::with_capacity(presence_data.len() + presence_data.len() / 4 + channel.len() + 96);
+    // Serializing strings cannot fail, and serde_json writes UTF-8.
+    match serde_json::to_writer(&mut json, &message) {
+        Ok(()) => String::from_utf8(json).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 /// `pusher:cache_miss`: the cache channel just subscribed to has no event kept. pusher-js hands
