@@ -1,6 +1,8 @@
 //! The fan-out hot path, piece by piece: ring push and pop, broadcast enqueue per recipient,
-//! frame encoding, and frame-pool checkout and return. Run: `cargo bench --bench hot_path`.
+//! frame encoding, frame-pool checkout and return, and what counting a heap allocation adds to
+//! it. Run: `cargo bench --bench hot_path`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::IoSlice;
 use std::time::Instant;
 
@@ -11,6 +13,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use flux::fanout::pool::FramePool;
 use flux::fanout::ring::{Offer, Outbound};
+use flux::heap::CountingAllocator;
 use flux::ws::{data_frame, text_frame};
 
 /// A typical chat event's frame.
@@ -95,5 +98,24 @@ fn pool_checkout_return(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ring_push_pop, broadcast_enqueue, frame_encoding, pool_checkout_return);
+/// A 64-byte allocation and its free, from the system allocator and through the gateway's
+/// counting wrapper (called directly: this bench's global allocator stays the system's).
+fn counted_allocation(c: &mut Criterion) {
+    fn alloc_free(allocator: &impl GlobalAlloc) {
+        let layout = Layout::from_size_align(64, 8).expect("a valid layout");
+        // SAFETY: a non-zero-sized layout, freed with the same allocator and layout.
+        unsafe {
+            let ptr = allocator.alloc(layout);
+            assert!(!ptr.is_null());
+            allocator.dealloc(black_box(ptr), layout);
+        }
+    }
+    let mut group = c.benchmark_group("heap");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("system allocation and free", |b| b.iter(|| alloc_free(&System)));
+    group.bench_function("counted allocation and free", |b| b.iter(|| alloc_free(&CountingAllocator)));
+    group.finish();
+}
+
+criterion_group!(benches, ring_push_pop, broadcast_enqueue, frame_encoding, pool_checkout_return, counted_allocation);
 criterion_main!(benches);

@@ -12,6 +12,8 @@
 //!   request signatures (sans-IO, driven by events and a clock).
 //! - [`gateway`]: the Pusher service on top of the shell, and [`gateway::Gateway`], a running node.
 //! - [`metrics`]: per-worker counters written without locks and read as snapshots.
+//! - [`heap`]: the counting allocator the `flux` binary installs, and the process's allocation
+//!   totals it keeps for `/metrics` and the dashboard.
 //! - [`dashboard`]: the live dashboard, its JSON API and Prometheus metrics, on its own port and
 //!   threads, reading the node only through [`gateway::Observer`].
 //! - [`webhooks`]: Pusher-style webhooks to the app's server, from their own thread through a
@@ -31,6 +33,7 @@ pub mod config;
 pub mod dashboard;
 pub mod fanout;
 pub mod gateway;
+pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod panics;

@@ -10,6 +10,11 @@ use log::{error, info};
 use flux::config::Config;
 use flux::dashboard::Dashboard;
 use flux::gateway::Gateway;
+use flux::heap::CountingAllocator;
+
+/// Every allocation is counted, for `flux_heap_allocations_total` and the dashboard (issue 16).
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

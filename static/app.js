@@ -107,6 +107,16 @@ function renderStats(stats) {
   show("pool_hit_total", formatPercent(stats.frame_pool.hit_rate), stats.frame_pool.hit_rate);
   show("pool_idle", formatCount(stats.frame_pool.idle), stats.frame_pool.idle);
 
+  // The whole process's allocation rate (issue 16's budget is under 1 MB/s); absent when the
+  // gateway runs without its counting allocator.
+  if (stats.heap) {
+    show("heap_allocations", formatCount(latest.heap_allocations ?? 0), latest.heap_allocations ?? 0);
+    show("heap_bytes", formatBytes(latest.heap_bytes ?? 0), latest.heap_bytes ?? 0);
+    show("heap_allocations_total", formatCount(stats.heap.allocations), stats.heap.allocations);
+  } else {
+    show("heap_allocations", "not counted");
+  }
+
   show("fanout_p50", formatMs(stats.fanout.p50_ms), stats.fanout.p50_ms);
   show("fanout_p99", formatMs(stats.fanout.p99_ms), stats.fanout.p99_ms);
   show("fanout_count", formatCount(stats.fanout.count), stats.fanout.count);

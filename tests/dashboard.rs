@@ -12,7 +12,12 @@ use std::time::Duration;
 use common::{masked_text, raw_websocket, wait_until, Client};
 use flux::dashboard::Dashboard;
 use flux::gateway::Gateway;
+use flux::heap::CountingAllocator;
 use serde_json::{json, Value};
+
+/// As in the `flux` binary, so the heap figures are there to check.
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// A gateway and its dashboard, both on free loopback ports.
 fn start() -> (Gateway, Dashboard) {
@@ -94,9 +99,12 @@ fn stats_have_their_shape_and_move_after_a_publish() {
         history["samples"].as_array().is_some_and(|samples| samples.iter().any(|s| s["deliveries"].as_f64() > Some(0.0)))
     }));
     let latest = &get_json(&dashboard, "/api/stats")["latest"];
-    for key in ["t", "messages_out", "bytes_out", "deliveries", "write_success_rate", "pool_hit_rate", "websockets"] {
+    for key in ["t", "messages_out", "bytes_out", "deliveries", "write_success_rate", "pool_hit_rate", "websockets", "heap_allocations"] {
         assert!(latest[key].is_number(), "latest.{key}: {latest}");
     }
+    // Counted since start, and every answer above allocated.
+    let heap = &get_json(&dashboard, "/api/stats")["heap"];
+    assert!(heap["allocations"].as_u64() > Some(0) && heap["bytes"].as_u64() > Some(0), "{heap}");
     let evictions = get_json(&dashboard, "/api/evictions");
     assert_eq!(evictions, json!({"total": 0, "recent": []}));
 }
@@ -201,6 +209,7 @@ fn metrics_are_prometheus_text_with_total_counters() {
     assert!(value("flux_writes_total", r#"result="immediate""#) >= 1.0);
     value("flux_writes_total", r#"result="would_block""#);
     assert!(value("flux_frame_pool_checkouts_total", r#"result="miss""#) >= 1.0);
+    assert!(value("flux_heap_allocations_total", "") > 0.0 && value("flux_heap_allocated_bytes_total", "") > 0.0);
     value("flux_frame_pool_checkouts_total", r#"result="hit""#);
     value("flux_fanout_duration_seconds_count", "");
     value("flux_fanout_duration_seconds_bucket", r#"le="+Inf""#);

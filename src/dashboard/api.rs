@@ -13,6 +13,7 @@ use crate::cluster::ClusterStatus;
 use crate::fanout::pool::PoolStats;
 use crate::gateway::evictions::Eviction;
 use crate::gateway::{ConnectionSnapshot, Observer};
+use crate::heap::HeapCounts;
 use crate::metrics::{Counters, LatencySummary};
 use crate::webhooks::WebhookStats;
 
@@ -47,6 +48,8 @@ pub struct Stats {
     pub write_success_target: f64,
     /// The frame pool since start.
     pub frame_pool: FramePoolStats,
+    /// The process's heap allocations since start (absent when they are not counted).
+    pub heap: Option<HeapCounts>,
     /// Fan-out time percentiles since start.
     pub fanout: LatencySummary,
     /// The webhook sender: counters since start and the queue's depth now.
@@ -78,6 +81,7 @@ pub fn stats(observer: &Observer, history: &History) -> Stats {
         write_success_rate: totals.write_success_rate(),
         write_success_target: WRITE_SUCCESS_TARGET,
         frame_pool: FramePoolStats { stats: pool, hit_rate: pool.hit_rate() },
+        heap: observer.heap(),
         fanout: observer.fanout_latency(),
         webhooks: observer.webhooks(),
         cluster: observer.cluster(),

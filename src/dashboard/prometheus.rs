@@ -108,6 +108,10 @@ impl Collector for NodeCollector {
             ("result", [("ok", counters.tls_handshakes), ("refused", counters.tls_refused), ("timed_out", counters.tls_timed_out)]),
         )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
+        if let Some(heap) = self.0.heap() {
+            counter(&mut encoder, "flux_heap_allocations", "Heap allocations and reallocations by the whole process.", heap.allocations)?;
+            counter(&mut encoder, "flux_heap_allocated_bytes", "Bytes of heap asked for by those allocations.", heap.bytes)?;
+        }
         webhooks(&mut encoder, &self.0.webhooks())?;
         apps(&mut encoder, &self.0.apps().status())?;
         if let Some(status) = self.0.cluster() {

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::fanout::pool::PoolStats;
 use crate::gateway::Observer;
+use crate::heap::HeapCounts;
 use crate::metrics::Counters;
 
 /// Time between two samples.
@@ -31,12 +32,14 @@ pub struct Reading {
     pub counters: Counters,
     /// The frame pool's counters.
     pub pool: PoolStats,
+    /// The process's heap allocations, if they are counted.
+    pub heap: Option<HeapCounts>,
 }
 
 impl Reading {
     /// Reads the node now.
     pub fn take(observer: &Observer) -> Reading {
-        Reading { at: Instant::now(), counters: observer.counters(), pool: observer.pool_stats() }
+        Reading { at: Instant::now(), counters: observer.counters(), pool: observer.pool_stats(), heap: observer.heap() }
     }
 }
 
@@ -71,6 +74,10 @@ pub struct Sample {
     pub write_success_rate: f64,
     /// Share of frame-buffer checkouts in the interval served by the pool, in percent.
     pub pool_hit_rate: f64,
+    /// Heap allocations per second by the whole process (absent when they are not counted).
+    pub heap_allocations: Option<f64>,
+    /// Bytes of heap those allocations asked for, per second.
+    pub heap_bytes: Option<f64>,
 }
 
 impl Sample {
@@ -89,6 +96,8 @@ impl Sample {
             misses: later.pool.misses.saturating_sub(earlier.pool.misses),
             idle: later.pool.idle,
         };
+        let heap = earlier.heap.zip(later.heap);
+        let heap_rate = |count: fn(&HeapCounts) -> u64| heap.map(|(a, b)| count(&b).saturating_sub(count(&a)) as f64 / seconds);
         Sample {
             t,
             messages_in: rate(|c| c.messages_in),
@@ -104,6 +113,8 @@ impl Sample {
             websockets: b.websockets,
             write_success_rate: writes.write_success_rate(),
             pool_hit_rate: checkouts.hit_rate(),
+            heap_allocations: heap_rate(|h| h.allocations),
+            heap_bytes: heap_rate(|h| h.bytes),
         }
     }
 }
@@ -170,24 +181,29 @@ mod tests {
             at,
             counters: Counters { messages_out: 100, writes_immediate: 1000, writes_would_block: 0, ..Counters::default() },
             pool: PoolStats { hits: 0, misses: 10, idle: 0 },
+            heap: Some(HeapCounts { allocations: 1_000, bytes: 50_000 }),
         };
         let later = Reading {
             at: at + Duration::from_secs(2),
             counters: Counters { messages_out: 300, writes_immediate: 1009, writes_would_block: 1, websockets: 7, ..Counters::default() },
             pool: PoolStats { hits: 30, misses: 10, idle: 4 },
+            heap: Some(HeapCounts { allocations: 1_600, bytes: 90_000 }),
         };
         let sample = Sample::between(&earlier, &later, 1.0);
         assert_eq!(sample.messages_out, 100.0);
         assert_eq!(sample.write_success_rate, 90.0);
         assert_eq!(sample.pool_hit_rate, 100.0);
         assert_eq!(sample.websockets, 7);
+        assert_eq!((sample.heap_allocations, sample.heap_bytes), (Some(300.0), Some(20_000.0)));
+        let uncounted = Reading { heap: None, ..later };
+        assert_eq!(Sample::between(&earlier, &uncounted, 1.0).heap_allocations, None, "not counted is not zero");
     }
 
     #[test]
     fn history_keeps_five_minutes() {
         let history = History::default();
         let at = Instant::now();
-        let reading = Reading { at, counters: Counters::default(), pool: PoolStats::default() };
+        let reading = Reading { at, counters: Counters::default(), pool: PoolStats::default(), heap: None };
         for t in 0..HISTORY_LEN + 10 {
             history.push(Sample::between(&reading, &reading, t as f64));
         }

@@ -132,6 +132,12 @@ impl Directory {
         self.local_count(channel) + self.remote.get(&channel).copied().unwrap_or(0)
     }
 
+    /// The shared name of `channel`, if the node has held subscribers of it: a publish to it
+    /// then costs no allocation for the name.
+    pub fn name(&self, channel: ChannelKey<'_>) -> Option<&ChannelName> {
+        self.channels.get_key_value(&channel).map(|(name, _)| name)
+    }
+
     /// Subscriptions to `channel` on this node.
     pub fn local_count(&self, channel: ChannelKey<'_>) -> u32 {
         self.channels.get(&channel).map_or(0, |counts| counts.iter().sum())

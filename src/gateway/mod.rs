@@ -48,6 +48,7 @@ use crate::pusher::protocol::{
 };
 use crate::pusher::rest::{self, Publish, RestContext};
 use crate::pusher::session::{Action, Policy, Session};
+use crate::pusher::signature::Verifier;
 use crate::pusher::AppIndex;
 use crate::server::{Conns, Ended, Flush, NodeStatus, Outbox, Routed, Sent, Service, WorkerContext};
 use crate::webhooks::{WebhookEvent, Webhooks};
@@ -219,6 +220,8 @@ pub struct PusherService {
     vacated_after_presence: Vec<ChannelName>,
     /// Members whose ring was full for the presence change being delivered (scratch space).
     missed_changes: Vec<ConnId>,
+    /// Scratch space for REST signatures, kept from one call to the next.
+    verifier: Verifier,
     /// Members that missed a roster change, owed the whole roster.
     resyncs: Resyncs,
     /// When to look again for members owed a roster whose rings have drained.
@@ -296,6 +299,7 @@ impl PusherService {
             webhooks,
             vacated_after_presence: Vec::new(),
             missed_changes: Vec::new(),
+            verifier: Verifier::default(),
             resyncs: Resyncs::default(),
             resync_due: None,
             vacating: VecDeque::new(),
@@ -728,14 +732,14 @@ impl PusherService {
                 Change::Added { channel, member, except } => Publish {
                     channel,
                     event: "pusher_internal:member_added".into(),
-                    data: protocol::member_added_data(&member.user_id, &member.user_info),
+                    data: protocol::member_added_data(&member.user_id, &member.user_info).into(),
                     except,
                     user_id: None,
                 },
                 Change::Removed { channel, user_id } => Publish {
                     channel,
                     event: "pusher_internal:member_removed".into(),
-                    data: protocol::member_removed_data(&user_id),
+                    data: protocol::member_removed_data(&user_id).into(),
                     except: None,
                     user_id: None,
                 },
@@ -814,7 +818,7 @@ impl PusherService {
             let publish = Publish {
                 channel,
                 event: "pusher_internal:subscription_count".into(),
-                data: protocol::subscription_count_data(count),
+                data: protocol::subscription_count_data(count).into(),
                 except: None,
                 user_id: None,
             };
@@ -864,7 +868,7 @@ impl PusherService {
                         user_id: user_id.clone(),
                     });
                 }
-                let publish = Publish { channel, event, data, except, user_id };
+                let publish = Publish { channel, event: event.into(), data: data.into(), except, user_id };
                 if let Err(e) = self.publish(conns, &publish) {
                     warn!("could not frame a client event for {}: {e}", publish.channel);
                 }
@@ -927,7 +931,7 @@ impl PusherService {
         };
         let rates = (rates, Instant::now());
         let context = RestContext { app, index, directory: &self.directory, membership: &self.membership, unix_now, rates };
-        let outcome = rest::handle(request, &context);
+        let outcome = rest::handle(request, &context, &mut self.verifier);
         if outcome.response.status == 429 {
             if let Some(cells) = apps.cells(index) {
                 WorkerMetrics::add(&cells.rate_limited, 1);

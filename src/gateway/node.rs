@@ -21,6 +21,7 @@ use crate::cluster::{Cluster, ClusterLink, ClusterSettings, ClusterStatus};
 use crate::config::Config;
 use crate::fanout::pool::{FramePool, PoolStats};
 use crate::fanout::WorkerId;
+use crate::heap::HeapCounts;
 use crate::metrics::{Counters, LatencySummary, SharedHistogram, WorkerMetrics};
 use crate::pusher::session::Policy;
 use crate::server::{self, ConnLimits, NodeStatus, Peers, Server, ServerSettings};
@@ -240,6 +241,13 @@ impl Observer {
     /// The frame pool's counters.
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// The process's heap allocations since start, if the counting allocator is installed (the
+    /// `flux` binary installs it). Process-wide: with several nodes in one process (tests) each
+    /// reports the same.
+    pub fn heap(&self) -> Option<HeapCounts> {
+        Some(crate::heap::totals()).filter(HeapCounts::counting)
     }
 
     /// Every worker's fan-out times (publish to the last ring of each worker, in microseconds)

@@ -1,6 +1,10 @@
 //! An HTTP/1.1 request read incrementally: the head is parsed by `httparse` once it is complete,
 //! then the body is read up to its `Content-Length`. Sizes are checked before anything is kept,
 //! so an announced 1 GiB body is refused without reading or allocating it.
+//!
+//! A request can be read into one that is reused ([`RequestReader::next_request_into`]): its
+//! strings and body keep their capacity, so a steady stream of requests (a publisher's REST
+//! calls) allocates nothing here.
 
 use std::fmt;
 
@@ -8,7 +12,7 @@ use std::fmt;
 const MAX_HEADERS: usize = 48;
 
 /// A complete request.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Request {
     /// `GET`, `POST`, ...
     pub method: String,
@@ -114,6 +118,14 @@ impl RequestReader {
 
     /// Returns the next complete request, `Ok(None)` if more bytes are needed.
     pub fn next_request(&mut self) -> Result<Option<Request>, RequestError> {
+        let mut request = Request::default();
+        Ok(self.next_request_into(&mut request)?.is_some().then_some(request))
+    }
+
+    /// Reads the next complete request into `request`, overwriting it in place so that its
+    /// strings, headers and body keep their capacity; `Ok(None)` if more bytes are needed (then
+    /// `request` holds nothing of use).
+    pub fn next_request_into<'r>(&mut self, request: &'r mut Request) -> Result<Option<&'r Request>, RequestError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         let head_len = match parsed.parse(&self.buf) {
@@ -131,17 +143,27 @@ impl RequestReader {
         }
 
         let (method, target) = match (parsed.method, parsed.path) {
-            (Some(m), Some(p)) => (m.to_string(), p),
+            (Some(m), Some(p)) => (m, p),
             _ => return Err(RequestError::Malformed("missing method or path".into())),
         };
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let mut headers = Vec::with_capacity(parsed.headers.len());
-        for h in parsed.headers.iter() {
+        overwrite(&mut request.method, method);
+        overwrite(&mut request.path, path);
+        overwrite(&mut request.query, query);
+        // Pairs already there are overwritten, not replaced, so their strings are reused.
+        request.headers.truncate(parsed.headers.len());
+        for (i, h) in parsed.headers.iter().enumerate() {
             let value = std::str::from_utf8(h.value).map_err(|_| RequestError::Malformed(format!("header {} is not UTF-8", h.name)))?;
-            headers.push((h.name.to_ascii_lowercase(), value.trim().to_string()));
+            if i == request.headers.len() {
+                request.headers.push(Default::default());
+            }
+            let (name, kept) = &mut request.headers[i];
+            overwrite(name, h.name);
+            name.make_ascii_lowercase();
+            overwrite(kept, value.trim());
         }
+        request.body.clear();
         let http10 = parsed.version == Some(0);
-        let mut request = Request { method, path: path.to_string(), query: query.to_string(), headers, body: Vec::new(), close: false };
         request.close = http10 && !request.header_has_token("connection", "keep-alive") || request.header_has_token("connection", "close");
 
         if request.header("transfer-encoding").is_some() {
@@ -160,10 +182,16 @@ impl RequestReader {
         if self.buf.len() < head_len + body_len {
             return Ok(None);
         }
-        request.body = self.buf[head_len..head_len + body_len].to_vec();
+        request.body.extend_from_slice(&self.buf[head_len..head_len + body_len]);
         self.buf.drain(..head_len + body_len);
         Ok(Some(request))
     }
+}
+
+/// Sets `string` to `value`, in the capacity it has.
+fn overwrite(string: &mut String, value: &str) {
+    string.clear();
+    string.push_str(value);
 }
 
 #[cfg(test)]
@@ -194,6 +222,21 @@ mod tests {
             assert_eq!(first.body, b"hello");
             assert_eq!(first.header("host"), Some("a"));
         }
+    }
+
+    #[test]
+    fn a_reused_request_is_overwritten_whole() {
+        let mut r = reader();
+        r.push(b"POST /first?a=1 HTTP/1.1\r\nHost: a\r\nX-One: 1\r\nX-Two: 2\r\nContent-Length: 5\r\n\r\nhello");
+        r.push(b"GET /second HTTP/1.0\r\nHOST: b\r\n\r\n");
+        let mut request = Request::default();
+        let first = r.next_request_into(&mut request).unwrap().expect("complete").clone();
+        assert_eq!((first.path.as_str(), first.headers.len(), first.body.as_slice()), ("/first", 4, &b"hello"[..]));
+        let second = r.next_request_into(&mut request).unwrap().expect("complete");
+        assert_eq!((second.method.as_str(), second.path.as_str(), second.query.as_str()), ("GET", "/second", ""));
+        assert_eq!(second.headers, vec![("host".to_string(), "b".to_string())], "nothing left of the first request's headers");
+        assert!(second.body.is_empty() && second.close);
+        assert!(r.next_request_into(&mut request).unwrap().is_none());
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! An HTTP/1.1 response, serialized whole into one buffer.
+//!
+//! Its body is [`Bytes`], so the fixed answers (`{}` to every publish) are static and cost no
+//! allocation, and the worker writes the response into a pooled buffer ([`Response::write_to`]).
 
-use std::fmt::Write as _;
+use std::io::Write as _;
+
+use bytes::Bytes;
 
 /// A response ready to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,28 +15,34 @@ pub struct Response {
     /// Content type of the body.
     pub content_type: &'static str,
     /// The body.
-    pub body: Vec<u8>,
+    pub body: Bytes,
     /// Extra headers (name, value).
     pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {
     /// A JSON response.
-    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
+    pub fn json(status: u16, body: impl Into<Bytes>) -> Self {
         Response { status, content_type: "application/json", body: body.into(), headers: Vec::new() }
     }
 
     /// A plain-text response.
-    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
+    pub fn text(status: u16, body: impl Into<Bytes>) -> Self {
         Response { status, content_type: "text/plain; charset=utf-8", body: body.into(), headers: Vec::new() }
     }
 
     /// The response as bytes on the wire; `close` adds `Connection: close`.
     pub fn to_bytes(&self, close: bool) -> Vec<u8> {
-        let mut head = String::with_capacity(160);
-        // Writing into a String cannot fail.
+        let mut bytes = Vec::with_capacity(160 + self.body.len());
+        self.write_to(&mut bytes, close);
+        bytes
+    }
+
+    /// Appends the response as bytes on the wire to `out`; `close` adds `Connection: close`.
+    pub fn write_to(&self, out: &mut Vec<u8>, close: bool) {
+        // Writing into a Vec cannot fail.
         let _ = write!(
-            head,
+            out,
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
             reason(self.status),
@@ -39,12 +50,10 @@ impl Response {
             self.body.len()
         );
         for (name, value) in &self.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
+            let _ = write!(out, "{name}: {value}\r\n");
         }
-        head.push_str(if close { "Connection: close\r\n\r\n" } else { "Connection: keep-alive\r\n\r\n" });
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(&self.body);
-        bytes
+        out.extend_from_slice(if close { b"Connection: close\r\n\r\n" } else { b"Connection: keep-alive\r\n\r\n" });
+        out.extend_from_slice(&self.body);
     }
 }
 

@@ -418,8 +418,18 @@ fn mark_pending<'r>(
 
 fn presence_data(roster: &Roster, joiner: &str) -> String {
     let listed = Listed { roster, joiner };
-    let data = PresenceData { presence: PresenceSet { ids: listed, hash: listed, count: listed.members().count() } };
-    serde_json::to_string(&data).unwrap_or_default()
+    // A roster of thousands is hundreds of KB, sent to every joiner: its size is counted first
+    // (each id twice, quoted, and each user_info), so the string is allocated once instead of
+    // grown by doubling from 128 bytes (issue 16).
+    let (count, size) =
+        listed.members().fold((0, 64), |(n, size), (id, present)| (n + 1, size + 2 * id.len() + present.user_info.get().len() + 8));
+    let data = PresenceData { presence: PresenceSet { ids: listed, hash: listed, count } };
+    let mut json = Vec::with_capacity(size);
+    // Serializing ids and JSON values cannot fail, and serde_json writes UTF-8.
+    match serde_json::to_writer(&mut json, &data) {
+        Ok(()) => String::from_utf8(json).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 fn member_ids<S: Serializer>(listed: &Listed<'_>, serializer: S) -> Result<S::Ok, S::Error> {

@@ -242,9 +242,14 @@ fn to_json<T: Serialize>(value: &T) -> String {
 
 /// An event's `data` as the string clients receive: a JSON string is unquoted (what the SDKs
 /// and pusher-js send), any other JSON value is passed on as its text, which pusher-js parses
-/// back into the same value.
-pub fn event_data_text(data: &RawValue) -> String {
-    serde_json::from_str::<String>(data.get()).unwrap_or_else(|_| data.get().to_owned())
+/// back into the same value. Borrowed from `data` unless escapes in a JSON string had to be
+/// undone.
+pub fn event_data_text(data: &RawValue) -> std::borrow::Cow<'_, str> {
+    let raw = data.get();
+    if let Ok(text) = serde_json::from_str::<&str>(raw) {
+        return text.into();
+    }
+    serde_json::from_str::<String>(raw).map_or(raw.into(), Into::into)
 }
 
 /// `pusher:connection_established`, whose `data` is a JSON string.
@@ -276,7 +281,16 @@ pub fn subscription_succeeded(channel: &str) -> String {
 /// `pusher_internal:subscription_succeeded` for a presence channel, with its member list
 /// (`{"presence":{...}}`, which travels as a JSON string).
 pub fn presence_subscription_succeeded(channel: &str, presence_data: &str) -> String {
-    to_json(&EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None })
+    let message =
+        EventMessage { event: "pusher_internal:subscription_succeeded", channel: Some(channel), data: presence_data, user_id: None };
+    // The member list is hundreds of KB in a big channel: room for it and its escaped quotes
+    // up front, rather than growing by doubling from 128 bytes (issue 16).
+    let mut json = Vec::with_capacity(presence_data.len() + presence_data.len() / 4 + channel.len() + 96);
+    // Serializing strings cannot fail, and serde_json writes UTF-8.
+    match serde_json::to_writer(&mut json, &message) {
+        Ok(()) => String::from_utf8(json).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 /// `pusher:cache_miss`: the cache channel just subscribed to has no event kept. pusher-js hands
@@ -411,6 +425,21 @@ mod tests {
         assert_eq!(parse_data::<SubscribeData>(as_object.data).unwrap().channel, "a");
         assert_eq!(parse_data::<SubscribeData>(as_string.data).unwrap().channel, "a");
         assert!(parse_data::<SubscribeData>(None).is_err());
+    }
+
+    #[test]
+    fn event_data_is_borrowed_unless_escapes_are_undone() {
+        use std::borrow::Cow;
+        let text = |json: &str| event_data_text(&RawValue::from_string(json.to_string()).unwrap()).into_owned();
+        let borrowed = |json: &'static str| {
+            let raw: &RawValue = serde_json::from_str(json).unwrap();
+            matches!(event_data_text(raw), Cow::Borrowed(_))
+        };
+        assert_eq!(text(r#""plain text""#), "plain text");
+        assert_eq!(text(r#""{\"x\":1}""#), r#"{"x":1}"#);
+        assert_eq!(text(r#"{"x": 1}"#), r#"{"x": 1}"#, "not a string: its text as it came");
+        assert!(borrowed(r#""plain text""#) && borrowed(r#"{"x":1}"#));
+        assert!(!borrowed(r#""{\"x\":1}""#));
     }
 
     #[test]

@@ -6,8 +6,16 @@
 //! 400 malformed, 401 signature, 403 disabled app, 404 unknown app or route, 405 method, 413 too
 //! large, 429 over the app's per-second limits (counted only once a call is signed). Each app's limits (`max_event_channels_at_once`, `max_event_batch_size`, ...) apply to
 //! its calls, and a call signed for one app reaches only that app's channels.
+//!
+//! A publish borrows its event name and data from the request's body wherever JSON escapes do
+//! not have to be undone, and its channel's shared name from the directory, so a steady stream
+//! of publishes to occupied channels allocates two lists per call, of the channels named and of
+//! the publishes (issue 16; the signature's scratch space is the worker's [`Verifier`]).
 
-use serde::Deserialize;
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
@@ -15,7 +23,8 @@ use super::presence::Membership;
 use super::protocol::{
     event_data_text, validate_channel_name, validate_publish_channel, ChannelKey, ChannelKind, ChannelName, SocketId, MAX_USER_ID_LEN,
 };
-use super::{signature, AppIndex};
+use super::signature::Verifier;
+use super::AppIndex;
 use std::time::Instant;
 
 use super::rate::RateLimit;
@@ -40,8 +49,9 @@ pub struct RestContext<'a> {
 }
 
 impl RestContext<'_> {
+    /// The channel's shared name: the directory's if the node has held subscribers of it.
     fn channel(&self, name: &str) -> ChannelName {
-        ChannelName::new(self.index, name)
+        self.directory.name(self.key(name)).cloned().unwrap_or_else(|| ChannelName::new(self.index, name))
     }
 
     fn key<'n>(&self, name: &'n str) -> ChannelKey<'n> {
@@ -81,15 +91,15 @@ pub fn resolve<'a>(request: &Request, apps: &'a Apps) -> Result<(AppIndex, &'a A
     }
 }
 
-/// One event for one channel, to be published.
+/// One event for one channel, to be published; its strings may be borrowed from the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
+pub struct Publish<'a> {
     /// The channel.
     pub channel: ChannelName,
     /// The event name.
-    pub event: String,
+    pub event: Cow<'a, str>,
     /// The event data, as the string clients receive.
-    pub data: String,
+    pub data: Cow<'a, str>,
     /// The connection excluded from delivery (the `socket_id` of the call).
     pub except: Option<SocketId>,
     /// The sending member, for client events on presence channels.
@@ -98,16 +108,16 @@ pub struct Publish {
 
 /// The answer to a REST call.
 #[derive(Debug)]
-pub struct RestOutcome {
+pub struct RestOutcome<'a> {
     /// The HTTP response.
     pub response: Response,
     /// Events to publish, in order. Empty unless the call succeeded.
-    pub publishes: Vec<Publish>,
+    pub publishes: Vec<Publish<'a>>,
     /// A user whose connections, on every worker, must be closed.
     pub terminate_user: Option<String>,
 }
 
-impl RestOutcome {
+impl RestOutcome<'_> {
     fn respond(response: Response) -> Self {
         RestOutcome { response, publishes: Vec::new(), terminate_user: None }
     }
@@ -136,15 +146,15 @@ enum Route<'p> {
     TerminateUser(&'p str),
 }
 
-/// Answers one REST call.
-pub fn handle(request: &Request, context: &RestContext<'_>) -> RestOutcome {
-    match route_and_handle(request, context) {
+/// Answers one REST call; `verifier` is the worker's scratch space for its signature.
+pub fn handle<'r>(request: &'r Request, context: &RestContext<'_>, verifier: &mut Verifier) -> RestOutcome<'r> {
+    match route_and_handle(request, context, verifier) {
         Ok(outcome) => outcome,
         Err(Refusal(status, message)) => RestOutcome::respond(json_error(status, &message)),
     }
 }
 
-fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, Refusal> {
+fn route_and_handle<'r>(request: &'r Request, context: &RestContext<'_>, verifier: &mut Verifier) -> Result<RestOutcome<'r>, Refusal> {
     // The app id was resolved already (see `resolve`).
     let rest = request.path.strip_prefix("/apps/").ok_or_else(|| Refusal::new(404, "not found"))?;
     let resource = rest.split_once('/').map_or("", |(_, resource)| resource);
@@ -163,7 +173,8 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
         },
         _ => return Err(Refusal::new(404, format!("no such API endpoint: {}", request.path))),
     };
-    signature::verify(&context.app.app, &request.method, &request.path, &request.query, &request.body, context.unix_now)
+    verifier
+        .verify(&context.app.app, &request.method, &request.path, &request.query, &request.body, context.unix_now)
         .map_err(|e| Refusal::new(401, e.to_string()))?;
     if request.method != method {
         return Err(Refusal::new(405, format!("{} expects {method}", request.path)));
@@ -190,33 +201,77 @@ fn route_and_handle(request: &Request, context: &RestContext<'_>) -> Result<Rest
     }
 }
 
+/// A JSON string of the body: borrowed from it unless escapes had to be undone. (serde's own
+/// `Cow<str>` borrows only as a field of its own, never inside an `Option` or a `Vec`.)
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text)))
+            }
+        }
+
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
 /// The body of `POST /events`.
 #[derive(Deserialize)]
 struct EventsBody<'a> {
-    name: String,
+    #[serde(borrow)]
+    name: Text<'a>,
     #[serde(borrow)]
     data: &'a RawValue,
-    #[serde(default)]
-    channels: Option<Vec<String>>,
-    #[serde(default)]
-    channel: Option<String>,
-    #[serde(default)]
-    socket_id: Option<String>,
-    #[serde(default)]
-    info: Option<String>,
+    #[serde(default, borrow)]
+    channels: Option<Vec<Text<'a>>>,
+    #[serde(default, borrow)]
+    channel: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    socket_id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    info: Option<Text<'a>>,
 }
 
 /// One event of `POST /batch_events`.
 #[derive(Deserialize)]
 struct BatchEvent<'a> {
-    name: String,
+    #[serde(borrow)]
+    name: Text<'a>,
     #[serde(borrow)]
     data: &'a RawValue,
-    channel: String,
-    #[serde(default)]
-    socket_id: Option<String>,
-    #[serde(default)]
-    info: Option<String>,
+    #[serde(borrow)]
+    channel: Text<'a>,
+    #[serde(default, borrow)]
+    socket_id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    info: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -229,7 +284,7 @@ fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|e| Refusal::new(400, format!("malformed JSON body: {e}")))
 }
 
-fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, Refusal> {
+fn events<'r>(request: &'r Request, context: &RestContext<'_>) -> Result<RestOutcome<'r>, Refusal> {
     let body: EventsBody = parse_body(&request.body)?;
     let channels = match (body.channels, body.channel) {
         (Some(channels), None) => channels,
@@ -251,20 +306,26 @@ fn events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, R
     for channel in &channels {
         validate_publish_channel(channel, context.max_channel_name())
             .map_err(|e| Refusal::new(400, format!("{e}: {:?}", truncated(channel))))?;
-        publishes.push(Publish { channel: context.channel(channel), event: body.name.clone(), data: event.clone(), except, user_id: None });
+        publishes.push(Publish {
+            channel: context.channel(channel),
+            event: body.name.0.clone(),
+            data: event.clone(),
+            except,
+            user_id: None,
+        });
     }
     let response = if info.is_empty() {
         Response::json(200, "{}")
     } else {
         let attributes: Map<String, Value> =
-            channels.iter().map(|c| Ok((c.clone(), info.attributes(c, context)?))).collect::<Result<_, Refusal>>()?;
+            channels.iter().map(|c| Ok((c.to_string(), info.attributes(c, context)?))).collect::<Result<_, Refusal>>()?;
         Response::json(200, json!({ "channels": attributes }).to_string())
     };
     context.publishing(&publishes)?;
     Ok(RestOutcome { response, publishes, terminate_user: None })
 }
 
-fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutcome, Refusal> {
+fn batch_events<'r>(request: &'r Request, context: &RestContext<'_>) -> Result<RestOutcome<'r>, Refusal> {
     let body: BatchBody = parse_body(&request.body)?;
     if body.batch.is_empty() {
         return Err(Refusal::new(400, "batch is empty"));
@@ -284,7 +345,7 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
         let info = Info::parse(item.info.as_deref())?;
         any_info |= !info.is_empty();
         attributes.push(info.attributes(&item.channel, context)?);
-        publishes.push(Publish { channel: context.channel(&item.channel), event: item.name.clone(), data, except, user_id: None });
+        publishes.push(Publish { channel: context.channel(&item.channel), event: item.name.0.clone(), data, except, user_id: None });
     }
     let response = if any_info { Response::json(200, json!({ "batch": attributes }).to_string()) } else { Response::json(200, "{}") };
     context.publishing(&publishes)?;
@@ -293,7 +354,7 @@ fn batch_events(request: &Request, context: &RestContext<'_>) -> Result<RestOutc
 
 /// Checks an event's name and size, and returns its data as the string clients receive
 /// ([`event_data_text`]).
-fn checked_event(name: &str, data: &RawValue, app: &AppConfig) -> Result<String, Refusal> {
+fn checked_event<'a>(name: &str, data: &'a RawValue, app: &AppConfig) -> Result<Cow<'a, str>, Refusal> {
     if name.is_empty() {
         return Err(Refusal::new(400, "event name is empty"));
     }
@@ -432,17 +493,17 @@ mod tests {
         directory
     }
 
-    fn call(method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome {
+    fn call(method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome<'static> {
         call_as("app-id", method, path, body, params)
     }
 
     /// A call signed with the secret of app `signer_id`.
-    fn call_as(signer_id: &str, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome {
+    fn call_as(signer_id: &str, method: &str, path: &str, body: &str, params: &[(&str, &str)]) -> RestOutcome<'static> {
         let query = sign_query(&signer(signer_id), method, path, body.as_bytes(), params, NOW);
         call_with_query(method, path, body, &query)
     }
 
-    fn call_with_query(method: &str, path: &str, body: &str, query: &str) -> RestOutcome {
+    fn call_with_query(method: &str, path: &str, body: &str, query: &str) -> RestOutcome<'static> {
         let request = Request {
             method: method.into(),
             path: path.into(),
@@ -457,13 +518,25 @@ mod tests {
         for user in ["u1", "u2"] {
             membership.apply(&ChannelName::new(APP, "presence-x"), user, true);
         }
-        call_apps(&apps, &request, &directory, &membership, Instant::now())
+        owned(call_apps(&apps, &request, &directory, &membership, Instant::now()))
     }
 
-    fn call_apps(apps: &Apps, request: &Request, directory: &Directory, membership: &Membership, now: Instant) -> RestOutcome {
+    /// The outcome without its borrows of the request.
+    fn owned(outcome: RestOutcome<'_>) -> RestOutcome<'static> {
+        let own = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
+        let publishes = outcome
+            .publishes
+            .into_iter()
+            .map(|p| Publish { channel: p.channel, event: own(p.event), data: own(p.data), except: p.except, user_id: p.user_id })
+            .collect();
+        RestOutcome { response: outcome.response, publishes, terminate_user: outcome.terminate_user }
+    }
+
+    fn call_apps<'r>(apps: &Apps, request: &'r Request, directory: &Directory, membership: &Membership, now: Instant) -> RestOutcome<'r> {
         match resolve(request, apps) {
             Ok((index, app, rates)) => {
-                handle(request, &RestContext { app, index, directory, membership, unix_now: NOW, rates: (rates, now) })
+                let context = RestContext { app, index, directory, membership, unix_now: NOW, rates: (rates, now) };
+                handle(request, &context, &mut Verifier::default())
             }
             Err(response) => RestOutcome::respond(response),
         }
@@ -505,7 +578,7 @@ mod tests {
         let outcome = call("POST", "/apps/app-id/batch_events", body, &[]);
         assert_eq!(outcome.response.status, 200);
         assert_eq!(body_json(&outcome), json!({"batch": [{}, {"subscription_count": 5}]}));
-        let events: Vec<_> = outcome.publishes.iter().map(|p| (&*p.channel, p.event.as_str(), p.data.as_str())).collect();
+        let events: Vec<_> = outcome.publishes.iter().map(|p| (&*p.channel, &*p.event, &*p.data)).collect();
         assert_eq!(events, vec![("x", "a", "1"), ("news", "b", "2")]);
     }
 

@@ -341,7 +341,7 @@ impl Session {
         if message.event.len() > limits.max_event_name_length as usize {
             return refuse(&format!("Event names are at most {} characters", limits.max_event_name_length));
         }
-        let data = message.data.map(protocol::event_data_text).unwrap_or_default();
+        let data = message.data.map(|data| protocol::event_data_text(data).into_owned()).unwrap_or_default();
         if data.len() > app.max_payload() {
             return refuse(&format!("Client event data is larger than {} bytes", app.max_payload()));
         }

@@ -4,6 +4,10 @@
 //! The string to sign is `METHOD\nPATH\nQUERY`, where QUERY is every query parameter except
 //! `auth_signature`, keys lower-cased, sorted by key, joined as `key=value` with `&`, values
 //! unescaped. A request with a body also signs the body's MD5 as `body_md5`.
+//!
+//! A [`Verifier`] keeps its scratch space (the parameters, the string to sign) from one call to
+//! the next, and digests are compared as bytes on the stack, so verifying a steady stream of
+//! signed calls allocates nothing.
 
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
@@ -46,7 +50,11 @@ pub fn hmac_hex(secret: &str, message: &str) -> String {
 
 /// Checks `signature` (hex) against HMAC-SHA256 of `message`, in constant time.
 pub fn hmac_matches(secret: &str, message: &str, signature: &str) -> bool {
-    let Ok(expected) = hex::decode(signature) else { return false };
+    // Decoded on the stack: a signature of any other length than SHA-256's cannot match.
+    let mut expected = [0u8; 32];
+    if hex::decode_to_slice(signature, &mut expected).is_err() {
+        return false;
+    }
     new_mac(secret, message).verify_slice(&expected).is_ok()
 }
 
@@ -62,9 +70,26 @@ fn body_md5(body: &[u8]) -> String {
 }
 
 fn string_to_sign(method: &str, path: &str, params: &mut [(String, String)]) -> String {
-    params.sort();
-    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{method}\n{path}\n{}", query.join("&"))
+    params.sort_unstable();
+    let mut signed = String::new();
+    write_string_to_sign(&mut signed, method, path, params);
+    signed
+}
+
+/// Writes the string to sign into `out` (emptied first), from parameters sorted by key.
+fn write_string_to_sign(out: &mut String, method: &str, path: &str, sorted: &[(String, String)]) {
+    out.clear();
+    for part in [method, "\n", path, "\n"] {
+        out.push_str(part);
+    }
+    for (i, (key, value)) in sorted.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        for part in [key.as_str(), "=", value.as_str()] {
+            out.push_str(part);
+        }
+    }
 }
 
 /// The signed query string a Pusher server SDK would send for this request at `unix_now`.
@@ -129,44 +154,84 @@ fn key_and_signature_match(app: &App, message: &str, auth: &str) -> bool {
     key == app.key && hmac_matches(&app.secret, message, signature)
 }
 
-/// Verifies a REST request's signature: the key, version, timestamp, body MD5 and HMAC.
-pub fn verify(app: &App, method: &str, path: &str, query: &str, body: &[u8], unix_now: u64) -> Result<(), AuthError> {
-    let mut params: Vec<(String, String)> = Vec::new();
-    let mut signature = None;
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        let key = k.to_ascii_lowercase();
-        if key == "auth_signature" {
-            signature = Some(v.into_owned());
-        } else {
-            params.push((key, v.into_owned()));
-        }
-    }
-    let param = |name: &'static str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+/// Verifies REST requests' signatures, keeping its scratch space from one call to the next.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    /// The query's parameters but `auth_signature`, keys lower-cased: the first `len` pairs are
+    /// this call's; the strings of the rest are kept for their capacity.
+    params: Vec<(String, String)>,
+    len: usize,
+    /// `auth_signature`, if `signed`: the query has one.
+    signature: String,
+    signed: bool,
+    message: String,
+}
 
-    let key = param("auth_key").ok_or(AuthError::Missing("auth_key"))?;
-    if key != app.key {
-        return Err(AuthError::UnknownKey);
-    }
-    let version = param("auth_version").ok_or(AuthError::Missing("auth_version"))?;
-    if version != "1.0" {
-        return Err(AuthError::Version(version.chars().take(16).collect()));
-    }
-    let timestamp = param("auth_timestamp").ok_or(AuthError::Missing("auth_timestamp"))?;
-    match timestamp.parse::<u64>() {
-        Ok(t) if t.abs_diff(unix_now) <= MAX_CLOCK_SKEW_SECS => {}
-        _ => return Err(AuthError::Timestamp(timestamp.chars().take(24).collect())),
-    }
-    if !body.is_empty() {
-        let md5 = param("body_md5").ok_or(AuthError::Missing("body_md5"))?;
-        if !md5.eq_ignore_ascii_case(&body_md5(body)) {
-            return Err(AuthError::BodyMd5);
+impl Verifier {
+    /// Takes the query's parameters apart into the scratch space, overwriting what the last
+    /// call left there.
+    fn read_query(&mut self, query: &str) {
+        self.len = 0;
+        self.signed = false;
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if k.eq_ignore_ascii_case("auth_signature") {
+                self.signature.clear();
+                self.signature.push_str(&v);
+                self.signed = true;
+                continue;
+            }
+            if self.len == self.params.len() {
+                self.params.push(Default::default());
+            }
+            let (key, value) = &mut self.params[self.len];
+            key.clear();
+            key.push_str(&k);
+            key.make_ascii_lowercase();
+            value.clear();
+            value.push_str(&v);
+            self.len += 1;
         }
     }
-    let signature = signature.ok_or(AuthError::Missing("auth_signature"))?;
-    if hmac_matches(&app.secret, &string_to_sign(method, path, &mut params), &signature) {
-        Ok(())
-    } else {
-        Err(AuthError::Signature)
+
+    /// Verifies a REST request's signature: the key, version, timestamp, body MD5 and HMAC.
+    pub fn verify(&mut self, app: &App, method: &str, path: &str, query: &str, body: &[u8], unix_now: u64) -> Result<(), AuthError> {
+        self.read_query(query);
+        let Verifier { params, len, signature, signed, message } = self;
+        let params = &mut params[..*len];
+        let param = |name: &'static str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+
+        let key = param("auth_key").ok_or(AuthError::Missing("auth_key"))?;
+        if key != app.key {
+            return Err(AuthError::UnknownKey);
+        }
+        let version = param("auth_version").ok_or(AuthError::Missing("auth_version"))?;
+        if version != "1.0" {
+            return Err(AuthError::Version(version.chars().take(16).collect()));
+        }
+        let timestamp = param("auth_timestamp").ok_or(AuthError::Missing("auth_timestamp"))?;
+        match timestamp.parse::<u64>() {
+            Ok(t) if t.abs_diff(unix_now) <= MAX_CLOCK_SKEW_SECS => {}
+            _ => return Err(AuthError::Timestamp(timestamp.chars().take(24).collect())),
+        }
+        if !body.is_empty() {
+            let md5 = param("body_md5").ok_or(AuthError::Missing("body_md5"))?;
+            // Compared as bytes: hex in either case decodes to the same digest.
+            let mut given = [0u8; 16];
+            if hex::decode_to_slice(md5, &mut given).is_err() || given[..] != Md5::digest(body)[..] {
+                return Err(AuthError::BodyMd5);
+            }
+        }
+        if !*signed {
+            return Err(AuthError::Missing("auth_signature"));
+        }
+        // Unstable sorting never allocates; pairs that compare equal are identical anyway.
+        params.sort_unstable();
+        write_string_to_sign(message, method, path, params);
+        if hmac_matches(&app.secret, message, signature) {
+            Ok(())
+        } else {
+            Err(AuthError::Signature)
+        }
     }
 }
 
@@ -205,23 +270,36 @@ mod tests {
     fn a_signed_query_verifies() {
         let body = br#"{"name":"e","channels":["c"],"data":"{}"}"#;
         let query = sign_query(&app(), "POST", "/apps/app-id/events", body, &[], NOW);
-        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &query, body, NOW + 5), Ok(()));
+        assert_eq!(Verifier::default().verify(&app(), "POST", "/apps/app-id/events", &query, body, NOW + 5), Ok(()));
         let query = sign_query(&app(), "GET", "/apps/app-id/channels", b"", &[("filter_by_prefix", "presence-")], NOW);
-        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Ok(()));
+        assert_eq!(Verifier::default().verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Ok(()));
+    }
+
+    #[test]
+    fn a_reused_verifier_keeps_nothing_of_the_last_call() {
+        let mut verifier = Verifier::default();
+        let path = "/apps/app-id/channels";
+        let with_info = sign_query(&app(), "GET", path, b"", &[("info", "subscription_count"), ("filter_by_prefix", "a")], NOW);
+        let without = sign_query(&app(), "GET", path, b"", &[], NOW);
+        let unsigned = without.split("&auth_signature=").next().expect("a signed query").to_string();
+        assert_eq!(verifier.verify(&app(), "GET", path, &with_info, b"", NOW), Ok(()));
+        assert_eq!(verifier.verify(&app(), "GET", path, &without, b"", NOW), Ok(()), "the first call's extra parameters are gone");
+        assert_eq!(verifier.verify(&app(), "GET", path, &unsigned, b"", NOW), Err(AuthError::Missing("auth_signature")));
+        assert_eq!(verifier.verify(&app(), "GET", path, &with_info, b"", NOW), Ok(()));
     }
 
     #[test]
     fn tampering_is_refused() {
         let body = br#"{"name":"e","channels":["c"],"data":"{}"}"#;
         let query = sign_query(&app(), "POST", "/apps/app-id/events", body, &[], NOW);
-        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &query, b"{}", NOW), Err(AuthError::BodyMd5));
-        assert_eq!(verify(&app(), "POST", "/apps/other/events", &query, body, NOW), Err(AuthError::Signature));
-        assert_eq!(verify(&app(), "GET", "/apps/app-id/events", &query, body, NOW), Err(AuthError::Signature));
+        assert_eq!(Verifier::default().verify(&app(), "POST", "/apps/app-id/events", &query, b"{}", NOW), Err(AuthError::BodyMd5));
+        assert_eq!(Verifier::default().verify(&app(), "POST", "/apps/other/events", &query, body, NOW), Err(AuthError::Signature));
+        assert_eq!(Verifier::default().verify(&app(), "GET", "/apps/app-id/events", &query, body, NOW), Err(AuthError::Signature));
         let wrong_secret = App { secret: "nope".into(), ..app() };
         let forged = sign_query(&wrong_secret, "POST", "/apps/app-id/events", body, &[], NOW);
-        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &forged, body, NOW), Err(AuthError::Signature));
+        assert_eq!(Verifier::default().verify(&app(), "POST", "/apps/app-id/events", &forged, body, NOW), Err(AuthError::Signature));
         let added = format!("{query}&info=subscription_count");
-        assert_eq!(verify(&app(), "POST", "/apps/app-id/events", &added, body, NOW), Err(AuthError::Signature));
+        assert_eq!(Verifier::default().verify(&app(), "POST", "/apps/app-id/events", &added, body, NOW), Err(AuthError::Signature));
     }
 
     #[test]
@@ -259,13 +337,22 @@ mod tests {
     #[test]
     fn stale_timestamps_keys_and_versions_are_refused() {
         let query = sign_query(&app(), "GET", "/apps/app-id/channels", b"", &[], NOW);
-        assert!(matches!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 601), Err(AuthError::Timestamp(_))));
-        assert!(matches!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW - 601), Err(AuthError::Timestamp(_))));
-        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 600), Ok(()));
+        assert!(matches!(
+            Verifier::default().verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 601),
+            Err(AuthError::Timestamp(_))
+        ));
+        assert!(matches!(
+            Verifier::default().verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW - 601),
+            Err(AuthError::Timestamp(_))
+        ));
+        assert_eq!(Verifier::default().verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW + 600), Ok(()));
         let other = App { key: "other".into(), ..app() };
         let query = sign_query(&other, "GET", "/apps/app-id/channels", b"", &[], NOW);
-        assert_eq!(verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Err(AuthError::UnknownKey));
-        assert_eq!(verify(&app(), "GET", "/x", "", b"", NOW), Err(AuthError::Missing("auth_key")));
-        assert_eq!(verify(&app(), "GET", "/x", "auth_key=app-key&auth_version=2.0", b"", NOW), Err(AuthError::Version("2.0".into())));
+        assert_eq!(Verifier::default().verify(&app(), "GET", "/apps/app-id/channels", &query, b"", NOW), Err(AuthError::UnknownKey));
+        assert_eq!(Verifier::default().verify(&app(), "GET", "/x", "", b"", NOW), Err(AuthError::Missing("auth_key")));
+        assert_eq!(
+            Verifier::default().verify(&app(), "GET", "/x", "auth_key=app-key&auth_version=2.0", b"", NOW),
+            Err(AuthError::Version("2.0".into()))
+        );
     }
 }

@@ -116,6 +116,8 @@ pub(crate) struct Worker<Svc: Service> {
     metrics: Arc<WorkerMetrics>,
     timing: Timing,
     read_buf: Vec<u8>,
+    /// The request being handled (see [`Self::handle_requests`]).
+    request: Request,
     /// Connections that are backpressured now: the only ones the eviction check looks at.
     backpressured: IndexSet<ConnId>,
     next_eviction_check: Instant,
@@ -153,6 +155,7 @@ impl<Svc: Service> Worker<Svc> {
             metrics,
             timing,
             read_buf: vec![0; READ_CHUNK],
+            request: Request::default(),
             backpressured: IndexSet::new(),
             next_eviction_check: now + EVICTION_CHECK,
             next_sweep: now + SWEEP,
@@ -418,6 +421,15 @@ impl<Svc: Service> Worker<Svc> {
     }
 
     fn handle_requests(&mut self, id: ConnId, now: Instant) -> bool {
+        // Every request is read into the worker's one `Request`, whose strings keep their
+        // capacity, so a publisher's steady REST calls cost no allocation to read.
+        let mut request = std::mem::take(&mut self.request);
+        let keep_reading = self.handle_requests_into(id, &mut request, now);
+        self.request = request;
+        keep_reading
+    }
+
+    fn handle_requests_into(&mut self, id: ConnId, request: &mut Request, now: Instant) -> bool {
         loop {
             let Some(conn) = self.conns.slab.get_mut(id.0) else {
                 return false;
@@ -425,7 +437,7 @@ impl<Svc: Service> Worker<Svc> {
             let Phase::Http(reader) = &mut conn.phase else {
                 return true;
             };
-            let request = match reader.next_request() {
+            let request = match reader.next_request_into(request) {
                 Ok(Some(request)) => request,
                 Ok(None) => return true,
                 Err(e) => {
@@ -435,7 +447,7 @@ impl<Svc: Service> Worker<Svc> {
                 }
             };
             WorkerMetrics::add(&self.metrics.counters.http_requests, 1);
-            match self.service.on_request(&mut self.conns, id, &request, now) {
+            match self.service.on_request(&mut self.conns, id, request, now) {
                 Routed::Respond(response) => {
                     // While draining, each answer is the connection's last, so an idle
                     // keep-alive connection does not hold the worker until its deadline.
@@ -446,18 +458,18 @@ impl<Svc: Service> Worker<Svc> {
                     }
                 }
                 Routed::Upgrade(session) => {
-                    return match upgrade_response(&request) {
+                    return match upgrade_response(request) {
                         Ok(accept) => self.open(id, accept, session, now),
                         Err(e) => {
-                            self.refuse_upgrade(id, &request, e.status(), &e.to_string(), now);
+                            self.refuse_upgrade(id, request, e.status(), &e.to_string(), now);
                             false
                         }
                     };
                 }
                 Routed::Refuse { frame, code, reason } => {
-                    match upgrade_response(&request) {
+                    match upgrade_response(request) {
                         Ok(accept) => self.open_and_refuse(id, accept, frame, code, reason, now),
-                        Err(e) => self.refuse_upgrade(id, &request, e.status(), &e.to_string(), now),
+                        Err(e) => self.refuse_upgrade(id, request, e.status(), &e.to_string(), now),
                     }
                     return false;
                 }
@@ -475,10 +487,13 @@ impl<Svc: Service> Worker<Svc> {
 
     /// Queues an HTTP response; with `close`, it is the connection's last.
     fn respond(&mut self, id: ConnId, response: &Response, close: bool, now: Instant) {
+        // Written into a pooled buffer, which goes back to the pool once the socket took it.
+        let mut buf = self.conns.pool().checkout();
+        response.write_to(buf.as_mut_vec(), close);
         let Some(conn) = self.conns.slab.get_mut(id.0) else {
             return;
         };
-        let bytes = Bytes::from(response.to_bytes(close));
+        let bytes = buf.freeze();
         if close {
             conn.outbound.finish_with(bytes);
             conn.phase = Phase::Closing { decoder: None, then: AfterFlush::Linger };

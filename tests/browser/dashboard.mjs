@@ -1,6 +1,7 @@
 // The dashboard in headless Debian Chromium, driven by playwright-core, while flux-load runs
 // the slow-consumer scenario against the gateway that run.sh started:
-//   1. the live numbers move: messages out/s read twice, the second read is higher;
+//   1. the live numbers move: messages out/s read twice, the second read is higher, and the
+//      heap allocation rate is counted (above zero);
 //   2. a slow consumer's cell in the connections grid turns red, and hovering it shows it;
 //   3. that consumer's eviction appears in the evictions log within 15 s;
 //   4. the apps table shows the app's connections and a delivery rate above zero.
@@ -88,6 +89,10 @@ async function main() {
     const secondTotal = await messagesOutTotal();
     if (!(secondTotal > firstTotal)) throw new Error(`messages out total did not move: ${firstTotal} -> ${secondTotal}`);
     step(`live numbers move: messages out ${first}/s -> ${second}/s, total ${firstTotal} -> ${secondTotal}`);
+    // The gateway counts its heap allocations: under load the rate is live and above zero.
+    const heap = await page.$eval('[data-metric="heap_allocations"]', (el) => Number(el.dataset.value));
+    if (!(heap > 0)) throw new Error(`heap allocations/s under load: ${heap}`);
+    step(`heap allocations counted live: ${heap}/s`);
 
     // Slow consumers stop reading: once their kernel buffers are full they are backpressured.
     const redSeen = new Set();
