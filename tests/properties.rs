@@ -20,7 +20,7 @@ use flux::pusher::presence::Membership;
 use flux::pusher::protocol::SocketId;
 use flux::pusher::rest::{self, RestContext};
 use flux::pusher::session::{Policy, Session};
-use flux::pusher::signature::{sign_query, verify};
+use flux::pusher::signature::{sign_query, Verifier};
 use flux::pusher::AppIndex;
 use flux::ws::{Decoder, Flow, Incoming};
 
@@ -296,7 +296,7 @@ proptest! {
             Ok((index, app, rates)) => {
                 let (directory, membership) = (Directory::new(2), Membership::default());
                 let context = RestContext { app, index, directory: &directory, membership: &membership, unix_now, rates: (rates, Instant::now()) };
-                rest::handle(&request, &context).response
+                rest::handle(&request, &context, &mut Verifier::default()).response
             }
         };
         prop_assert!((200..600).contains(&response.status));
@@ -316,12 +316,13 @@ proptest! {
         let borrowed: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let unix_now = 1_700_000_000;
         let query = sign_query(&app, method, &path, &body, &borrowed, unix_now);
-        prop_assert!(verify(&app, method, &path, &query, &body, unix_now).is_ok(), "{}", query);
+        let mut verifier = Verifier::default();
+        prop_assert!(verifier.verify(&app, method, &path, &query, &body, unix_now).is_ok(), "{}", query);
         if !body.is_empty() && method == "POST" {
             let mut changed = body.clone();
             let i = flip % changed.len();
             changed[i] ^= 1;
-            prop_assert!(verify(&app, method, &path, &query, &changed, unix_now).is_err());
+            prop_assert!(verifier.verify(&app, method, &path, &query, &changed, unix_now).is_err());
         }
     }
 }

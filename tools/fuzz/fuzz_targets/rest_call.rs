@@ -11,7 +11,7 @@ use flux::fanout::directory::Directory;
 use flux::http::Request;
 use flux::pusher::presence::Membership;
 use flux::pusher::rest::{self, RestContext};
-use flux::pusher::signature::sign_query;
+use flux::pusher::signature::{sign_query, Verifier};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             let (directory, membership) = (Directory::new(2), Membership::default());
             let context =
                 RestContext { app, index, directory: &directory, membership: &membership, unix_now, rates: (rates, Instant::now()) };
-            rest::handle(&request, &context).response
+            rest::handle(&request, &context, &mut Verifier::default()).response
         }
     };
     assert!((200..600).contains(&response.status));
