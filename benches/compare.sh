@@ -5,6 +5,10 @@
 #
 #   benches/compare.sh                 # every scenario, every server found
 #   SERVERS="flux raw" benches/compare.sh chat-storm fanout-1k
+#   SERVERS="flux flux-tls sockudo-tls" benches/compare.sh fanout-1k big-channel-16k
+#
+# A server named with -tls speaks TLS (wss:// and https://) with a certificate made here by
+# openssl for 127.0.0.1, and flux-load trusts its authority (--tls --ca).
 #
 # For every run it records flux-load's JSON summary plus the server's CPU seconds and peak RSS
 # (from /proc), then prints the table (benches/compare_table.py). Results go to
@@ -49,13 +53,27 @@ scenario_args() {
 
 # shellcheck source=benches/common.sh
 . benches/common.sh
-if [[ " $SERVERS " == *" sockudo "* && -z "$SOCKUDO_BIN" ]]; then
-  echo "compare.sh: sockudo not found; leaving its column out" >&2
-  SERVERS="${SERVERS//sockudo/}"
+if [[ " $SERVERS " == *" sockudo"* && -z "$SOCKUDO_BIN" ]]; then
+  echo "compare.sh: sockudo not found; leaving its columns out" >&2
+  SERVERS="$(echo " $SERVERS " | sed 's/ sockudo-tls / /; s/ sockudo / /')"
 fi
 
 echo "Building Flux, flux-load and flux-raw (release)..."
 cargo build --release --quiet --bin flux --bin flux-load --bin flux-raw
+
+# A certificate authority and a certificate for 127.0.0.1 it signed, for the -tls servers.
+TLS_DIR="$OUT/tls"
+if [[ " $SERVERS " == *"-tls "* ]]; then
+  mkdir -p "$TLS_DIR"
+  (cd "$TLS_DIR" &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench-ca \
+      -keyout ca.key -out ca.pem 2>/dev/null &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+      -keyout key.pem -out cert.csr 2>/dev/null &&
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >cert.ext &&
+    openssl x509 -req -days 2 -CAcreateserial -in cert.csr -CA ca.pem -CAkey ca.key -extfile cert.ext \
+      -out cert.pem 2>/dev/null)
+fi
 
 SERVER_PID=""
 stop_server() {
@@ -71,9 +89,11 @@ trap stop_server EXIT
 start_server() { # name port log
   local name="$1" port="$2" log="$3"
   case "$name" in
-    flux)
+    flux | flux-tls)
+      local tls=()
+      [ "$name" = flux ] || tls=(FLUX_TLS_CERT="$TLS_DIR/cert.pem" FLUX_TLS_KEY="$TLS_DIR/key.pem")
       # Presence channels of 10,000 members need more than Pusher's default limit of 100.
-      FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 RUST_LOG=warn target/release/flux >"$log" 2>&1 &
+      env "${tls[@]}" FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 RUST_LOG=warn target/release/flux >"$log" 2>&1 &
       ;;
     raw)
       RUST_LOG=warn target/release/flux-raw --port "$port" >"$log" 2>&1 &
@@ -83,6 +103,9 @@ start_server() { # name port log
       ;;
     sockudo)
       start_sockudo "$OUT/sockudo-cwd" "$port" "$log"
+      ;;
+    sockudo-tls)
+      start_sockudo "$OUT/sockudo-cwd" "$port" "$log" SSL_ENABLED=true SSL_CERT_PATH="$TLS_DIR/cert.pem" SSL_KEY_PATH="$TLS_DIR/key.pem"
       ;;
   esac
   SERVER_PID=$!
@@ -117,6 +140,7 @@ for scenario in "${SCENARIOS[@]}"; do
     # vacate-storm reads the server's CPU itself, from the storm on, besides the whole run's below.
     storm_args=()
     [ "$scenario" != vacate-storm ] || storm_args=(--server-pid "$SERVER_PID")
+    [[ "$server" != *-tls ]] || storm_args+=(--tls --ca "$TLS_DIR/ca.pem")
     # shellcheck disable=SC2086
     timeout 600 target/release/flux-load $args "${storm_args[@]}" --port "$PORT" --label "$server" --quiet --json "$base.json" \
       >"$base.load.log" 2>&1 || echo "flux-load failed against $server (or vacate-storm's check did); see $base.load.log" >&2

@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-SERVERS = ["flux", "sockudo", "raw", "raw-batched"]
-NAMES = {"flux": "Flux", "sockudo": "Sockudo", "raw": "raw, a write per frame", "raw-batched": "raw, batched writes"}
+SERVERS = ["flux", "flux-tls", "sockudo", "sockudo-tls", "raw", "raw-batched"]
+NAMES = {"flux": "Flux", "flux-tls": "Flux over TLS", "sockudo": "Sockudo", "sockudo-tls": "Sockudo over TLS", "raw": "raw, a write per frame", "raw-batched": "raw, batched writes"}
 
 
 def load(results):
