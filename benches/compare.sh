@@ -62,7 +62,7 @@ echo "Building Flux, flux-load and flux-raw (release)..."
 cargo build --release --quiet --bin flux --bin flux-load --bin flux-raw
 
 # A certificate authority and a certificate for 127.0.0.1 it signed, for the -tls servers.
-TLS_DIR="$OUT/tls"
+TLS_DIR="$(cd "$OUT" && pwd)/tls" # absolute: Sockudo runs in a directory of its own
 if [[ " $SERVERS " == *"-tls "* ]]; then
   mkdir -p "$TLS_DIR"
   (cd "$TLS_DIR" &&
