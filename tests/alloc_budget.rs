@@ -41,17 +41,6 @@ fn publish_request(addr: SocketAddr, n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads whatever each subscriber has, without blocking (and without allocating).
-fn drain(subscribers: &mut [TcpStream], buf: &mut [u8]) {
-    for socket in subscribers {
-        while let Ok(n) = socket.read(buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-}
-
 /// Sends one publish and reads its whole answer into `buf`, allocating nothing.
 fn publish(publisher: &mut TcpStream, request: &[u8], buf: &mut [u8]) {
     publisher.write_all(request).expect("the publish is sent");
@@ -94,7 +83,7 @@ fn steady_rest_publishing_stays_within_the_allocation_budget() {
     // The first publishes warm the rings, the pool, the buffers and the scratch space up.
     for request in &requests[..WARM_UP] {
         publish(&mut publisher, request, &mut answer);
-        drain(&mut subscribers, &mut scratch);
+        common::drain(&mut subscribers, &mut scratch);
     }
     // Offered to every ring: queued, or dropped on a full one.
     let offered = || {
@@ -105,7 +94,7 @@ fn steady_rest_publishing_stays_within_the_allocation_budget() {
     let before = heap::totals();
     for request in &requests[WARM_UP..] {
         publish(&mut publisher, request, &mut answer);
-        drain(&mut subscribers, &mut scratch);
+        common::drain(&mut subscribers, &mut scratch);
     }
     // Every ring on both workers was offered its frame (the other worker's are asynchronous).
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -52,17 +52,6 @@ fn publish_request(channel: &str, n: u32) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads whatever each subscriber has, without blocking.
-fn drain(subscribers: &mut [TcpStream], buf: &mut [u8]) {
-    for socket in subscribers {
-        while let Ok(n) = socket.read(buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-}
-
 /// Allocations the whole process makes for one broadcast to `recipients` subscribers: the
 /// least over several broadcasts, so an unrelated timer's allocation cannot count.
 fn allocations_per_broadcast(recipients: usize) -> u64 {
@@ -87,7 +76,7 @@ fn allocations_per_broadcast(recipients: usize) -> u64 {
     let mut least = u64::MAX;
     for n in 0..30 {
         let request = publish_request("fanout", n);
-        drain(&mut subscribers, &mut buf);
+        common::drain(&mut subscribers, &mut buf);
         let delivered_before = node.observer().counters().deliveries;
 
         let before = ALLOCATIONS.load(Ordering::Relaxed);

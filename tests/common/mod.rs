@@ -208,6 +208,18 @@ impl Drop for AppsFile {
     }
 }
 
+/// Reads whatever each subscriber (a non-blocking raw socket) has, without blocking and without
+/// allocating.
+pub fn drain(subscribers: &mut [TcpStream], buf: &mut [u8]) {
+    for socket in subscribers {
+        while let Ok(n) = socket.read(buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
