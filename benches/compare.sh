@@ -6,6 +6,7 @@
 #   benches/compare.sh                 # every scenario, every server found
 #   SERVERS="flux raw" benches/compare.sh chat-storm fanout-1k
 #   SERVERS="flux flux-tls sockudo-tls" benches/compare.sh fanout-1k big-channel-16k
+#   SERVERS="flux-tls raw-batched-tls" benches/compare.sh fanout-1k   # TLS against its raw limit
 #
 # A server named with -tls speaks TLS (wss:// and https://) with a certificate made here by
 # openssl for 127.0.0.1, and flux-load trusts its authority (--tls --ca).
@@ -95,11 +96,11 @@ start_server() { # name port log
       # Presence channels of 10,000 members need more than Pusher's default limit of 100.
       env "${tls[@]}" FLUX_PORT="$port" FLUX_DASHBOARD_PORT=0 FLUX_PRESENCE_MAX_MEMBERS=20000 RUST_LOG=warn target/release/flux >"$log" 2>&1 &
       ;;
-    raw)
-      RUST_LOG=warn target/release/flux-raw --port "$port" >"$log" 2>&1 &
-      ;;
-    raw-batched)
-      RUST_LOG=warn target/release/flux-raw --port "$port" --frames-per-write 64 >"$log" 2>&1 &
+    raw | raw-batched | raw-tls | raw-batched-tls)
+      local raw_args=()
+      [[ "$name" != raw-batched* ]] || raw_args+=(--frames-per-write 64)
+      [[ "$name" != *-tls ]] || raw_args+=(--tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem")
+      RUST_LOG=warn target/release/flux-raw --port "$port" "${raw_args[@]}" >"$log" 2>&1 &
       ;;
     sockudo)
       start_sockudo "$OUT/sockudo-cwd" "$port" "$log"
