@@ -123,7 +123,7 @@ pub struct Config {
     /// Bytes of kernel send buffer each connection may hold (`SO_SNDBUF`; Linux doubles the value
     /// for its own bookkeeping and caps it at `net.core.wmem_max`). A slow consumer fills it
     /// soon, so its backpressure and eviction clock start soon, and the kernel memory it pins
-    /// stays bounded (about 75 KB per stalled reader with the default). One connection's
+    /// stays bounded (about 76 KiB per stalled reader with the default). One connection's
     /// throughput is then at most about twice this per round trip (the default: 64 KiB per
     /// round trip, about 650 KB/s at 100 ms). 0: the kernel's autotuning (up to
     /// `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default).
