@@ -170,6 +170,31 @@ fn a_tls_client_that_stops_reading_is_evicted_with_4100_and_a_healthy_one_loses_
     node.join();
 }
 
+#[test]
+fn a_stalled_tls_reader_hides_kilobytes_in_the_kernel_not_megabytes() {
+    let Some(pki) = Pki::new("sndbuf") else { return };
+    let ca = pki.authority("ca");
+    let config = Config { send_buffer_bytes: 16 * 1024, ..tls_config(&pki.server_cert(&ca, "server")) };
+    let node = common::start(&config);
+    let (addr, trust) = (node.local_addr(), client_config(&ca.cert));
+    let mut stalled = WssClient::connect(addr, &trust);
+    stalled.subscribe("flood"); // And never reads again.
+
+    let mut https = Https::connect(addr, &trust);
+    let peer = stalled.ws.get_ref().sock.local_addr().expect("address");
+    // 1.2 MB, more than its ring holds (256 frames) and the kernel would take with the cap.
+    let (hidden, seen) = common::bytes_the_kernel_took(&node, peer, 300, 4096, |data| {
+        let (status, body) = https.publish("flood", "flood", data);
+        assert_eq!(status, 200, "{body}");
+    });
+    // The socket's 32 KiB and the client's receive queue (rustls's own 64 KiB of records count
+    // here too), with room to spare; the kernel's autotuning takes megabytes.
+    assert!(hidden < 1 << 20, "the kernel took {hidden} bytes for a TLS reader that reads nothing: {seen:?}");
+    assert!(seen.backpressured_ms.is_some(), "the rest waits in its ring, backpressured: {seen:?}");
+    node.stop();
+    node.join();
+}
+
 /// A `flux` process, killed when dropped, with its log lines collected.
 struct FluxProcess {
     child: Child,

@@ -116,6 +116,7 @@ impl Gateway {
                 max_body: config.max_body_bytes(),
                 max_message: config.max_message_bytes(),
                 close_linger: CLOSE_LINGER,
+                send_buffer: config.send_buffer(),
             },
             evict_after: config.evict_after(),
             request_timeout: config.handshake_timeout(),

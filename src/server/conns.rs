@@ -17,6 +17,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use rustls::ServerConnection;
 use slab::Slab;
+use socket2::SockRef;
 
 use crate::fanout::pool::FramePool;
 use crate::fanout::ring::{Offer, Outbound};
@@ -100,6 +101,24 @@ pub struct ConnLimits {
     pub max_message: usize,
     /// How long a closing connection waits for the peer's close frame.
     pub close_linger: Duration,
+    /// The kernel send buffer (`SO_SNDBUF`) of every accepted socket; `None`: the kernel's
+    /// autotuning. Only what the socket cannot take waits in the ring, where backpressure is
+    /// seen, so this bounds both the kernel memory a slow consumer pins and how far behind it
+    /// falls before its eviction clock starts.
+    pub send_buffer: Option<usize>,
+}
+
+impl ConnLimits {
+    /// Sets up a freshly accepted socket: no Nagle delay (frames are written whole, and small
+    /// ones must not wait), and the send buffer.
+    pub(crate) fn tune(&self, socket: &TcpStream) -> std::io::Result<()> {
+        socket.set_nodelay(true)?;
+        if let Some(bytes) = self.send_buffer {
+            // Setting it also turns the kernel's autotuning off for this socket.
+            SockRef::from(socket).set_send_buffer_size(bytes)?;
+        }
+        Ok(())
+    }
 }
 
 /// When a queued frame must be written.
@@ -348,5 +367,43 @@ fn mark_dirty<S>(dirty: &mut Vec<ConnId>, conn: &mut Connection<S>, id: ConnId) 
     if !conn.dirty {
         conn.dirty = true;
         dirty.push(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's end of a fresh loopback connection, and the client's.
+    fn accepted() -> (TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (TcpStream::from_std(server), client)
+    }
+
+    fn limits(send_buffer: Option<usize>) -> ConnLimits {
+        ConnLimits { ring_slots: 8, max_head: 1024, max_body: 1024, max_message: 1024, close_linger: Duration::ZERO, send_buffer }
+    }
+
+    fn send_buffer(socket: &TcpStream) -> usize {
+        SockRef::from(socket).send_buffer_size().expect("SO_SNDBUF")
+    }
+
+    #[test]
+    fn tuning_caps_the_send_buffer_which_linux_doubles_for_its_bookkeeping() {
+        let (server, _client) = accepted();
+        limits(Some(16 * 1024)).tune(&server).expect("tune");
+        assert_eq!(send_buffer(&server), 2 * 16 * 1024, "read back as the kernel holds it");
+        assert!(server.nodelay().expect("TCP_NODELAY"));
+    }
+
+    #[test]
+    fn without_a_cap_the_kernel_keeps_tuning_the_send_buffer() {
+        let (server, _client) = accepted();
+        let before = send_buffer(&server);
+        limits(None).tune(&server).expect("tune");
+        assert_eq!(send_buffer(&server), before, "untouched");
+        assert!(server.nodelay().expect("TCP_NODELAY"));
     }
 }

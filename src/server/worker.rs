@@ -256,8 +256,8 @@ impl<Svc: Service> Worker<Svc> {
     /// Takes a connection in, during a drain too: its requests (a load balancer's health check)
     /// are still answered until the worker finishes.
     fn adopt(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: Option<TlsConfig>, now: Instant) {
-        if let Err(e) = socket.set_nodelay(true) {
-            debug!("set_nodelay failed for {peer}: {e}");
+        if let Err(e) = self.conns.limits.tune(&socket) {
+            debug!("could not set the socket options of {peer}: {e}");
         }
         let session = match tls.as_ref().map(tls::session).transpose() {
             Ok(session) => session,

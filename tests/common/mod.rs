@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flux::config::Config;
-use flux::gateway::Gateway;
+use flux::gateway::{ConnectionSnapshot, Gateway};
 use flux::pusher::signature::sign_query;
 use flux::pusher::App;
 use serde_json::{json, Value};
@@ -220,6 +220,31 @@ pub fn drain(subscribers: &mut [TcpStream], buf: &mut [u8]) {
     }
 }
 
+/// Publishes `events` numbered events of `size` bytes through `publish` (given each event's
+/// data) to a channel that `peer`, a subscriber that reads nothing, is on; lets the writes
+/// settle; and returns how many of those bytes the kernel took for it (neither queued in its
+/// ring nor dropped from it), with its connection as the node sees it then. What the kernel
+/// takes is hidden from the server: only what waits in the ring shows as backpressure.
+pub fn bytes_the_kernel_took(
+    node: &Gateway,
+    peer: SocketAddr,
+    events: u64,
+    size: usize,
+    mut publish: impl FnMut(&str),
+) -> (u64, ConnectionSnapshot) {
+    let filler = "x".repeat(size.saturating_sub(8));
+    let started = Instant::now();
+    for n in 0..events {
+        publish(&format!("{n:08}{filler}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (peer, all) = (peer.to_string(), node.observer().connections(Duration::from_secs(2)));
+    let connection = all.iter().find(|c| c.peer == peer).cloned();
+    let connection = connection.unwrap_or_else(|| panic!("{peer} is gone after {:?}: {all:?}", started.elapsed()));
+    let kept = connection.ring_len as u64 + connection.dropped;
+    (events.saturating_sub(kept) * size as u64, connection)
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -254,7 +279,11 @@ pub fn raw_websocket(addr: std::net::SocketAddr) -> TcpStream {
 
 /// Reads server frames until a close frame; returns its code (frames before it are skipped).
 pub fn read_close_code(stream: &mut TcpStream) -> u16 {
-    let mut buf = Vec::new();
+    read_close_code_after(stream, Vec::new())
+}
+
+/// Like [`read_close_code`], for a stream whose frames began in `buf` (bytes already read).
+pub fn read_close_code_after(stream: &mut TcpStream, mut buf: Vec<u8>) -> u16 {
     let mut chunk = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

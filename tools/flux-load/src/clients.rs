@@ -30,9 +30,6 @@ use crate::tls::Stream;
 
 /// Linux's "connection in progress" from a non-blocking connect.
 const EINPROGRESS: i32 = 115;
-/// A slow consumer's receive buffer: small, so its backlog reaches the server quickly, as with a
-/// congested mobile client.
-const SLOW_RECEIVE_BUFFER: usize = 4096;
 /// What a delayed reader takes per read.
 const SLOW_READ_CHUNK: usize = 4096;
 /// Reconnect backoff: first delay, and the cap.
@@ -306,7 +303,7 @@ impl<'p> Shard<'p> {
     fn connect(&mut self, i: usize) {
         let client = &mut self.clients[i];
         let server = self.plan.nodes[client.node];
-        let opened = open_socket(client.source, server, client.role == Role::Slow)
+        let opened = open_socket(client.source, server, self.plan.injection.slow_receive_buffer.filter(|_| client.role == Role::Slow))
             .and_then(|socket| Stream::new(socket, self.plan.tls.as_ref(), server));
         match opened {
             Ok(mut stream) => {
@@ -787,13 +784,14 @@ pub fn upgrade_reply(received: &[u8]) -> UpgradeReply {
     UpgradeReply::Refused(String::from_utf8_lossy(status_line).into_owned())
 }
 
-/// A non-blocking TCP connection from `source` to `server`, under way.
-fn open_socket(source: Ipv4Addr, server: SocketAddr, small_receive_buffer: bool) -> io::Result<TcpStream> {
+/// A non-blocking TCP connection from `source` to `server`, under way, with `receive_buffer` as
+/// its `SO_RCVBUF` if given.
+fn open_socket(source: Ipv4Addr, server: SocketAddr, receive_buffer: Option<usize>) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
-    if small_receive_buffer {
-        socket.set_recv_buffer_size(SLOW_RECEIVE_BUFFER)?;
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes)?;
     }
     socket.bind(&SocketAddr::new(source.into(), 0).into())?;
     match socket.connect(&server.into()) {

@@ -59,6 +59,12 @@ pub struct Args {
     /// linger, so the 4100 close frame is still there to read.
     #[arg(long, default_value_t = 13.0)]
     pub stall_secs: f64,
+    /// A slow consumer's receive buffer (`SO_RCVBUF`, bytes): small by default, so its backlog
+    /// reaches the server quickly, as with a congested mobile client. 0: the kernel's default,
+    /// as a client that sets nothing has (its receive queue then holds more, and on loopback
+    /// that counts in the host's TCP memory too).
+    #[arg(long, default_value_t = 4096)]
+    pub slow_receive_buffer: usize,
     /// Clients that drop their connection and reconnect with backoff (a network partition).
     #[arg(long)]
     pub partition: Option<usize>,
@@ -296,6 +302,8 @@ pub struct Injection {
     pub stall: Duration,
     /// Delay mode: time between reads.
     pub read_delay: Duration,
+    /// Their `SO_RCVBUF`; `None`: the kernel's default.
+    pub slow_receive_buffer: Option<usize>,
     /// When partitioned clients drop and vacaters close.
     pub partition_at: Duration,
     /// Leaves and rejoins per second.
@@ -496,6 +504,7 @@ impl Plan {
                 slow_mode,
                 stall: Duration::from_secs_f64(args.stall_secs),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
+                slow_receive_buffer: Some(args.slow_receive_buffer).filter(|&bytes| bytes > 0),
                 partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
                 churn_per_sec: if population.churners > 0 { args.churn.unwrap_or(default_churn(scenario)) } else { 0.0 },
                 churn_away: Duration::from_millis(args.churn_away_ms),
@@ -585,6 +594,12 @@ mod tests {
         assert_eq!((plan.channels[0].as_str(), plan.injection.churn_per_sec), ("counted", 500.0));
         assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1.0));
         assert_eq!(plan.clients[19_999].source, Ipv4Addr::new(127, 0, 0, 2), "spread over source addresses");
+    }
+
+    #[test]
+    fn slow_consumers_keep_a_small_receive_buffer_unless_zero_leaves_the_kernels() {
+        assert_eq!(plan(&["slow-consumer"]).injection.slow_receive_buffer, Some(4096));
+        assert_eq!(plan(&["slow-consumer", "--slow-receive-buffer", "0"]).injection.slow_receive_buffer, None);
     }
 
     #[test]
