@@ -15,6 +15,7 @@
 mod acceptor;
 mod conns;
 mod peers;
+mod pending;
 mod service;
 mod status;
 mod tls;
@@ -33,6 +34,7 @@ use mio::{Poll, Waker};
 
 pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers, Sent};
+pub use pending::PendingCaps;
 pub use service::{Ended, Routed, Service};
 pub use status::NodeStatus;
 pub use tls::{TlsConfig, TlsError, TlsFiles};
@@ -41,6 +43,7 @@ use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
 use crate::metrics::WorkerMetrics;
 use acceptor::Acceptor;
+use pending::{Pending, RefusalLog};
 use tls::Certificate;
 use worker::{Timing, Worker, WAKER};
 
@@ -68,6 +71,8 @@ pub struct ServerSettings {
     pub handle_signals: bool,
     /// Serve TLS with this certificate and key; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
+    /// Caps on connections that have not finished their handshake.
+    pub pending_caps: PendingCaps,
 }
 
 /// What a service is built with, one per worker.
@@ -147,6 +152,7 @@ where
         write_coalesce: settings.write_coalesce,
     };
 
+    let (pending, releaser) = Pending::new(settings.pending_caps);
     let metrics: Arc<[Arc<WorkerMetrics>]> = (0..workers).map(|_| Arc::new(WorkerMetrics::default())).collect();
     let status = NodeStatus::new(metrics.clone());
 
@@ -161,11 +167,11 @@ where
             pool: pool.clone(),
         };
         let service = make_service(context);
-        let (limits, pool, timing) = (settings.limits.clone(), pool.clone(), timing.clone());
+        let (limits, pool, timing, releaser) = (settings.limits.clone(), pool.clone(), timing.clone(), releaser.clone());
         // Built on its own thread: sessions never cross threads, so they need not be `Send`.
         let run = move || {
             let conns = Conns::new(limits, pool, worker_metrics.clone());
-            Worker::new(poll, waker, conns, service, inbox, worker_metrics, timing).run();
+            Worker::new(poll, waker, conns, service, inbox, worker_metrics, timing, releaser).run();
         };
         threads.push(std::thread::Builder::new().name(format!("flux-worker-{index}")).spawn(run)?);
     }
@@ -182,6 +188,8 @@ where
         node: status.clone(),
         grace: settings.shutdown_grace,
         tls,
+        pending,
+        refusals: RefusalLog::default(),
     };
     threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
 
