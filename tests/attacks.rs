@@ -385,30 +385,33 @@ fn unfinished_handshakes_are_closed_at_the_timeout_while_healthy_clients_connect
 
 #[test]
 fn a_flood_from_one_address_over_its_cap_is_refused_while_other_addresses_connect() {
-    const CAP: usize = 50;
-    const FLOOD: usize = 200;
-    let config = flux::config::Config { max_pending_handshakes_per_ip: CAP as u32, ..common::config() };
+    // In CI a small cap; for the figure the default cap (1,000) and a flood five times over it.
+    let (cap, flood_size) = (scaled(50, 1_000), scaled(200, 5_000));
+    let config = flux::config::Config { max_pending_handshakes_per_ip: cap as u32, ..common::config() };
     let node = common::start(&config);
     let addr = node.local_addr();
     let attacker = Ipv4Addr::new(127, 0, 0, 2);
 
-    // Silent sockets from one address: the first CAP are taken in (and would wait for the
+    // Silent sockets from one address: the first `cap` are taken in (and would wait for the
     // handshake timeout), the rest are closed as soon as they are accepted.
-    let mut flood: Vec<TcpStream> = (0..FLOOD).map(|_| connect_from(attacker, addr).expect("connect")).collect();
+    let mut flood: Vec<TcpStream> = (0..flood_size).map(|_| connect_from(attacker, addr).expect("connect")).collect();
     let counters = || node.observer().counters();
     assert!(
-        common::wait_until(Duration::from_secs(10), || counters().handshakes_refused_per_ip == (FLOOD - CAP) as u64),
+        common::wait_until(Duration::from_secs(10), || counters().handshakes_refused_per_ip == (flood_size - cap) as u64),
         "refused: {:?}",
         counters()
     );
-    assert_eq!((counters().handshakes_pending, counters().handshakes_refused_node), (CAP as u64, 0));
+    let refused = counters().handshakes_refused_per_ip;
+    assert_eq!((counters().handshakes_pending, counters().handshakes_refused_node), (cap as u64, 0));
     let closed = flood.iter_mut().map(|stream| closed_by_server(stream, Duration::from_millis(100))).filter(|&closed| closed).count();
-    assert_eq!(closed, FLOOD - CAP, "the refused connections are closed, the admitted ones wait");
+    assert_eq!(closed, flood_size - cap, "the refused connections are closed, the admitted ones wait");
 
     // Another address connects and is served as usual, and so is one more from the attacker's
     // address as soon as its unfinished handshakes are gone.
+    let started = Instant::now();
     let mut other = Client::connect_over(connect_from(Ipv4Addr::new(127, 0, 0, 3), addr).expect("connect"), addr, "app-key");
     other.subscribe("room");
+    let other_took = started.elapsed();
     assert!(closed_by_server(&mut connect_from(attacker, addr).expect("connect"), Duration::from_secs(1)), "still over the cap");
     drop(flood);
     assert!(common::wait_until(Duration::from_secs(5), || counters().handshakes_pending == 0), "{:?}", counters());
@@ -416,9 +419,10 @@ fn a_flood_from_one_address_over_its_cap_is_refused_while_other_addresses_connec
     again.subscribe("room");
     assert_eq!(counters().handshakes_pending, 0, "an open WebSocket no longer counts");
     println!(
-        "figure: {FLOOD} silent connections from one address with FLUX_MAX_PENDING_HANDSHAKES_PER_IP={CAP}: {} refused at accept, \
-         {CAP} held; a client from another address connected and subscribed meanwhile",
-        counters().handshakes_refused_per_ip
+        "figure: {flood_size} silent connections from one address with FLUX_MAX_PENDING_HANDSHAKES_PER_IP={cap}: {} refused \
+         at accept, {cap} held; a client from another address connected and subscribed meanwhile in {}",
+        refused,
+        ms(other_took)
     );
 }
 
