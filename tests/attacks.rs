@@ -274,6 +274,25 @@ fn at_the_open_file_limit_accepts_back_off_the_loop_idles_and_a_subscriber_loses
     );
 }
 
+#[test]
+fn a_burst_of_connects_waits_in_the_listen_backlog_instead_of_being_dropped() {
+    // At a file limit of 64 the node accepts a few dozen connections, then none: every other
+    // connect of the burst must be completed by the kernel into the listen backlog. Were the
+    // backlog 128 (mio's and std's), the rest would have their SYNs dropped and wait a second
+    // for a retry, as in any burst the acceptor cannot keep up with for a moment.
+    let flux = Process::start("ulimit -n 64 &&");
+    let burst: Vec<TcpStream> = (0..1_000)
+        .map(|i| {
+            TcpStream::connect_timeout(&flux.addr, Duration::from_millis(500))
+                .unwrap_or_else(|e| panic!("connect {i} of the burst was not completed: {e}"))
+        })
+        .collect();
+    assert!(common::wait_until(Duration::from_secs(5), || flux.log().contains("accept failed")), "{}", flux.log());
+    drop(burst);
+    // Once they are gone, the node takes new clients again.
+    assert!(common::wait_until(Duration::from_secs(10), || timed_connect(flux.addr).is_ok()), "{}", flux.log());
+}
+
 /// How an attacker's socket behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unfinished {

@@ -47,6 +47,24 @@ use pending::{Pending, RefusalLog};
 use tls::Certificate;
 use worker::{Timing, Worker, WAKER};
 
+/// Connections the kernel completes and holds for the acceptor (it caps this at
+/// `net.core.somaxconn`, 4096 by default since Linux 5.4). mio and std listen with 128, which a
+/// burst of connects (a reconnect storm, a flood) overflows whenever the acceptor is off the CPU
+/// for a moment: the kernel then drops SYNs, and those clients wait a second or more for their
+/// retry.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // As mio does: rebind at once after a restart, without waiting out TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// Messages a worker's inbox holds before senders are refused.
 pub const INBOX_CAPACITY: usize = 65_536;
 
@@ -131,7 +149,7 @@ where
 {
     // First: a certificate that cannot serve is refused before anything runs.
     let tls = settings.tls.clone().map(Certificate::load).transpose()?;
-    let listener = TcpListener::bind(settings.listen)?;
+    let listener = bind(settings.listen)?;
     let local_addr = listener.local_addr()?;
     let workers = settings.workers.clamp(1, crate::fanout::directory::MAX_WORKERS);
 
