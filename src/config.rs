@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::server::TlsFiles;
+use crate::server::{PendingCaps, TlsFiles};
 use crate::webhooks::WebhookUrl;
 
 /// The one app a node serves: the same flags (and `FLUX_APP_*` variables) for `flux` and for
@@ -111,6 +111,19 @@ pub struct Config {
     /// `GET /ready` answers 503. Unset: no cap but the open-file limit.
     #[arg(long, env = "FLUX_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: Option<u64>,
+
+    /// Connections the node holds that have not finished their handshake (accepted, not yet an
+    /// open WebSocket: request being read, TLS handshake under way, keep-alive HTTP); past it
+    /// new connections are closed as soon as they are accepted, and counted.
+    #[arg(long, env = "FLUX_MAX_PENDING_HANDSHAKES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes: u32,
+
+    /// As --max-pending-handshakes, for one source address (an IPv6 address counts by its /64),
+    /// so one address's flood leaves room for the others. Behind a load balancer that does not
+    /// pass client addresses on, every client shares the balancer's few addresses: set it to
+    /// --max-pending-handshakes and cap per client at the balancer.
+    #[arg(long, env = "FLUX_MAX_PENDING_HANDSHAKES_PER_IP", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes_per_ip: u32,
 
     /// Frames each connection may have queued before new frames are dropped.
     #[arg(long, env = "FLUX_RING_SLOTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
@@ -246,6 +259,8 @@ impl Default for Config {
             cache_max_mb: 64,
             max_channels_per_connection: 1000,
             max_connections: None,
+            max_pending_handshakes: 10_000,
+            max_pending_handshakes_per_ip: 1_000,
             ring_slots: 256,
             evict_after_ms: 5000,
             send_buffer_bytes: 32_768,
@@ -326,6 +341,11 @@ impl Config {
         Duration::from_secs(self.pong_timeout)
     }
 
+    /// The caps on connections that have not finished their handshake.
+    pub fn pending_caps(&self) -> PendingCaps {
+        PendingCaps { per_node: self.max_pending_handshakes, per_source: self.max_pending_handshakes_per_ip }
+    }
+
     /// Deadline for a request or handshake to arrive complete.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
@@ -386,6 +406,9 @@ mod tests {
         assert_eq!((parsed.cache_ttl_s, parsed.cache_max_mb), (defaults.cache_ttl_s, defaults.cache_max_mb));
         assert_eq!((parsed.max_connections, parsed.max_channels_per_connection), (None, defaults.max_channels_per_connection));
         assert_eq!(parsed.webhook_url, None);
+        assert_eq!(parsed.pending_caps(), defaults.pending_caps());
+        assert_eq!(parsed.pending_caps(), PendingCaps { per_node: 10_000, per_source: 1_000 });
+        assert!(Config::try_parse_from(["flux", "--max-pending-handshakes-per-ip", "0"]).is_err());
         assert_eq!(
             (parsed.webhook_batch_ms, parsed.webhook_batch_max, parsed.webhook_queue),
             (defaults.webhook_batch_ms, defaults.webhook_batch_max, defaults.webhook_queue)

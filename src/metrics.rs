@@ -1,6 +1,6 @@
 //! Per-worker metrics, written by their worker without locks and read from any thread.
 //!
-//! Each counter has one writer (its worker), so a relaxed atomic add is all the hot path pays;
+//! Each counter has one writer (its worker, or for refused connections the acceptor), so a relaxed atomic add is all the hot path pays;
 //! per-recipient work is counted once per broadcast, never once per recipient. Readers take a
 //! [`Counters`] snapshot and add the workers' snapshots together. Latency histograms (fan-out
 //! time, and in a cluster the time from a publish on another node to its delivery here) are
@@ -112,6 +112,15 @@ counters! {
         tls_refused,
         /// TLS handshakes that did not finish within the request timeout.
         tls_timed_out,
+        /// Connections accepted that are not yet an open WebSocket (request being read, TLS
+        /// handshake under way, keep-alive HTTP), a gauge.
+        handshakes_pending,
+        /// Connections refused at accept because the node held FLUX_MAX_PENDING_HANDSHAKES
+        /// (counted by the acceptor, in counters of its own).
+        handshakes_refused_node,
+        /// Connections refused at accept because their source address held
+        /// FLUX_MAX_PENDING_HANDSHAKES_PER_IP (counted by the acceptor).
+        handshakes_refused_per_ip,
     }
 }
 

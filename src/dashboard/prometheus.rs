@@ -89,6 +89,8 @@ impl Collector for NodeCollector {
 
         gauge(&mut encoder, "flux_connections", "TCP connections open.", counters.connections)?;
         gauge(&mut encoder, "flux_websockets", "WebSocket sessions open.", counters.websockets)?;
+        let help = "Connections accepted that are not yet an open WebSocket (request being read, TLS handshake, keep-alive HTTP).";
+        gauge(&mut encoder, "flux_handshakes_pending", help, counters.handshakes_pending)?;
         for (name, help, value) in COUNTERS {
             counter(&mut encoder, name, help, value(&counters))?;
         }
@@ -106,6 +108,11 @@ impl Collector for NodeCollector {
             &mut encoder,
             ("flux_tls_handshakes", "TLS handshakes on the main port, by how they ended."),
             ("result", [("ok", counters.tls_handshakes), ("refused", counters.tls_refused), ("timed_out", counters.tls_timed_out)]),
+        )?;
+        labelled_counter(
+            &mut encoder,
+            ("flux_handshakes_refused", "Connections closed at accept, by the cap on unfinished handshakes they met."),
+            ("cap", [("node", counters.handshakes_refused_node), ("per_ip", counters.handshakes_refused_per_ip)]),
         )?;
         gauge(&mut encoder, "flux_frame_pool_idle_buffers", "Frame buffers idle in the pool.", pool.idle)?;
         if let Some(heap) = self.0.heap() {

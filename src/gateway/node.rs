@@ -124,6 +124,7 @@ impl Gateway {
             write_coalesce: config.write_coalesce(),
             handle_signals,
             tls: config.tls_files(),
+            pending_caps: config.pending_caps(),
         };
         let evictions = Arc::new(EvictionLog::default());
         let subscriptions = Arc::new(AtomicUsize::new(0));

@@ -21,6 +21,10 @@
 //! A connection is never refused because a worker is busy: one whose inbox is full is skipped
 //! for the next, and when every inbox is full the connection is held and accepting stops (the
 //! kernel's backlog keeps the rest) until a retry, with backoff, hands it over.
+//!
+//! A connection is refused, closed as soon as it is accepted, when the node or its source
+//! address already holds its cap of connections that have not finished their handshake (see
+//! [`super::pending`]); refusals are counted and logged once per episode, then summed up.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +38,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::peers::Peers;
+use super::pending::{Pending, RefusalLog, Refused};
 use super::status::NodeStatus;
 use super::tls::Certificate;
 use super::worker::Envelope;
+use crate::metrics::WorkerMetrics;
 
 const LISTENER: Token = Token(0);
 const STOP: Token = Token(1);
@@ -81,6 +87,9 @@ pub(crate) struct Acceptor<M> {
     pub(crate) grace: Duration,
     /// The certificate of a TLS port; `None` on a plain one.
     pub(crate) tls: Option<Certificate>,
+    /// Connections accepted that have not finished their handshake, against their caps.
+    pub(crate) pending: Pending,
+    pub(crate) refusals: RefusalLog,
 }
 
 impl<M: Send + 'static> Acceptor<M> {
@@ -121,6 +130,9 @@ impl<M: Send + 'static> Acceptor<M> {
             }
             if reload {
                 self.reload_tls();
+            }
+            if let Some(line) = self.refusals.summary(Instant::now()) {
+                warn!("{line}");
             }
             if drain_deadline.is_none() && (signalled || self.stop.load(Ordering::Acquire)) {
                 let cause = if signalled { "signal received" } else { "stop requested" };
@@ -213,6 +225,10 @@ impl<M: Send + 'static> Acceptor<M> {
         loop {
             match self.listener.accept() {
                 Ok((socket, peer)) => {
+                    if let Err(why) = self.pending.admit(peer.ip()) {
+                        self.refuse(socket, peer, why);
+                        continue;
+                    }
                     let tls = self.tls.as_ref().map(|certificate| certificate.current().clone());
                     self.hand_over(Envelope::Adopt(socket, peer, tls), next_worker).map_err(Stopped::WorkersBusy)?
                 }
@@ -220,6 +236,20 @@ impl<M: Send + 'static> Acceptor<M> {
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => return Err(Stopped::Failed(e)),
             }
+        }
+    }
+
+    /// Closes a connection over a cap on unfinished handshakes: nothing is read or written, and
+    /// no worker sees it.
+    fn refuse(&mut self, socket: mio::net::TcpStream, peer: std::net::SocketAddr, why: Refused) {
+        drop(socket);
+        let counters = self.node.acceptor_counters();
+        match why {
+            Refused::Node => WorkerMetrics::add(&counters.handshakes_refused_node, 1),
+            Refused::Source => WorkerMetrics::add(&counters.handshakes_refused_per_ip, 1),
+        }
+        if let Some(line) = self.refusals.refused(peer.ip(), why, Instant::now()) {
+            warn!("{line}");
         }
     }
 
@@ -258,7 +288,7 @@ pub(crate) fn stop_token() -> Token {
 mod tests {
     use super::*;
     use crate::fanout::WorkerId;
-    use crate::metrics::WorkerMetrics;
+    use crate::server::pending::PendingCaps;
 
     /// An acceptor over two workers whose inboxes hold `capacity` envelopes each, those inboxes,
     /// and the workers' polls (a waker needs a poll of its own).
@@ -282,6 +312,8 @@ mod tests {
             node: NodeStatus::new(Arc::new([])),
             grace: Duration::from_secs(1),
             tls: None,
+            pending: Pending::new(PendingCaps { per_node: 100, per_source: 100 }).0,
+            refusals: RefusalLog::default(),
         };
         (acceptor, inboxes, polls)
     }
@@ -304,6 +336,46 @@ mod tests {
         assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Service(7))), "worker 0 drains its inbox");
         assert!(acceptor.hand_over(held, &mut next_worker).is_ok(), "the held connection goes to worker 0");
         assert!(matches!(inboxes[0].try_recv(), Ok(Envelope::Adopt(..))));
+    }
+
+    /// A loopback connection to `addr` from `source`.
+    fn connect_from(source: [u8; 4], addr: std::net::SocketAddr) -> std::net::TcpStream {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&std::net::SocketAddr::from((source, 0)).into()).expect("bind the source address");
+        socket.connect(&addr.into()).expect("connect");
+        socket.into()
+    }
+
+    #[test]
+    fn past_an_address_cap_connections_are_refused_at_accept_and_counted_while_others_get_in() {
+        let (mut acceptor, inboxes, _polls) = acceptor(64);
+        let (pending, releaser) = Pending::new(PendingCaps { per_node: 100, per_source: 3 });
+        acceptor.pending = pending;
+        let addr = acceptor.listener.local_addr().expect("address");
+        let flood: Vec<_> = (0..5).map(|_| connect_from([127, 0, 0, 2], addr)).collect();
+        let other = connect_from([127, 0, 0, 3], addr);
+        std::thread::sleep(Duration::from_millis(50)); // Into the listen backlog.
+        let mut next_worker = 0;
+        assert!(acceptor.accept_ready(&mut next_worker).is_ok());
+        let handed: Vec<_> = inboxes
+            .iter()
+            .flat_map(|inbox| inbox.try_iter())
+            .map(|envelope| match envelope {
+                Envelope::Adopt(_, peer, _) => peer.ip().to_string(),
+                _ => panic!("only connections are handed over"),
+            })
+            .collect();
+        assert_eq!(handed.iter().filter(|ip| *ip == "127.0.0.2").count(), 3, "{handed:?}");
+        assert_eq!(handed.iter().filter(|ip| *ip == "127.0.0.3").count(), 1, "{handed:?}");
+        let counters = acceptor.node.counters();
+        assert_eq!((counters.handshakes_refused_per_ip, counters.handshakes_refused_node), (2, 0));
+        // A worker releasing one of them makes room for one more from that address.
+        releaser.release(flood[0].local_addr().expect("address").ip());
+        let _late = connect_from([127, 0, 0, 2], addr);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(acceptor.accept_ready(&mut next_worker).is_ok());
+        assert_eq!(inboxes.iter().map(|inbox| inbox.try_iter().count()).sum::<usize>(), 1);
+        drop((flood, other));
     }
 
     #[test]

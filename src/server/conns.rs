@@ -68,6 +68,9 @@ pub(crate) struct Connection<S> {
     pub(crate) deferred_until: Option<Instant>,
     /// Writable interest is registered.
     pub(crate) writable_interest: bool,
+    /// Not yet an open WebSocket: counted against the caps on unfinished handshakes until it
+    /// opens or goes (see [`super::pending`]).
+    pub(crate) pending: bool,
     /// Input is not read: its replies have no room (see [`Outbound::may_read`]). The worker
     /// resumes it when a flush makes room.
     pub(crate) reading_paused: bool,
@@ -161,6 +164,7 @@ impl<S> Conns<S> {
             dirty: false,
             deferred_until: None,
             writable_interest: false,
+            pending: true,
             reading_paused: false,
         }))
     }

@@ -15,6 +15,7 @@
 mod acceptor;
 mod conns;
 mod peers;
+mod pending;
 mod service;
 mod status;
 mod tls;
@@ -33,6 +34,7 @@ use mio::{Poll, Waker};
 
 pub use conns::{ConnInfo, ConnLimits, Conns, Flush};
 pub use peers::{Outbox, Peers, Sent};
+pub use pending::PendingCaps;
 pub use service::{Ended, Routed, Service};
 pub use status::NodeStatus;
 pub use tls::{TlsConfig, TlsError, TlsFiles};
@@ -41,8 +43,27 @@ use crate::fanout::pool::FramePool;
 use crate::fanout::WorkerId;
 use crate::metrics::WorkerMetrics;
 use acceptor::Acceptor;
+use pending::{Pending, RefusalLog};
 use tls::Certificate;
 use worker::{Timing, Worker, WAKER};
+
+/// Connections the kernel completes and holds for the acceptor (it caps this at
+/// `net.core.somaxconn`, 4096 by default since Linux 5.4). mio and std listen with 128, which a
+/// burst of connects (a reconnect storm, a flood) overflows whenever the acceptor is off the CPU
+/// for a moment: the kernel then drops SYNs, and those clients wait a second or more for their
+/// retry.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on `addr` with [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    // As mio does: rebind at once after a restart, without waiting out TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
 
 /// Messages a worker's inbox holds before senders are refused.
 pub const INBOX_CAPACITY: usize = 65_536;
@@ -68,6 +89,8 @@ pub struct ServerSettings {
     pub handle_signals: bool,
     /// Serve TLS with this certificate and key; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
+    /// Caps on connections that have not finished their handshake.
+    pub pending_caps: PendingCaps,
 }
 
 /// What a service is built with, one per worker.
@@ -126,7 +149,7 @@ where
 {
     // First: a certificate that cannot serve is refused before anything runs.
     let tls = settings.tls.clone().map(Certificate::load).transpose()?;
-    let listener = TcpListener::bind(settings.listen)?;
+    let listener = bind(settings.listen)?;
     let local_addr = listener.local_addr()?;
     let workers = settings.workers.clamp(1, crate::fanout::directory::MAX_WORKERS);
 
@@ -147,6 +170,7 @@ where
         write_coalesce: settings.write_coalesce,
     };
 
+    let (pending, releaser) = Pending::new(settings.pending_caps);
     let metrics: Arc<[Arc<WorkerMetrics>]> = (0..workers).map(|_| Arc::new(WorkerMetrics::default())).collect();
     let status = NodeStatus::new(metrics.clone());
 
@@ -161,11 +185,11 @@ where
             pool: pool.clone(),
         };
         let service = make_service(context);
-        let (limits, pool, timing) = (settings.limits.clone(), pool.clone(), timing.clone());
+        let (limits, pool, timing, releaser) = (settings.limits.clone(), pool.clone(), timing.clone(), releaser.clone());
         // Built on its own thread: sessions never cross threads, so they need not be `Send`.
         let run = move || {
             let conns = Conns::new(limits, pool, worker_metrics.clone());
-            Worker::new(poll, waker, conns, service, inbox, worker_metrics, timing).run();
+            Worker::new(poll, waker, conns, service, inbox, worker_metrics, timing, releaser).run();
         };
         threads.push(std::thread::Builder::new().name(format!("flux-worker-{index}")).spawn(run)?);
     }
@@ -182,6 +206,8 @@ where
         node: status.clone(),
         grace: settings.shutdown_grace,
         tls,
+        pending,
+        refusals: RefusalLog::default(),
     };
     threads.push(std::thread::Builder::new().name("flux-acceptor".into()).spawn(move || acceptor.run())?);
 

@@ -11,18 +11,26 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::metrics::{Counters, WorkerMetrics};
+use crate::metrics::{CounterCells, Counters, WorkerMetrics};
 
-/// A cheap, shareable view of the node: the workers' metrics and the drain flag.
+/// A cheap, shareable view of the node: the workers' metrics, the acceptor's counters and the
+/// drain flag.
 #[derive(Clone)]
 pub struct NodeStatus {
     workers: Arc<[Arc<WorkerMetrics>]>,
+    /// The acceptor's own counters (connections it refused); it is their one writer.
+    acceptor: Arc<CounterCells>,
     draining: Arc<AtomicBool>,
 }
 
 impl NodeStatus {
     pub(crate) fn new(workers: Arc<[Arc<WorkerMetrics>]>) -> Self {
-        NodeStatus { workers, draining: Arc::new(AtomicBool::new(false)) }
+        NodeStatus { workers, acceptor: Arc::default(), draining: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The counters the acceptor writes.
+    pub(crate) fn acceptor_counters(&self) -> &CounterCells {
+        &self.acceptor
     }
 
     /// Every worker's metrics, in worker order.
@@ -40,9 +48,9 @@ impl NodeStatus {
         self.workers.iter().map(|m| m.counters.connections.load(Ordering::Relaxed)).sum()
     }
 
-    /// All workers' counters, added up.
+    /// All workers' counters and the acceptor's, added up.
     pub fn counters(&self) -> Counters {
-        self.workers.iter().map(|m| m.counters.snapshot()).fold(Counters::default(), |a, b| a + b)
+        self.workers.iter().map(|m| m.counters.snapshot()).fold(self.acceptor.snapshot(), |a, b| a + b)
     }
 
     /// The node is shutting down: its clients have been told to go, and it only answers HTTP

@@ -47,7 +47,8 @@ use log::{debug, error, info, warn};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::conns::{AfterFlush, Conns, Phase};
+use super::conns::{AfterFlush, Connection, Conns, Phase};
+use super::pending::Releaser;
 use super::service::{Ended, Routed, Service};
 use super::tls::{self, Flushed, Received, TlsConfig};
 use crate::fanout::ConnId;
@@ -132,6 +133,8 @@ pub(crate) struct Worker<Svc: Service> {
     /// Connections whose reading was paused and whose replies have room again.
     resuming: Vec<ConnId>,
     scratch: Vec<ConnId>,
+    /// Tells the acceptor when a connection has finished its handshake or gone before.
+    releaser: Releaser,
 }
 
 impl<Svc: Service> Worker<Svc> {
@@ -144,6 +147,7 @@ impl<Svc: Service> Worker<Svc> {
         inbox: Receiver<Envelope<Svc::Message>>,
         metrics: Arc<WorkerMetrics>,
         timing: Timing,
+        releaser: Releaser,
     ) -> Self {
         let now = Instant::now();
         Worker {
@@ -165,6 +169,7 @@ impl<Svc: Service> Worker<Svc> {
             holding: false,
             resuming: Vec::new(),
             scratch: Vec::new(),
+            releaser,
         }
     }
 
@@ -263,18 +268,19 @@ impl<Svc: Service> Worker<Svc> {
             Ok(session) => session,
             Err(e) => {
                 warn!("could not start a TLS session for {peer}: {e}");
-                return;
+                return self.releaser.release(peer.ip());
             }
         };
         let token = Token(self.conns.slab.vacant_key());
         if let Err(e) = self.poll.registry().register(&mut socket, token, Interest::READABLE) {
             warn!("could not register connection from {peer}: {e}");
-            return;
+            return self.releaser.release(peer.ip());
         }
         self.conns.insert(socket, session, peer, now + self.timing.request_timeout);
         let counters = &self.metrics.counters;
         WorkerMetrics::add(&counters.connections, 1);
         WorkerMetrics::add(&counters.connections_total, 1);
+        WorkerMetrics::add(&counters.handshakes_pending, 1);
     }
 
     /// Reads what the socket has, up to the budget, and processes it. A connection whose
@@ -519,6 +525,7 @@ impl<Svc: Service> Worker<Svc> {
             return false;
         };
         let mut early = reader.take_rest();
+        end_pending(conn, &self.releaser, &self.metrics);
         conn.outbound.offer(&Bytes::from(accept));
         conn.phase = Phase::Open { decoder: Decoder::new(max_message), session };
         conn.deadline = None;
@@ -897,6 +904,7 @@ impl<Svc: Service> Worker<Svc> {
             return;
         };
         self.backpressured.swap_remove(&id);
+        end_pending(&mut conn, &self.releaser, &self.metrics);
         let counters = &self.metrics.counters;
         WorkerMetrics::sub(&counters.connections, 1);
         if let Err(e) = self.poll.registry().deregister(&mut conn.socket) {
@@ -906,6 +914,15 @@ impl<Svc: Service> Worker<Svc> {
             WorkerMetrics::sub(&counters.websockets, 1);
             self.service.on_close(&mut self.conns, id, session, why);
         }
+    }
+}
+
+/// Connection `conn` has opened its WebSocket or is going: it no longer counts against the caps
+/// on unfinished handshakes. Only the first call for a connection counts.
+fn end_pending<S>(conn: &mut Connection<S>, releaser: &Releaser, metrics: &WorkerMetrics) {
+    if std::mem::take(&mut conn.pending) {
+        releaser.release(conn.peer.ip());
+        WorkerMetrics::sub(&metrics.counters.handshakes_pending, 1);
     }
 }
 

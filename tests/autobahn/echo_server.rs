@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use flux::fanout::pool::FramePool;
 use flux::fanout::ConnId;
 use flux::http::{Request, Response};
-use flux::server::{self, ConnLimits, Conns, Ended, Routed, ServerSettings, Service};
+use flux::server::{self, ConnLimits, Conns, Ended, PendingCaps, Routed, ServerSettings, Service};
 use flux::ws::{binary_frame, text_frame, Incoming};
 
 struct Echo {
@@ -71,6 +71,7 @@ fn main() {
         write_coalesce: Duration::ZERO,
         handle_signals: true,
         tls: None,
+        pending_caps: PendingCaps { per_node: 10_000, per_source: 10_000 },
     };
     let pool = FramePool::default();
     match server::start(settings, pool.clone(), |_| Echo { pool: pool.clone() }) {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod process;
 pub mod redis;
 pub mod tls;
 pub mod webhook_receiver;
@@ -42,7 +43,20 @@ pub struct Client {
 
 /// Opens a WebSocket to `path` and returns it without reading anything.
 pub fn open(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
-    let stream = TcpStream::connect(addr).expect("tcp connect");
+    open_on(TcpStream::connect(addr).expect("tcp connect"), addr, path)
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.2, ...), as clients
+/// on other hosts would come.
+pub fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Opens a WebSocket to `path` over `stream`, a TCP connection to `addr`.
+pub fn open_on(stream: TcpStream, addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
     let (ws, _response) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("websocket handshake");
     ws
@@ -56,7 +70,13 @@ impl Client {
 
     /// Connects with app key `key` and waits for `pusher:connection_established`.
     pub fn connect_to(addr: SocketAddr, key: &str) -> Client {
-        let mut ws = open(addr, &format!("/app/{key}?protocol=7&client=test&version=1"));
+        Client::connect_over(TcpStream::connect(addr).expect("tcp connect"), addr, key)
+    }
+
+    /// Connects over `stream` (a TCP connection to `addr`) with app key `key`, and waits for
+    /// `pusher:connection_established`.
+    pub fn connect_over(stream: TcpStream, addr: SocketAddr, key: &str) -> Client {
+        let mut ws = open_on(stream, addr, &format!("/app/{key}?protocol=7&client=test&version=1"));
         let established = next_event(&mut ws);
         assert_eq!(established["event"], "pusher:connection_established", "{established}");
         let data: Value = serde_json::from_str(established["data"].as_str().expect("data is a string")).expect("data is JSON");
@@ -257,16 +277,15 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     condition()
 }
 
+/// A WebSocket upgrade request for the default app, as a client sends it.
+pub const UPGRADE: &str = "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
 /// Opens a raw TCP connection that has completed the WebSocket handshake.
 pub fn raw_websocket(addr: std::net::SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        stream,
-        "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
+    stream.write_all(UPGRADE.as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8];
     while !head.ends_with(b"\r\n\r\n") {
@@ -287,34 +306,43 @@ pub fn read_close_code_after(stream: &mut TcpStream, mut buf: Vec<u8>) -> u16 {
     let mut chunk = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        // Server frames are unmasked: opcode, length (7, 16 or 64 bits), payload.
-        let mut pos = 0;
-        while buf.len() >= pos + 2 {
-            let (opcode, len7) = (buf[pos] & 0x0f, (buf[pos + 1] & 0x7f) as usize);
-            let (header, len) = match len7 {
-                126 if buf.len() >= pos + 4 => (4, u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize),
-                127 if buf.len() >= pos + 10 => {
-                    let mut be = [0u8; 8];
-                    be.copy_from_slice(&buf[pos + 2..pos + 10]);
-                    (10, u64::from_be_bytes(be) as usize)
-                }
-                126 | 127 => break,
-                n => (2, n),
-            };
-            if buf.len() < pos + header + len {
-                break;
-            }
-            if opcode == 0x8 {
-                return u16::from_be_bytes([buf[pos + header], buf[pos + header + 1]]);
-            }
-            pos += header + len;
+        if let Some(code) = take_close_code(&mut buf) {
+            return code;
         }
-        buf.drain(..pos);
         assert!(Instant::now() < deadline, "no close frame");
         let n = stream.read(&mut chunk).expect("read");
         assert!(n > 0, "closed without a close frame");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Takes the whole server frames off the front of `buf` and returns the code of a close frame
+/// among them; an incomplete frame stays for the next bytes.
+pub fn take_close_code(buf: &mut Vec<u8>) -> Option<u16> {
+    // Server frames are unmasked: opcode, length (7, 16 or 64 bits), payload.
+    let mut pos = 0;
+    while buf.len() >= pos + 2 {
+        let (opcode, len7) = (buf[pos] & 0x0f, (buf[pos + 1] & 0x7f) as usize);
+        let (header, len) = match len7 {
+            126 if buf.len() >= pos + 4 => (4, u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize),
+            127 if buf.len() >= pos + 10 => {
+                let mut be = [0u8; 8];
+                be.copy_from_slice(&buf[pos + 2..pos + 10]);
+                (10, u64::from_be_bytes(be) as usize)
+            }
+            126 | 127 => break,
+            n => (2, n),
+        };
+        if buf.len() < pos + header + len {
+            break;
+        }
+        if opcode == 0x8 {
+            return Some(u16::from_be_bytes([buf[pos + header], buf[pos + header + 1]]));
+        }
+        pos += header + len;
+    }
+    buf.drain(..pos);
+    None
 }
 
 /// A masked client text frame (the mask is fixed: tests need no secrecy).
