@@ -234,6 +234,7 @@ pub const SOAK_PRESENCE: &str = "presence-soak";
 /// churners that leave and rejoin it: 60 members, within Flux's default of 100 per channel.
 const SOAK_WITNESSES: usize = 40;
 const SOAK_CHURNERS: usize = 20;
+const _: () = assert!(SOAK_WITNESSES + SOAK_CHURNERS <= 100, "within Flux's default presence limit");
 
 /// The named scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -644,6 +645,22 @@ mod tests {
         assert_eq!((plan.channels[0].as_str(), plan.injection.churn_per_sec), ("counted", 500.0));
         assert!(matches!(plan.publishing, Publishing::Steady { rate, .. } if rate == 1.0));
         assert_eq!(plan.clients[19_999].source, Ipv4Addr::new(127, 0, 0, 2), "spread over source addresses");
+    }
+
+    #[test]
+    fn soak_mixes_chat_presence_churn_reconnects_and_slow_consumers() {
+        let plan = plan(&["soak"]);
+        let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
+        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned), count(Role::Churn)), (200, 5, 20, SOAK_CHURNERS));
+        assert_eq!(plan.channels, ["soak-chat", SOAK_PRESENCE]);
+        assert_eq!((plan.members(Role::Healthy, 0), plan.members(Role::Healthy, 1)), (200, SOAK_WITNESSES as u64));
+        assert_eq!((plan.members(Role::Churn, 0), plan.members(Role::Churn, 1)), (0, SOAK_CHURNERS as u64));
+        assert!(plan.injection.rolling && plan.injection.slow_mode == SlowMode::Stop);
+        assert_eq!((plan.injection.stall, plan.payload), (Duration::from_secs(20), 4096));
+        assert!(
+            matches!(plan.publishing, Publishing::Steady { channel: 0, rate, duration } if rate == 100.0 && duration == Duration::from_secs(60))
+        );
+        assert!(!Plan::new(&Args::parse_from(["flux-load", "chat-storm"])).injection.rolling);
     }
 
     #[test]
