@@ -725,7 +725,11 @@ impl<'p> Shard<'p> {
             self.tick.roles[client.role.index()].disconnects += 1;
             client.rejoining = true;
         }
-        if !for_good && !self.stopping {
+        if for_good {
+            // A read it had scheduled (a delayed reader's next chunk) would find it idle and
+            // connect it again.
+            client.wake_at = None;
+        } else if !self.stopping {
             self.schedule_reconnect(i, now);
         }
     }
