@@ -35,6 +35,9 @@ const SLOW_READ_CHUNK: usize = 4096;
 /// Reconnect backoff: first delay, and the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// After a stall, how long a slow consumer reads before its connection, still open, counts as
+/// having survived the stall: long enough to read the backlog and a close frame behind it.
+const STALL_GRACE: Duration = Duration::from_secs(2);
 /// Largest server message the decoder accepts.
 const MAX_MESSAGE: usize = 1 << 20;
 const TICK: Duration = Duration::from_secs(1);
@@ -102,6 +105,19 @@ struct Client {
     wake_at: Option<Instant>,
     /// node-death, a member on a node that lives on: the victims it has yet to see removed.
     pending: Option<Pending>,
+    /// A slow consumer's stall (`stop` mode).
+    stall: Stall,
+}
+
+/// Where a slow consumer is in a stall (see [`crate::stats::Stalls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// Not stalled: reading as it comes.
+    Off,
+    /// Not reading until its `wake_at`.
+    Stalled,
+    /// Reading again; if the connection still works at its `wake_at`, it survived.
+    Grace,
 }
 
 /// The shard: its clients and its counts.
@@ -152,9 +168,17 @@ impl<'p> Shard<'p> {
                 reading: true,
                 wake_at: None,
                 pending: victims.as_ref().filter(|_| spec.role != Role::Victim).map(Pending::new),
+                stall: Stall::Off,
             })
             .collect();
-        let churners = clients.iter().enumerate().filter(|(_, c)| c.role == Role::Churn).map(|(i, _)| i).collect();
+        // soak: the partitioned clients take their turns with the churners.
+        let rolling = plan.injection.rolling;
+        let churners = clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.role == Role::Churn || (rolling && c.role == Role::Partitioned))
+            .map(|(i, _)| i)
+            .collect();
         Ok(Shard {
             plan,
             app: app.clone(),
@@ -231,15 +255,21 @@ impl<'p> Shard<'p> {
 
     fn start(&mut self, now: Instant) {
         self.started = Some(now);
-        let injection = &self.plan.injection;
-        for client in &mut self.clients {
-            if client.role == Role::Slow {
-                client.reading = false;
-                client.wake_at = Some(now + if injection.slow_mode == SlowMode::Stop { injection.stall } else { injection.read_delay });
-            }
-        }
+        let plan = self.plan;
+        let injection = &plan.injection;
         for i in 0..self.clients.len() {
-            if self.clients[i].role == Role::Slow {
+            let client = &mut self.clients[i];
+            if client.role != Role::Slow {
+                continue;
+            }
+            if injection.slow_mode == SlowMode::Stop {
+                // soak: one not subscribed yet stalls once it is.
+                if !injection.rolling || client.confirmed == client.channels.len() {
+                    self.begin_stall(i, now);
+                }
+            } else {
+                client.reading = false;
+                client.wake_at = Some(now + injection.read_delay);
                 self.reregister(i);
             }
         }
@@ -251,7 +281,7 @@ impl<'p> Shard<'p> {
     /// Due actions: reconnects, slow reads, the partition and the vacate storm, churn.
     fn scheduled(&mut self, now: Instant) {
         if let Some(started) = self.started {
-            if !self.partitioned && now >= started + self.plan.injection.partition_at {
+            if !self.partitioned && !self.plan.injection.rolling && now >= started + self.plan.injection.partition_at {
                 self.partitioned = true;
                 for i in 0..self.clients.len() {
                     match self.clients[i].role {
@@ -272,8 +302,13 @@ impl<'p> Shard<'p> {
             let i = self.churners[self.next_churn % self.churners.len()];
             self.next_churn += 1;
             if matches!(self.clients[i].conn, Conn::Open(_)) {
-                self.leave(i);
-                self.clients[i].wake_at = Some(now + self.plan.injection.churn_away);
+                if self.clients[i].role == Role::Churn {
+                    self.leave(i);
+                    self.clients[i].wake_at = Some(now + self.plan.injection.churn_away);
+                } else {
+                    // A reconnecting client loses its network: no close frame, back with backoff.
+                    self.drop_connection(i, now, false);
+                }
             }
         }
         for i in 0..self.clients.len() {
@@ -290,14 +325,38 @@ impl<'p> Shard<'p> {
                     client.wake_at = Some(due + self.plan.injection.read_delay);
                     self.readable(i, unix_micros(), Some(SLOW_READ_CHUNK));
                 }
+                (Conn::Open(_), Role::Slow) if client.stall == Stall::Grace => {
+                    client.stall = Stall::Off;
+                    self.tick.stalls.survived += 1;
+                    if self.plan.injection.rolling {
+                        self.begin_stall(i, now);
+                    }
+                }
                 (Conn::Open(_), Role::Slow) => {
                     client.reading = true;
+                    if client.stall == Stall::Stalled {
+                        client.stall = Stall::Grace;
+                        client.wake_at = Some(now + STALL_GRACE);
+                    }
                     self.reregister(i);
                     self.readable(i, unix_micros(), None);
                 }
                 _ => {}
             }
         }
+    }
+
+    /// A slow consumer stops reading for the stall time.
+    fn begin_stall(&mut self, i: usize, now: Instant) {
+        let client = &mut self.clients[i];
+        if !matches!(client.conn, Conn::Open(_)) {
+            return;
+        }
+        client.reading = false;
+        client.stall = Stall::Stalled;
+        client.wake_at = Some(now + self.plan.injection.stall);
+        self.tick.stalls.begun += 1;
+        self.reregister(i);
     }
 
     fn connect(&mut self, i: usize) {
@@ -536,6 +595,11 @@ impl<'p> Shard<'p> {
                         client.rejoining = false;
                         self.tick.roles[client.role.index()].reconnects += 1;
                     }
+                    // soak: a slow consumer back after its eviction stalls again.
+                    let injection = &self.plan.injection;
+                    if client.role == Role::Slow && started && injection.rolling && injection.slow_mode == SlowMode::Stop {
+                        self.begin_stall(i, Instant::now());
+                    }
                 }
             }
             "pusher_internal:member_added" => {
@@ -618,13 +682,21 @@ impl<'p> Shard<'p> {
 
     /// The server closed (with `code`), or the connection broke.
     fn connection_lost(&mut self, i: usize, code: Option<u16>) {
-        if code == Some(flux::pusher::protocol::code::OVER_CAPACITY) {
-            self.tick.roles[self.clients[i].role.index()].evicted += 1;
+        let evicted = code == Some(flux::pusher::protocol::code::OVER_CAPACITY);
+        let client = &mut self.clients[i];
+        if evicted {
+            self.tick.roles[client.role.index()].evicted += 1;
+        } else if client.stall != Stall::Off {
+            self.tick.stalls.closed += 1;
         }
         let now = Instant::now();
-        // Slow consumers stay gone once evicted, victims once their node is gone; the others come
-        // back like pusher-js does.
-        let reconnect = !matches!(self.clients[i].role, Role::Slow | Role::Victim);
+        // Slow consumers stay gone once evicted (but in soak, which evicts them again and again),
+        // victims once their node is gone; the others come back like pusher-js does.
+        let reconnect = match client.role {
+            Role::Slow => self.plan.injection.rolling,
+            Role::Victim => false,
+            _ => true,
+        };
         self.drop_connection(i, now, !reconnect);
     }
 
@@ -643,11 +715,18 @@ impl<'p> Shard<'p> {
         client.confirmed = 0;
         client.established = false;
         client.seen.iter_mut().for_each(|s| *s = SeqWindow::default());
+        // A slow consumer's next connection reads its handshake; its stall is over.
+        client.reading = true;
+        client.stall = Stall::Off;
         if was_established {
             self.tick.roles[client.role.index()].disconnects += 1;
             client.rejoining = true;
         }
-        if !for_good && !self.stopping {
+        if for_good {
+            // A read it had scheduled (a delayed reader's next chunk) would find it idle and
+            // connect it again.
+            client.wake_at = None;
+        } else if !self.stopping {
             self.schedule_reconnect(i, now);
         }
     }

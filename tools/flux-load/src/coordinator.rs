@@ -17,6 +17,7 @@ use crate::clients::{unix_micros, Command, Report};
 use crate::death::NodeDeath;
 use crate::publisher::{self, Published};
 use crate::scenario::{Args, Plan, Publishing, Scenario};
+use crate::soak::{self, SoakWatch};
 use crate::stats::{Latency, Role, Tick};
 use crate::storm::{Storm, StormWatch, BUSY_ABOVE_BASELINE};
 use crate::Shards;
@@ -75,6 +76,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         std::thread::spawn(move || publisher::run(&plan, &app, publishers, &calls, &stop))
     };
     let storm = StormWatch::start(args, plan);
+    let soak = SoakWatch::start(args, plan)?;
     live.start(started);
     while !publisher.is_finished() {
         live.receive(&shards, Duration::from_millis(100))?;
@@ -112,6 +114,7 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
     }
     stop.store(true, Ordering::Relaxed);
     let storm = storm.map(StormWatch::finish);
+    let soak = soak.map(SoakWatch::finish);
 
     // Stop the shards and collect their last counts.
     shards.broadcast(Command::Stop);
@@ -134,10 +137,31 @@ pub fn run(args: &Args, plan: &Plan) -> Result<ExitCode, String> {
         summary["node_death"] = death.summary(&live.totals);
     }
     print_summary(plan, &summary, &live.totals);
+    let soak_verdict = soak.map(|run| {
+        let verdict = soak::judge(&run, &soak::Counts::of(&published, expected, &live.totals));
+        soak::print(&run, &verdict, &live.totals);
+        summary["soak"] = run.summary(&verdict, &live.totals);
+        if let Some(path) = &args.svg {
+            let title = format!(
+                "flux-load soak against {} ({}): {}",
+                live.nodes.join(", "),
+                args.label,
+                if verdict.passed { "passed" } else { "FAILED" }
+            );
+            match crate::plot::write_svg(path, &title, &run.samples, run.warmup.as_secs_f64()) {
+                Ok(()) => eprintln!("samples drawn in {}", path.display()),
+                Err(e) => eprintln!("{e}"),
+            }
+        }
+        verdict
+    });
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("summary written to {}", path.display());
+    }
+    if let Some(verdict) = soak_verdict {
+        return Ok(if verdict.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     Ok(verdict(&summary, storm.as_ref()))
 }
@@ -149,10 +173,10 @@ fn expected_healthy(plan: &Plan, published: &Published) -> u64 {
     published_channels.map(|(c, &n)| n * plan.members(Role::Healthy, c)).sum()
 }
 
-/// The exit code. The scenarios measure and pass whatever they measured, except vacate-storm,
-/// which reproduces a defect and so is also a check: it fails when events were lost (never
-/// delivered to the healthy subscribers, or refused by the REST API), a new connection failed
-/// during the storm, or the storm never came.
+/// The exit code. The scenarios measure and pass whatever they measured, except soak (see
+/// [`soak::judge`]) and vacate-storm, which reproduces a defect and so is also a check: it fails
+/// when events were lost (never delivered to the healthy subscribers, or refused by the REST
+/// API), a new connection failed during the storm, or the storm never came.
 fn verdict(summary: &serde_json::Value, storm: Option<&Storm>) -> ExitCode {
     let Some(storm) = storm else {
         return ExitCode::SUCCESS;

@@ -9,9 +9,11 @@
 mod clients;
 mod coordinator;
 mod death;
+mod plot;
 mod prober;
 mod publisher;
 mod scenario;
+mod soak;
 mod stats;
 mod storm;
 mod tls;

@@ -54,11 +54,13 @@ pub struct Args {
     #[arg(long, default_value_t = 5000)]
     pub slow_delay_ms: u64,
     /// `stop` mode: seconds a slow consumer stops reading before it reads again to see how it
-    /// was closed. The default (13 s) outlasts the kernel's socket buffers (about 5 MB here)
-    /// filling at 1 MB/s plus the 5 s eviction delay, and ends within the server's 5 s close
-    /// linger, so the 4100 close frame is still there to read.
-    #[arg(long, default_value_t = 13.0)]
-    pub stall_secs: f64,
+    /// was closed. The default (8 s) outlasts the server's send buffer (FLUX_SEND_BUFFER_BYTES:
+    /// under a second to fill at 1 MB/s) plus the 5 s eviction delay, and ends within the
+    /// server's 5 s close linger, so the 4100 close frame is still there to read. soak: 20 s, past
+    /// the linger: a close without the frame, which the server counted as an eviction, counts as
+    /// one (against a server with the kernel's autotuning, eviction comes 6-15 s into a stall).
+    #[arg(long)]
+    pub stall_secs: Option<f64>,
     /// A slow consumer's receive buffer (`SO_RCVBUF`, bytes): small by default, so its backlog
     /// reaches the server quickly, as with a congested mobile client. 0: the kernel's default,
     /// as a client that sets nothing has (its receive queue then holds more, and on loopback
@@ -138,13 +140,28 @@ pub struct Args {
     /// Name of the server under test, recorded in the JSON summary.
     #[arg(long, default_value = "flux")]
     pub label: String,
-    /// vacate-storm: the server's process id, to read its CPU time from /proc around the storm.
-    #[arg(long)]
+    /// vacate-storm and soak: the server's process id, to read its CPU time (soak: also its
+    /// memory and open files) from /proc. soak finds it from `--port` when it is not given.
+    #[arg(long, alias = "pid")]
     pub server_pid: Option<u32>,
     /// vacate-storm: the server's dashboard port, to read `flux_inbox_overflows_total` from its
-    /// /metrics before and after the storm (Flux only).
+    /// /metrics before and after the storm; soak: to read its queues (frames queued in rings,
+    /// backpressured connections) and evictions from /api/connections and /api/stats (Flux only).
     #[arg(long)]
     pub metrics_port: Option<u16>,
+    /// soak: seconds between two samples of the server.
+    #[arg(long, default_value_t = 10.0)]
+    pub sample_every: f64,
+    /// soak: seconds of warm-up, whose samples the flatness verdict ignores (default: a fifth of
+    /// `--duration`).
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// soak: signed REST reads per second (channels, a channel, a presence channel's users).
+    #[arg(long, default_value_t = 10.0)]
+    pub rest_rate: f64,
+    /// soak: writes the samples as an SVG chart to this file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// node-death: the node to kill, an index into `--nodes` (0-based); its clients are the
     /// members the others must see removed.
     #[arg(long, required_if_eq("scenario", "node-death"))]
@@ -204,6 +221,9 @@ impl NodeArg {
 fn default_churn(scenario: Scenario) -> f64 {
     match scenario {
         Scenario::CountChurn => 500.0,
+        // A leave or a dropped connection every half second, each churner and reconnecting
+        // client in turn: each of the 40 goes about every 20 s.
+        Scenario::Soak => 2.0,
         _ => 50.0,
     }
 }
@@ -211,6 +231,15 @@ fn default_churn(scenario: Scenario) -> f64 {
 /// vacate-storm's healthy subscribers: enough to see lost events, few enough that the storm is
 /// the vacaters' alone.
 const VACATE_STORM_WITNESSES: usize = 10;
+
+/// soak's presence channel (its chat channel is the plan's first).
+pub const SOAK_PRESENCE: &str = "presence-soak";
+
+/// soak: the healthy subscribers that are also members of its presence channel, and the
+/// churners that leave and rejoin it: 60 members, within Flux's default of 100 per channel.
+const SOAK_WITNESSES: usize = 40;
+const SOAK_CHURNERS: usize = 20;
+const _: () = assert!(SOAK_WITNESSES + SOAK_CHURNERS <= 100, "within Flux's default presence limit");
 
 /// The named scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -236,6 +265,13 @@ pub enum Scenario {
     /// subscription-count events they get (a Flux server needs FLUX_SUBSCRIPTION_COUNT_EVENTS).
     /// One event a second is published as the latency probe.
     CountChurn,
+    /// Everything at once for `--duration` (default 60 s; 30 minutes for the figure): 200 chat
+    /// subscribers at 100 events/s of 4 KB, 40 of them also on a presence channel that 20
+    /// churners leave and rejoin, 20 clients that drop their connection and reconnect, 5 slow
+    /// consumers that stall, are evicted and come back to stall again, and signed REST reads.
+    /// Samples the server's memory, open files, CPU and queues every `--sample-every` and judges
+    /// them (see soak.rs); exits non-zero when the verdict fails.
+    Soak,
 }
 
 impl Scenario {
@@ -249,6 +285,7 @@ impl Scenario {
             Scenario::VacateStorm => "vacate-storm",
             Scenario::NodeDeath => "node-death",
             Scenario::CountChurn => "count-churn",
+            Scenario::Soak => "soak",
         }
     }
 }
@@ -310,6 +347,10 @@ pub struct Injection {
     pub churn_per_sec: f64,
     /// How long a churner stays away.
     pub churn_away: Duration,
+    /// soak: partitioned clients drop their connection in turns with the churners' leaves, all
+    /// run long, instead of all at `partition_at`; slow consumers stall again after each
+    /// eviction (they reconnect) or stall that did not end in one.
+    pub rolling: bool,
 }
 
 /// Everything a run does.
@@ -386,6 +427,13 @@ impl Population {
             }
             // The killed node's share of them become victims once they are given their nodes.
             Scenario::NodeDeath => Population { healthy: args.connections.unwrap_or(3_000), ..Population::default() },
+            Scenario::Soak => Population {
+                healthy: args.connections.unwrap_or(200),
+                slow: args.slow.unwrap_or(5),
+                partitioned: args.partition.unwrap_or(20),
+                churners: if args.churn.unwrap_or(default_churn(Scenario::Soak)) > 0.0 { SOAK_CHURNERS } else { 0 },
+                vacaters: 0,
+            },
         }
     }
 
@@ -416,16 +464,21 @@ impl Plan {
             Scenario::NodeDeath => 0.0,
             // The latency probe, and what makes the run last: the counts are what is measured.
             Scenario::CountChurn => 1.0,
+            // A chat stream of 400 KB/s to each subscriber (with 4 KB events): enough to fill a
+            // stalled reader's socket buffers in seconds, light enough to run for hours.
+            Scenario::Soak => 100.0,
         };
         let node_timeout = Duration::from_millis(args.node_timeout_ms);
         let duration = Duration::from_secs_f64(args.duration.unwrap_or(match scenario {
             Scenario::SlowConsumer => 20.0,
             Scenario::VacateStorm => 10.0,
             Scenario::NodeDeath => 3.0 * node_timeout.as_secs_f64(),
+            Scenario::Soak => 60.0,
             _ => 30.0,
         }));
         let payload = args.payload.unwrap_or(match scenario {
             Scenario::SlowConsumer => 1024,
+            Scenario::Soak => 4096,
             _ => 100,
         });
 
@@ -435,6 +488,7 @@ impl Plan {
             Scenario::PresenceStorm | Scenario::NodeDeath => "presence-guild".to_string(),
             Scenario::VacateStorm => "healthy".to_string(),
             Scenario::CountChurn => "counted".to_string(),
+            Scenario::Soak => "soak-chat".to_string(),
             _ => "guild-chat".to_string(),
         }];
         let spread = args.channels.unwrap_or(50).max(1);
@@ -444,6 +498,7 @@ impl Plan {
             Scenario::VacateStorm => {
                 channels.extend((0..population.vacaters).flat_map(|v| (0..per_vacater).map(move |k| format!("vacate-{v}-{k}"))))
             }
+            Scenario::Soak => channels.push(SOAK_PRESENCE.to_string()),
             _ => {}
         }
 
@@ -470,6 +525,9 @@ impl Plan {
                         let first = 1 + (i - first_vacater) * per_vacater;
                         (first..first + per_vacater).collect()
                     }
+                    // The first healthy subscribers are presence members too; churners are only that.
+                    (Scenario::Soak, Role::Healthy) if i < SOAK_WITNESSES => vec![0, 1],
+                    (Scenario::Soak, Role::Churn) => vec![1],
                     _ => vec![0],
                 },
                 source: Ipv4Addr::new(127, 0, 0, 1 + (i / per_ip).min(253) as u8),
@@ -502,12 +560,13 @@ impl Plan {
             payload,
             injection: Injection {
                 slow_mode,
-                stall: Duration::from_secs_f64(args.stall_secs),
+                stall: Duration::from_secs_f64(args.stall_secs.unwrap_or(if scenario == Scenario::Soak { 20.0 } else { 8.0 })),
                 read_delay: Duration::from_millis(args.slow_delay_ms),
                 slow_receive_buffer: Some(args.slow_receive_buffer).filter(|&bytes| bytes > 0),
                 partition_at: Duration::from_secs_f64(args.partition_at.unwrap_or(duration.as_secs_f64() / 3.0)),
                 churn_per_sec: if population.churners > 0 { args.churn.unwrap_or(default_churn(scenario)) } else { 0.0 },
                 churn_away: Duration::from_millis(args.churn_away_ms),
+                rolling: scenario == Scenario::Soak,
             },
             track_completions: scenario == Scenario::BigChannel,
             kill,
@@ -600,6 +659,22 @@ mod tests {
     fn slow_consumers_keep_a_small_receive_buffer_unless_zero_leaves_the_kernels() {
         assert_eq!(plan(&["slow-consumer"]).injection.slow_receive_buffer, Some(4096));
         assert_eq!(plan(&["slow-consumer", "--slow-receive-buffer", "0"]).injection.slow_receive_buffer, None);
+    }
+
+    #[test]
+    fn soak_mixes_chat_presence_churn_reconnects_and_slow_consumers() {
+        let plan = plan(&["soak"]);
+        let count = |role| plan.clients.iter().filter(|c| c.role == role).count();
+        assert_eq!((count(Role::Healthy), count(Role::Slow), count(Role::Partitioned), count(Role::Churn)), (200, 5, 20, SOAK_CHURNERS));
+        assert_eq!(plan.channels, ["soak-chat", SOAK_PRESENCE]);
+        assert_eq!((plan.members(Role::Healthy, 0), plan.members(Role::Healthy, 1)), (200, SOAK_WITNESSES as u64));
+        assert_eq!((plan.members(Role::Churn, 0), plan.members(Role::Churn, 1)), (0, SOAK_CHURNERS as u64));
+        assert!(plan.injection.rolling && plan.injection.slow_mode == SlowMode::Stop);
+        assert_eq!((plan.injection.stall, plan.payload), (Duration::from_secs(20), 4096));
+        assert!(
+            matches!(plan.publishing, Publishing::Steady { channel: 0, rate, duration } if rate == 100.0 && duration == Duration::from_secs(60))
+        );
+        assert!(!Plan::new(&Args::parse_from(["flux-load", "chat-storm"])).injection.rolling);
     }
 
     #[test]

@@ -219,6 +219,32 @@ pub struct Tick {
     pub confirmed_subscriptions_vacated: u64,
     /// node-death: the member_removed events the remaining members received after the kill.
     pub removals: Removals,
+    /// Slow consumers' stalls (`stop` mode), and how those that ended did.
+    pub stalls: Stalls,
+}
+
+/// Slow consumers' stalls: each one stops reading for the stall time, then reads for a grace
+/// period. A stall ends evicted (the 4100 close frame was read: counted as the role's
+/// `evicted`), closed (the server closed the connection, but its close frame was not there to
+/// read: the stall outlasted the server's close linger), or survived (the connection still
+/// worked after the grace period: the server never evicted it). Stalls under way when the run
+/// stops ended in none of these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stalls {
+    /// Stalls begun.
+    pub begun: u64,
+    /// Ended with the connection closed by the server without a close frame to read.
+    pub closed: u64,
+    /// Ended with the connection still open and working.
+    pub survived: u64,
+}
+
+impl Stalls {
+    fn add(&mut self, other: &Stalls) {
+        self.begun += other.begun;
+        self.closed += other.closed;
+        self.survived += other.survived;
+    }
 }
 
 impl Tick {
@@ -249,6 +275,7 @@ impl Tick {
         self.subscriptions_vacated += other.subscriptions_vacated;
         self.confirmed_subscriptions_vacated += other.confirmed_subscriptions_vacated;
         self.removals.add(&other.removals);
+        self.stalls.add(&other.stalls);
     }
 
     /// Takes the deltas out, leaving gauges and empty counters.
@@ -268,6 +295,7 @@ impl Tick {
         self.subscriptions_vacated = 0;
         self.confirmed_subscriptions_vacated = 0;
         self.removals = Removals::default();
+        self.stalls = Stalls::default();
         taken
     }
 

@@ -35,7 +35,7 @@ pub const BUSY_ABOVE_BASELINE: f64 = 0.2;
 /// `/proc/<pid>/stat` counts CPU time in Linux's USER_HZ ticks: 100 a second on x86 and ARM.
 /// It is what `sysconf(_SC_CLK_TCK)` returns (and `getconf CLK_TCK` prints); libc is not a
 /// dependency, so it is written down here.
-const USER_HZ: f64 = 100.0;
+pub const USER_HZ: f64 = 100.0;
 /// The counter read from the server's /metrics.
 const INBOX_OVERFLOWS: &str = "flux_inbox_overflows_total";
 
@@ -237,7 +237,7 @@ impl StormReport {
 }
 
 /// Sleeps until `at`, unless `stop` is set first; returns whether it was.
-fn stopped_before(at: Instant, stop: &AtomicBool) -> bool {
+pub fn stopped_before(at: Instant, stop: &AtomicBool) -> bool {
     while !stop.load(Ordering::Relaxed) {
         let left = at.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -320,7 +320,7 @@ impl CpuTrace {
 }
 
 /// A process's user plus system CPU time in clock ticks, from the text of `/proc/<pid>/stat`.
-fn cpu_ticks(stat: &str) -> Option<u64> {
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces; fields 14 and 15 (utime,
     // stime) are the 12th and 13th after it.
     let after_name = &stat[stat.rfind(')')? + 1..];
