@@ -9,8 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-SERVERS = ["flux", "flux-tls", "sockudo", "sockudo-tls", "raw", "raw-batched"]
-NAMES = {"flux": "Flux", "flux-tls": "Flux over TLS", "sockudo": "Sockudo", "sockudo-tls": "Sockudo over TLS", "raw": "raw, a write per frame", "raw-batched": "raw, batched writes"}
+SERVERS = ["flux", "flux-tls", "sockudo", "sockudo-tls", "raw", "raw-batched", "raw-tls", "raw-batched-tls"]
+NAMES = {"flux": "Flux", "flux-tls": "Flux over TLS", "sockudo": "Sockudo", "sockudo-tls": "Sockudo over TLS", "raw": "raw, a write per frame", "raw-batched": "raw, batched writes",
+         "raw-tls": "raw over TLS, a write per frame", "raw-batched-tls": "raw over TLS, batched writes"}
 
 
 def load(results):
