@@ -22,38 +22,18 @@ measuring the allocator's own cost.
 
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-SAMPLE = re.compile(r"^(flux_heap_allocations_total|flux_heap_allocated_bytes_total|flux_broadcasts_total|flux_deliveries_total) (\S+)$")
+from flux_proc import cpu_seconds, free_port, metrics
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+SCRAPED = ["flux_heap_allocations_total", "flux_heap_allocated_bytes_total", "flux_broadcasts_total", "flux_deliveries_total"]
 
 
 def scrape(dashboard):
-    with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    return time.monotonic(), values
+    return time.monotonic(), metrics(dashboard, SCRAPED)
 
 
 def rates(first, last):

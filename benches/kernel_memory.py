@@ -27,23 +27,20 @@ the baseline is read just before flux-load starts.
 
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
+from flux_proc import cpu_seconds, free_port, metrics, rss_bytes
+
+SCRAPED = ["flux_evictions_total", "flux_broadcasts_total"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
-SAMPLE = re.compile(r"^(flux_evictions_total|flux_broadcasts_total) (\S+)$")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scrape(dashboard):
+    return metrics(dashboard, SCRAPED)
 
 
 def tcp_mem_bytes():
@@ -53,31 +50,6 @@ def tcp_mem_bytes():
                 fields = line.split()
                 return int(fields[fields.index("mem") + 1]) * PAGE
     return 0
-
-
-def rss_bytes(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def scrape(dashboard):
-    with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    return values
 
 
 def mib(n):

@@ -30,17 +30,7 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
     for _ in 0..FAST_SUBSCRIBERS {
         let mut client = Client::connect(addr);
         client.subscribe(CHANNEL);
-        fast.push(thread::spawn(move || {
-            let mut seen = Vec::new();
-            loop {
-                let event = client.next_event();
-                match event["event"].as_str() {
-                    Some("done") => return seen,
-                    Some("flood") => seen.push(event["data"].as_str().unwrap()[..8].parse::<u64>().unwrap()),
-                    other => panic!("unexpected event {other:?}: {event}"),
-                }
-            }
-        }));
+        fast.push(thread::spawn(move || common::flood_until_done(|| client.next_event())));
     }
 
     // The slow subscriber subscribes, then never reads again until the end.
@@ -88,8 +78,9 @@ fn a_slow_consumer_is_evicted_after_5s_of_backpressure_and_fast_ones_lose_nothin
     assert_eq!(logged[0].channels, [CHANNEL]);
     assert_eq!(logged[0].peer, slow.local_addr().unwrap().to_string());
     // Evicted once 5 s of backpressure have passed, at the next check (every 100 ms), with
-    // room for a busy machine.
-    assert!((5001..6000).contains(&logged[0].backpressured_ms) && logged[0].dropped > 0, "{:?}", logged[0]);
+    // room for a busy machine (a loaded VM has stalled a worker for most of a second).
+    assert!((5001..7000).contains(&logged[0].backpressured_ms), "evicted late: {:?}", logged[0]);
+    assert!(logged[0].dropped > 0, "its ring dropped nothing: {:?}", logged[0]);
     let rss_growth_mib = resident_kib().saturating_sub(rss_before) / 1024;
     assert!(rss_growth_mib < 64, "memory grew by {rss_growth_mib} MiB while flooding a stuck client");
 

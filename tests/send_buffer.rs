@@ -68,17 +68,7 @@ fn a_reader_slower_than_its_channel_is_evicted_within_seconds_and_a_fast_one_is_
 
     let mut fast = Client::connect(addr);
     fast.subscribe(CHANNEL);
-    let fast = thread::spawn(move || {
-        let mut seen = Vec::new();
-        loop {
-            let event = fast.next_event();
-            match event["event"].as_str() {
-                Some("done") => return seen,
-                Some("flood") => seen.push(event["data"].as_str().and_then(|d| d[..8].parse::<u64>().ok()).expect("numbered")),
-                other => panic!("unexpected event {other:?}: {event}"),
-            }
-        }
-    });
+    let fast = thread::spawn(move || common::flood_until_done(|| fast.next_event()));
     let slow = raw_subscriber(addr);
     let slow_peer = slow.local_addr().unwrap().to_string();
     let reading = Arc::new(AtomicBool::new(true));

@@ -125,17 +125,7 @@ fn a_tls_client_that_stops_reading_is_evicted_with_4100_and_a_healthy_one_loses_
 
     let mut fast = WssClient::connect(addr, &trust);
     fast.subscribe(CHANNEL);
-    let reader = thread::spawn(move || {
-        let mut seen = Vec::new();
-        loop {
-            let event = fast.next_event();
-            match event["event"].as_str() {
-                Some("done") => return seen,
-                Some("flood") => seen.push(event["data"].as_str().and_then(|d| d[..8].parse::<u64>().ok()).expect("numbered")),
-                other => panic!("unexpected event {other:?}: {event}"),
-            }
-        }
-    });
+    let reader = thread::spawn(move || common::flood_until_done(|| fast.next_event()));
     let mut slow = WssClient::connect(addr, &trust);
     slow.subscribe(CHANNEL); // And never reads again until the end.
 

@@ -360,3 +360,17 @@ pub fn masked_text(payload: &[u8]) -> Vec<u8> {
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
 }
+
+/// The numbers of the "flood" events (data starting with an 8-digit number) that `next_event`
+/// yields, until a "done" event; any other event fails the test.
+pub fn flood_until_done(mut next_event: impl FnMut() -> Value) -> Vec<u64> {
+    let mut seen = Vec::new();
+    loop {
+        let event = next_event();
+        match event["event"].as_str() {
+            Some("done") => return seen,
+            Some("flood") => seen.push(event["data"].as_str().and_then(|d| d.get(..8)?.parse::<u64>().ok()).expect("numbered")),
+            other => panic!("unexpected event {other:?}: {event}"),
+        }
+    }
+}
