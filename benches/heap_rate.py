@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from flux_proc import cpu_seconds, free_port, metrics
+from flux_proc import cpu_seconds, metrics, start_flux
 
 SCRAPED = ["flux_heap_allocations_total", "flux_heap_allocated_bytes_total", "flux_broadcasts_total", "flux_deliveries_total"]
 
@@ -59,18 +59,9 @@ def main():
     options = {"--idle": 0.0, "--after": 3.0, "--window": 12.0}
     while args[:1] and args[0] in options:
         options[args[0]], args = float(args[1]), args[2:]
-    flux = os.environ.get("FLUX_BIN", "target/release/flux")
     load = os.environ.get("FLUX_LOAD_BIN", "target/release/flux-load")
-    port, dashboard = free_port(), free_port()
-    env = dict(os.environ, FLUX_PORT=str(port), FLUX_DASHBOARD_PORT=str(dashboard), FLUX_PRESENCE_MAX_MEMBERS="20000", RUST_LOG="warn")
-    server = subprocess.Popen([flux], env=env, stderr=subprocess.DEVNULL)
+    server, port, dashboard = start_flux({"FLUX_PRESENCE_MAX_MEMBERS": "20000"})
     try:
-        for _ in range(100):
-            try:
-                scrape(dashboard)
-                break
-            except OSError:
-                time.sleep(0.1)
         result = {}
         if options["--idle"]:
             first = scrape(dashboard)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from flux_proc import cpu_seconds, free_port, metrics, rss_bytes
+from flux_proc import cpu_seconds, metrics, rss_bytes, start_flux
 
 SCRAPED = ["flux_evictions_total", "flux_broadcasts_total"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -62,20 +62,9 @@ def main():
     while args[:1] and args[0] in options:
         options[args[0]], args = args[1], args[2:]
     interval = float(options["--interval"])
-    flux = os.environ.get("FLUX_BIN", "target/release/flux")
     load = os.environ.get("FLUX_LOAD_BIN", "target/release/flux-load")
-    nice = os.environ.get("FLUX_NICE")
-    port, dashboard = free_port(), free_port()
-    env = dict(os.environ, FLUX_PORT=str(port), FLUX_DASHBOARD_PORT=str(dashboard), RUST_LOG="warn")
-    command = (["nice", "-n", nice] if nice else []) + [flux]
-    server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    server, port, dashboard = start_flux(nice=os.environ.get("FLUX_NICE"))
     try:
-        for _ in range(100):
-            try:
-                scrape(dashboard)
-                break
-            except OSError:
-                time.sleep(0.1)
         baseline = min(tcp_mem_bytes() for _ in range(5) if time.sleep(0.1) is None)
         samples = []  # (monotonic, tcp bytes, rss bytes, evictions, broadcasts)
         cpu_start = cpu_seconds(server.pid)
