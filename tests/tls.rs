@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::process::Process;
 use common::tls::{client_config, try_connect, Https, Pki, ServerCert, WssClient};
 use common::wait_until;
 use flux::config::Config;
@@ -185,64 +185,6 @@ fn a_stalled_tls_reader_hides_kilobytes_in_the_kernel_not_megabytes() {
     node.join();
 }
 
-/// A `flux` process, killed when dropped, with its log lines collected.
-struct FluxProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl FluxProcess {
-    fn start(cert: &Path, key: &Path, args: &[&std::ffi::OsStr]) -> FluxProcess {
-        let free = || TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let (port, dashboard) = (free(), free());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flux"))
-            .args(["--port", &port.to_string(), "--dashboard-port", &dashboard.to_string(), "--workers", "2"])
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("flux starts");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().expect("log").push(line);
-            }
-        });
-        let process = FluxProcess { child, addr: ([127, 0, 0, 1], port).into(), log };
-        assert!(process.wait_for_log("flux listening on"), "flux did not start: {:?}", process.log.lock());
-        process
-    }
-
-    fn wait_for_log(&self, text: &str) -> bool {
-        self.wait_for_lines(text, 1)
-    }
-
-    /// Waits until `count` lines of the log contain `text`.
-    fn wait_for_lines(&self, text: &str, count: usize) -> bool {
-        wait_until(Duration::from_secs(10), || self.log.lock().expect("log").iter().filter(|line| line.contains(text)).count() >= count)
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("kill runs");
-        assert!(status.success());
-    }
-}
-
-impl Drop for FluxProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The SIGHUP test's node serves its app from an apps file, so the certificate's reload is seen
 /// beside the apps file's, each on its own.
 #[test]
@@ -258,7 +200,9 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
     install(&old.cert, &old.key);
     let apps = pki.dir.join("apps.toml");
     std::fs::write(&apps, "[[apps]]\nid = \"app-id\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n").expect("apps file");
-    let flux = FluxProcess::start(&live_cert, &live_key, &["--apps-file".as_ref(), apps.as_os_str()]);
+    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
+    let (cert, key, apps) = (path(&live_cert), path(&live_key), path(&apps));
+    let mut flux = Process::start_with("", &[("FLUX_TLS_CERT", &cert), ("FLUX_TLS_KEY", &key), ("FLUX_APPS_FILE", &apps)]);
     let (trust_old, trust_new) = (client_config(&old_ca.cert), client_config(&new_ca.cert));
 
     let mut before = WssClient::connect(flux.addr, &trust_old);
@@ -266,9 +210,9 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
     assert!(try_connect(flux.addr, &trust_new).is_err(), "the old certificate is served until the reload");
 
     install(&new.cert, &new.key);
-    flux.signal("-HUP");
-    assert!(flux.wait_for_log("TLS certificate reloaded"), "{:?}", flux.log.lock());
-    assert!(flux.wait_for_log("SIGHUP: reloaded"), "the apps file is reloaded too: {:?}", flux.log.lock());
+    flux.signal("HUP");
+    assert!(flux.wait_for_lines("TLS certificate reloaded", 1), "{}", flux.log());
+    assert!(flux.wait_for_lines("SIGHUP: reloaded", 1), "the apps file is reloaded too: {}", flux.log());
     assert!(try_connect(flux.addr, &trust_old).is_err(), "new clients no longer get the old certificate");
     let mut after = WssClient::connect(flux.addr, &trust_new);
     after.subscribe("swap");
@@ -279,18 +223,13 @@ fn sighup_swaps_the_certificate_for_new_clients_while_earlier_ones_keep_theirs()
 
     // A renewal gone wrong (the old certificate with the new key) is refused and changes nothing.
     install(&old.cert, &new.key);
-    flux.signal("-HUP");
-    assert!(flux.wait_for_log("TLS reload refused"), "{:?}", flux.log.lock());
-    assert!(
-        flux.wait_for_lines("SIGHUP: reloaded", 2),
-        "a refused certificate does not stop the apps file's reload: {:?}",
-        flux.log.lock()
-    );
-    assert!(flux.log.lock().expect("log").iter().any(|l| l.contains("does not match")), "{:?}", flux.log.lock());
+    flux.signal("HUP");
+    assert!(flux.wait_for_lines("TLS reload refused", 1), "{}", flux.log());
+    assert!(flux.wait_for_lines("SIGHUP: reloaded", 2), "a refused certificate does not stop the apps file's reload: {}", flux.log());
+    assert!(flux.log().lines().any(|l| l.contains("does not match")), "{}", flux.log());
     WssClient::connect(flux.addr, &trust_new).subscribe("swap");
 
-    flux.signal("-TERM");
-    let mut flux = flux;
+    flux.signal("TERM");
     assert!(flux.child.wait().expect("flux exits").success());
 }
 

@@ -96,6 +96,11 @@ impl Process {
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// Waits up to 10 s until `count` lines of the log contain `text`; returns whether they do.
+    pub fn wait_for_lines(&self, text: &str, count: usize) -> bool {
+        super::wait_until(Duration::from_secs(10), || self.log().lines().filter(|line| line.contains(text)).count() >= count)
+    }
 }
 
 impl Drop for Process {
